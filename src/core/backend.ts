@@ -1,0 +1,107 @@
+/**
+ * The backend contract: what every image format, file and remote server offers the core.
+ *
+ * Modelled on nbdkit's plugin API: a few required methods, optional ones, and capabilities as
+ * data. The core (`BlockQueue`) emulates what a backend lacks: FUA becomes write + flush, a missing
+ * `writeZeroes` becomes a write of zeroes, a missing `blockStatus` reports everything allocated.
+ *
+ * Contract for callers (the queue and the layers, never a frontend directly):
+ * - every range is validated before it reaches a backend: `offset + length <= size`, `length > 0`
+ *   for data commands, lengths within `caps.maxTransfer`; backends may assert this;
+ * - writes are never sent to a backend whose `caps.readOnly` is true;
+ * - all requests of one batch are issued in the same event-loop turn, so a backend may gather the
+ *   metadata work of a batch and commit it once (qcow2 does);
+ * - `flush()` is called only after every write it must cover has completed;
+ * - buffers passed to `write` belong to the backend until the promise settles; buffers returned by
+ *   `read` belong to the caller.
+ * Errors are thrown as `NbddError` with an errno (see `src/core/errors.ts`).
+ */
+
+/** One extent of block status. Extents returned by `blockStatus` are consecutive. */
+export interface Extent {
+  /** Bytes, > 0. */
+  length: number;
+  /** Not allocated in any layer (a hole; reads come from nowhere). */
+  hole: boolean;
+  /** Reads as zeroes. */
+  zero: boolean;
+  /**
+   * Which layer holds the data: 0 unallocated, 1 this image, 2 its backing file, ... As
+   * `qemu:allocation-depth`. Backends without layers report 1 for data and 0 for holes.
+   */
+  depth?: number;
+}
+
+export interface BackendCaps {
+  readOnly: boolean;
+  /** A volatile cache exists and `flush()` makes writes durable. */
+  flush: boolean;
+  /** `write(..., {fua: true})` is durable on completion without a separate flush. */
+  fua: boolean;
+  trim: boolean;
+  writeZeroes: boolean;
+  /** `writeZeroes` with `fastZero` fails fast with ENOTSUP instead of writing zeroes slowly. */
+  fastZero: boolean;
+  /** Several connections may be served at once with consistent results (flush covers all). */
+  multiConn: boolean;
+  /** Smallest alignment the backend needs (1 for byte-granular). */
+  minBlockSize: number;
+  /** Preferred request size. */
+  preferredBlockSize: number;
+  /** Largest single request the backend accepts, in bytes. */
+  maxTransfer: number;
+}
+
+export interface WriteOptions {
+  /** Durable before the promise resolves. */
+  fua?: boolean;
+}
+
+export interface ZeroOptions extends WriteOptions {
+  /** Keep the range allocated (NBD_CMD_FLAG_NO_HOLE, REQ_NOUNMAP). */
+  noHole?: boolean;
+  /** Fail with ENOTSUP rather than fall back to writing zero bytes. */
+  fastZero?: boolean;
+}
+
+export interface Backend {
+  /** Human-readable kind, e.g. "raw", "qcow2", "nbd", "memory". */
+  readonly kind: string;
+  /** Virtual size in bytes. */
+  readonly size: number;
+  readonly caps: BackendCaps;
+
+  read(offset: number, length: number): Promise<Buffer>;
+  write(offset: number, data: Buffer, options?: WriteOptions): Promise<void>;
+  flush?(): Promise<void>;
+  trim?(offset: number, length: number, options?: WriteOptions): Promise<void>;
+  writeZeroes?(offset: number, length: number, options?: ZeroOptions): Promise<void>;
+  /** Extents covering at least `[offset, offset+1)` and at most past `offset+length`. */
+  blockStatus?(offset: number, length: number): Promise<Extent[]>;
+  /** Hint to prefetch (NBD_CMD_CACHE); optional. */
+  cache?(offset: number, length: number): Promise<void>;
+  /** Flushes if writable, releases files and locks. Idempotent. */
+  close(): Promise<void>;
+}
+
+/** Defaults the core assumes for a backend that does not say otherwise. */
+export const DEFAULT_MAX_TRANSFER = 32 * 1024 * 1024;
+
+export function defaultCaps(overrides: Partial<BackendCaps> = {}): BackendCaps {
+  return {
+    readOnly: false,
+    flush: false,
+    fua: false,
+    trim: false,
+    writeZeroes: false,
+    fastZero: false,
+    multiConn: true,
+    minBlockSize: 1,
+    preferredBlockSize: 4096,
+    maxTransfer: DEFAULT_MAX_TRANSFER,
+    ...overrides,
+  };
+}
+
+/** A layer wraps the next backend and is itself a backend (see `src/layers/`). */
+export type Layer = Backend & { readonly next: Backend };
