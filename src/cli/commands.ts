@@ -1,0 +1,6 @@
+/** The list of CLI commands; each module adds its subcommand to the program. */
+import type { Command } from 'commander';
+
+export type RegisterCommand = (program: Command) => void;
+
+export const commands: RegisterCommand[] = [];

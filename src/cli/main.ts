@@ -1,0 +1,36 @@
+/**
+ * `nbdd` command line. Each command lives in its own module exporting `register(program)`;
+ * this file only wires them together.
+ */
+import { Command, Option } from 'commander';
+import { readFileSync } from 'node:fs';
+import { NbddError, messageOf } from '../core/errors.js';
+import { LogLevels, setLogLevel, type LogLevel } from '../core/log.js';
+import { commands } from './commands.js';
+
+function version(): string {
+  const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+  return pkg.version;
+}
+
+export function buildProgram(): Command {
+  const program = new Command('nbdd')
+    .description('Block-device daemon: serve and attach qcow2, raw and remote NBD images')
+    .version(version())
+    .addOption(new Option('--log-level <level>', 'log verbosity').choices([...LogLevels]).default('info'))
+    .showHelpAfterError()
+    .hook('preAction', (cmd) => setLogLevel(cmd.opts().logLevel as LogLevel));
+  for (const register of commands) register(program);
+  return program;
+}
+
+/** Entry point used by bin/nbdd. Errors print one line (`nbdd: message`) and exit non-zero. */
+export async function main(argv: string[]): Promise<void> {
+  try {
+    await buildProgram().parseAsync(argv);
+  } catch (err) {
+    process.stderr.write(`nbdd: ${messageOf(err)}\n`);
+    if (process.env.NBDD_DEBUG && err instanceof Error) process.stderr.write(`${err.stack}\n`);
+    process.exitCode = err instanceof NbddError && err.errno === 2 ? 2 : 1;
+  }
+}
