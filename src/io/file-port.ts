@@ -8,7 +8,7 @@
 import { promises as fsp, constants as fsConstants } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { Errno, NbddError } from '../core/errors.js';
-import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate } from '../sys/libc.js';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, alignedBuffer, fallocate } from '../sys/libc.js';
 
 export interface FilePort {
   readonly path: string;
@@ -31,7 +31,8 @@ export interface FilePort {
   close(): Promise<void>;
 }
 
-const ZERO_CHUNK = Buffer.alloc(1024 * 1024);
+/** Page-aligned, so the zero-writing fallback also works on files opened with O_DIRECT. */
+const ZERO_CHUNK = alignedBuffer(1024 * 1024, 4096).fill(0);
 
 export class NodeFilePort implements FilePort {
   private closed = false;
@@ -47,9 +48,14 @@ export class NodeFilePort implements FilePort {
     return this.handle.fd;
   }
 
-  static async open(path: string, options: { readOnly: boolean; direct?: boolean; create?: boolean }): Promise<NodeFilePort> {
+  /** `exclusive` (with `create`) fails with EEXIST when the file exists (O_EXCL). */
+  static async open(
+    path: string,
+    options: { readOnly: boolean; direct?: boolean; create?: boolean; exclusive?: boolean },
+  ): Promise<NodeFilePort> {
     let flags = options.readOnly ? fsConstants.O_RDONLY : fsConstants.O_RDWR;
     if (options.create) flags |= fsConstants.O_CREAT;
+    if (options.exclusive) flags |= fsConstants.O_EXCL;
     if (options.direct) flags |= fsConstants.O_DIRECT;
     const handle = await fsp.open(path, flags, 0o644);
     return new NodeFilePort(path, handle, options.readOnly);
