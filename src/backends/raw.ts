@@ -136,14 +136,14 @@ export class RawBackend implements Backend {
   }
 
   /** Returns a new buffer owned by the caller (page-aligned under O_DIRECT). */
-  read(offset: number, length: number): Promise<Buffer> {
+  async read(offset: number, length: number): Promise<Buffer> {
     assertRange(this.size, offset, length);
     const buf = this.direct ? alignedBuffer(length, RAW_DIRECT_ALIGNMENT) : Buffer.allocUnsafe(length);
     return this.port.readAt(buf, offset);
   }
 
   /** Reads `data` until the promise settles (under O_DIRECT, only during this call). */
-  write(offset: number, data: Buffer): Promise<void> {
+  async write(offset: number, data: Buffer): Promise<void> {
     this.assertWritable(offset, data.length);
     if (!this.direct) return this.port.writeAt(data, offset);
     const bounce = alignedBuffer(data.length, RAW_DIRECT_ALIGNMENT);
@@ -152,7 +152,7 @@ export class RawBackend implements Backend {
   }
 
   /** fdatasync: every write completed before the call is durable when it resolves. */
-  flush(): Promise<void> {
+  async flush(): Promise<void> {
     return this.port.fsync();
   }
 
