@@ -21,13 +21,14 @@
  * Environment: BENCH_RUNTIME seconds per cell (10), BENCH_RAMP seconds of warm-up (1), BENCH_SIZE
  * image size (1G), BENCH_ROUNDS (2), BENCH_SERVERS comma list (all), BENCH_CASES regular expression
  * on case names (all), BENCH_DIR for the images and sockets (the OS temp directory).
- * Flags: --json (JSON on stdout instead of the table). Progress goes to stderr.
+ * Flags: --json (JSON on stdout instead of the table), --save FILE (also write the JSON to FILE).
+ * Progress goes to stderr.
  *
  * Adding a row: an entry in CASES ({name, image, servers, fio}); a new image kind in IMAGES; a new
  * server in SERVERS (its argv for each image format it can serve).
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { mkdtempSync, openSync, closeSync, writeSync, fdatasyncSync, readFileSync, rmSync, existsSync } from 'node:fs';
+import { mkdtempSync, openSync, closeSync, writeSync, fdatasyncSync, readFileSync, rmSync, existsSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { cpus, release, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -109,6 +110,9 @@ const settings = {
 const serverFilter = process.env.BENCH_SERVERS ? process.env.BENCH_SERVERS.split(',').map((s) => s.trim()) : null;
 const caseFilter = process.env.BENCH_CASES ? new RegExp(process.env.BENCH_CASES) : null;
 const asJson = process.argv.includes('--json');
+const saveIndex = process.argv.indexOf('--save');
+const saveFile = saveIndex > 0 ? process.argv[saveIndex + 1] : undefined;
+if (saveIndex > 0 && !saveFile) fail('--save needs a file name');
 
 /* ------------------------------------------------------------------ helpers */
 
@@ -342,7 +346,9 @@ async function main() {
   } finally {
     cleanup();
   }
-  if (asJson) process.stdout.write(JSON.stringify(report, null, 2) + '\n');
+  const json = JSON.stringify(report, null, 2) + '\n';
+  if (saveFile) writeFileSync(saveFile, json);
+  if (asJson) process.stdout.write(json);
   else printTable(report);
 }
 
