@@ -27,7 +27,8 @@
  * and freed with it. JavaScript may not detach (transfer) a buffer that is in flight.
  *
  * Teardown: `close()` submits what is queued and waits (blocking) for every operation in flight,
- * delivering their completions, then stops both libuv handles, closes the ring and the eventfd and
+ * delivering their completions (JavaScript may queue more from those callbacks; they are waited
+ * for too), then stops both libuv handles, closes the ring and the eventfd and
  * frees the ring once libuv has closed the handles. No cancel is needed: regular-file I/O always
  * completes. At environment exit (process or worker) an async cleanup hook does the same without
  * calling JavaScript. While no operation is queued or in flight both handles are unreferenced, so

@@ -112,13 +112,15 @@ export class UringEngine {
     return this.closed ? 0 : this.addon.inFlight(this.ring);
   }
 
-  /** Waits (blocking) for everything in flight, settling it, then releases the ring. */
+  /**
+   * Completes every operation already requested (blocking the thread meanwhile): the addon waits
+   * for the ring and delivers completions, each delivery moves backlog into the ring. Then the ring
+   * is released and later calls reject with EBADF.
+   */
   close(): void {
     if (this.closed) return;
     this.addon.close(this.ring);
     this.closed = true;
-    for (const op of this.backlog) op.reject(new NbddError(Errno.EBADF, 'io_uring engine closed'));
-    this.backlog = [];
   }
 
   private run(op: UringOp): Promise<number> {
