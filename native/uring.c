@@ -417,7 +417,7 @@ static napi_value js_setup(napi_env env, napi_callback_info info) {
 typedef struct {
   ring_t *r;
   int32_t fd;
-  napi_value argv[6];
+  napi_value argv[5];
 } call_t;
 
 /* Reads the ring and fd arguments common to every queue call; NULL (with a pending exception). */
@@ -462,15 +462,28 @@ static napi_value slot_value(napi_env env, int64_t slot) {
   return v;
 }
 
-/* read/write(ring, fd, buf, offset) -> slot, or -1 when full. */
+/*
+ * IOSQE_ASYNC when `offload` is true: the kernel hands the request straight to its io-wq workers
+ * instead of first trying it inline inside io_uring_enter. For buffered writes the inline attempt
+ * usually succeeds, which means the page-cache copy and filesystem work run on the event-loop
+ * thread; offloading keeps that thread free (docs/io-engine.md has the measurement).
+ */
+static bool get_offload(napi_env env, napi_value v) {
+  bool offload = false;
+  napi_get_value_bool(env, v, &offload);
+  return offload;
+}
+
+/* read/write(ring, fd, buf, offset, offload) -> slot, or -1 when full. */
 static napi_value queue_rw(napi_env env, napi_callback_info info, uint8_t opcode) {
   call_t c;
-  if (!get_call(env, info, 4, &c)) return NULL;
+  if (!get_call(env, info, 5, &c)) return NULL;
   void *data;
   size_t len;
   int64_t offset;
   if (get_u8(env, c.argv[2], &data, &len) < 0) return NULL;
   CHECK(napi_get_value_int64(env, c.argv[3], &offset));
+  bool offload = get_offload(env, c.argv[4]);
   unsigned slot;
   struct io_uring_sqe *sqe = take_sqe(c.r, &slot);
   if (!sqe) return slot_value(env, -1);
@@ -480,6 +493,7 @@ static napi_value queue_rw(napi_env env, napi_callback_info info, uint8_t opcode
     return NULL;
   }
   sqe->opcode = opcode;
+  sqe->flags = offload ? IOSQE_ASYNC : 0;
   sqe->fd = c.fd;
   sqe->addr = (uintptr_t)data;
   sqe->len = (uint32_t)len;
@@ -491,14 +505,15 @@ static napi_value queue_rw(napi_env env, napi_callback_info info, uint8_t opcode
 static napi_value js_read(napi_env env, napi_callback_info info) { return queue_rw(env, info, IORING_OP_READ); }
 static napi_value js_write(napi_env env, napi_callback_info info) { return queue_rw(env, info, IORING_OP_WRITE); }
 
-/* writev(ring, fd, buffers[], offset) -> slot, or -1 when full. */
+/* writev(ring, fd, buffers[], offset, offload) -> slot, or -1 when full. */
 static napi_value js_writev(napi_env env, napi_callback_info info) {
   call_t c;
-  if (!get_call(env, info, 4, &c)) return NULL;
+  if (!get_call(env, info, 5, &c)) return NULL;
   uint32_t n;
   int64_t offset;
   CHECK(napi_get_array_length(env, c.argv[2], &n));
   CHECK(napi_get_value_int64(env, c.argv[3], &offset));
+  bool offload = get_offload(env, c.argv[4]);
   if (n == 0 || n > IOV_MAX) return throw_errno(env, EINVAL, "io_uring writev: 1..IOV_MAX buffers");
   unsigned slot;
   struct io_uring_sqe *sqe = take_sqe(c.r, &slot);
@@ -521,6 +536,7 @@ static napi_value js_writev(napi_env env, napi_callback_info info) {
     s->nrefs = i + 1;
   }
   sqe->opcode = IORING_OP_WRITEV;
+  sqe->flags = offload ? IOSQE_ASYNC : 0;
   sqe->fd = c.fd;
   sqe->addr = (uintptr_t)s->iov;
   sqe->len = n;

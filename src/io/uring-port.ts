@@ -31,9 +31,9 @@ type RingHandle = { readonly __ring: unique symbol };
 /** The addon's functions. Queue calls return a slot number, or -1 when the ring is full. */
 interface UringAddon {
   setup(sqEntries: number, cqEntries: number, onComplete: (pairs: Int32Array) => void): RingHandle;
-  read(ring: RingHandle, fd: number, buf: Buffer, offset: number): number;
-  write(ring: RingHandle, fd: number, buf: Buffer, offset: number): number;
-  writev(ring: RingHandle, fd: number, bufs: Buffer[], offset: number): number;
+  read(ring: RingHandle, fd: number, buf: Buffer, offset: number, offload: boolean): number;
+  write(ring: RingHandle, fd: number, buf: Buffer, offset: number, offload: boolean): number;
+  writev(ring: RingHandle, fd: number, bufs: Buffer[], offset: number, offload: boolean): number;
   fsync(ring: RingHandle, fd: number, datasync: boolean): number;
   fallocate(ring: RingHandle, fd: number, mode: number, offset: number, length: number): number;
   submit(ring: RingHandle): number;
@@ -49,7 +49,10 @@ const enum OpKind {
   Fallocate,
 }
 
-/** One operation from queueing to completion; `a`/`b` are offset/length or mode/offset. */
+/**
+ * One operation from queueing to completion. `a`, `b`, `c`: offset, offload (0/1), unused for
+ * read/write/writev; mode, offset, length for fallocate.
+ */
 class UringOp {
   resolve!: (res: number) => void;
   reject!: (err: NbddError) => void;
@@ -91,14 +94,21 @@ export class UringEngine {
     return engine;
   }
 
+  /**
+   * Read and write transfer up to the buffer's length and resolve with the byte count (short at
+   * end of file, or rarely otherwise). Reads are always tried inline (a buffered read miss then
+   * waits on the page cache without a worker thread). `offload` sends the request straight to the kernel's worker
+   * threads (IOSQE_ASYNC) instead of trying it inline on this thread first: right for buffered
+   * writes, which would otherwise do their page-cache work inside io_uring_enter.
+   */
   read(fd: number, buf: Buffer, offset: number): Promise<number> {
     return this.run(new UringOp(OpKind.Read, fd, buf, offset, 0, 0));
   }
-  write(fd: number, buf: Buffer, offset: number): Promise<number> {
-    return this.run(new UringOp(OpKind.Write, fd, buf, offset, 0, 0));
+  write(fd: number, buf: Buffer, offset: number, offload = false): Promise<number> {
+    return this.run(new UringOp(OpKind.Write, fd, buf, offset, +offload, 0));
   }
-  writev(fd: number, bufs: Buffer[], offset: number): Promise<number> {
-    return this.run(new UringOp(OpKind.Writev, fd, bufs, offset, 0, 0));
+  writev(fd: number, bufs: Buffer[], offset: number, offload = false): Promise<number> {
+    return this.run(new UringOp(OpKind.Writev, fd, bufs, offset, +offload, 0));
   }
   fdatasync(fd: number): Promise<number> {
     return this.run(new UringOp(OpKind.Fsync, fd, null, 0, 0, 0));
@@ -138,13 +148,13 @@ export class UringEngine {
     let slot: number;
     switch (op.kind) {
       case OpKind.Read:
-        slot = addon.read(ring, op.fd, op.buf as Buffer, op.a);
+        slot = addon.read(ring, op.fd, op.buf as Buffer, op.a, op.b === 1);
         break;
       case OpKind.Write:
-        slot = addon.write(ring, op.fd, op.buf as Buffer, op.a);
+        slot = addon.write(ring, op.fd, op.buf as Buffer, op.a, op.b === 1);
         break;
       case OpKind.Writev:
-        slot = addon.writev(ring, op.fd, op.buf as Buffer[], op.a);
+        slot = addon.writev(ring, op.fd, op.buf as Buffer[], op.a, op.b === 1);
         break;
       case OpKind.Fsync:
         slot = addon.fsync(ring, op.fd, true);
@@ -203,6 +213,8 @@ export class UringFilePort implements FilePort {
   private idle: (() => void) | null = null;
   private closing: Promise<void> | null = null;
   private nowaitReads: boolean;
+  /** Buffered writes go to the kernel's workers (IOSQE_ASYNC); O_DIRECT ones are issued inline. */
+  private readonly offloadWrites: boolean;
   private zeroRangeWorks = true;
 
   private constructor(
@@ -211,6 +223,7 @@ export class UringFilePort implements FilePort {
     direct: boolean,
   ) {
     this.nowaitReads = !direct;
+    this.offloadWrites = !direct;
   }
 
   /** Opens like NodeFilePort.open (same options and errors), then routes I/O through `engine`. */
@@ -259,14 +272,14 @@ export class UringFilePort implements FilePort {
     this.assertWritable();
     let done = 0;
     while (done < buf.length) {
-      done += await this.track(this.engine.write(this.fd, done === 0 ? buf : buf.subarray(done), offset + done));
+      done += await this.track(this.engine.write(this.fd, done === 0 ? buf : buf.subarray(done), offset + done, this.offloadWrites));
     }
   }
 
   async writevAt(bufs: Buffer[], offset: number): Promise<void> {
     this.assertWritable();
     const total = bufs.reduce((n, b) => n + b.length, 0);
-    const written = await this.track(this.engine.writev(this.fd, bufs, offset));
+    const written = await this.track(this.engine.writev(this.fd, bufs, offset, this.offloadWrites));
     // Rare short write: finish with one contiguous buffer.
     if (written < total) await this.writeAt(Buffer.concat(bufs).subarray(written), offset + written);
   }

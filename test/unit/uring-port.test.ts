@@ -183,7 +183,7 @@ describe('UringEngine', () => {
       const fd = fs.openSync(${JSON.stringify(join(dir, 'exit'))}, 'w+');
       let done = 0;
       const r = a.setup(8, 16, (pairs) => { done += pairs.length / 2; });
-      a.write(r, fd, Buffer.from('hello'), 0);
+      a.write(r, fd, Buffer.from("hello"), 0, false);
       a.fsync(r, fd, true);
       process.on('exit', () => console.log('completions', done));
     `;
