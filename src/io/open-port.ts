@@ -35,7 +35,7 @@ function probeUring(): Probe {
   try {
     probe = { engine: UringEngine.create() };
   } catch (err) {
-    probe = { reason: messageOf(err) };
+    probe = { reason: messageOf(err).split('\n')[0]! };
   }
   return probe;
 }
