@@ -15,6 +15,7 @@ export const Errno = {
   ENOMEM: osConstants.errno.ENOMEM,
   EACCES: osConstants.errno.EACCES,
   EBUSY: osConstants.errno.EBUSY,
+  EADDRINUSE: osConstants.errno.EADDRINUSE,
   EEXIST: osConstants.errno.EEXIST,
   ENODEV: osConstants.errno.ENODEV,
   EINVAL: osConstants.errno.EINVAL,

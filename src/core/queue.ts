@@ -1,0 +1,306 @@
+/**
+ * BlockQueue: the one path from every frontend to a backend stack (layers + backend).
+ *
+ * - Submissions are gathered and dispatched once per event-loop turn (`setImmediate`, i.e. after
+ *   every socket read of the current poll phase), so a backend sees a whole batch issued in one turn
+ *   and can commit its metadata once for it (see the contract in `backend.ts`).
+ * - Adjacent reads of a batch (contiguous ranges, in arrival order) are coalesced into one backend
+ *   read and answered with views of it.
+ * - FLUSH is exact: it starts only after every write-type request received before it has
+ *   completed, and then flushes the backend; concurrent flushes share one backend flush when that
+ *   is still correct. FUA on a backend without native FUA becomes write + flush.
+ * - What the backend lacks is emulated here (write-zeroes as writes of zeroes, no-op trim and
+ *   cache, "all allocated" block status).
+ * - Backpressure: `saturated` turns true at `maxDepth` requests or `maxBytes` payload bytes queued
+ *   or in flight; frontends stop reading from their peers then and resume on `onDrain`.
+ *
+ * The queue trusts its callers: ranges, flags and read-only were validated by the frontend.
+ */
+import { DEFAULT_MAX_TRANSFER, type Backend, type Extent } from './backend.js';
+import { Errno, NbddError, assert } from './errors.js';
+
+export interface WriteFlags {
+  fua?: boolean;
+}
+export interface ZeroFlags extends WriteFlags {
+  noHole?: boolean;
+  fastZero?: boolean;
+}
+
+type Entry =
+  | { op: 'read'; offset: number; length: number; resolve: (b: Buffer) => void; reject: (e: unknown) => void }
+  | { op: 'write'; offset: number; data: Buffer; flags: WriteFlags; resolve: () => void; reject: (e: unknown) => void }
+  | { op: 'trim'; offset: number; length: number; flags: WriteFlags; resolve: () => void; reject: (e: unknown) => void }
+  | { op: 'writeZeroes'; offset: number; length: number; flags: ZeroFlags; resolve: () => void; reject: (e: unknown) => void }
+  | { op: 'flush'; resolve: () => void; reject: (e: unknown) => void }
+  | { op: 'cache'; offset: number; length: number; resolve: () => void; reject: (e: unknown) => void }
+  | { op: 'blockStatus'; offset: number; length: number; resolve: (x: Extent[]) => void; reject: (e: unknown) => void };
+
+export interface QueueOptions {
+  /** Requests queued or in flight before `saturated` (default 256). */
+  maxDepth?: number;
+  /** Payload bytes queued or in flight before `saturated` (default 256 MiB). */
+  maxBytes?: number;
+}
+
+const ZEROES = Buffer.alloc(1024 * 1024);
+
+export class BlockQueue {
+  readonly backend: Backend;
+  private readonly maxDepth: number;
+  private readonly maxBytes: number;
+  private readonly maxRead: number;
+
+  private pending: Entry[] = [];
+  private scheduled = false;
+  private inFlight = 0;
+  private bytes = 0;
+  private readonly writesInFlight = new Set<Promise<unknown>>();
+  private flushRunning: Promise<void> | null = null;
+  private flushNext: Promise<void> | null = null;
+  private readonly drainListeners = new Set<() => void>();
+  private idleWaiters: (() => void)[] = [];
+  private closed = false;
+
+  constructor(backend: Backend, options: QueueOptions = {}) {
+    this.backend = backend;
+    this.maxDepth = options.maxDepth ?? 256;
+    this.maxBytes = options.maxBytes ?? 256 * 1024 * 1024;
+    this.maxRead = Math.min(backend.caps.maxTransfer, DEFAULT_MAX_TRANSFER);
+  }
+
+  /* ------------------------------------------------------------ submission */
+
+  read(offset: number, length: number): Promise<Buffer> {
+    return new Promise((resolve, reject) => this.enqueue({ op: 'read', offset, length, resolve, reject }, length));
+  }
+
+  write(offset: number, data: Buffer, flags: WriteFlags = {}): Promise<void> {
+    return new Promise((resolve, reject) => this.enqueue({ op: 'write', offset, data, flags, resolve, reject }, data.length));
+  }
+
+  trim(offset: number, length: number, flags: WriteFlags = {}): Promise<void> {
+    return new Promise((resolve, reject) => this.enqueue({ op: 'trim', offset, length, flags, resolve, reject }, 0));
+  }
+
+  writeZeroes(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
+    return new Promise((resolve, reject) => this.enqueue({ op: 'writeZeroes', offset, length, flags, resolve, reject }, 0));
+  }
+
+  flush(): Promise<void> {
+    return new Promise((resolve, reject) => this.enqueue({ op: 'flush', resolve, reject }, 0));
+  }
+
+  cache(offset: number, length: number): Promise<void> {
+    return new Promise((resolve, reject) => this.enqueue({ op: 'cache', offset, length, resolve, reject }, 0));
+  }
+
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return new Promise((resolve, reject) => this.enqueue({ op: 'blockStatus', offset, length, resolve, reject }, 0));
+  }
+
+  /* ------------------------------------------------------------ backpressure */
+
+  /** Requests queued or in flight. */
+  get depth(): number {
+    return this.pending.length + this.inFlight;
+  }
+
+  get saturated(): boolean {
+    return this.depth >= this.maxDepth || this.bytes >= this.maxBytes;
+  }
+
+  /** Calls `listener` whenever the queue falls back below its limits. Returns an unsubscribe. */
+  onDrain(listener: () => void): () => void {
+    this.drainListeners.add(listener);
+    return () => this.drainListeners.delete(listener);
+  }
+
+  /** Resolves once nothing is queued or in flight. */
+  idle(): Promise<void> {
+    if (this.depth === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  /** Waits for in-flight work, flushes a writable backend, closes it. Later submissions fail. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.idle();
+    await this.backend.close();
+  }
+
+  /* ------------------------------------------------------------ dispatch */
+
+  private enqueue(entry: Entry, bytes: number): void {
+    if (this.closed) {
+      entry.reject(new NbddError(Errno.ESHUTDOWN, 'the device is shutting down'));
+      return;
+    }
+    this.pending.push(entry);
+    this.bytes += bytes;
+    if (!this.scheduled) {
+      this.scheduled = true;
+      setImmediate(this.dispatch);
+    }
+  }
+
+  private readonly dispatch = (): void => {
+    this.scheduled = false;
+    const batch = this.pending;
+    this.pending = [];
+    this.inFlight += batch.length;
+    for (let i = 0; i < batch.length; ) {
+      const entry = batch[i]!;
+      if (entry.op === 'read') {
+        i = this.startReads(batch, i);
+        continue;
+      }
+      this.start(entry);
+      i++;
+    }
+  };
+
+  /** Starts the run of contiguous reads beginning at `batch[i]` as one backend read. */
+  private startReads(batch: Entry[], i: number): number {
+    const first = batch[i] as Extract<Entry, { op: 'read' }>;
+    let end = first.offset + first.length;
+    let j = i + 1;
+    for (; j < batch.length; j++) {
+      const e = batch[j]!;
+      if (e.op !== 'read' || e.offset !== end || end + e.length - first.offset > this.maxRead) break;
+      end += e.length;
+    }
+    if (j === i + 1) {
+      this.settle(this.backend.read(first.offset, first.length), first, first.length);
+      return j;
+    }
+    const run = batch.slice(i, j) as Extract<Entry, { op: 'read' }>[];
+    this.backend.read(first.offset, end - first.offset).then(
+      (buf) => {
+        for (const e of run) this.complete(e.length, () => e.resolve(buf.subarray(e.offset - first.offset, e.offset - first.offset + e.length)));
+      },
+      (err) => {
+        for (const e of run) this.complete(e.length, () => e.reject(err));
+      },
+    );
+    return j;
+  }
+
+  private start(entry: Exclude<Entry, { op: 'read' }>): void {
+    switch (entry.op) {
+      case 'write':
+        this.trackWrite(this.doWrite(entry.offset, entry.data, entry.flags), entry, entry.data.length);
+        return;
+      case 'trim':
+        this.trackWrite(this.doTrim(entry.offset, entry.length, entry.flags), entry, 0);
+        return;
+      case 'writeZeroes':
+        this.trackWrite(this.doWriteZeroes(entry.offset, entry.length, entry.flags), entry, 0);
+        return;
+      case 'flush': {
+        const before = [...this.writesInFlight];
+        const p = before.length === 0 ? this.flushBackend() : Promise.allSettled(before).then(() => this.flushBackend());
+        this.settle(p, entry, 0);
+        return;
+      }
+      case 'cache':
+        this.settle(this.backend.cache ? this.backend.cache(entry.offset, entry.length) : Promise.resolve(), entry, 0);
+        return;
+      case 'blockStatus':
+        this.settle(this.doBlockStatus(entry.offset, entry.length), entry, 0);
+        return;
+    }
+  }
+
+  private trackWrite(p: Promise<void>, entry: { resolve: () => void; reject: (e: unknown) => void }, bytes: number): void {
+    this.writesInFlight.add(p);
+    const untrack = (): void => {
+      this.writesInFlight.delete(p);
+    };
+    p.then(untrack, untrack);
+    this.settle(p, entry, bytes);
+  }
+
+  private settle<T>(p: Promise<T>, entry: { resolve: (v: T) => void; reject: (e: unknown) => void }, bytes: number): void {
+    p.then(
+      (v) => this.complete(bytes, () => entry.resolve(v)),
+      (err) => this.complete(bytes, () => entry.reject(err)),
+    );
+  }
+
+  private complete(bytes: number, finish: () => void): void {
+    const wasSaturated = this.saturated;
+    this.inFlight--;
+    this.bytes -= bytes;
+    finish();
+    if (wasSaturated && !this.saturated) for (const l of this.drainListeners) l();
+    if (this.depth === 0 && this.idleWaiters.length > 0) {
+      const waiters = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const w of waiters) w();
+    }
+  }
+
+  /* ------------------------------------------------------------ emulation */
+
+  private async doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
+    const native = !!flags.fua && this.backend.caps.fua;
+    await this.backend.write(offset, data, native ? { fua: true } : undefined);
+    if (flags.fua && !native) await this.flushBackend();
+  }
+
+  private async doTrim(offset: number, length: number, flags: WriteFlags): Promise<void> {
+    if (!this.backend.trim || !this.backend.caps.trim) return; // advisory: dropping it is correct
+    const native = !!flags.fua && this.backend.caps.fua;
+    await this.backend.trim(offset, length, native ? { fua: true } : undefined);
+    if (flags.fua && !native) await this.flushBackend();
+  }
+
+  private async doWriteZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+    const fuaNative = !!flags.fua && this.backend.caps.fua;
+    if (this.backend.writeZeroes && this.backend.caps.writeZeroes) {
+      await this.backend.writeZeroes(offset, length, { noHole: flags.noHole, fastZero: flags.fastZero, fua: fuaNative });
+    } else {
+      if (flags.fastZero) throw new NbddError(Errno.ENOTSUP, 'fast zeroing is not supported by this backend');
+      for (let done = 0; done < length; ) {
+        const n = Math.min(ZEROES.length, length - done);
+        await this.backend.write(offset + done, ZEROES.subarray(0, n));
+        done += n;
+      }
+    }
+    if (flags.fua && !fuaNative) await this.flushBackend();
+  }
+
+  private async doBlockStatus(offset: number, length: number): Promise<Extent[]> {
+    if (!this.backend.blockStatus) return [{ length, hole: false, zero: false, depth: 1 }];
+    const extents = await this.backend.blockStatus(offset, length);
+    assert(extents.length > 0 && extents.every((e) => e.length > 0), 'blockStatus returned an empty or zero-length extent');
+    return extents;
+  }
+
+  /**
+   * Flushes the backend. A flush asked for while none runs starts one; while one runs, the request
+   * joins a single follow-up flush (the running one may have begun before the caller's writes
+   * completed, so it cannot cover them).
+   */
+  private flushBackend(): Promise<void> {
+    const backend = this.backend;
+    if (!backend.flush || !backend.caps.flush) return Promise.resolve();
+    if (!this.flushRunning) {
+      this.flushRunning = backend.flush().finally(() => {
+        this.flushRunning = null;
+      });
+      return this.flushRunning;
+    }
+    if (!this.flushNext) {
+      this.flushNext = this.flushRunning
+        .catch(() => undefined)
+        .then(() => {
+          this.flushNext = null;
+          return this.flushBackend();
+        });
+    }
+    return this.flushNext;
+  }
+}

@@ -1,0 +1,110 @@
+/**
+ * An export: a named backend stack behind one BlockQueue, as the NBD server offers it.
+ * Holds what negotiation needs (size, transmission flags, block sizes) and the metadata contexts.
+ */
+import type { Extent } from '../../core/backend.js';
+import type { MetaContext, StatusExtent } from '../../core/meta-context.js';
+import type { BlockQueue } from '../../core/queue.js';
+import { LIMITS, NBD_FLAG, NBD_STATE_HOLE, NBD_STATE_ZERO } from '../wire/constants.js';
+
+export const BASE_ALLOCATION = 'base:allocation';
+export const QEMU_ALLOCATION_DEPTH = 'qemu:allocation-depth';
+
+export interface ExportOptions {
+  name: string;
+  description?: string;
+  queue: BlockQueue;
+  /** Refuse writes even if the backend could take them. */
+  readOnly?: boolean;
+  /** More contexts (e.g. dirty bitmaps); asked again at every negotiation, so it may change. */
+  extraContexts?: () => MetaContext[];
+}
+
+export class NbdExport {
+  readonly name: string;
+  readonly description: string;
+  readonly queue: BlockQueue;
+  readonly readOnly: boolean;
+  private readonly extraContexts: () => MetaContext[];
+  private readonly baseContexts: MetaContext[];
+
+  constructor(options: ExportOptions) {
+    this.name = options.name;
+    this.description = options.description ?? '';
+    this.queue = options.queue;
+    this.readOnly = !!options.readOnly || options.queue.backend.caps.readOnly;
+    this.extraContexts = options.extraContexts ?? (() => []);
+    const queue = this.queue;
+    this.baseContexts = [
+      { name: BASE_ALLOCATION, extents: async (o, l) => mapExtents(await queue.blockStatus(o, l), allocationFlags) },
+      { name: QEMU_ALLOCATION_DEPTH, extents: async (o, l) => mapExtents(await queue.blockStatus(o, l), depthOf) },
+    ];
+  }
+
+  get size(): number {
+    return this.queue.backend.size;
+  }
+
+  get minBlockSize(): number {
+    return this.queue.backend.caps.minBlockSize;
+  }
+
+  get preferredBlockSize(): number {
+    return Math.max(this.queue.backend.caps.preferredBlockSize, this.minBlockSize, 512);
+  }
+
+  get maxPayload(): number {
+    return Math.min(this.queue.backend.caps.maxTransfer, LIMITS.maxPayload);
+  }
+
+  /**
+   * Transmission flags. `structured` adds DF (only meaningful with structured replies). Write-type
+   * flags are always offered on a writable export: the queue emulates what the backend lacks.
+   */
+  transmissionFlags(structured: boolean): number {
+    const caps = this.queue.backend.caps;
+    let flags = NBD_FLAG.HAS_FLAGS | NBD_FLAG.SEND_FLUSH | NBD_FLAG.SEND_FUA | NBD_FLAG.SEND_CACHE;
+    if (this.readOnly) flags |= NBD_FLAG.READ_ONLY;
+    else {
+      flags |= NBD_FLAG.SEND_WRITE_ZEROES | NBD_FLAG.SEND_FAST_ZERO;
+      if (caps.trim) flags |= NBD_FLAG.SEND_TRIM;
+    }
+    if (caps.multiConn) flags |= NBD_FLAG.CAN_MULTI_CONN;
+    if (structured) flags |= NBD_FLAG.SEND_DF;
+    return flags;
+  }
+
+  /** Every context this export offers now. */
+  contexts(): MetaContext[] {
+    return [...this.baseContexts, ...this.extraContexts()];
+  }
+}
+
+function allocationFlags(e: Extent): number {
+  return (e.hole ? NBD_STATE_HOLE : 0) | (e.zero ? NBD_STATE_ZERO : 0);
+}
+
+function depthOf(e: Extent): number {
+  return e.depth ?? (e.hole ? 0 : 1);
+}
+
+/** Backend extents to context extents, merging neighbours whose flags are equal. */
+function mapExtents(extents: Extent[], flagsOf: (e: Extent) => number): StatusExtent[] {
+  const out: StatusExtent[] = [];
+  for (const e of extents) {
+    const flags = flagsOf(e);
+    const last = out[out.length - 1];
+    if (last && last.flags === flags) last.length += e.length;
+    else out.push({ length: e.length, flags });
+  }
+  return out;
+}
+
+/**
+ * Which of `contexts` a query selects: exact names; with `list`, also the wildcards `base:`,
+ * `qemu:` and `qemu:dirty-bitmap:` (a namespace or a prefix ending in ':').
+ */
+export function matchContexts(contexts: MetaContext[], query: string, list: boolean): MetaContext[] {
+  if (list && query.endsWith(':')) return contexts.filter((c) => c.name.startsWith(query));
+  return contexts.filter((c) => c.name === query);
+}

@@ -1,0 +1,171 @@
+/**
+ * The NBD server: exports by name, listeners (unix socket, TCP), a connection cap, and graceful
+ * shutdown. Sessions do the protocol; this file only accepts and tracks them.
+ */
+import net from 'node:net';
+import { promises as fsp } from 'node:fs';
+import { Errno, NbddError } from '../../core/errors.js';
+import { logger } from '../../core/log.js';
+import { NbdExport } from './export.js';
+import { NbdSession, type SessionHost } from './session.js';
+
+const log = logger('server');
+
+export interface ServerOptions {
+  /** Most simultaneous client connections (kernel sockets are not counted). Default 16. */
+  maxConnections?: number;
+  /** Negotiation time limit in ms; 0 disables. Default 10 000. */
+  handshakeTimeoutMs?: number;
+}
+
+export class NbdServer implements SessionHost {
+  private readonly exports = new Map<string, NbdExport>();
+  private readonly sessions = new Set<NbdSession>();
+  private readonly listeners: net.Server[] = [];
+  private readonly unixPaths: string[] = [];
+  private readonly maxConnections: number;
+  private readonly handshakeTimeoutMs: number;
+  private clientCount = 0;
+  private closing: Promise<void> | null = null;
+
+  constructor(options: ServerOptions = {}) {
+    this.maxConnections = options.maxConnections ?? 16;
+    this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000;
+  }
+
+  /* ------------------------------------------------------------ exports */
+
+  addExport(exp: NbdExport): void {
+    if (this.exports.has(exp.name)) throw new NbddError(Errno.EEXIST, `an export named '${exp.name}' already exists`);
+    this.exports.set(exp.name, exp);
+  }
+
+  removeExport(name: string): NbdExport | undefined {
+    const exp = this.exports.get(name);
+    this.exports.delete(name);
+    return exp;
+  }
+
+  /** The export of that name; the empty name means the first export added (the default). */
+  findExport(name: string): NbdExport | undefined {
+    return this.exports.get(name) ?? (name === '' ? this.exports.values().next().value : undefined);
+  }
+
+  listExports(): NbdExport[] {
+    return [...this.exports.values()];
+  }
+
+  /* ------------------------------------------------------------ listening */
+
+  /** Listens on a unix socket. A stale socket file (nobody answering) is replaced. */
+  async listenUnix(path: string): Promise<void> {
+    await removeStaleSocket(path);
+    await this.listen(path, (srv) => srv.listen(path));
+    this.unixPaths.push(path);
+  }
+
+  /** Listens on TCP; returns the bound port (useful with port 0). */
+  async listenTcp(port: number, host = '127.0.0.1'): Promise<number> {
+    const srv = await this.listen(`${host}:${port}`, (s) => s.listen(port, host));
+    return (srv.address() as net.AddressInfo).port;
+  }
+
+  private listen(what: string, start: (srv: net.Server) => void): Promise<net.Server> {
+    const srv = net.createServer({ noDelay: true, pauseOnConnect: false }, (socket) => this.accept(socket));
+    return new Promise((resolve, reject) => {
+      srv.once('error', (err: NodeJS.ErrnoException) => {
+        reject(new NbddError(Errno.EADDRINUSE, `cannot listen on ${what}: ${err.message}`));
+      });
+      srv.once('listening', () => {
+        srv.removeAllListeners('error');
+        srv.on('error', (err) => log.error(`listener ${what}: ${err.message}`));
+        this.listeners.push(srv);
+        log.info(`listening on ${what}`);
+        resolve(srv);
+      });
+      start(srv);
+    });
+  }
+
+  private accept(socket: net.Socket): void {
+    if (this.closing) {
+      socket.destroy();
+      return;
+    }
+    if (this.clientCount >= this.maxConnections) {
+      log.warn(`refusing a connection: ${this.clientCount} clients already (--shared ${this.maxConnections})`);
+      socket.destroy();
+      return;
+    }
+    this.clientCount++;
+    const session = new NbdSession(socket, this, { handshakeTimeoutMs: this.handshakeTimeoutMs });
+    session.closed.then(() => this.clientCount--);
+    this.sessions.add(session);
+    session.startHandshake();
+  }
+
+  /**
+   * Serves a socket that is already in the transmission phase (the daemon's end of a socketpair
+   * whose other end was given to the kernel). Simple replies only.
+   */
+  serveTransmission(socket: net.Socket, exportName: string): NbdSession {
+    const exp = this.exports.get(exportName);
+    if (!exp) throw new NbddError(Errno.ENOENT, `no export named '${exportName}'`);
+    const session = new NbdSession(socket, this, { handshakeTimeoutMs: 0 });
+    this.sessions.add(session);
+    session.startTransmission(exp);
+    return session;
+  }
+
+  sessionClosed(session: NbdSession): void {
+    this.sessions.delete(session);
+  }
+
+  get connectionCount(): number {
+    return this.sessions.size;
+  }
+
+  /* ------------------------------------------------------------ shutdown */
+
+  /**
+   * Stops listening, lets every session answer what it has in flight, then flushes and closes
+   * every export's backend. Idempotent.
+   */
+  close(): Promise<void> {
+    this.closing ??= this.doClose();
+    return this.closing;
+  }
+
+  private async doClose(): Promise<void> {
+    // A listener's close callback waits for its connections, so stop accepting first, drain the
+    // sessions, and only then wait for the listeners.
+    const listenersClosed = Promise.all(this.listeners.map((l) => new Promise<void>((r) => l.close(() => r()))));
+    await Promise.all(this.unixPaths.map((p) => fsp.rm(p, { force: true })));
+    await Promise.all([...this.sessions].map((s) => s.shutdown()));
+    await listenersClosed;
+    for (const exp of this.exports.values()) {
+      try {
+        await exp.queue.close();
+      } catch (err) {
+        log.error(`closing export '${exp.name}': ${(err as Error).message}`);
+      }
+    }
+  }
+}
+
+/** Removes `path` if it is a unix socket nobody listens on; refuses if someone does. */
+async function removeStaleSocket(path: string): Promise<void> {
+  const st = await fsp.lstat(path).catch(() => null);
+  if (!st) return;
+  if (!st.isSocket()) throw new NbddError(Errno.EEXIST, `${path} exists and is not a socket`);
+  const live = await new Promise<boolean>((resolve) => {
+    const probe = net.connect(path);
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', () => resolve(false));
+  });
+  if (live) throw new NbddError(Errno.EBUSY, `${path} is in use by another server`);
+  await fsp.rm(path, { force: true });
+}

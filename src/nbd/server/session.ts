@@ -1,0 +1,590 @@
+/**
+ * One NBD connection, server side: negotiation, then transmission, through the export's
+ * BlockQueue. The only module of the server that touches a socket.
+ *
+ * States (`phase`): handshake → transmission → draining → closed. Within a phase, `wait` says which
+ * bytes the parser needs next; `pump()` consumes as much as the buffered bytes allow.
+ *
+ * Bad input: malformed options get the spec's error replies; a bad request magic, a WRITE payload
+ * we will not buffer, or anything that loses framing closes the connection; a failed backend call
+ * is an error reply. Nothing here can throw into the event loop.
+ */
+import type { Socket } from 'node:net';
+import { NbddError, errnoOf, messageOf } from '../../core/errors.js';
+import type { MetaContext } from '../../core/meta-context.js';
+import { logger } from '../../core/log.js';
+import {
+  LIMITS,
+  NBD_CMD,
+  NBD_CMD_FLAG,
+  NBD_ERR,
+  NBD_FLAG_C_FIXED_NEWSTYLE,
+  NBD_FLAG_C_NO_ZEROES,
+  NBD_FLAG_FIXED_NEWSTYLE,
+  NBD_FLAG_NO_ZEROES,
+  NBD_INFO,
+  NBD_OPT,
+  NBD_REP,
+  nameOfNbdCmd,
+  nameOfNbdOpt,
+  nbdErrorFromErrno,
+} from '../wire/constants.js';
+import {
+  CLIENT_FLAGS_LENGTH,
+  OPTION_HEADER_LENGTH,
+  ProtocolError,
+  decodeInfoRequest,
+  decodeMetaContextRequest,
+  decodeOptionHeader,
+  encodeExportNameReply,
+  encodeGreeting,
+  encodeInfoBlockSize,
+  encodeInfoExport,
+  encodeInfoString,
+  encodeOptionError,
+  encodeOptionReply,
+  encodeRepMetaContext,
+  encodeRepServer,
+} from '../wire/handshake.js';
+import { ChunkReader } from '../wire/reader.js';
+import {
+  REQUEST_HEADER_LENGTH,
+  decodeRequest,
+  encodeChunkBlockStatus,
+  encodeChunkError,
+  encodeChunkOffsetDataHeader,
+  encodeChunkOffsetHole,
+  encodeSimpleReply,
+  type RequestHeader,
+} from '../wire/transmission.js';
+import { matchContexts, type NbdExport } from './export.js';
+
+const log = logger('nbd');
+
+/** What the server lends a session: export lookup and its own bookkeeping. */
+export interface SessionHost {
+  findExport(name: string): NbdExport | undefined;
+  listExports(): NbdExport[];
+  /** Called once when the session has fully closed. */
+  sessionClosed(session: NbdSession): void;
+}
+
+export interface SessionOptions {
+  /** Milliseconds to finish negotiation before the connection is dropped (0 = no limit). */
+  handshakeTimeoutMs: number;
+  /** Stop reading requests while this many reply bytes wait in the socket. */
+  maxPendingReplyBytes?: number;
+}
+
+type Phase = 'handshake' | 'transmission' | 'draining' | 'closed';
+
+type Wait =
+  | { kind: 'clientFlags' }
+  | { kind: 'optionHeader' }
+  | { kind: 'optionData'; option: number; length: number }
+  | { kind: 'optionSkip'; option: number; remaining: number }
+  | { kind: 'request' }
+  | { kind: 'payload'; header: RequestHeader; error: number };
+
+/** Reads at least this long, without DF, are answered sparsely (holes as OFFSET_HOLE chunks). */
+const SPARSE_READ_MIN = 64 * 1024;
+/** Flags valid per command (before checking what the export negotiated). */
+const VALID_FLAGS: Record<number, number> = {
+  [NBD_CMD.READ]: NBD_CMD_FLAG.FUA | NBD_CMD_FLAG.DF,
+  [NBD_CMD.WRITE]: NBD_CMD_FLAG.FUA,
+  [NBD_CMD.DISC]: 0,
+  [NBD_CMD.FLUSH]: NBD_CMD_FLAG.FUA,
+  [NBD_CMD.TRIM]: NBD_CMD_FLAG.FUA,
+  [NBD_CMD.CACHE]: NBD_CMD_FLAG.FUA,
+  [NBD_CMD.WRITE_ZEROES]: NBD_CMD_FLAG.FUA | NBD_CMD_FLAG.NO_HOLE | NBD_CMD_FLAG.FAST_ZERO,
+  [NBD_CMD.BLOCK_STATUS]: NBD_CMD_FLAG.FUA | NBD_CMD_FLAG.REQ_ONE,
+};
+
+let nextSessionId = 1;
+
+export class NbdSession {
+  readonly id = nextSessionId++;
+  private phase: Phase = 'handshake';
+  private wait: Wait = { kind: 'clientFlags' };
+  private readonly reader = new ChunkReader();
+  private noZeroes = false;
+  private structured = false;
+  private optionCount = 0;
+  /** Contexts chosen by SET_META_CONTEXT, with the export they were chosen for. */
+  private selected: { exportName: string; contexts: MetaContext[] } | null = null;
+  private export: NbdExport | null = null;
+  private inFlight = 0;
+  private corked = false;
+  private blocked = false;
+  private handshakeTimer: NodeJS.Timeout | null = null;
+  private unsubscribeDrain: (() => void) | null = null;
+  private closedResolve!: () => void;
+  /** Resolves when the connection has closed and every reply was sent or abandoned. */
+  readonly closed: Promise<void> = new Promise((r) => (this.closedResolve = r));
+
+  constructor(
+    private readonly socket: Socket,
+    private readonly host: SessionHost,
+    private readonly options: SessionOptions,
+  ) {
+    socket.setNoDelay?.(true);
+    socket.on('data', this.onData);
+    socket.on('error', (err) => {
+      log.debug(`session ${this.id}: socket error: ${err.message}`);
+      this.terminate();
+    });
+    socket.on('close', () => this.terminate());
+    socket.on('drain', this.onSocketDrain);
+  }
+
+  get description(): string {
+    return this.export ? `session ${this.id} (${this.export.name || 'default export'})` : `session ${this.id}`;
+  }
+
+  /** Server side of a fresh connection: send the greeting and negotiate. */
+  startHandshake(): void {
+    if (this.options.handshakeTimeoutMs > 0) {
+      this.handshakeTimer = setTimeout(() => {
+        log.warn(`${this.description}: negotiation not finished in ${this.options.handshakeTimeoutMs} ms; dropping`);
+        this.terminate();
+      }, this.options.handshakeTimeoutMs);
+      this.handshakeTimer.unref();
+    }
+    this.send(encodeGreeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES));
+  }
+
+  /**
+   * A socket already in the transmission phase (a socketpair handed to the kernel): no
+   * negotiation, simple replies only.
+   */
+  startTransmission(exp: NbdExport): void {
+    this.enterTransmission(exp);
+    this.pump();
+  }
+
+  /** Stop taking requests, answer those in flight, then close. */
+  shutdown(): Promise<void> {
+    if (this.phase === 'handshake') this.terminate();
+    else if (this.phase === 'transmission') this.beginDraining();
+    return this.closed;
+  }
+
+  /* ------------------------------------------------------------ input */
+
+  private readonly onData = (chunk: Buffer): void => {
+    if (this.phase === 'closed' || this.phase === 'draining') return;
+    this.reader.push(chunk);
+    this.pump();
+  };
+
+  private pump(): void {
+    try {
+      while (this.phase === 'handshake' || this.phase === 'transmission') {
+        if (!this.step()) break;
+      }
+    } catch (err) {
+      if (err instanceof ProtocolError) log.warn(`${this.description}: ${err.message}; closing`);
+      else log.error(`${this.description}: ${messageOf(err)}; closing${process.env.NBDD_DEBUG ? `\n${(err as Error).stack}` : ''}`);
+      this.terminate();
+    }
+  }
+
+  /** Handles one unit of input if enough bytes are buffered; false when it must wait. */
+  private step(): boolean {
+    const r = this.reader;
+    const w = this.wait;
+    switch (w.kind) {
+      case 'clientFlags': {
+        if (r.length < CLIENT_FLAGS_LENGTH) return false;
+        const flags = r.consume(CLIENT_FLAGS_LENGTH).readUInt32BE(0);
+        if ((flags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) !== 0) {
+          throw new ProtocolError(`unknown client flags 0x${flags.toString(16)}`);
+        }
+        this.noZeroes = (flags & NBD_FLAG_C_NO_ZEROES) !== 0;
+        this.wait = { kind: 'optionHeader' };
+        return true;
+      }
+      case 'optionHeader': {
+        if (r.length < OPTION_HEADER_LENGTH) return false;
+        const { option, length } = decodeOptionHeader(r.consume(OPTION_HEADER_LENGTH));
+        if (++this.optionCount > LIMITS.maxOptions) throw new ProtocolError(`more than ${LIMITS.maxOptions} options`);
+        this.wait = length > LIMITS.maxOptionLength ? { kind: 'optionSkip', option, remaining: length } : { kind: 'optionData', option, length };
+        return true;
+      }
+      case 'optionSkip': {
+        w.remaining -= r.skip(w.remaining);
+        if (w.remaining > 0) return false;
+        this.wait = { kind: 'optionHeader' };
+        this.replyOptionError(w.option, NBD_REP.ERR_TOO_BIG, 'option data too long');
+        return true;
+      }
+      case 'optionData': {
+        if (r.length < w.length) return false;
+        const data = r.consume(w.length);
+        this.wait = { kind: 'optionHeader' };
+        this.handleOption(w.option, data);
+        return true;
+      }
+      case 'request': {
+        if (this.blocked || this.mustWait()) return false;
+        if (r.length < REQUEST_HEADER_LENGTH) return false;
+        const header = decodeRequest(r.consume(REQUEST_HEADER_LENGTH));
+        this.handleRequestHeader(header);
+        return true;
+      }
+      case 'payload': {
+        if (r.length < w.header.length) return false;
+        const data = r.consume(w.header.length);
+        this.wait = { kind: 'request' };
+        if (w.error) this.replyError(w.header, w.error, 'write refused');
+        else this.handleWrite(w.header, data);
+        return true;
+      }
+    }
+  }
+
+  /* ------------------------------------------------------------ negotiation */
+
+  private handleOption(option: number, data: Buffer): void {
+    log.debug(`${this.description}: ${nameOfNbdOpt(option)} (${data.length} bytes)`);
+    try {
+      switch (option) {
+        case NBD_OPT.EXPORT_NAME:
+          return this.handleOptExportName(data);
+        case NBD_OPT.ABORT:
+          this.send(encodeOptionReply(option, NBD_REP.ACK));
+          return this.close();
+        case NBD_OPT.LIST:
+          return this.handleOptList(data);
+        case NBD_OPT.INFO:
+        case NBD_OPT.GO:
+          return this.handleOptInfoGo(option, data);
+        case NBD_OPT.STRUCTURED_REPLY:
+          if (data.length !== 0) return this.replyOptionError(option, NBD_REP.ERR_INVALID, 'STRUCTURED_REPLY takes no data');
+          this.structured = true;
+          return this.send(encodeOptionReply(option, NBD_REP.ACK));
+        case NBD_OPT.LIST_META_CONTEXT:
+        case NBD_OPT.SET_META_CONTEXT:
+          return this.handleOptMetaContext(option, data);
+        default:
+          return this.replyOptionError(option, NBD_REP.ERR_UNSUP, `${nameOfNbdOpt(option)} is not supported`);
+      }
+    } catch (err) {
+      if (!(err instanceof ProtocolError)) throw err;
+      this.replyOptionError(option, NBD_REP.ERR_INVALID, err.message);
+    }
+  }
+
+  private handleOptExportName(data: Buffer): void {
+    const name = data.toString('utf8');
+    const exp = this.host.findExport(name);
+    if (!exp) {
+      log.warn(`${this.description}: client asked for unknown export '${name}'; closing`);
+      return this.close();
+    }
+    this.send(encodeExportNameReply(exp.size, exp.transmissionFlags(this.structured), this.noZeroes));
+    this.enterTransmission(exp);
+  }
+
+  private handleOptList(data: Buffer): void {
+    if (data.length !== 0) return this.replyOptionError(NBD_OPT.LIST, NBD_REP.ERR_INVALID, 'LIST takes no data');
+    for (const exp of this.host.listExports()) {
+      this.send(encodeOptionReply(NBD_OPT.LIST, NBD_REP.SERVER, encodeRepServer(exp.name, exp.description)));
+    }
+    this.send(encodeOptionReply(NBD_OPT.LIST, NBD_REP.ACK));
+  }
+
+  private handleOptInfoGo(option: number, data: Buffer): void {
+    const req = decodeInfoRequest(data);
+    const exp = this.host.findExport(req.exportName);
+    if (!exp) return this.replyOptionError(option, NBD_REP.ERR_UNKNOWN, `no export named '${req.exportName}'`);
+    const reply = (info: Buffer): void => this.send(encodeOptionReply(option, NBD_REP.INFO, info));
+    reply(encodeInfoExport(exp.size, exp.transmissionFlags(this.structured)));
+    if (req.infos.includes(NBD_INFO.NAME)) reply(encodeInfoString(NBD_INFO.NAME, exp.name));
+    if (req.infos.includes(NBD_INFO.DESCRIPTION) && exp.description) reply(encodeInfoString(NBD_INFO.DESCRIPTION, exp.description));
+    reply(encodeInfoBlockSize(exp.minBlockSize, exp.preferredBlockSize, exp.maxPayload));
+    this.send(encodeOptionReply(option, NBD_REP.ACK));
+    if (option === NBD_OPT.GO) this.enterTransmission(exp);
+  }
+
+  private handleOptMetaContext(option: number, data: Buffer): void {
+    const list = option === NBD_OPT.LIST_META_CONTEXT;
+    if (!this.structured) {
+      if (!list) this.selected = null;
+      return this.replyOptionError(option, NBD_REP.ERR_INVALID, 'meta contexts need structured replies first');
+    }
+    const req = decodeMetaContextRequest(data);
+    const exp = this.host.findExport(req.exportName);
+    if (!exp) {
+      if (!list) this.selected = null;
+      return this.replyOptionError(option, NBD_REP.ERR_UNKNOWN, `no export named '${req.exportName}'`);
+    }
+    const available = exp.contexts();
+    let chosen: MetaContext[];
+    if (list && req.queries.length === 0) chosen = available;
+    else {
+      chosen = [];
+      for (const q of req.queries) {
+        for (const c of matchContexts(available, q, list)) if (!chosen.includes(c)) chosen.push(c);
+      }
+    }
+    chosen.forEach((c, i) => this.send(encodeOptionReply(option, NBD_REP.META_CONTEXT, encodeRepMetaContext(list ? 0 : i, c.name))));
+    if (!list) this.selected = { exportName: exp.name, contexts: chosen };
+    this.send(encodeOptionReply(option, NBD_REP.ACK));
+  }
+
+  private replyOptionError(option: number, type: number, message: string): void {
+    log.debug(`${this.description}: ${nameOfNbdOpt(option)} refused: ${message}`);
+    this.send(encodeOptionError(option, type, message));
+  }
+
+  private enterTransmission(exp: NbdExport): void {
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.handshakeTimer = null;
+    this.export = exp;
+    if (this.selected && this.selected.exportName !== exp.name) this.selected = null;
+    this.phase = 'transmission';
+    this.wait = { kind: 'request' };
+    this.unsubscribeDrain = exp.queue.onDrain(this.onQueueDrain);
+    log.debug(`${this.description}: transmission (structured=${this.structured})`);
+  }
+
+  /* ------------------------------------------------------------ transmission */
+
+  /** Checks a request against the export; an NBD error value, or 0 when it may proceed. */
+  private validate(h: RequestHeader, exp: NbdExport): number {
+    const valid = VALID_FLAGS[h.type];
+    if (valid === undefined) return NBD_ERR.EINVAL;
+    if ((h.flags & ~valid) !== 0) return NBD_ERR.EINVAL;
+    if (h.flags & NBD_CMD_FLAG.DF && !this.structured) return NBD_ERR.EINVAL;
+    const isWrite = h.type === NBD_CMD.WRITE || h.type === NBD_CMD.TRIM || h.type === NBD_CMD.WRITE_ZEROES;
+    if (isWrite && exp.readOnly) return NBD_ERR.EPERM;
+    if (h.type === NBD_CMD.FLUSH || h.type === NBD_CMD.DISC) return 0;
+    if (h.offset + h.length > exp.size) return isWrite ? NBD_ERR.ENOSPC : NBD_ERR.EINVAL;
+    const min = exp.minBlockSize;
+    if (min > 1 && (h.offset % min !== 0 || h.length % min !== 0)) return NBD_ERR.EINVAL;
+    if (h.type === NBD_CMD.READ && h.length > exp.maxPayload) {
+      return h.flags & NBD_CMD_FLAG.DF ? NBD_ERR.EOVERFLOW : NBD_ERR.EINVAL;
+    }
+    if (h.type === NBD_CMD.BLOCK_STATUS && (h.length === 0 || !this.selected || this.selected.contexts.length === 0)) {
+      return NBD_ERR.EINVAL;
+    }
+    return 0;
+  }
+
+  private handleRequestHeader(h: RequestHeader): void {
+    const exp = this.export!;
+    if (h.type === NBD_CMD.DISC) {
+      log.debug(`${this.description}: NBD_CMD_DISC`);
+      return this.beginDraining();
+    }
+    const error = this.validate(h, exp);
+    if (h.type === NBD_CMD.WRITE) {
+      if (h.length > exp.maxPayload) {
+        // We will not buffer the payload, so framing is lost after the error reply.
+        this.replyError(h, NBD_ERR.EINVAL, `write of ${h.length} bytes exceeds ${exp.maxPayload}`);
+        return this.beginDraining();
+      }
+      this.wait = { kind: 'payload', header: h, error };
+      return;
+    }
+    if (error) return this.replyError(h, error, `${nameOfNbdCmd(h.type)} refused`);
+    const q = exp.queue;
+    const fua = (h.flags & NBD_CMD_FLAG.FUA) !== 0;
+    switch (h.type) {
+      case NBD_CMD.READ:
+        return this.track(h, this.handleRead(h));
+      case NBD_CMD.FLUSH:
+        return this.track(h, q.flush().then(() => this.replyOk(h)));
+      case NBD_CMD.TRIM:
+        return this.track(h, q.trim(h.offset, h.length, { fua }).then(() => this.replyOk(h)));
+      case NBD_CMD.WRITE_ZEROES: {
+        const flags = { fua, noHole: (h.flags & NBD_CMD_FLAG.NO_HOLE) !== 0, fastZero: (h.flags & NBD_CMD_FLAG.FAST_ZERO) !== 0 };
+        return this.track(h, q.writeZeroes(h.offset, h.length, flags).then(() => this.replyOk(h)));
+      }
+      case NBD_CMD.CACHE:
+        return this.track(h, q.cache(h.offset, h.length).then(() => this.replyOk(h)));
+      case NBD_CMD.BLOCK_STATUS:
+        return this.track(h, this.handleBlockStatus(h));
+    }
+  }
+
+  private handleWrite(h: RequestHeader, data: Buffer): void {
+    const fua = (h.flags & NBD_CMD_FLAG.FUA) !== 0;
+    if (h.length === 0) return this.replyOk(h);
+    this.track(h, this.export!.queue.write(h.offset, data, { fua }).then(() => this.replyOk(h)));
+  }
+
+  private async handleRead(h: RequestHeader): Promise<void> {
+    const q = this.export!.queue;
+    if (h.length === 0) return this.structured ? this.sendReadData(h, h.offset, EMPTY, true) : this.replyOk(h);
+    if (!this.structured || h.flags & NBD_CMD_FLAG.DF || h.length < SPARSE_READ_MIN || !q.backend.blockStatus) {
+      const data = await q.read(h.offset, h.length);
+      return this.sendReadData(h, h.offset, data, true);
+    }
+    // Sparse read: holes and zero extents become OFFSET_HOLE chunks, data is read per extent.
+    const extents = clip(await q.blockStatus(h.offset, h.length), h.length);
+    if (extents.length === 1 && !extents[0]!.zero) {
+      return this.sendReadData(h, h.offset, await q.read(h.offset, h.length), true);
+    }
+    let at = h.offset;
+    const parts = extents.map((e) => {
+      const start = at;
+      at += e.length;
+      return { start, length: e.length, data: e.zero ? null : q.read(start, e.length) };
+    });
+    const buffers = await Promise.all(parts.map((p) => p.data));
+    if (this.phase === 'closed') return;
+    parts.forEach((p, i) => {
+      const done = i === parts.length - 1;
+      if (p.data) this.sendReadData(h, p.start, buffers[i]!, done);
+      else this.send(encodeChunkOffsetHole(h.cookieHi, h.cookieLo, done, p.start, p.length));
+    });
+  }
+
+  private sendReadData(h: RequestHeader, offset: number, data: Buffer, done: boolean): void {
+    if (this.phase === 'closed') return;
+    if (this.structured) this.send(encodeChunkOffsetDataHeader(h.cookieHi, h.cookieLo, done, offset, data.length));
+    else this.send(encodeSimpleReply(0, h.cookieHi, h.cookieLo));
+    if (data.length > 0) this.send(data);
+  }
+
+  private async handleBlockStatus(h: RequestHeader): Promise<void> {
+    const contexts = this.selected!.contexts;
+    const reqOne = (h.flags & NBD_CMD_FLAG.REQ_ONE) !== 0;
+    const results = await Promise.all(contexts.map((c) => c.extents(h.offset, h.length)));
+    if (this.phase === 'closed') return;
+    results.forEach((extents, id) => {
+      const flat: number[] = [];
+      for (const e of clip(extents, h.length, reqOne ? 1 : LIMITS.maxExtents)) flat.push(e.length, e.flags);
+      this.send(encodeChunkBlockStatus(h.cookieHi, h.cookieLo, id === results.length - 1, id, flat));
+    });
+  }
+
+  /** Counts a request in flight; its failure becomes an error reply for `h`. */
+  private track(h: RequestHeader, p: Promise<void>): void {
+    this.inFlight++;
+    p.catch((err: unknown) => this.replyBackendError(h, err)).finally(() => {
+      this.inFlight--;
+      if (this.inFlight > 0) return;
+      if (this.phase === 'draining') this.close();
+      if (this.phase === 'closed') this.closedResolve();
+    });
+  }
+
+  private replyBackendError(h: RequestHeader, err: unknown): void {
+    const errno = errnoOf(err);
+    const nbdError = nbdErrorFromErrno(errno);
+    if (!(err instanceof NbddError) || nbdError === NBD_ERR.EIO) {
+      log.warn(`${this.description}: ${nameOfNbdCmd(h.type)} at ${h.offset}+${h.length} failed: ${messageOf(err)}`);
+    }
+    this.replyError(h, nbdError, messageOf(err));
+  }
+
+  private replyOk(h: RequestHeader): void {
+    if (this.phase === 'closed') return;
+    this.send(encodeSimpleReply(0, h.cookieHi, h.cookieLo));
+  }
+
+  private replyError(h: RequestHeader, error: number, message: string): void {
+    if (this.phase === 'closed') return;
+    log.debug(`${this.description}: ${nameOfNbdCmd(h.type)} → error ${error}: ${message}`);
+    if (this.structured && (h.type === NBD_CMD.READ || h.type === NBD_CMD.BLOCK_STATUS)) {
+      this.send(encodeChunkError(h.cookieHi, h.cookieLo, true, error, message));
+    } else {
+      this.send(encodeSimpleReply(error, h.cookieHi, h.cookieLo));
+    }
+  }
+
+  /* ------------------------------------------------------------ output and flow control */
+
+  /**
+   * Queues bytes on the socket. Writes made in one event-loop turn are corked together and leave
+   * in one writev (the completion batch).
+   */
+  private send(buf: Buffer): void {
+    if (this.phase === 'closed') return;
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      setImmediate(this.uncork);
+    }
+    this.socket.write(buf);
+  }
+
+  private readonly uncork = (): void => {
+    this.corked = false;
+    if (this.phase !== 'closed') this.socket.uncork();
+  };
+
+  /** True when we must stop reading requests: the queue or our reply backlog is full. */
+  private mustWait(): boolean {
+    const q = this.export!.queue;
+    const backlog = this.socket.writableLength > (this.options.maxPendingReplyBytes ?? 64 * 1024 * 1024);
+    if (!q.saturated && !backlog) return false;
+    this.blocked = true;
+    this.socket.pause();
+    return true;
+  }
+
+  private readonly onQueueDrain = (): void => this.unblock();
+  private readonly onSocketDrain = (): void => this.unblock();
+
+  private unblock(): void {
+    if (!this.blocked || this.phase !== 'transmission') return;
+    if (this.export!.queue.saturated) return;
+    this.blocked = false;
+    this.socket.resume();
+    this.pump();
+  }
+
+  /* ------------------------------------------------------------ shutdown */
+
+  private beginDraining(): void {
+    if (this.phase !== 'transmission') return;
+    this.phase = 'draining';
+    this.socket.pause();
+    if (this.inFlight === 0) this.close();
+  }
+
+  /** Graceful close: what we queued is sent, then the stream ends. */
+  private close(): void {
+    if (this.phase === 'closed') return;
+    if (this.corked) this.uncork();
+    this.socket.end();
+    // A peer that never reads its replies must not keep the socket forever.
+    setTimeout(() => this.socket.destroy(), 5000).unref();
+    this.finish();
+  }
+
+  /** Immediate close: no more replies; the socket is released. */
+  private terminate(): void {
+    if (this.phase === 'closed') return;
+    this.socket.destroy();
+    this.finish();
+  }
+
+  private finish(): void {
+    this.phase = 'closed';
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.unsubscribeDrain?.();
+    this.host.sessionClosed(this);
+    if (this.inFlight === 0) this.closedResolve();
+  }
+}
+
+const EMPTY = Buffer.alloc(0);
+
+/** Keeps extents within `length` bytes (and at most `max` of them); extents are consecutive. */
+function clip<T extends { length: number }>(extents: T[], length: number, max = Infinity): T[] {
+  const out: T[] = [];
+  let covered = 0;
+  for (const e of extents) {
+    if (covered >= length || out.length >= max) break;
+    const take = Math.min(e.length, length - covered);
+    out.push(take === e.length ? e : { ...e, length: take });
+    covered += take;
+  }
+  return out;
+}
+
