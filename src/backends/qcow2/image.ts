@@ -300,7 +300,9 @@ export class Qcow2Image implements Backend, ImageLayer {
 
   /** The L2 table of `l1i`, allocating an empty one when the L1 entry is empty. */
   private async l2ForWrite(l1i: number): Promise<L2Table> {
-    const found = await this.l2(l1i);
+    let found = await this.l2(l1i);
+    // Another request may have created the table while this one waited: look again.
+    while (!found && this.l1Offset(l1i) !== 0) found = await this.l2(l1i);
     if (found) {
       const hi = this.l1.readUInt32BE(l1i * 8);
       if ((hi & ENTRY_COPIED_HI) === 0) {
@@ -309,7 +311,7 @@ export class Qcow2Image implements Backend, ImageLayer {
       }
       return found;
     }
-    // Synchronous from the emptiness check to the L1 update: no other request can interleave.
+    // Synchronous from the emptiness check above to the L1 update: no other request interleaves.
     const offset = this.refs!.allocate(1);
     this.metadataClusters.add(offset / this.cs);
     const table: L2Table = { offset, data: Buffer.alloc(this.cs), dirty: true, pins: 0 };
