@@ -75,7 +75,7 @@ async function allStatus(path: string): Promise<Extent[]> {
 }
 
 /** Per-512-byte-sector (depth, hole) from our extents and from qemu-img map, for comparison. */
-function sectorsOf(extents: { length: number; depth: number; hole: boolean }[]): string {
+function sectorsOf(extents: { length: number; depth?: number; hole: boolean }[]): string {
   const parts: string[] = [];
   let last = '';
   let run = 0;
