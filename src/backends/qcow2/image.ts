@@ -23,12 +23,15 @@ import {
   ENTRY_COMPRESSED_HI,
   ENTRY_COPIED_HI,
   ENTRY_ZERO_LO,
+  MAX_BITMAP_DIRECTORY_BYTES,
   SUPPORTED_AUTOCLEAR,
+  decodeBitmapDirectory,
   decodeCompressed,
   entryOffset,
   readU64,
   writeEntry,
   writeU64,
+  type BitmapDirectoryEntry,
   type Geometry,
   type HeaderExtensions,
   type Qcow2Header,
@@ -254,6 +257,21 @@ export class Qcow2Image implements Backend, ImageLayer {
       await this.port.close();
       await this.backing?.close();
     }
+  }
+
+  /**
+   * The bitmap directory named by the bitmaps extension (empty without one). Read-only: bitmap
+   * persistence is not implemented here yet; the directory is for `describeQcow2` and callers.
+   */
+  async readBitmapDirectory(): Promise<BitmapDirectoryEntry[]> {
+    const ext = this.extensions.bitmaps;
+    if (!ext) return [];
+    if (ext.directorySize > MAX_BITMAP_DIRECTORY_BYTES) throw corrupt(`bitmap directory of ${ext.directorySize} bytes exceeds ${MAX_BITMAP_DIRECTORY_BYTES}`);
+    if (ext.directoryOffset % this.cs !== 0 || ext.directoryOffset + ext.directorySize > this.fileLength) {
+      throw corrupt(`bitmap directory at ${hex(ext.directoryOffset)} is unaligned or past the end of the file`);
+    }
+    const dir = await this.port.readAt(Buffer.alloc(ext.directorySize), ext.directoryOffset);
+    return decodeBitmapDirectory(dir, ext.nbBitmaps);
   }
 
   // ---------------------------------------------------------------- locking and lookups

@@ -450,6 +450,8 @@ export interface BitmapDirectoryEntry {
 export const BITMAP_IN_USE = 1 << 0;
 export const BITMAP_AUTO = 1 << 1;
 export const MAX_BITMAP_NAME = 1023;
+/** QEMU's limit on the bitmap directory: 65535 entries of at most 1024 bytes. */
+export const MAX_BITMAP_DIRECTORY_BYTES = 1024 * 65535;
 
 /**
  * Bitmap directory entries, back to back, each padded to 8 bytes:
@@ -479,4 +481,41 @@ export function decodeBitmapDirectory(dir: Buffer, count: number): BitmapDirecto
     off = Math.ceil((nameStart + nameSize) / 8) * 8;
   }
   return entries;
+}
+
+/** The v3 header length nbdd writes (through compression_type and its padding), as QEMU does. */
+export const V3_HEADER_LENGTH = 112;
+
+/** Encodes a v3 header (layout above `decodeHeader`) into the first `V3_HEADER_LENGTH` bytes. */
+export function encodeHeader(h: Qcow2Header): Buffer {
+  const buf = Buffer.alloc(V3_HEADER_LENGTH);
+  buf.writeUInt32BE(QCOW2_MAGIC, 0);
+  buf.writeUInt32BE(h.version, 4);
+  writeU64(buf, 8, h.backingFileOffset);
+  buf.writeUInt32BE(h.backingFileSize, 16);
+  buf.writeUInt32BE(h.clusterBits, 20);
+  writeU64(buf, 24, h.size);
+  buf.writeUInt32BE(h.cryptMethod, 32);
+  buf.writeUInt32BE(h.l1Size, 36);
+  writeU64(buf, 40, h.l1TableOffset);
+  writeU64(buf, 48, h.refcountTableOffset);
+  buf.writeUInt32BE(h.refcountTableClusters, 56);
+  buf.writeUInt32BE(h.nbSnapshots, 60);
+  writeU64(buf, 64, h.snapshotsOffset);
+  buf.writeBigUInt64BE(h.incompatibleFeatures, 72);
+  buf.writeBigUInt64BE(h.compatibleFeatures, 80);
+  buf.writeBigUInt64BE(h.autoclearFeatures, 88);
+  buf.writeUInt32BE(h.refcountOrder, 96);
+  buf.writeUInt32BE(V3_HEADER_LENGTH, 100);
+  buf[104] = h.compressionType;
+  return buf;
+}
+
+/** One header extension: type, length, data, zero padding to 8 bytes. */
+export function encodeExtension(type: number, data: Buffer): Buffer {
+  const buf = Buffer.alloc(8 + Math.ceil(data.length / 8) * 8);
+  buf.writeUInt32BE(type, 0);
+  buf.writeUInt32BE(data.length, 4);
+  data.copy(buf, 8);
+  return buf;
 }
