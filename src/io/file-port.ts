@@ -7,7 +7,7 @@
  */
 import fs from 'node:fs';
 import { Errno, NbddError } from '../core/errors.js';
-import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate } from '../sys/libc.js';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, alignedBuffer, fallocate } from '../sys/libc.js';
 
 export interface FilePort {
   readonly path: string;
@@ -30,7 +30,8 @@ export interface FilePort {
   close(): Promise<void>;
 }
 
-const ZERO_CHUNK = Buffer.alloc(1024 * 1024);
+/** Page-aligned, so the zero-writing fallback also works on files opened with O_DIRECT. */
+const ZERO_CHUNK = alignedBuffer(1024 * 1024, 4096).fill(0);
 
 /** Promise wrappers over the fd callback API (cheaper per call than FileHandle). */
 function pread(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
@@ -53,9 +54,14 @@ export class NodeFilePort implements FilePort {
     readonly readOnly: boolean,
   ) {}
 
-  static async open(path: string, options: { readOnly: boolean; direct?: boolean; create?: boolean }): Promise<NodeFilePort> {
+  /** `exclusive` (with `create`) fails with EEXIST when the file exists (O_EXCL). */
+  static async open(
+    path: string,
+    options: { readOnly: boolean; direct?: boolean; create?: boolean; exclusive?: boolean },
+  ): Promise<NodeFilePort> {
     let flags = options.readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR;
     if (options.create) flags |= fs.constants.O_CREAT;
+    if (options.exclusive) flags |= fs.constants.O_EXCL;
     if (options.direct) flags |= fs.constants.O_DIRECT;
     const fd = await new Promise<number>((resolve, reject) => fs.open(path, flags, 0o644, (err, fd) => (err ? reject(err) : resolve(fd))));
     return new NodeFilePort(path, fd, options.readOnly);

@@ -16,6 +16,7 @@ const c = {
   fallocate: lib.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)'),
   flock: lib.func('int flock(int fd, int operation)'),
   ioctlU64: lib.func('int ioctl(int fd, unsigned long request, _Out_ uint64_t *out)'),
+  ioctlRange: lib.func('int ioctl(int fd, unsigned long request, const uint64_t *range)'),
   socketpair: lib.func('int socketpair(int domain, int type, int protocol, _Out_ int *sv)'),
   close: lib.func('int close(int fd)'),
   getuid: lib.func('uint32_t getuid()'),
@@ -81,6 +82,33 @@ export function blockDeviceSize(fd: number): number {
   const out = [0n];
   if (c.ioctlU64(fd, BLKGETSIZE64, out) !== 0) throw sysError('ioctl', lastErrno(), 'BLKGETSIZE64');
   return Number(out[0]);
+}
+
+/** BLKDISCARD = _IO(0x12, 119); its argument is `uint64_t range[2] = {offset, length}`. */
+const BLKDISCARD = 0x1277;
+
+/**
+ * Discards a byte range of a block device (offset and length aligned to its logical block size,
+ * else EINVAL; EOPNOTSUPP when the device cannot discard). Synchronous: the kernel waits for the
+ * device, which is quick for thin devices and SSDs.
+ */
+export function blockDeviceDiscard(fd: number, offset: number, length: number): void {
+  if (c.ioctlRange(fd, BLKDISCARD, [BigInt(offset), BigInt(length)]) !== 0) {
+    throw sysError('ioctl', lastErrno(), 'BLKDISCARD');
+  }
+}
+
+/**
+ * A new buffer of `length` bytes whose memory starts on a multiple of `alignment` (a power of two),
+ * as O_DIRECT needs. It is a view into a private allocation `alignment` bytes larger; contents are
+ * uninitialised. Safety: V8 never moves a buffer's backing store, so the address stays aligned for
+ * the buffer's whole life.
+ */
+export function alignedBuffer(length: number, alignment: number): Buffer {
+  const raw = Buffer.allocUnsafeSlow(length + alignment);
+  const misalign = Number(koffi.address(raw) % BigInt(alignment));
+  const start = misalign === 0 ? 0 : alignment - misalign;
+  return raw.subarray(start, start + length);
 }
 
 export const AF_UNIX = 1;
