@@ -2,9 +2,10 @@
 import type { Command } from 'commander';
 import { register as attach } from './attach.js';
 import { register as detach } from './detach.js';
+import { register as installUdev } from './install-udev.js';
 import { register as list } from './list.js';
 import { register as serve } from './serve.js';
 
 export type RegisterCommand = (program: Command) => void;
 
-export const commands: RegisterCommand[] = [serve, attach, detach, list];
+export const commands: RegisterCommand[] = [serve, attach, detach, list, installUdev];

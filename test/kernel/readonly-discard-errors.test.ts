@@ -49,6 +49,10 @@ truncate -s 16M busy.img other.img locked.img user.img
 chmod 666 user.img
 dev=$(nbdd attach busy.img --name busy --device /dev/nbd2)
 record busy nbdd attach other.img --device /dev/nbd2 --foreground
+# udev rules: the link for a connected nbdd device, nothing but "not ready" for an idle one
+nbdd install-udev --no-reload > $WORK/udev.installed
+udevadm test --action=change /sys/block/nbd2 > $WORK/udev-connected.txt 2>&1
+udevadm test --action=change /sys/block/nbd3 > $WORK/udev-idle.txt 2>&1
 nbdd detach busy
 record missing nbdd attach /tmp/no-such.img
 flock -x locked.img sleep 300 & holder=$!
@@ -91,6 +95,21 @@ describe('discard and write zeroes', () => {
     expect(Number(s.text('d.blocks-after'))).toBeLessThan(Number(s.text('d.blocks-written')));
     expect(s.text('d.trimmed-reads').trim()).toBe('zero');
     expect(s.text('d.zeroed-reads').trim()).toBe('zero');
+  });
+});
+
+describe('udev rules (nbdd install-udev, udevadm test)', () => {
+  it('installs the rules file', () => {
+    expect(s.text('udev.installed').trim(), s.log).toBe('/etc/udev/rules.d/60-nbdd.rules');
+  });
+  it('links a connected nbdd device as /dev/disk/by-nbdd/NAME', () => {
+    expect(s.text('udev-connected.txt')).toMatch(/^DEVLINKS=.*\/dev\/disk\/by-nbdd\/busy\b/m);
+  });
+  it('marks an unconnected nbd device not ready and gives it no link', () => {
+    const out = s.text('udev-idle.txt');
+    expect(out).toMatch(/^SYSTEMD_READY=0$/m);
+    expect(out).toMatch(/^UDISKS_IGNORE=1$/m);
+    expect(out).not.toContain('by-nbdd');
   });
 });
 
