@@ -11,6 +11,8 @@ import { Errno, NbddError, messageOf } from '../../core/errors.js';
 import type { NbdTransport } from '../uri.js';
 import { ChunkReader } from '../wire/reader.js';
 
+const EMPTY = Buffer.alloc(0);
+
 export function describeTransport(t: NbdTransport): string {
   return t.kind === 'unix' ? `unix:${t.path}` : `${t.host.includes(':') ? `[${t.host}]` : t.host}:${t.port}`;
 }
@@ -74,6 +76,7 @@ export class ByteStream {
    * before `onBytes` is set. Rejects with the connection's failure.
    */
   read(n: number): Promise<Buffer> {
+    if (n === 0) return Promise.resolve(EMPTY);
     if (this.reader.length >= n) return Promise.resolve(this.reader.consume(n));
     if (this.failure) return Promise.reject(this.failure);
     return new Promise((resolve, reject) => {
