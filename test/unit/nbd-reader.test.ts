@@ -38,6 +38,14 @@ describe('ChunkReader', () => {
     expect(r.skip(10)).toBe(0);
   });
 
+  it('consumes zero bytes from an empty reader (zero-length option data)', () => {
+    const r = new ChunkReader();
+    expect(r.consume(0).length).toBe(0);
+    r.push(bytes(2));
+    expect(r.consume(0).length).toBe(0);
+    expect(r.length).toBe(2);
+  });
+
   it('refuses to consume more than is buffered', () => {
     const r = new ChunkReader();
     r.push(bytes(3));

@@ -137,9 +137,12 @@ export class NbdServer implements SessionHost {
   }
 
   private async doClose(): Promise<void> {
-    await Promise.all(this.listeners.map((l) => new Promise<void>((r) => l.close(() => r()))));
+    // A listener's close callback waits for its connections, so stop accepting first, drain the
+    // sessions, and only then wait for the listeners.
+    const listenersClosed = Promise.all(this.listeners.map((l) => new Promise<void>((r) => l.close(() => r()))));
     await Promise.all(this.unixPaths.map((p) => fsp.rm(p, { force: true })));
     await Promise.all([...this.sessions].map((s) => s.shutdown()));
+    await listenersClosed;
     for (const exp of this.exports.values()) {
       try {
         await exp.queue.close();

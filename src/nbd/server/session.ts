@@ -184,7 +184,7 @@ export class NbdSession {
       }
     } catch (err) {
       if (err instanceof ProtocolError) log.warn(`${this.description}: ${err.message}; closing`);
-      else log.error(`${this.description}: ${messageOf(err)}; closing`);
+      else log.error(`${this.description}: ${messageOf(err)}; closing${process.env.NBDD_DEBUG ? `\n${(err as Error).stack}` : ''}`);
       this.terminate();
     }
   }

@@ -8,6 +8,8 @@
  * Ownership: views returned by `consume` alias the pushed chunks; Node never reuses the Buffers it
  * hands to 'data' listeners, so views stay valid for as long as the caller keeps them.
  */
+const EMPTY = Buffer.alloc(0);
+
 export class ChunkReader {
   private chunks: Buffer[] = [];
   /** Index of the first live chunk in `chunks`. */
@@ -30,6 +32,7 @@ export class ChunkReader {
   /** Takes `n` bytes (`n <= length`). A view when possible, else a fresh copy. */
   consume(n: number): Buffer {
     if (n > this.total) throw new RangeError(`consume(${n}) with ${this.total} bytes buffered`);
+    if (n === 0) return EMPTY;
     this.total -= n;
     const head = this.chunks[this.first]!;
     const avail = head.length - this.offset;
