@@ -1,8 +1,10 @@
 /** Every CLI command: each module exports `register(program)`; add one line per command. */
 import type { Command } from 'commander';
 import { register as create } from './create.js';
+import { register as info } from './info.js';
+import { register as map } from './map.js';
 import { register as serve } from './serve.js';
 
 export type RegisterCommand = (program: Command) => void;
 
-export const commands: RegisterCommand[] = [serve, create];
+export const commands: RegisterCommand[] = [serve, create, info, map];
