@@ -4,45 +4,13 @@
  * waits until the socket accepts; `stop()` sends SIGTERM and throws unless the server is gone
  * within 10 s.
  */
-import { execFileSync, spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { requireTool, run } from '../helpers/tools.js';
 
-const PACKAGES: Record<string, string> = {
-  nbdkit: 'nbdkit',
-  'qemu-nbd': 'qemu-utils',
-  'qemu-img': 'qemu-utils',
-  'qemu-io': 'qemu-utils',
-  'nbd-server': 'nbd-server',
-  nbdinfo: 'libnbd-bin',
-};
-
-/** Throws with the install command if `tool` is not on PATH. */
-export function requireTool(tool: string): void {
-  try {
-    execFileSync('sh', ['-c', `command -v ${tool}`], { stdio: 'ignore' });
-  } catch {
-    throw new Error(`${tool} is not installed: run 'apt-get install ${PACKAGES[tool] ?? tool}' (or scripts/install-test-deps.sh)`);
-  }
-}
-
-/** Runs a command and returns its stdout; throws with stderr on failure. */
-export function run(cmd: string, args: string[]): string {
-  requireTool(cmd);
-  try {
-    return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], maxBuffer: 64 << 20 });
-  } catch (err) {
-    const e = err as { status?: number; stderr?: string };
-    throw new Error(`${cmd} ${args.join(' ')} exited ${e.status}: ${e.stderr}`);
-  }
-}
-
-export function tempDir(): { path: string; remove: () => void } {
-  const path = mkdtempSync(join(tmpdir(), 'nbdd-client-'));
-  return { path, remove: () => rmSync(path, { recursive: true, force: true }) };
-}
+export { requireTool, run, tempDir } from '../helpers/tools.js';
 
 export interface Peer {
   /** `nbd+unix:///EXPORT?socket=…` */
