@@ -9,6 +9,7 @@
 import net from 'node:net';
 import { Errno, NbddError, messageOf } from '../../core/errors.js';
 import type { NbdTransport } from '../uri.js';
+import { TurnWriter } from '../turn-writer.js';
 import { ChunkReader } from '../wire/reader.js';
 
 const EMPTY = Buffer.alloc(0);
@@ -25,13 +26,14 @@ export class ByteStream {
   onClose: ((err: NbddError) => void) | null = null;
   private want: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | null = null;
   private failure: NbddError | null = null;
-  private corked = false;
+  private readonly out: TurnWriter;
   readonly closed: Promise<void>;
 
   private constructor(
     private readonly socket: net.Socket,
     readonly peer: string,
   ) {
+    this.out = new TurnWriter(socket);
     socket.on('data', (chunk: Buffer) => {
       this.reader.push(chunk);
       if (this.onBytes) this.onBytes();
@@ -93,19 +95,8 @@ export class ByteStream {
 
   /** Queues bytes; the buffer must not change until written. Ignored once the connection failed. */
   write(buf: Buffer): void {
-    if (this.failure) return;
-    if (!this.corked) {
-      this.corked = true;
-      this.socket.cork();
-      setImmediate(this.uncork);
-    }
-    this.socket.write(buf);
+    if (!this.failure) this.out.write(buf);
   }
-
-  private readonly uncork = (): void => {
-    this.corked = false;
-    this.socket.uncork();
-  };
 
   /** The reason the connection failed, or null while it is usable. */
   get error(): NbddError | null {
@@ -114,7 +105,7 @@ export class ByteStream {
 
   /** Sends what is queued, then half-closes; resolves when the socket closed (or after `graceMs`). */
   async end(graceMs = 5000): Promise<void> {
-    if (this.corked) this.uncork();
+    this.out.flushNow();
     this.socket.end();
     const timer = setTimeout(() => this.socket.destroy(), graceMs);
     await this.closed;
