@@ -12,6 +12,7 @@ import { NodeFilePort } from '../../src/io/file-port.js';
 import { openFilePort } from '../../src/io/open-port.js';
 import { URING_CQ_ENTRIES, UringEngine, UringFilePort } from '../../src/io/uring-port.js';
 import { alignedBuffer } from '../../src/sys/libc.js';
+import { prng } from '../helpers/prng.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -39,15 +40,10 @@ async function openNew(options: { direct?: boolean; size?: number } = {}): Promi
   return port;
 }
 
-/** Deterministic pseudo-random numbers (xorshift32), so a failure replays. */
+/** Integers in [0, n) from the shared deterministic PRNG, so a failure replays. */
 function rng(seed: number): (n: number) => number {
-  let x = seed;
-  return (n) => {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    return (x >>> 0) % n;
-  };
+  const next = prng(seed);
+  return (n) => Math.floor(next() * n);
 }
 
 function pattern(len: number, tag: number): Buffer {
