@@ -124,7 +124,7 @@ describe('nbdd serve (raw) with qemu-io', () => {
       const out = run('qemu-io', [
         '-f', 'raw',
         '-c', 'write -P 0x11 0 128k',
-        '-c', 'write -P 0x22 -F 4M 4k', // FUA
+        '-c', 'write -f -P 0x22 4M 4k', // FUA
         '-c', 'write -P 0x33 5000 3000', // unaligned
         '-c', 'write -z 1M 64k',
         '-c', 'write -z -u 20M 512k', // may unmap
