@@ -7,6 +7,7 @@ import type { Backend } from '../core/backend.js';
 import { Errno, NbddError } from '../core/errors.js';
 import { parseSize } from '../core/units.js';
 import { MemoryBackend } from './memory.js';
+import { openQcow2 } from './qcow2/open.js';
 import { RawBackend } from './raw.js';
 
 export const FORMATS = ['auto', 'raw', 'qcow2'] as const;
@@ -49,6 +50,6 @@ export async function openImage(image: string, options: OpenOptions = {}): Promi
     case 'raw':
       return RawBackend.open(image, { readOnly, direct: options.direct });
     case 'qcow2':
-      throw new NbddError(Errno.ENOTSUP, `${image} is a qcow2 image; qcow2 support lands with the qcow2 backend`);
+      return openQcow2(image, { readOnly });
   }
 }
