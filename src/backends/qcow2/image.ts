@@ -232,11 +232,18 @@ export class Qcow2Image implements Backend, ImageLayer {
     await this.afterUpdate(options);
   }
 
-  /** Commits all metadata changes and makes them and every completed write durable. */
+  /**
+   * Commits all metadata changes and makes them and every completed write durable. Freeing
+   * clusters dirties refcount blocks after they were written, so a second commit follows then.
+   */
   async flush(): Promise<void> {
     if (!this.refs) return;
-    await this.commit();
+    for (let round = 0; round < 2 && (round === 0 || this.hasDirtyMetadata()); round++) await this.commit();
     await this.port.fsync();
+  }
+
+  private hasDirtyMetadata(): boolean {
+    return this.refs!.dirty || this.pendingFrees.length > 0 || this.dirtyL1.size > 0 || this.l2Cache.dirtyCount > 0;
   }
 
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
@@ -330,7 +337,7 @@ export class Qcow2Image implements Backend, ImageLayer {
       return found;
     }
     // Synchronous from the emptiness check above to the L1 update: no other request interleaves.
-    const offset = this.refs!.allocate(1);
+    const offset = this.refs!.allocate();
     this.metadataClusters.add(offset / this.cs);
     const table: L2Table = { offset, data: Buffer.alloc(this.cs), dirty: true, pins: 0 };
     this.l2Cache.insert(l1i, table);
@@ -580,8 +587,11 @@ export class Qcow2Image implements Backend, ImageLayer {
       }
       let j = i + 1;
       while (j < plans.length && plans[j]!.fresh && plans[j]!.ci === plans[j - 1]!.ci + 1) j++;
-      const base = this.refs!.allocate(j - i);
-      for (let k = i; k < j; k++) plans[k]!.host = base + (k - i) * this.cs;
+      for (let k = i; k < j; ) {
+        const run = this.refs!.allocateRun(j - k);
+        for (let m = 0; m < run.count; m++) plans[k + m]!.host = run.offset + m * this.cs;
+        k += run.count;
+      }
       i = j;
     }
   }
