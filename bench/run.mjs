@@ -45,6 +45,10 @@ const CASES = [
   { name: 'raw 4k randwrite qd16', image: 'raw', servers: ['nbdd', 'qemu-nbd', 'nbdkit'], metric: 'iops', fio: { rw: 'randwrite', bs: '4k', iodepth: 16 } },
   { name: 'raw 1M seqread qd8', image: 'raw', servers: ['nbdd', 'qemu-nbd', 'nbdkit'], metric: 'mibps', fio: { rw: 'read', bs: '1M', iodepth: 8 } },
   { name: 'raw 1M seqwrite qd8', image: 'raw', servers: ['nbdd', 'qemu-nbd', 'nbdkit'], metric: 'mibps', fio: { rw: 'write', bs: '1M', iodepth: 8 } },
+  { name: 'qcow2 4k randread qd16', image: 'qcow2', servers: ['nbdd', 'qemu-nbd'], metric: 'iops', fio: { rw: 'randread', bs: '4k', iodepth: 16 } },
+  { name: 'qcow2 4k randwrite qd16', image: 'qcow2', servers: ['nbdd', 'qemu-nbd'], metric: 'iops', fio: { rw: 'randwrite', bs: '4k', iodepth: 16 } },
+  { name: 'qcow2 1M seqread qd8', image: 'qcow2', servers: ['nbdd', 'qemu-nbd'], metric: 'mibps', fio: { rw: 'read', bs: '1M', iodepth: 8 } },
+  { name: 'qcow2 1M seqwrite qd8', image: 'qcow2', servers: ['nbdd', 'qemu-nbd'], metric: 'mibps', fio: { rw: 'write', bs: '1M', iodepth: 8 } },
 ];
 
 /** Image kinds: create one in `dir` of `size` bytes, return its path and format. */
@@ -55,12 +59,23 @@ const IMAGES = {
     fillWithData(path, size);
     return { path, format: 'raw' };
   },
+  // Fully allocated qcow2 (64 KiB clusters) converted from the same kind of data: reads and
+  // writes go through L1/L2 lookups to allocated clusters, no allocation during the run.
+  qcow2: (dir, size) => {
+    const raw = join(dir, 'bench-qcow2-src.raw');
+    run('fallocate', ['-l', String(size), raw]);
+    fillWithData(raw, size);
+    const path = join(dir, 'bench.qcow2');
+    run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, path]);
+    rmSync(raw);
+    return { path, format: 'qcow2' };
+  },
 };
 
 /** Servers: `argv(image, socket)` for the formats they serve; `check()` returns why not, or null. */
 const SERVERS = {
   nbdd: {
-    formats: ['raw'],
+    formats: ['raw', 'qcow2'],
     argv: (image, socket) => [process.execPath, join(ROOT, 'bin/nbdd'), 'serve', image.path, '--socket', socket],
     check: () => {
       const build = spawnSync(process.execPath, [join(ROOT, 'node_modules/typescript/bin/tsc'), '-p', join(ROOT, 'tsconfig.build.json')], { encoding: 'utf8' });

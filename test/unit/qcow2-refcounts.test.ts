@@ -19,14 +19,13 @@ describe('Refcounts', () => {
     for (const order of [0, 4, 6]) {
       const r = fresh(order);
       const taken = new Set<number>();
-      for (let i = 0; i < 3000; i++) {
+      for (let i = 0; i < 1500; i++) {
         const { offset, count } = r.allocateRun(1 + (i % 7));
         expect(count).toBeGreaterThan(0);
         for (let k = 0; k < count; k++) {
           const c = offset / CS + k;
-          expect(taken.has(c), `order ${order}: cluster ${c} twice`).toBe(false);
+          if (taken.has(c) || r.get(c) !== 1) throw new Error(`order ${order}: cluster ${c} handed out twice or not counted`);
           taken.add(c);
-          expect(r.get(c)).toBe(1);
         }
       }
       const snap = r.takeDirty();

@@ -82,6 +82,7 @@ interface WritePlan {
   spanEnd: number;
   host: number; // target host cluster offset (set by allocation when `fresh`)
   fresh: boolean;
+  changed: boolean; // the L2 entry must be rewritten (false for plain in-place overwrites)
   freeOld: number[]; // host cluster indices to release once the new entry is durable
   alloc: number; // extended L2: new allocation / zero bitmaps
   zero: number;
@@ -495,7 +496,7 @@ export class Qcow2Image implements Backend, ImageLayer {
     const entry = (ci - l1i * this.g.l2Entries) * this.g.l2EntrySize;
     const hi = table.data.readUInt32BE(entry);
     const lo = table.data.readUInt32BE(entry + 4);
-    const plan: WritePlan = { table, entry, ci, a, b, spanStart: 0, spanEnd: this.cs, host: 0, fresh: true, freeOld: [], alloc: ALL_UNITS, zero: 0, dataOffset };
+    const plan: WritePlan = { table, entry, ci, a, b, spanStart: 0, spanEnd: this.cs, host: 0, fresh: true, changed: true, freeOld: [], alloc: ALL_UNITS, zero: 0, dataOffset };
     if ((hi & ENTRY_COMPRESSED_HI) !== 0) {
       plan.freeOld = this.compressedClusters(hi, lo);
       return plan;
@@ -510,6 +511,7 @@ export class Qcow2Image implements Backend, ImageLayer {
         if (!(this.v3 && (lo & ENTRY_ZERO_LO) !== 0)) {
           plan.spanStart = a;
           plan.spanEnd = b;
+          plan.changed = (hi & ENTRY_COPIED_HI) === 0;
         }
       } else if (host !== 0) {
         plan.freeOld = [host / this.cs];
@@ -534,6 +536,7 @@ export class Qcow2Image implements Backend, ImageLayer {
     if (host !== 0) {
       plan.fresh = false;
       plan.host = host;
+      plan.changed = (hi & ENTRY_COPIED_HI) === 0 || plan.alloc !== allocBits || plan.zero !== zeroBits;
     }
     return plan;
   }
@@ -560,10 +563,12 @@ export class Qcow2Image implements Backend, ImageLayer {
         }
       }
       this.allocateFresh(plans);
-      await Promise.all(plans.map((p) => this.fillCow(p)));
+      const cow = plans.filter((p) => p.spanStart < p.a || p.b < p.spanEnd);
+      if (cow.length > 0) await Promise.all(cow.map((p) => this.fillCow(p)));
       await this.writeData(plans, data);
       this.unsyncedData = true;
       for (const p of plans) {
+        if (!p.changed) continue;
         const d = p.table.data;
         writeEntry(d, p.entry, p.host, true, false);
         if (this.g.extendedL2) {
