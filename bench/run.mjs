@@ -45,13 +45,17 @@ const CASES = [
   { name: 'raw 4k randwrite qd16', image: 'raw', servers: ['nbdd', 'qemu-nbd', 'nbdkit'], metric: 'iops', fio: { rw: 'randwrite', bs: '4k', iodepth: 16 } },
   { name: 'raw 1M seqread qd8', image: 'raw', servers: ['nbdd', 'qemu-nbd', 'nbdkit'], metric: 'mibps', fio: { rw: 'read', bs: '1M', iodepth: 8 } },
   { name: 'raw 1M seqwrite qd8', image: 'raw', servers: ['nbdd', 'qemu-nbd', 'nbdkit'], metric: 'mibps', fio: { rw: 'write', bs: '1M', iodepth: 8 } },
-  { name: 'qcow2 4k randread qd16', image: 'qcow2', servers: ['nbdd', 'qemu-nbd'], metric: 'iops', fio: { rw: 'randread', bs: '4k', iodepth: 16 } },
-  { name: 'qcow2 4k randwrite qd16', image: 'qcow2', servers: ['nbdd', 'qemu-nbd'], metric: 'iops', fio: { rw: 'randwrite', bs: '4k', iodepth: 16 } },
-  { name: 'qcow2 1M seqread qd8', image: 'qcow2', servers: ['nbdd', 'qemu-nbd'], metric: 'mibps', fio: { rw: 'read', bs: '1M', iodepth: 8 } },
-  { name: 'qcow2 1M seqwrite qd8', image: 'qcow2', servers: ['nbdd', 'qemu-nbd'], metric: 'mibps', fio: { rw: 'write', bs: '1M', iodepth: 8 } },
+  { name: 'qcow2 full 4k randread qd16', image: 'qcow2-full', servers: ['nbdd', 'qemu-nbd'], metric: 'iops', fio: { rw: 'randread', bs: '4k', iodepth: 16 } },
+  { name: 'qcow2 full 4k randwrite qd16', image: 'qcow2-full', servers: ['nbdd', 'qemu-nbd'], metric: 'iops', fio: { rw: 'randwrite', bs: '4k', iodepth: 16 } },
+  { name: 'qcow2 fresh 4k randwrite qd16', image: 'qcow2-fresh', servers: ['nbdd', 'qemu-nbd'], metric: 'iops', fio: { rw: 'randwrite', bs: '4k', iodepth: 16 } },
+  { name: 'qcow2 full 1M seqread qd8', image: 'qcow2-full', servers: ['nbdd', 'qemu-nbd'], metric: 'mibps', fio: { rw: 'read', bs: '1M', iodepth: 8 } },
+  { name: 'qcow2 fresh 1M seqwrite qd8', image: 'qcow2-fresh', servers: ['nbdd', 'qemu-nbd'], metric: 'mibps', fio: { rw: 'write', bs: '1M', iodepth: 8 } },
 ];
 
-/** Image kinds: create one in `dir` of `size` bytes, return its path and format. */
+/**
+ * Image kinds: create one in `dir` of `size` bytes, return its path and format. `fresh` kinds are
+ * made again before every cell, so each server starts from the same empty image.
+ */
 const IMAGES = {
   raw: (dir, size) => {
     const path = join(dir, 'bench.raw');
@@ -59,16 +63,22 @@ const IMAGES = {
     fillWithData(path, size);
     return { path, format: 'raw' };
   },
-  // Fully allocated qcow2 (64 KiB clusters) converted from the same kind of data: reads and
-  // writes go through L1/L2 lookups to allocated clusters, no allocation during the run.
-  qcow2: (dir, size) => {
-    const raw = join(dir, 'bench-qcow2-src.raw');
+  /** Every cluster allocated with data (converted from a data-filled raw image). */
+  'qcow2-full': (dir, size) => {
+    const raw = join(dir, 'bench-src.raw');
     run('fallocate', ['-l', String(size), raw]);
     fillWithData(raw, size);
-    const path = join(dir, 'bench.qcow2');
+    const path = join(dir, 'bench-full.qcow2');
     run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, path]);
     rmSync(raw);
     return { path, format: 'qcow2' };
+  },
+  /** Empty: every write allocates. */
+  'qcow2-fresh': (dir, size) => {
+    const path = join(dir, 'bench-fresh.qcow2');
+    rmSync(path, { force: true });
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', path, String(size)]);
+    return { path, format: 'qcow2', fresh: true };
   },
 };
 
@@ -340,6 +350,7 @@ async function main() {
           progress(`${c.name}: ${s}, round ${round}`);
           const entry = (row.results[s] ??= { rounds: [] });
           try {
+            if (image.fresh) images[c.image] = IMAGES[c.image](dir, settings.imageBytes);
             const r = await runCell(s, image, c.fio, dir);
             entry.rounds.push(r);
             if (!entry.best || r[c.metric] > entry.best[c.metric]) entry.best = r;
