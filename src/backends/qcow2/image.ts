@@ -82,6 +82,7 @@ interface WritePlan {
   spanEnd: number;
   host: number; // target host cluster offset (set by allocation when `fresh`)
   fresh: boolean;
+  zeroHost: boolean; // a fresh host cluster known to read as zeroes
   changed: boolean; // the L2 entry must be rewritten (false for plain in-place overwrites)
   freeOld: number[]; // host cluster indices to release once the new entry is durable
   alloc: number; // extended L2: new allocation / zero bitmaps
@@ -97,6 +98,12 @@ function corrupt(message: string): NbddError {
 
 function hex(n: number): string {
   return `0x${n.toString(16)}`;
+}
+
+const ZEROES = Buffer.alloc(2 ** 21); // one cluster of the largest size
+
+function isZero(buf: Buffer | undefined): boolean {
+  return !buf || buf.equals(ZEROES.subarray(0, buf.length));
 }
 
 /** Bits su..eu-1 of a 32-bit subcluster bitmap. */
@@ -128,6 +135,11 @@ export class Qcow2Image implements Backend, ImageLayer {
   private readonly lock = new RangeLock();
   private readonly v3: boolean;
   private pendingFrees: number[] = [];
+  /** First cluster past the file's end at open; free clusters from here on read as zeroes. */
+  private readonly zeroFrom: number;
+  /** Clusters punched after their last reference went (they read as zeroes until rewritten). */
+  private readonly punched = new Set<number>();
+  private punchWorks = true;
   private fileLength: number;
   private unsyncedData = false;
   private commitChain: Promise<void> = Promise.resolve();
@@ -147,6 +159,7 @@ export class Qcow2Image implements Backend, ImageLayer {
     this.refs = parts.refcounts;
     this.metadataClusters = parts.metadataClusters;
     this.fileLength = parts.fileLength;
+    this.zeroFrom = Math.ceil(parts.fileLength / parts.geometry.clusterSize);
     this.backing = parts.backing;
     this.backingName = parts.backingName;
     this.v3 = parts.header.version === 3;
@@ -340,6 +353,7 @@ export class Qcow2Image implements Backend, ImageLayer {
     // Synchronous from the emptiness check above to the L1 update: no other request interleaves.
     const offset = this.refs!.allocate();
     this.metadataClusters.add(offset / this.cs);
+    this.punched.delete(offset / this.cs);
     const table: L2Table = { offset, data: Buffer.alloc(this.cs), dirty: true, pins: 0 };
     this.l2Cache.insert(l1i, table);
     this.setL1(l1i, offset);
@@ -496,7 +510,7 @@ export class Qcow2Image implements Backend, ImageLayer {
     const entry = (ci - l1i * this.g.l2Entries) * this.g.l2EntrySize;
     const hi = table.data.readUInt32BE(entry);
     const lo = table.data.readUInt32BE(entry + 4);
-    const plan: WritePlan = { table, entry, ci, a, b, spanStart: 0, spanEnd: this.cs, host: 0, fresh: true, changed: true, freeOld: [], alloc: ALL_UNITS, zero: 0, dataOffset };
+    const plan: WritePlan = { table, entry, ci, a, b, spanStart: 0, spanEnd: this.cs, host: 0, fresh: true, zeroHost: false, changed: true, freeOld: [], alloc: ALL_UNITS, zero: 0, dataOffset };
     if ((hi & ENTRY_COMPRESSED_HI) !== 0) {
       plan.freeOld = this.compressedClusters(hi, lo);
       return plan;
@@ -594,21 +608,45 @@ export class Qcow2Image implements Backend, ImageLayer {
       while (j < plans.length && plans[j]!.fresh && plans[j]!.ci === plans[j - 1]!.ci + 1) j++;
       for (let k = i; k < j; ) {
         const run = this.refs!.allocateRun(j - k);
-        for (let m = 0; m < run.count; m++) plans[k + m]!.host = run.offset + m * this.cs;
+        for (let m = 0; m < run.count; m++) {
+          const p = plans[k + m]!;
+          p.host = run.offset + m * this.cs;
+          p.zeroHost = this.readsAsZero(p.host / this.cs);
+          this.punched.delete(p.host / this.cs);
+        }
         k += run.count;
       }
       i = j;
     }
   }
 
+  /**
+   * Reads the copy-on-write head and tail of a plan. When they are zeroes and the fresh host
+   * cluster is known to read as zeroes already, they are dropped and only the new data is written
+   * (what QEMU does with a zero-write of the cluster first).
+   */
   private async fillCow(p: WritePlan): Promise<void> {
     const guest = p.ci * this.cs;
     const [head, tail] = await Promise.all([
       p.spanStart < p.a ? this.readForCow(guest + p.spanStart, p.a - p.spanStart) : undefined,
       p.b < p.spanEnd ? this.readForCow(guest + p.b, p.spanEnd - p.b) : undefined,
     ]);
+    if (p.zeroHost && isZero(head) && isZero(tail)) {
+      p.spanStart = p.a;
+      p.spanEnd = p.b;
+      return;
+    }
     p.head = head;
     p.tail = tail;
+  }
+
+  /**
+   * Whether a free host cluster is known to hold zeroes: past the file's end at open (never
+   * written since, or punched when freed), or punched by this process. Once a punch fails, nothing
+   * is assumed.
+   */
+  private readsAsZero(cluster: number): boolean {
+    return this.punchWorks && (cluster >= this.zeroFrom || this.punched.has(cluster));
   }
 
   /** Writes the planned spans, one (vectored) file write per run of contiguous host bytes. */
@@ -861,7 +899,13 @@ export class Qcow2Image implements Backend, ImageLayer {
     for (let i = 0; i < emptied.length; ) {
       let j = i + 1;
       while (j < emptied.length && emptied[j] === emptied[j - 1]! + 1) j++;
-      await this.port.punchHole(emptied[i]! * this.cs, (j - i) * this.cs);
+      // Punching saves space and lets fresh clusters skip zero copy-on-write; freeing works without.
+      const done = await this.port.punchHole(emptied[i]! * this.cs, (j - i) * this.cs).then(
+        () => true,
+        () => false,
+      );
+      if (!done) this.punchWorks = false;
+      for (let c = emptied[i]!; c <= emptied[j - 1]!; c++) this.punched.add(c);
       i = j;
     }
     for (const c of clusters) this.refs!.decrement(c);
