@@ -7,6 +7,7 @@ import { realpath } from 'node:fs/promises';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { Errno, NbddError } from '../../core/errors.js';
 import { NodeFilePort, type FilePort } from '../../io/file-port.js';
+import { openFilePort } from '../../io/open-port.js';
 import { LOCK_EX, LOCK_SH, tryFlock } from '../../sys/libc.js';
 import { DEFAULT_L2_CACHE_BYTES, Qcow2Image, checkL1, decodeRefcountTable } from './image.js';
 import type { ImageLayer } from './layer.js';
@@ -123,7 +124,7 @@ async function openInChain(path: string, options: OpenQcow2Options, chain: strin
   });
   if (chain.includes(real)) throw new NbddError(Errno.ELOOP, `backing chain loop: ${[...chain, real].join(' -> ')}`);
   if (chain.length >= MAX_CHAIN_DEPTH) throw new NbddError(Errno.ELOOP, `backing chain deeper than ${MAX_CHAIN_DEPTH} at ${path}`);
-  const port = await NodeFilePort.open(path, { readOnly: options.readOnly });
+  const port = await openFilePort(path, { readOnly: options.readOnly });
   let backing: ImageLayer | null = null;
   try {
     // As the raw backend: one writer or several readers per image among nbdd processes.
