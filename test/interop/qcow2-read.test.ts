@@ -3,7 +3,7 @@
  * backend and compared byte for byte with `qemu-img convert -O raw`; block status compared with
  * `qemu-img map` (allocation depth and data/hole).
  */
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import type { FilePort } from '../../src/io/file-port.js';
@@ -142,11 +142,23 @@ describe('qcow2 reads match qemu-img convert', () => {
     writeFileSync(join(dir.path, 'base.raw'), base);
     run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.raw', '-F', 'raw', join(dir.path, 'mid.qcow2')]);
     qemuIo(join(dir.path, 'mid.qcow2'), scatteredWrites(size, 11, 20));
-    // The top image has no backing format extension: the format is probed.
     run('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on', '-b', 'mid.qcow2', '-F', 'qcow2', join(dir.path, 'top.qcow2'), `${8 * MiB}`]);
     qemuIo(join(dir.path, 'top.qcow2'), scatteredWrites(8 * MiB, 12, 20));
     const top = join(dir.path, 'top.qcow2');
-    expect((await readAll(top, 9)).equals(qemuRaw(top, dir.path))).toBe(true);
+    const expected = qemuRaw(top, dir.path);
+    // Turn the top image's backing format extension into an unknown one: nbdd must probe.
+    const file = readFileSync(top);
+    const at = file.subarray(0, 65536).indexOf(Buffer.from('e2792aca', 'hex'));
+    expect(at).toBeGreaterThan(0);
+    Buffer.from('7e57e57e', 'hex').copy(file, at);
+    writeFileSync(top, file);
+    const probed = await openQcow2(top, { readOnly: true });
+    expect(probed.extensions.backingFormat).toBeUndefined();
+    expect(probed.extensions.unknownTypes).toEqual([0x7e57e57e]);
+    expect(probed.backing?.format).toBe('qcow2');
+    expect(probed.backing?.backing?.format).toBe('raw');
+    await probed.close();
+    expect((await readAll(top, 9)).equals(expected)).toBe(true);
     expect(sectorsOf(await allStatus(top))).toBe(qemuSectors(top));
   });
 

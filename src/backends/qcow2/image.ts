@@ -843,7 +843,7 @@ export class Qcow2Image implements Backend, ImageLayer {
       l2s.push({ offset: t.offset, data: Buffer.from(t.data) });
       t.dirty = false;
     }
-    const l1 = [...this.dirtyL1].map((i) => ({ at: this.l1Offset0 + i * 8, data: Buffer.from(this.l1.subarray(i * 8, i * 8 + 8)) }));
+    const l1 = [...this.dirtyL1].map((i) => ({ at: this.header.l1TableOffset + i * 8, data: Buffer.from(this.l1.subarray(i * 8, i * 8 + 8)) }));
     this.dirtyL1.clear();
     const frees = this.pendingFrees;
     this.pendingFrees = [];
@@ -875,11 +875,14 @@ export class Qcow2Image implements Backend, ImageLayer {
           refSnap.tableEntries.map((t) => {
             const data = Buffer.alloc(8);
             writeU64(data, 0, t.offset);
-            return { at: this.refTableOffset + t.index * 8, data };
+            return { at: this.header.refcountTableOffset + t.index * 8, data };
           }),
         );
       }
-      if (refSnap.table) this.refTableOffset = refSnap.table.offset;
+      if (refSnap.table) {
+        this.header.refcountTableOffset = refSnap.table.offset;
+        this.header.refcountTableClusters = refSnap.table.clusters;
+      }
     }
     await writeAll(l2s.map((t) => ({ at: t.offset, data: t.data })));
     await writeAll(l1);
@@ -909,18 +912,6 @@ export class Qcow2Image implements Backend, ImageLayer {
       i = j;
     }
     for (const c of clusters) this.refs!.decrement(c);
-  }
-
-  private get l1Offset0(): number {
-    return this.header.l1TableOffset;
-  }
-
-  private get refTableOffset(): number {
-    return this.header.refcountTableOffset;
-  }
-
-  private set refTableOffset(offset: number) {
-    this.header.refcountTableOffset = offset;
   }
 
   // ---------------------------------------------------------------- block status
