@@ -52,7 +52,10 @@ interface Entry {
   busy: boolean;
 }
 
-/** Events: `dirty` (offset, length) for every marked range, when someone listens; `error` (Error). */
+/**
+ * Events: `dirty` (offset, length) for every marked range, emitted only when someone listens;
+ * `persist-error` (Error) when marks could not be stored (the writes concerned fail with EIO).
+ */
 export class BitmapSet extends EventEmitter {
   readonly size: number;
   readonly store: BitmapStore | null;
@@ -173,7 +176,7 @@ export class BitmapSet extends EventEmitter {
           }
           this.failed = true;
           log.error(`persisting dirty bits failed: ${(err as Error).message}`);
-          this.emit('error', err);
+          this.emit('persist-error', err);
           throw new NbddError(Errno.EIO, `cannot record the write in the dirty bitmap: ${(err as Error).message}`, { cause: err });
         },
       );

@@ -13,7 +13,7 @@ import {
   layoutSidecar,
 } from '../../src/bitmaps/sidecar-format.js';
 import { SidecarFileStore } from '../../src/bitmaps/store-sidecar-file.js';
-import type { BitmapStore, BitsChange } from '../../src/bitmaps/store.js';
+import { CountingStore } from '../helpers/counting-store.js';
 
 const MiB = 1024 * 1024;
 
@@ -106,34 +106,9 @@ describe('SidecarFileStore and BitmapSet', () => {
     await set.close();
     await expect(SidecarFileStore.open(path, size * 2)).rejects.toThrow(/disk/);
     writeFileSync(path, Buffer.alloc(100, 7));
-    await expect(SidecarFileStore.open(path, size)).rejects.toMatchObject({ code: 'EUCLEAN' });
+    await expect(SidecarFileStore.open(path, size)).rejects.toMatchObject({ errno: 117 });
   });
 });
-
-/** A store that counts calls and can fail, to test the set's batching and error paths. */
-class CountingStore implements BitmapStore {
-  readonly kind = 'counting';
-  readonly location = 'memory';
-  writeBitsCalls: BitsChange[][] = [];
-  failNextWriteBits = false;
-  gate: Promise<void> = Promise.resolve();
-  async load() {
-    return [];
-  }
-  async add() {}
-  async remove() {}
-  async setEnabled() {}
-  async writeAll() {}
-  async close() {}
-  async writeBits(changes: BitsChange[]) {
-    this.writeBitsCalls.push(changes.map((c) => ({ ...c, runs: [...c.runs] })));
-    await this.gate;
-    if (this.failNextWriteBits) {
-      this.failNextWriteBits = false;
-      throw new Error('disk on fire');
-    }
-  }
-}
 
 describe('BitmapSet write-intent batching', () => {
   it('persists all granules dirtied in one turn with one writeBits, and group-commits later turns', async () => {
@@ -163,10 +138,10 @@ describe('BitmapSet write-intent batching', () => {
     const store = new CountingStore();
     const set = await BitmapSet.open(MiB, store);
     const errors: unknown[] = [];
-    set.on('error', (e) => errors.push(e));
+    set.on('persist-error', (e) => errors.push(e));
     await set.add('a');
     store.failNextWriteBits = true;
-    await expect(set.mark(0, 1)).rejects.toMatchObject({ code: 'EIO' });
+    await expect(set.mark(0, 1)).rejects.toMatchObject({ errno: 5, message: expect.stringMatching(/dirty bitmap/) });
     expect(errors).toHaveLength(1);
     // Granule 0 is set in memory but not known durable: the next writer waits for a retry.
     const retry = set.mark(0, 1);
@@ -192,7 +167,7 @@ describe('BitmapSet write-intent batching', () => {
     await expect(set.merge('c1', ['c2'])).resolves.toBeUndefined();
     expect(set.info('c1').dirtyBytes).toBe(2 * 65536);
     const frozen = set.freeze('c2');
-    await expect(set.clear('c2')).rejects.toMatchObject({ code: 'EBUSY' });
+    await expect(set.clear('c2')).rejects.toMatchObject({ errno: 16 });
     set.release('c2');
     await set.clear('c2');
     expect(frozen.count()).toBe(1);
@@ -210,7 +185,7 @@ describe('BitmapSet write-intent batching', () => {
     expect(info.persistent).toBe(false);
     expect(set.mark(0, 1)).toBeNull(); // transient: nothing to wait for
     expect(set.info('t').dirtyBytes).toBe(65536);
-    await expect(set.remove('nope')).rejects.toMatchObject({ code: 'ENOENT' });
+    await expect(set.remove('nope')).rejects.toMatchObject({ errno: 2 });
   });
 });
 
