@@ -152,7 +152,7 @@ describe('ControlServer', () => {
       chmodSync(strictPath, 0o666);
     }
     const { stdout } = await promisify(execFile)(process.execPath, ['-e', script], asRoot ? { uid: 65534, gid: 65534, timeout: 10_000 } : { timeout: 10_000 });
-    expect(stdout.trim().split('\n').pop()).toBe('""'); // maybe 'error EPIPE' first // connected, then closed with nothing sent back
+    expect(stdout.trim().split('\n').pop()).toBe('""'); // connected, then closed with nothing sent back (maybe after 'error EPIPE')
     await strict.close();
   });
 });
