@@ -1,6 +1,12 @@
-/** The list of CLI commands; each module adds its subcommand to the program. */
+/** Every CLI command: each module exports `register(program)`; add one line per command. */
 import type { Command } from 'commander';
+import { register as attach } from './attach.js';
+import { register as create } from './create.js';
+import { register as detach } from './detach.js';
+import { register as installUdev } from './install-udev.js';
+import { register as list } from './list.js';
+import { register as serve } from './serve.js';
 
 export type RegisterCommand = (program: Command) => void;
 
-export const commands: RegisterCommand[] = [];
+export const commands: RegisterCommand[] = [serve, attach, detach, list, create, installUdev];

@@ -17,6 +17,8 @@
  * Errors are thrown as `NbddError` with an errno (see `src/core/errors.ts`).
  */
 
+import { assert } from './errors.js';
+
 /** One extent of block status. Extents returned by `blockStatus` are consecutive. */
 export interface Extent {
   /** Bytes, > 0. */
@@ -105,3 +107,14 @@ export function defaultCaps(overrides: Partial<BackendCaps> = {}): BackendCaps {
 
 /** A layer wraps the next backend and is itself a backend (see `src/layers/`). */
 export type Layer = Backend & { readonly next: Backend };
+
+/**
+ * Backends' check of the range contract above (validated at the edge, so a failure here is an
+ * internal error): `offset` and `length` are safe integers, `length > 0`, `offset + length <= size`.
+ */
+export function assertRange(size: number, offset: number, length: number): void {
+  assert(
+    Number.isSafeInteger(offset) && Number.isSafeInteger(length) && offset >= 0 && length > 0 && offset + length <= size,
+    `range ${offset}+${length} outside 0..${size}`,
+  );
+}

@@ -5,10 +5,9 @@
  * Ownership: `readAt` fills and returns the caller's buffer (or a new one); `writeAt` reads the
  * caller's buffer until its promise settles.
  */
-import { promises as fsp, constants as fsConstants } from 'node:fs';
-import type { FileHandle } from 'node:fs/promises';
+import fs from 'node:fs';
 import { Errno, NbddError } from '../core/errors.js';
-import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, fallocate } from '../sys/libc.js';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, alignedBuffer, fallocate, preadNowait } from '../sys/libc.js';
 
 export interface FilePort {
   readonly path: string;
@@ -31,39 +30,73 @@ export interface FilePort {
   close(): Promise<void>;
 }
 
-const ZERO_CHUNK = Buffer.alloc(1024 * 1024);
+/** Page-aligned, so the zero-writing fallback also works on files opened with O_DIRECT. */
+const ZERO_CHUNK = alignedBuffer(1024 * 1024, 4096).fill(0);
 
+/** Promise wrappers over the fd callback API (cheaper per call than FileHandle). */
+function pread(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => fs.read(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
+}
+function pwrite(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => fs.write(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
+}
+function pwritev(fd: number, bufs: Buffer[], pos: number): Promise<number> {
+  return new Promise((resolve, reject) => fs.writev(fd, bufs, pos, (err, n) => (err ? reject(err) : resolve(n))));
+}
+
+/**
+ * FilePort on node:fs. Reads first try `preadNowait` on the event-loop thread (page-cache hits
+ * complete without a thread-pool round trip) and fall back to the pool for the rest; writes, syncs
+ * and cold reads always go through the pool.
+ */
 export class NodeFilePort implements FilePort {
   private closed = false;
   private zeroRangeWorks = true;
+  /** False on O_DIRECT files, and once the kernel or filesystem refused RWF_NOWAIT. */
+  private nowaitReads: boolean;
 
   private constructor(
     readonly path: string,
-    private readonly handle: FileHandle,
+    readonly fd: number,
     readonly readOnly: boolean,
-  ) {}
-
-  get fd(): number {
-    return this.handle.fd;
+    direct: boolean,
+  ) {
+    this.nowaitReads = !direct;
   }
 
-  static async open(path: string, options: { readOnly: boolean; direct?: boolean; create?: boolean }): Promise<NodeFilePort> {
-    let flags = options.readOnly ? fsConstants.O_RDONLY : fsConstants.O_RDWR;
-    if (options.create) flags |= fsConstants.O_CREAT;
-    if (options.direct) flags |= fsConstants.O_DIRECT;
-    const handle = await fsp.open(path, flags, 0o644);
-    return new NodeFilePort(path, handle, options.readOnly);
+  /** `exclusive` (with `create`) fails with EEXIST when the file exists (O_EXCL). */
+  static async open(
+    path: string,
+    options: { readOnly: boolean; direct?: boolean; create?: boolean; exclusive?: boolean },
+  ): Promise<NodeFilePort> {
+    let flags = options.readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR;
+    if (options.create) flags |= fs.constants.O_CREAT;
+    if (options.exclusive) flags |= fs.constants.O_EXCL;
+    if (options.direct) flags |= fs.constants.O_DIRECT;
+    const fd = await new Promise<number>((resolve, reject) => fs.open(path, flags, 0o644, (err, fd) => (err ? reject(err) : resolve(fd))));
+    return new NodeFilePort(path, fd, options.readOnly, !!options.direct);
   }
 
   async readAt(buf: Buffer, offset: number): Promise<Buffer> {
     let done = 0;
+    if (this.nowaitReads) {
+      try {
+        const n = preadNowait(this.fd, buf, offset);
+        if (n === buf.length) return buf;
+        if (n === 0) return buf.fill(0);
+        if (n > 0) done = n;
+      } catch {
+        this.nowaitReads = false;
+      }
+    }
+    if (done === 0) done = await pread(this.fd, buf, 0, buf.length, offset);
     while (done < buf.length) {
-      const { bytesRead } = await this.handle.read(buf, done, buf.length - done, offset + done);
-      if (bytesRead === 0) {
+      const n = await pread(this.fd, buf, done, buf.length - done, offset + done);
+      if (n === 0) {
         buf.fill(0, done);
         break;
       }
-      done += bytesRead;
+      done += n;
     }
     return buf;
   }
@@ -71,19 +104,16 @@ export class NodeFilePort implements FilePort {
   async writeAt(buf: Buffer, offset: number): Promise<void> {
     this.assertWritable();
     let done = 0;
-    while (done < buf.length) {
-      const { bytesWritten } = await this.handle.write(buf, done, buf.length - done, offset + done);
-      done += bytesWritten;
-    }
+    while (done < buf.length) done += await pwrite(this.fd, buf, done, buf.length - done, offset + done);
   }
 
   async writevAt(bufs: Buffer[], offset: number): Promise<void> {
     this.assertWritable();
     const total = bufs.reduce((n, b) => n + b.length, 0);
-    const { bytesWritten } = await this.handle.writev(bufs, offset);
-    if (bytesWritten < total) {
+    const written = await pwritev(this.fd, bufs, offset);
+    if (written < total) {
       // Rare short write: finish with one contiguous buffer.
-      await this.writeAt(Buffer.concat(bufs).subarray(bytesWritten), offset + bytesWritten);
+      await this.writeAt(Buffer.concat(bufs).subarray(written), offset + written);
     }
   }
 
@@ -110,23 +140,23 @@ export class NodeFilePort implements FilePort {
     }
   }
 
-  async fsync(): Promise<void> {
-    await this.handle.datasync();
+  fsync(): Promise<void> {
+    return new Promise((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
   }
 
-  async length(): Promise<number> {
-    return (await this.handle.stat()).size;
+  length(): Promise<number> {
+    return new Promise((resolve, reject) => fs.fstat(this.fd, (err, st) => (err ? reject(err) : resolve(st.size))));
   }
 
-  async truncate(length: number): Promise<void> {
+  truncate(length: number): Promise<void> {
     this.assertWritable();
-    await this.handle.truncate(length);
+    return new Promise((resolve, reject) => fs.ftruncate(this.fd, length, (err) => (err ? reject(err) : resolve())));
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    await this.handle.close();
+    await new Promise<void>((resolve, reject) => fs.close(this.fd, (err) => (err ? reject(err) : resolve())));
   }
 
   private assertWritable(): void {

@@ -1,0 +1,39 @@
+/**
+ * From what a user names (a file path, a block device, an NBD URI, `memory:SIZE`) to an open
+ * backend. The single place that knows every format; frontends and commands call `openImage`.
+ */
+import type { Backend } from '../core/backend.js';
+import { parseSize } from '../core/units.js';
+import { MemoryBackend } from './memory.js';
+import { openQcow2, probeFormat } from './qcow2/index.js';
+import { RawBackend } from './raw.js';
+
+export { probeFormat };
+
+export const FORMATS = ['auto', 'raw', 'qcow2'] as const;
+export type Format = (typeof FORMATS)[number];
+
+export interface OpenOptions {
+  format?: Format;
+  readOnly?: boolean;
+  /** Open the file with O_DIRECT (raw only). */
+  direct?: boolean;
+}
+
+export function isMemorySpec(image: string): boolean {
+  return image.startsWith('memory:');
+}
+
+export async function openImage(image: string, options: OpenOptions = {}): Promise<Backend> {
+  const readOnly = !!options.readOnly;
+  if (isMemorySpec(image)) {
+    return new MemoryBackend({ size: parseSize(image.slice('memory:'.length)), readOnly });
+  }
+  const format = !options.format || options.format === 'auto' ? await probeFormat(image) : options.format;
+  switch (format) {
+    case 'raw':
+      return RawBackend.open(image, { readOnly, direct: options.direct });
+    case 'qcow2':
+      return openQcow2(image, { readOnly });
+  }
+}

@@ -1,0 +1,140 @@
+/**
+ * `nbdd attach IMAGE`: serve an image as /dev/nbdN through the kernel NBD driver (netlink).
+ * By default the command returns once the device is usable and a daemon keeps serving it;
+ * `--foreground` keeps serving in this process (for systemd). See docs/kernel.md.
+ */
+import { execFileSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { basename } from 'node:path';
+import { Command, Option } from 'commander';
+import { Errno, NbddError, errnoOf, messageOf } from '../core/errors.js';
+import { logger } from '../core/log.js';
+import { FORMATS, isMemorySpec, type Format } from '../backends/open.js';
+import { READY_FD, reportReadiness, spawnDaemon, type Readiness } from '../kernel/daemonize.js';
+import { KernelDevice, checkName } from '../kernel/device.js';
+import { devicePath } from '../kernel/nbd-control.js';
+import { logPath, loadState } from '../kernel/registry.js';
+import { parseDeviceArg } from '../kernel/sysfs.js';
+import { intArg, sizeArg } from './options.js';
+
+const log = logger('attach');
+
+interface AttachCliOptions {
+  device?: string;
+  readOnly?: boolean;
+  format: Format;
+  connections: number;
+  timeout: number;
+  deadConnTimeout: number;
+  name?: string;
+  foreground?: boolean;
+  create?: number;
+  json?: boolean;
+  readyFd?: number;
+}
+
+/** The device name: --name, the name a re-attached device already has, or the image's base name. */
+function resolveName(image: string, index: number | undefined, name: string | undefined): string {
+  if (name) return checkName(name);
+  const prior = index === undefined ? undefined : loadState(index);
+  if (prior) return prior.name;
+  const base = isMemorySpec(image) ? 'memory' : basename(image).replace(/\.(qcow2|raw|img)$/i, '');
+  const cleaned = base.replace(/[^A-Za-z0-9._-]/g, '_').replace(/^[._-]+/, '').slice(0, 64);
+  return checkName(cleaned || 'disk');
+}
+
+/** --create SIZE: a new qcow2 image when IMAGE does not exist yet (qemu-img writes it). */
+function createIfMissing(image: string, size: number, format: Format): void {
+  if (existsSync(image) || isMemorySpec(image)) return;
+  if (format === 'raw') throw new NbddError(Errno.EINVAL, '--create makes qcow2 images; drop --format raw');
+  try {
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', image, String(size)], { stdio: ['ignore', 'ignore', 'pipe'] });
+  } catch (err) {
+    throw new NbddError(Errno.EIO, `creating ${image}: ${(err as { stderr?: Buffer }).stderr?.toString().trim() || messageOf(err)}`);
+  }
+  log.info(`created ${image} (qcow2, ${size} bytes)`);
+}
+
+function printReady(r: Readiness & { ok: true }, json: boolean | undefined): void {
+  const { ok: _ok, ...fields } = r;
+  process.stdout.write(json ? `${JSON.stringify(fields)}\n` : `${r.device}\n`);
+}
+
+/** The child's arguments: everything resolved, plus --foreground and the readiness fd. */
+function childArgs(image: string, name: string, opts: AttachCliOptions): string[] {
+  const args = ['attach', image, '--name', name, '--format', opts.format, '--connections', String(opts.connections)];
+  args.push('--timeout', String(opts.timeout), '--dead-conn-timeout', String(opts.deadConnTimeout));
+  if (opts.device) args.push('--device', opts.device);
+  if (opts.readOnly) args.push('--read-only');
+  args.push('--foreground', '--ready-fd', String(READY_FD));
+  return args;
+}
+
+async function serveForeground(image: string, name: string, index: number | undefined, opts: AttachCliOptions): Promise<void> {
+  let attached: Awaited<ReturnType<typeof KernelDevice.attach>>;
+  try {
+    attached = await KernelDevice.attach({
+      image,
+      name,
+      index,
+      format: opts.format,
+      readOnly: !!opts.readOnly,
+      connections: opts.connections,
+      timeoutS: opts.timeout,
+      deadConnTimeoutS: opts.deadConnTimeout,
+    });
+  } catch (err) {
+    if (opts.readyFd !== undefined) await reportReadiness(opts.readyFd, { ok: false, errno: errnoOf(err), message: messageOf(err) });
+    throw err;
+  }
+  const { device, reattached } = attached;
+  const ready: Readiness & { ok: true } = { ok: true, device: devicePath(device.index), index: device.index, name, pid: process.pid, reattached };
+  if (opts.readyFd !== undefined) await reportReadiness(opts.readyFd, ready);
+  else printReady(ready, opts.json);
+
+  for (const sig of ['SIGTERM', 'SIGINT'] as const) {
+    process.on(sig, () => {
+      log.info(`${sig}: detaching ${devicePath(device.index)}`);
+      device.detach().catch((err) => {
+        log.error(messageOf(err));
+        process.exit(1);
+      });
+    });
+  }
+  process.on('SIGHUP', () => log.info('SIGHUP ignored'));
+  await device.done;
+}
+
+async function attach(image: string, opts: AttachCliOptions): Promise<void> {
+  let index: number | undefined;
+  if (opts.device !== undefined) {
+    index = parseDeviceArg(opts.device);
+    if (index === undefined) throw new NbddError(Errno.EINVAL, `--device '${opts.device}' is not /dev/nbdN`);
+  }
+  if (opts.create !== undefined) createIfMissing(image, opts.create, opts.format);
+  if (!isMemorySpec(image) && !/^[a-z][a-z0-9+.-]*:\/\//i.test(image) && !existsSync(image)) {
+    throw new NbddError(Errno.ENOENT, `${image} does not exist (use --create SIZE to make a new qcow2 image)`);
+  }
+  const name = resolveName(image, index, opts.name);
+  if (opts.foreground) return serveForeground(image, name, index, opts);
+  printReady(await spawnDaemon(childArgs(image, name, opts), logPath(name)), opts.json);
+}
+
+export function register(program: Command): void {
+  program
+    .command('attach')
+    .description('attach an image as /dev/nbdN through the kernel NBD driver; prints the device once usable')
+    .argument('<image>', 'image file, block device, or memory:SIZE')
+    .option('-d, --device <dev>', '/dev/nbdN to use (default: the kernel picks); a device this image still owns is re-attached')
+    .option('-r, --read-only', 'attach read-only')
+    .addOption(new Option('-f, --format <format>', 'image format').choices([...FORMATS]).default('auto'))
+    .option('-c, --connections <n>', 'connections (kernel hardware queues); >1 needs a multi-conn backend', intArg(1, 64), 1)
+    .option('-t, --timeout <s>', 'per-request timeout in seconds; a request older than this is retried on another or a new connection', intArg(0, 86400), 30)
+    .option('--dead-conn-timeout <s>', 'seconds the kernel holds I/O waiting for a new daemon once every connection is dead', intArg(0, 86400), 60)
+    .option('-n, --name <name>', 'device name (the /dev/disk/by-nbdd/NAME link); default: the image file name')
+    .option('--foreground', 'serve in this process instead of a daemon (for systemd)')
+    .option('--create <size>', 'create a qcow2 image of this size when IMAGE does not exist', sizeArg)
+    .option('--json', 'print the device as a JSON object')
+    .addOption(new Option('--ready-fd <fd>', 'internal: report readiness on this fd').argParser(intArg(3, 1023)).hideHelp())
+    .action((image: string, opts: AttachCliOptions) => attach(image, opts));
+}

@@ -1,0 +1,51 @@
+/**
+ * `nbdd detach DEVICE|NAME`: the daemon disconnects the device, flushes and closes the image, and
+ * exits. When the daemon is gone, the device is disconnected here directly.
+ */
+import { Command } from 'commander';
+import { Errno, NbddError } from '../core/errors.js';
+import { logger } from '../core/log.js';
+import { findDevice } from '../kernel/inventory.js';
+import { NbdControl } from '../kernel/nbd-control.js';
+import { processAlive, removeState } from '../kernel/registry.js';
+
+const log = logger('detach');
+
+async function waitForExit(pid: number, ms: number): Promise<boolean> {
+  const deadline = Date.now() + ms;
+  while (Date.now() < deadline) {
+    if (!processAlive(pid)) return true;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  return false;
+}
+
+async function detach(target: string, opts: { timeout: number }): Promise<void> {
+  const dev = findDevice(target);
+  if (dev.state === 'idle') throw new NbddError(Errno.ENODEV, `${dev.device} is not connected`);
+  if (dev.daemonPid !== null) {
+    process.kill(dev.daemonPid, 'SIGTERM');
+    if (!(await waitForExit(dev.daemonPid, opts.timeout * 1000))) {
+      throw new NbddError(Errno.ETIMEDOUT, `nbdd pid ${dev.daemonPid} did not finish detaching ${dev.device} within ${opts.timeout} s`);
+    }
+    return;
+  }
+  // No daemon: a dead nbdd's device, or one another tool connected.
+  const control = NbdControl.open();
+  try {
+    control.disconnect(dev.index);
+  } finally {
+    control.close();
+  }
+  removeState(dev.index);
+  log.info(`${dev.device} disconnected (no daemon was serving it)`);
+}
+
+export function register(program: Command): void {
+  program
+    .command('detach')
+    .description('disconnect /dev/nbdN (or the device of that --name); the daemon flushes, closes the image and exits')
+    .argument('<device>', '/dev/nbdN, nbdN, or a device name')
+    .option('--timeout <s>', 'seconds to wait for the daemon to finish', (v) => Number(v), 60)
+    .action((target: string, opts: { timeout: number }) => detach(target, opts));
+}

@@ -1,0 +1,35 @@
+/** `nbdd list`: every nbd device with its state, size, image, daemon and timeouts. */
+import { Command } from 'commander';
+import { formatSize } from '../core/units.js';
+import { inventory, type DeviceReport } from '../kernel/inventory.js';
+
+function table(rows: DeviceReport[]): string {
+  const head = ['DEVICE', 'STATE', 'SIZE', 'NAME', 'PID', 'CONN', 'RO', 'TIMEOUT', 'DEAD-CONN', 'IMAGE'];
+  const dash = (v: unknown): string => (v === null || v === undefined ? '-' : String(v));
+  const body = rows.map((d) => [
+    d.device,
+    d.state,
+    d.state === 'idle' ? '-' : formatSize(d.sizeBytes),
+    dash(d.name ?? (d.backend || null)),
+    dash(d.daemonPid),
+    dash(d.connections),
+    d.readOnly ? 'yes' : 'no',
+    d.timeoutS === null ? '-' : `${d.timeoutS}s`,
+    d.deadConnTimeoutS === null ? '-' : `${d.deadConnTimeoutS}s`,
+    dash(d.image),
+  ]);
+  const widths = head.map((h, i) => Math.max(h.length, ...body.map((r) => r[i]!.length)));
+  return [head, ...body].map((r) => r.map((c, i) => (i === r.length - 1 ? c : c.padEnd(widths[i]!))).join('  ')).join('\n');
+}
+
+export function register(program: Command): void {
+  program
+    .command('list')
+    .description('list nbd devices: state, size, image, daemon pid, connections, read-only, timeouts')
+    .option('--json', 'print a JSON array')
+    .option('-a, --all', 'include idle devices')
+    .action((opts: { json?: boolean; all?: boolean }) => {
+      const rows = inventory().filter((d) => opts.all || opts.json || d.state !== 'idle');
+      process.stdout.write(opts.json ? `${JSON.stringify(rows, null, 2)}\n` : `${table(rows)}\n`);
+    });
+}

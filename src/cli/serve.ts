@@ -1,0 +1,116 @@
+/**
+ * `nbdd serve IMAGE`: serve an image over the NBD protocol on a unix socket or TCP.
+ */
+import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Command, Option } from 'commander';
+import { logger } from '../core/log.js';
+import { formatSize } from '../core/units.js';
+import { FORMATS, type Format } from '../backends/open.js';
+import { openStack } from '../daemon/stack.js';
+import { NbdExport } from '../nbd/server/export.js';
+import { NbdServer } from '../nbd/server/server.js';
+import { NBD_DEFAULT_PORT } from '../nbd/wire/constants.js';
+import { intArg } from './options.js';
+
+const log = logger('serve');
+
+interface ServeOptions {
+  socket?: string;
+  port?: number;
+  bind: string;
+  format: Format;
+  readOnly?: boolean;
+  exportName: string;
+  description?: string;
+  shared: number;
+  handshakeTimeout: number;
+  run?: string;
+  direct?: boolean;
+}
+
+/** The NBD URI a client uses to reach the export. */
+export function nbdUri(exportName: string, where: { socket: string } | { host: string; port: number }): string {
+  const name = encodeURIComponent(exportName);
+  if ('socket' in where) return `nbd+unix:///${name}?socket=${encodeURIComponent(where.socket)}`;
+  const host = where.host.includes(':') ? `[${where.host}]` : where.host;
+  return `nbd://${host}:${where.port}/${name}`;
+}
+
+async function serve(image: string, opts: ServeOptions): Promise<void> {
+  if (opts.socket && opts.port !== undefined) throw new Error('--socket and --port are exclusive');
+  const stack = await openStack(image, { format: opts.format, readOnly: opts.readOnly, direct: opts.direct });
+  const server = new NbdServer({ maxConnections: opts.shared, handshakeTimeoutMs: opts.handshakeTimeout * 1000 });
+  server.addExport(new NbdExport({ name: opts.exportName, description: opts.description, queue: stack.queue, readOnly: opts.readOnly }));
+
+  let tempDir: string | undefined;
+  let uri: string;
+  let socketPath = opts.socket;
+  if (!socketPath && opts.port === undefined && opts.run) {
+    tempDir = mkdtempSync(join(tmpdir(), 'nbdd-'));
+    socketPath = join(tempDir, 'nbd.sock');
+  }
+  try {
+    if (socketPath) {
+      await server.listenUnix(socketPath);
+      uri = nbdUri(opts.exportName, { socket: socketPath });
+    } else {
+      const port = await server.listenTcp(opts.port ?? NBD_DEFAULT_PORT, opts.bind);
+      uri = nbdUri(opts.exportName, { host: opts.bind, port });
+    }
+  } catch (err) {
+    await server.close();
+    throw err;
+  }
+  log.info(`serving ${image} (${stack.image.kind}, ${formatSize(stack.image.size)}${stack.queue.backend.caps.readOnly || opts.readOnly ? ', read-only' : ''}) at ${uri}`);
+
+  let stopping = false;
+  const stop = async (code: number): Promise<void> => {
+    if (stopping) return;
+    stopping = true;
+    await server.close();
+    if (tempDir) rmSync(tempDir, { recursive: true, force: true });
+    process.exit(code);
+  };
+  for (const sig of ['SIGTERM', 'SIGINT'] as const) {
+    process.on(sig, () => {
+      if (stopping) process.exit(1);
+      log.info(`${sig}: finishing in-flight requests and closing`);
+      void stop(0);
+    });
+  }
+
+  if (opts.run) {
+    const child = spawn('/bin/sh', ['-c', opts.run], {
+      stdio: 'inherit',
+      env: { ...process.env, uri, nbd: uri, ...(socketPath ? { unixsocket: socketPath } : {}), exportname: opts.exportName },
+    });
+    child.on('exit', (code, signal) => void stop(code ?? (signal ? 128 + 1 : 1)));
+    child.on('error', (err) => {
+      log.error(`--run: ${err.message}`);
+      void stop(1);
+    });
+  }
+}
+
+export function register(program: Command): void {
+  program
+    .command('serve')
+    .description('serve an image over the NBD protocol (unix socket or TCP)')
+    .argument('<image>', 'image file, block device, or memory:SIZE')
+    .option('-k, --socket <path>', 'listen on this unix socket')
+    .option('-p, --port <port>', `listen on this TCP port (default ${NBD_DEFAULT_PORT} unless --socket)`, intArg(0, 65535))
+    .option('-b, --bind <addr>', 'TCP address to bind', '127.0.0.1')
+    .addOption(new Option('-f, --format <format>', 'image format').choices([...FORMATS]).default('auto'))
+    .option('-r, --read-only', 'refuse writes')
+    .option('-x, --export-name <name>', 'export name', '')
+    .option('-D, --description <text>', 'export description')
+    .option('-e, --shared <n>', 'most simultaneous clients', intArg(1, 4096), 16)
+    .option('--handshake-timeout <seconds>', 'drop clients that do not finish negotiation in time (0: never)', intArg(0, 3600), 10)
+    .option('--direct', 'open raw images with O_DIRECT (bypass the page cache)')
+    .option('--run <command>', 'run COMMAND with $uri set, then stop the server and exit with its status')
+    .action((image: string, opts: ServeOptions) => serve(image, opts));
+}
+

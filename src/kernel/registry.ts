@@ -1,0 +1,102 @@
+/**
+ * Per-device state files: what `nbdd list`, `nbdd detach` and a re-attach need to know about a
+ * device a daemon serves. One JSON file per device, `/run/nbdd/nbdN.json` ($NBDD_RUN_DIR
+ * overrides the directory), written atomically (temp file + rename) by the daemon once the kernel
+ * accepted the device, and removed by the daemon when it detaches. A file whose daemon died stays:
+ * it is how a new daemon proves it may RECONFIGURE the device.
+ */
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { Errno, NbddError } from '../core/errors.js';
+
+export function runDir(): string {
+  return process.env.NBDD_RUN_DIR ?? '/run/nbdd';
+}
+
+export interface DeviceState {
+  index: number;
+  /** The user's name for the device; also the udev symlink /dev/disk/by-nbdd/NAME. */
+  name: string;
+  /** Absolute path (or memory: spec) of the image. */
+  image: string;
+  format: string;
+  /** NBD_ATTR_BACKEND_IDENTIFIER; RECONFIGURE must repeat it. */
+  backendId: string;
+  /** The daemon serving the device now. */
+  pid: number;
+  connections: number;
+  readOnly: boolean;
+  sizeBytes: number;
+  blockSize: number;
+  serverFlags: number;
+  timeoutS: number;
+  deadConnTimeoutS: number;
+  /** ISO time of the first CONNECT; `reattachedAt` of the latest RECONFIGURE, if any. */
+  attachedAt: string;
+  reattachedAt?: string;
+}
+
+function statePath(index: number): string {
+  return join(runDir(), `nbd${index}.json`);
+}
+
+/** Writes (or replaces) the state of a device atomically. */
+export function saveState(state: DeviceState): void {
+  mkdirSync(runDir(), { recursive: true, mode: 0o755 });
+  const tmp = `${statePath(state.index)}.${process.pid}.tmp`;
+  writeFileSync(tmp, `${JSON.stringify(state, null, 2)}\n`, { mode: 0o644 });
+  renameSync(tmp, statePath(state.index));
+}
+
+function parseState(path: string): DeviceState {
+  let value: unknown;
+  try {
+    value = JSON.parse(readFileSync(path, 'utf8'));
+  } catch (err) {
+    throw new NbddError(Errno.EUCLEAN, `${path} is not readable state: ${(err as Error).message}`);
+  }
+  const s = value as Partial<DeviceState>;
+  if (typeof s.index !== 'number' || typeof s.name !== 'string' || typeof s.backendId !== 'string' || typeof s.pid !== 'number') {
+    throw new NbddError(Errno.EUCLEAN, `${path} lacks index, name, backendId or pid`);
+  }
+  return s as DeviceState;
+}
+
+export function loadState(index: number): DeviceState | undefined {
+  const path = statePath(index);
+  return existsSync(path) ? parseState(path) : undefined;
+}
+
+/** Every state file; unreadable ones are skipped (a half-written file never has the final name). */
+export function listStates(): DeviceState[] {
+  if (!existsSync(runDir())) return [];
+  const out: DeviceState[] = [];
+  for (const f of readdirSync(runDir())) {
+    if (!/^nbd\d+\.json$/.test(f)) continue;
+    try {
+      out.push(parseState(join(runDir(), f)));
+    } catch {
+      /* not ours to judge here; `list` shows the device from sysfs anyway */
+    }
+  }
+  return out.sort((a, b) => a.index - b.index);
+}
+
+export function removeState(index: number): void {
+  rmSync(statePath(index), { force: true });
+}
+
+/** The directory a daemon's log goes to: `<runDir>/NAME.log`. */
+export function logPath(name: string): string {
+  return join(runDir(), `${name}.log`);
+}
+
+/** Whether a process with this pid exists (signal 0; EPERM still means it exists). */
+export function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}

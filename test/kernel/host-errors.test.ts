@@ -1,0 +1,23 @@
+/**
+ * On the host, whose kernel has no nbd module: every command that needs the driver says so with
+ * the fix (modprobe nbd) and exits non-zero. (The VM tests cover the driver itself.)
+ */
+import { existsSync } from 'node:fs';
+import { describe, expect, it } from 'vitest';
+import { NBDD, runStatus } from '../helpers/tools.js';
+
+describe('without the nbd kernel module', () => {
+  it('the host really lacks it (otherwise this tier checks nothing here)', () => {
+    expect(existsSync('/sys/module/nbd'), 'the host has nbd loaded; run these checks on a host without it').toBe(false);
+  });
+
+  it.each([
+    ['attach', ['attach', 'memory:16M', '--foreground']],
+    ['list', ['list']],
+    ['detach', ['detach', '/dev/nbd0']],
+  ])('%s names modprobe nbd', (_name, args) => {
+    const r = runStatus(NBDD, args);
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toContain('nbdd: the nbd kernel module is not loaded: modprobe nbd');
+  });
+});

@@ -1,0 +1,46 @@
+/**
+ * Shared pieces of the kernel scenarios: the bash prelude every scenario starts with, and
+ * readers for the files a scenario leaves in $WORK.
+ */
+import { expect } from 'vitest';
+import { describeRun, runInVm, type VmOptions, type VmResult } from './vm.js';
+
+/**
+ * `nbdd` runs the checkout's CLI; `record NAME CMD...` runs a command that is expected to fail,
+ * keeping its stderr in $WORK/NAME.err and its exit status in $WORK/NAME.rc.
+ */
+export const PRELUDE = `
+set -x
+nbdd() { node "$REPO/bin/nbdd" "$@"; }
+record() { local name=$1; shift; "$@" > "$WORK/$name.out" 2> "$WORK/$name.err"; echo $? > "$WORK/$name.rc"; }
+daemon_pid() { grep '"pid"' "/run/nbdd/$1.json" | tr -dc 0-9; }
+cd /tmp
+`;
+
+export class Scenario {
+  constructor(readonly result: VmResult) {}
+
+  static async run(body: string, opts?: VmOptions): Promise<Scenario> {
+    return new Scenario(await runInVm(PRELUDE + body, opts));
+  }
+
+  /** A file the scenario wrote; fails the test with the run's log when it is missing. */
+  text(name: string): string {
+    const f = this.result.files.get(name);
+    expect(f, `the scenario left no $WORK/${name}\n${describeRun(this.result)}`).toBeDefined();
+    return f!.toString('utf8');
+  }
+
+  json<T = unknown>(name: string): T {
+    return JSON.parse(this.text(name)) as T;
+  }
+
+  /** The exit status `record` kept for NAME. */
+  status(name: string): number {
+    return Number(this.text(`${name}.rc`).trim());
+  }
+
+  get log(): string {
+    return describeRun(this.result);
+  }
+}

@@ -1,0 +1,240 @@
+/**
+ * The kernel test tier's VM: Debian's 6.12 kernel (it has nbd and ublk as modules; the host
+ * kernel has neither) booted under qemu TCG with the host's `/` shared read-only over 9p and a
+ * tmpfs overlay on top, so every host tool runs inside at its usual path. See
+ * docs/kernel.md ("Testing") and the vm-recipe this follows.
+ *
+ * What it fetches, it fetches with apt (`apt-get download` of the newest
+ * linux-image-6.12.*-amd64-unsigned, found with `apt-cache search`) and caches, keyed by the
+ * package name, under $NBDD_VM_CACHE (default /var/cache/nbdd-vm): the kernel, the decompressed
+ * modules and the initramfs. A rerun with a warm cache starts booting at once.
+ *
+ * One `runInVm(script)` = one boot running one bash scenario script as root; its exit status,
+ * its output and every file it leaves in $WORK come back through a read-write 9p share.
+ */
+import { spawn, execFileSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, chmodSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+export const CACHE_ROOT = process.env.NBDD_VM_CACHE ?? '/var/cache/nbdd-vm';
+/** The checkout, visible at the same path inside the VM. */
+export const REPO = new URL('../..', import.meta.url).pathname.replace(/\/$/, '');
+/** Mount point of the read-write share inside the VM. */
+export const VM_WORK = '/vmwork';
+
+const INSTALL_HINT = 'install the VM tools with: bash scripts/install-test-deps.sh (qemu-system-x86 busybox-static xz-utils cpio)';
+
+/** Modules loaded at boot, in dependency order (the recipe's list plus nbd). */
+const MODULES = ['crc32c_generic', 'crc16', 'mbcache', 'jbd2', 'ext4', 'netfs', '9pnet', '9pnet_virtio', '9p', 'overlay', 'nbd'];
+const MODULE_ARGS: Record<string, string> = { nbd: 'nbds_max=4' };
+
+export interface VmKernel {
+  /** Debian package the kernel came from. */
+  pkg: string;
+  vmlinuz: string;
+  initramfs: string;
+}
+
+function need(tool: string): void {
+  try {
+    execFileSync('sh', ['-c', `command -v ${tool}`], { stdio: 'ignore' });
+  } catch {
+    throw new Error(`${tool} is missing; ${INSTALL_HINT}`);
+  }
+}
+
+/** The newest linux-image-6.12.*-amd64-unsigned package apt knows (not -cloud, not -rt). */
+export function kernelPackage(): string {
+  const out = execFileSync('apt-cache', ['search', '--names-only', '^linux-image-6\\.12\\.[0-9].*-amd64-unsigned$'], { encoding: 'utf8' });
+  const names = out
+    .split('\n')
+    .map((l) => l.split(' ')[0]!)
+    .filter((n) => /^linux-image-6\.12\.\d+\+deb\d+-amd64-unsigned$/.test(n));
+  if (names.length === 0) throw new Error('apt-cache knows no linux-image-6.12.*-amd64-unsigned package; run apt-get update (bookworm-backports or trixie sources)');
+  names.sort((a, b) => Number(/6\.12\.(\d+)/.exec(b)![1]) - Number(/6\.12\.(\d+)/.exec(a)![1]));
+  return names[0]!;
+}
+
+/** The /init of the initramfs: modules, 9p root, overlay, chroot into the scenario. */
+function initScript(modules: string[]): string {
+  const insmods = modules.map((m) => `insmod /lib/modules/${m}.ko ${MODULE_ARGS[m] ?? ''} || fail "insmod ${m}"`).join('\n');
+  return `#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+fail() { echo "nbdd-vm: $*"; poweroff -f; }
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+${insmods}
+mkdir -p /mnt/host /mnt/upper /mnt/root
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=1048576 hostroot /mnt/host || fail "9p hostroot"
+mount -t tmpfs -o size=1536m tmpfs /mnt/upper
+mkdir -p /mnt/upper/u /mnt/upper/w
+mount -t overlay overlay -o lowerdir=/mnt/host,upperdir=/mnt/upper/u,workdir=/mnt/upper/w /mnt/root || fail overlay
+R=/mnt/root
+mkdir -p $R${VM_WORK}
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576,cache=none work $R${VM_WORK} || fail "9p work"
+mount -t proc proc $R/proc
+mount -t sysfs sysfs $R/sys
+mount -t devtmpfs devtmpfs $R/dev
+mount -t tmpfs tmpfs $R/tmp
+mount -t tmpfs tmpfs $R/run
+mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
+echo "nbdd-vm: running scenario"
+chroot $R /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root WORK=${VM_WORK} REPO=${REPO} \\
+  /bin/bash ${VM_WORK}/scenario.sh > $R${VM_WORK}/output 2>&1
+echo $? > $R${VM_WORK}/exit-code
+sync
+umount $R${VM_WORK}
+poweroff -f
+`;
+}
+
+function lockedBuild(dir: string, build: (tmp: string) => void): void {
+  if (existsSync(join(dir, 'ready'))) return;
+  mkdirSync(CACHE_ROOT, { recursive: true });
+  const lock = `${dir}.lock`;
+  const deadline = Date.now() + 600_000;
+  for (;;) {
+    try {
+      mkdirSync(lock);
+      break;
+    } catch {
+      if (existsSync(join(dir, 'ready'))) return;
+      // A lock older than 10 minutes belongs to a build that died.
+      if (Date.now() - statSync(lock).mtimeMs > 600_000) rmSync(lock, { recursive: true, force: true });
+      if (Date.now() > deadline) throw new Error(`timed out waiting for ${lock}`);
+      execFileSync('sleep', ['1']);
+    }
+  }
+  try {
+    if (existsSync(join(dir, 'ready'))) return;
+    const tmp = mkdtempSync(`${dir}.build-`);
+    build(tmp);
+    writeFileSync(join(tmp, 'ready'), `${new Date().toISOString()}\n`);
+    rmSync(dir, { recursive: true, force: true });
+    renameSync(tmp, dir);
+  } finally {
+    rmSync(lock, { recursive: true, force: true });
+  }
+}
+
+/**
+ * Downloads (apt-get download), unpacks and caches the kernel and builds the initramfs, once per
+ * kernel package. Throws with the install command when a tool is missing.
+ */
+export function ensureKernel(): VmKernel {
+  for (const t of ['qemu-system-x86_64', 'apt-get', 'dpkg-deb', 'xz', 'cpio', 'gzip']) need(t);
+  if (!existsSync('/bin/busybox') || !execFileSync('file', ['-L', '/bin/busybox'], { encoding: 'utf8' }).includes('statically')) {
+    throw new Error(`/bin/busybox must be the static build; ${INSTALL_HINT}`);
+  }
+  const pkg = kernelPackage();
+  const dir = join(CACHE_ROOT, pkg);
+  lockedBuild(dir, (tmp) => {
+    const unpack = join(tmp, 'pkg');
+    mkdirSync(unpack);
+    execFileSync('apt-get', ['download', pkg], { cwd: tmp, stdio: 'pipe' });
+    const deb = readdirSync(tmp).find((f) => f.endsWith('.deb'));
+    if (!deb) throw new Error(`apt-get download ${pkg} produced no .deb`);
+    execFileSync('dpkg-deb', ['-x', join(tmp, deb), unpack]);
+    const vmlinuz = readdirSync(join(unpack, 'boot')).find((f) => f.startsWith('vmlinuz-'));
+    if (!vmlinuz) throw new Error(`${pkg} has no /boot/vmlinuz-*`);
+    renameSync(join(unpack, 'boot', vmlinuz), join(tmp, 'vmlinuz'));
+
+    const root = join(tmp, 'initramfs');
+    for (const d of ['bin', 'proc', 'sys', 'dev', 'mnt', 'lib/modules']) mkdirSync(join(root, d), { recursive: true });
+    execFileSync('cp', ['/bin/busybox', join(root, 'bin/busybox')]);
+    const modTree = join(unpack, 'lib/modules');
+    for (const m of MODULES) {
+      const found = execFileSync('find', [modTree, '-name', `${m}.ko.xz`], { encoding: 'utf8' }).trim().split('\n')[0];
+      if (!found) throw new Error(`${pkg} has no module ${m}`);
+      writeFileSync(join(root, 'lib/modules', `${m}.ko`), execFileSync('xz', ['-dc', found], { maxBuffer: 64 << 20 }));
+    }
+    writeFileSync(join(root, 'init'), initScript(MODULES));
+    chmodSync(join(root, 'init'), 0o755);
+    execFileSync('sh', ['-c', `cd '${root}' && find . | cpio -o -H newc --quiet | gzip -1 > ../initramfs.cpio.gz`]);
+    rmSync(unpack, { recursive: true, force: true });
+    rmSync(root, { recursive: true, force: true });
+    rmSync(join(tmp, deb));
+  });
+  return { pkg, vmlinuz: join(dir, 'vmlinuz'), initramfs: join(dir, 'initramfs.cpio.gz') };
+}
+
+export interface VmOptions {
+  /** Kill the VM after this long (default 240 s). */
+  timeoutMs?: number;
+  memoryMb?: number;
+  cpus?: number;
+  /** Files to put into $WORK before boot (name → contents). */
+  files?: Record<string, string | Buffer>;
+}
+
+export interface VmResult {
+  /** The scenario's exit status; -1 when it never finished (see `console`). */
+  exitCode: number;
+  /** The scenario's stdout and stderr, interleaved. */
+  output: string;
+  /** The serial console (kernel messages, init's own messages). */
+  console: string;
+  /** Every regular file the scenario left in $WORK, by name (scenario.sh, output, exit-code excluded). */
+  files: Map<string, Buffer>;
+  /** Wall time of the whole run. */
+  ms: number;
+}
+
+/**
+ * Boots the VM once and runs `script` (bash, as root) in it, with $WORK = the shared directory
+ * and $REPO = this checkout. Resolves when the VM powers off or the timeout kills it.
+ */
+export async function runInVm(script: string, opts: VmOptions = {}): Promise<VmResult> {
+  const kernel = ensureKernel();
+  const work = mkdtempSync(join(tmpdir(), 'nbdd-vm-'));
+  try {
+    writeFileSync(join(work, 'scenario.sh'), script);
+    for (const [name, data] of Object.entries(opts.files ?? {})) writeFileSync(join(work, name), data);
+    const args = [
+      '-accel', 'tcg,thread=multi', '-cpu', 'max',
+      '-m', String(opts.memoryMb ?? 3072), '-smp', String(opts.cpus ?? 2),
+      '-kernel', kernel.vmlinuz, '-initrd', kernel.initramfs,
+      '-append', 'console=ttyS0 quiet panic=-1 rdinit=/init',
+      '-nographic', '-no-reboot', '-nodefaults', '-serial', 'stdio',
+      '-virtfs', 'local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap',
+      '-virtfs', `local,path=${work},mount_tag=work,security_model=none`,
+    ];
+    const started = Date.now();
+    const consoleText = await new Promise<string>((resolve, reject) => {
+      const qemu = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+      let text = '';
+      qemu.stdout.on('data', (d: Buffer) => (text += d.toString('utf8')));
+      qemu.stderr.on('data', (d: Buffer) => (text += d.toString('utf8')));
+      const timer = setTimeout(() => {
+        text += `\nnbdd-vm: killed after ${opts.timeoutMs ?? 240_000} ms\n`;
+        qemu.kill('SIGKILL');
+      }, opts.timeoutMs ?? 240_000);
+      qemu.on('error', (err) => {
+        clearTimeout(timer);
+        reject(err);
+      });
+      qemu.on('close', () => {
+        clearTimeout(timer);
+        resolve(text);
+      });
+    });
+    const read = (name: string): string => (existsSync(join(work, name)) ? readFileSync(join(work, name), 'utf8') : '');
+    const code = read('exit-code').trim();
+    const files = new Map<string, Buffer>();
+    for (const f of readdirSync(work)) {
+      if (['scenario.sh', 'output', 'exit-code'].includes(f) || !statSync(join(work, f)).isFile()) continue;
+      files.set(f, readFileSync(join(work, f)));
+    }
+    return { exitCode: code === '' ? -1 : Number(code), output: read('output'), console: consoleText, files, ms: Date.now() - started };
+  } finally {
+    if (!process.env.NBDD_VM_KEEP) rmSync(work, { recursive: true, force: true });
+  }
+}
+
+/** Renders a result for an assertion message. */
+export function describeRun(r: VmResult): string {
+  return `exit ${r.exitCode} after ${r.ms} ms\n--- output ---\n${r.output}\n--- console (tail) ---\n${r.console.slice(-3000)}`;
+}
