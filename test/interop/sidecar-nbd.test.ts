@@ -13,7 +13,8 @@ import { ControlClient } from '../../src/control/control-client.js';
 import { Sidecar } from '../../src/sidecar/sidecar.js';
 import { buildStack } from '../../src/sidecar/stack.js';
 import { prng } from '../helpers/prng.js';
-import { requireTools, run, runOk } from '../helpers/run.js';
+import { runAsync as run, runAsyncOk as runOk } from '../helpers/run-async.js';
+import { requireTool } from '../helpers/tools.js';
 import { TestBackend } from '../helpers/test-backend.js';
 
 const MiB = 1024 * 1024;
@@ -26,7 +27,7 @@ interface MapEntry {
   description?: string;
 }
 
-beforeAll(() => requireTools({ nbdinfo: 'libnbd-bin', nbdcopy: 'libnbd-bin', 'qemu-io': 'qemu-utils' }));
+beforeAll(() => ['nbdinfo', 'nbdcopy', 'qemu-io'].forEach(requireTool));
 
 describe('sidecar nbd.sock and control.sock with real NBD tools', () => {
   let dir: string;
