@@ -49,6 +49,24 @@ async function serve(image: string, opts: ServeOptions): Promise<void> {
   const server = new NbdServer({ maxConnections: opts.shared, handshakeTimeoutMs: opts.handshakeTimeout * 1000 });
   server.addExport(new NbdExport({ name: opts.exportName, description: opts.description, queue: stack.queue, readOnly: opts.readOnly }));
 
+  // The sidecar (block status, bitmaps, control, fleecing) when --name or --sidecar asks for one;
+  // started first, so it is ready once the main socket is.
+  let sidecar: Sidecar | undefined;
+  if (opts.name !== undefined || opts.sidecar !== undefined) {
+    try {
+      sidecar = await Sidecar.start({
+        name: opts.name ?? (opts.exportName || basename(opts.sidecar!)),
+        dir: opts.sidecar,
+        queue: stack.queue,
+        stack: stack.layers,
+        bitmaps: stack.bitmaps,
+      });
+    } catch (err) {
+      await server.close();
+      throw err;
+    }
+  }
+
   let tempDir: string | undefined;
   let uri: string;
   let socketPath = opts.socket;
@@ -65,24 +83,9 @@ async function serve(image: string, opts: ServeOptions): Promise<void> {
       uri = nbdUri(opts.exportName, { host: opts.bind, port });
     }
   } catch (err) {
+    await sidecar?.close();
     await server.close();
     throw err;
-  }
-  // The sidecar (block status, bitmaps, control, fleecing) when --name or --sidecar asks for one.
-  let sidecar: Sidecar | undefined;
-  if (opts.name !== undefined || opts.sidecar !== undefined) {
-    try {
-      sidecar = await Sidecar.start({
-        name: opts.name ?? (opts.exportName || basename(opts.sidecar!)),
-        dir: opts.sidecar,
-        queue: stack.queue,
-        stack: stack.layers,
-        bitmaps: stack.bitmaps,
-      });
-    } catch (err) {
-      await server.close();
-      throw err;
-    }
   }
   log.info(`serving ${image} (${stack.image.kind}, ${formatSize(stack.image.size)}${stack.queue.backend.caps.readOnly || opts.readOnly ? ', read-only' : ''}) at ${uri}`);
 
