@@ -3,15 +3,13 @@
  *
  * - `--bitmap-store PATH`: a sidecar file at PATH, whatever the image;
  * - a raw file or block device: a sidecar file at IMAGE.nbdd-bitmaps;
- * - a qcow2 image: for now also IMAGE.nbdd-bitmaps (the in-image qcow2 store is not wired yet);
+ * - a writable qcow2 image: inside the image (the qcow2 bitmaps extension, QEMU-compatible);
  * - `memory:` images and read-only opens: none (bitmaps are transient).
  */
 import type { Backend } from '../core/backend.js';
-import { logger } from '../core/log.js';
 import { SidecarFileStore, defaultSidecarPath } from '../bitmaps/store-sidecar-file.js';
+import { Qcow2BitmapStore, type Qcow2BitmapHost } from '../bitmaps/store-qcow2.js';
 import type { BitmapStore } from '../bitmaps/store.js';
-
-const log = logger('bitmaps');
 
 export interface StoreChoice {
   /** Explicit sidecar file path (`--bitmap-store`). */
@@ -21,6 +19,11 @@ export interface StoreChoice {
 export async function openBitmapStore(image: string, backend: Backend, choice: StoreChoice = {}): Promise<BitmapStore | null> {
   if (choice.path) return SidecarFileStore.open(choice.path, backend.size);
   if (backend.caps.readOnly || backend.kind === 'memory') return null;
-  if (backend.kind === 'qcow2') log.info(`${image}: persistent bitmaps are kept in ${defaultSidecarPath(image)} (not yet inside the qcow2 image)`);
+  const host = hasBitmapHost(backend) ? backend.bitmapHost() : null;
+  if (host) return new Qcow2BitmapStore(host);
   return SidecarFileStore.open(defaultSidecarPath(image), backend.size);
+}
+
+function hasBitmapHost(b: Backend): b is Backend & { bitmapHost(): Qcow2BitmapHost | null } {
+  return typeof (b as { bitmapHost?: unknown }).bitmapHost === 'function';
 }
