@@ -137,7 +137,7 @@ export class Qcow2BitmapStore implements BitmapStore {
 
   writeBits(changes: BitsChange[]): Promise<void> {
     return this.chain.run(async () => {
-      const writes: Promise<void>[] = [];
+      const writes: { data: Buffer; at: number }[] = [];
       for (const change of changes) {
         const p = this.placed.get(change.name);
         if (!p) continue;
@@ -148,13 +148,17 @@ export class Qcow2BitmapStore implements BitmapStore {
             const i = Math.floor(at / this.cs);
             const stop = Math.min(end, (i + 1) * this.cs);
             const e = p.table[i]!;
-            if (e.kind !== 'data') throw new NbddError(Errno.EIO, `bitmap '${change.name}' has no data cluster ${i} (is it enabled?)`);
-            writes.push(this.host.port.writeAt(Buffer.from(change.bits.view(at, stop)), e.offset + (at - i * this.cs)));
+            if (e.kind !== 'data') {
+              // Only a bitmap recorded as disabled lacks data clusters; store everything anew.
+              await this.rewrite(this.metas());
+              return;
+            }
+            writes.push({ data: Buffer.from(change.bits.view(at, stop)), at: e.offset + (at - i * this.cs) });
             at = stop;
           }
         }
       }
-      await Promise.all(writes);
+      await Promise.all(writes.map((w) => this.host.port.writeAt(w.data, w.at)));
       await this.host.port.fsync();
     });
   }

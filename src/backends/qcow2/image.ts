@@ -343,8 +343,8 @@ export class Qcow2Image implements Backend, ImageLayer {
   }
 
   /**
-   * The bitmap directory named by the bitmaps extension (empty without one). Read-only: bitmap
-   * persistence is not implemented here yet; the directory is for `describeQcow2` and callers.
+   * The bitmap directory named by the bitmaps extension (empty without one), for `describeQcow2`;
+   * the bitmaps themselves are kept by src/bitmaps/store-qcow2.ts through `bitmapHost()`.
    */
   async readBitmapDirectory(): Promise<BitmapDirectoryEntry[]> {
     const ext = this.extensions.bitmaps;
