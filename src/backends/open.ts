@@ -4,7 +4,9 @@
  */
 import type { Backend } from '../core/backend.js';
 import { parseSize } from '../core/units.js';
+import { isNbdUri } from '../nbd/uri.js';
 import { MemoryBackend } from './memory.js';
+import { openNbd } from './nbd.js';
 import { openQcow2, probeFormat } from './qcow2/index.js';
 import { RawBackend } from './raw.js';
 
@@ -29,6 +31,7 @@ export async function openImage(image: string, options: OpenOptions = {}): Promi
   if (isMemorySpec(image)) {
     return new MemoryBackend({ size: parseSize(image.slice('memory:'.length)), readOnly });
   }
+  if (isNbdUri(image)) return openNbd(image, { readOnly });
   const format = !options.format || options.format === 'auto' ? await probeFormat(image) : options.format;
   switch (format) {
     case 'raw':

@@ -5,11 +5,13 @@ import { register as bitmap } from './bitmap.js';
 import { register as create } from './create.js';
 import { register as detach } from './detach.js';
 import { register as events } from './events.js';
+import { register as info } from './info.js';
 import { register as installUdev } from './install-udev.js';
 import { register as list } from './list.js';
+import { register as map } from './map.js';
 import { register as serve } from './serve.js';
 import { register as status } from './status.js';
 
 export type RegisterCommand = (program: Command) => void;
 
-export const commands: RegisterCommand[] = [serve, attach, detach, list, create, installUdev, status, bitmap, events];
+export const commands: RegisterCommand[] = [serve, attach, detach, list, create, installUdev, info, map, status, bitmap, events];

@@ -54,7 +54,8 @@ describe('persistent bitmaps survive SIGKILL (write-intent)', () => {
     ftruncateSync(fd, SIZE);
     closeSync(fd);
     const sidecarDir = join(dir.path, 'sc');
-    const r = prng(20261121);
+    const rnd = prng(20261121);
+    const r = { next: rnd, int: (n: number) => Math.floor(rnd() * n) };
     let totalChanged = 0;
     let misses = 0;
     for (let round = 0; round < ROUNDS; round++) {

@@ -97,7 +97,8 @@ describe('sidecar nbd.sock and control.sock with real NBD tools', () => {
     await expect(ctl.call('bitmap.clear', { name: 'b0' })).rejects.toMatchObject({ data: { errno: 'EBUSY' } });
 
     let writing = true;
-    const r = prng(7);
+    const rnd = prng(7);
+    const r = { next: rnd, int: (n: number) => Math.floor(rnd() * n) };
     const writer = (async () => {
       let n = 0;
       while (writing) {

@@ -85,7 +85,8 @@ describe('qcow2 bitmaps shared with QEMU', () => {
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata', img, '32M']);
     execFileSync('qemu-img', ['bitmap', '--add', '-g', '65536', img, 'b0']);
     const sc = join(dir.path, 'sc-k');
-    const r = prng(99);
+    const rnd = prng(99);
+    const r = { next: rnd, int: (n: number) => Math.floor(rnd() * n) };
     let changedTotal = 0;
     for (let round = 0; round < 4; round++) {
       const rawBefore = join(dir.path, `before-${round}.raw`);

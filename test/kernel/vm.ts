@@ -13,6 +13,7 @@
  * its output and every file it leaves in $WORK come back through a read-write 9p share.
  */
 import { spawn, execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, chmodSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -82,7 +83,9 @@ mount -t tmpfs tmpfs $R/tmp
 mount -t tmpfs tmpfs $R/run
 mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
 echo "nbdd-vm: running scenario"
-chroot $R /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root WORK=${VM_WORK} REPO=${REPO} \\
+# The checkout to test comes with each run (the initramfs is cached and shared by checkouts).
+REPO=$(cat $R${VM_WORK}/repo)
+chroot $R /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root WORK=${VM_WORK} REPO=$REPO \\
   /bin/bash ${VM_WORK}/scenario.sh > $R${VM_WORK}/output 2>&1
 echo $? > $R${VM_WORK}/exit-code
 sync
@@ -130,7 +133,9 @@ export function ensureKernel(): VmKernel {
     throw new Error(`/bin/busybox must be the static build; ${INSTALL_HINT}`);
   }
   const pkg = kernelPackage();
-  const dir = join(CACHE_ROOT, pkg);
+  // Keyed by the init script too, so a changed harness never boots a stale initramfs.
+  const initHash = createHash('sha256').update(initScript(MODULES)).digest('hex').slice(0, 12);
+  const dir = join(CACHE_ROOT, `${pkg}-${initHash}`);
   lockedBuild(dir, (tmp) => {
     const unpack = join(tmp, 'pkg');
     mkdirSync(unpack);
@@ -192,6 +197,7 @@ export async function runInVm(script: string, opts: VmOptions = {}): Promise<VmR
   const work = mkdtempSync(join(tmpdir(), 'nbdd-vm-'));
   try {
     writeFileSync(join(work, 'scenario.sh'), script);
+    writeFileSync(join(work, 'repo'), REPO);
     for (const [name, data] of Object.entries(opts.files ?? {})) writeFileSync(join(work, name), data);
     const args = [
       '-accel', 'tcg,thread=multi', '-cpu', 'max',
@@ -225,7 +231,7 @@ export async function runInVm(script: string, opts: VmOptions = {}): Promise<VmR
     const code = read('exit-code').trim();
     const files = new Map<string, Buffer>();
     for (const f of readdirSync(work)) {
-      if (['scenario.sh', 'output', 'exit-code'].includes(f) || !statSync(join(work, f)).isFile()) continue;
+      if (['scenario.sh', 'repo', 'output', 'exit-code'].includes(f) || !statSync(join(work, f)).isFile()) continue;
       files.set(f, readFileSync(join(work, f)));
     }
     return { exitCode: code === '' ? -1 : Number(code), output: read('output'), console: consoleText, files, ms: Date.now() - started };

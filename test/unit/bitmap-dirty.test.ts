@@ -114,7 +114,8 @@ describe('DirtyBitmap', () => {
 
   it('agrees with a naive model under random operations (property test)', () => {
     for (let seed = 1; seed <= 40; seed++) {
-      const r = prng(seed);
+      const rnd = prng(seed);
+      const r = { next: rnd, int: (n: number) => Math.floor(rnd() * n) };
       const g = 512 << r.int(5);
       const size = 1 + r.int(700 * 512);
       const b = new DirtyBitmap(size, g);

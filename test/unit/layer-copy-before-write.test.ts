@@ -92,7 +92,8 @@ describe('CopyBeforeWriteLayer', () => {
 
   it('agrees with a snapshot under random concurrent writes and view reads (property test)', async () => {
     for (let seed = 1; seed <= 8; seed++) {
-      const r = prng(seed);
+      const rnd = prng(seed);
+      const r = { next: rnd, int: (n: number) => Math.floor(rnd() * n) };
       const size = 1 * MiB + r.int(8) * 4096;
       const { backend, layer, queue } = setup(size);
       const snapshot = Buffer.from(backend.data);
