@@ -273,11 +273,12 @@ export class Qcow2Image implements Backend, ImageLayer {
   /**
    * What the in-image bitmap store (src/bitmaps/store-qcow2.ts) needs from a writable image:
    * cluster allocation and freeing with the image's own refcounts, a durable metadata commit,
-   * and a rewrite of the header extension area. Null for read-only images.
+   * and a rewrite of the header extension area. Null for read-only images and for v2 images
+   * (which have no autoclear field, so cannot hold trusted bitmaps).
    */
   bitmapHost(): Qcow2BitmapHost | null {
     const refs = this.refs;
-    if (!refs) return null;
+    if (!refs || !this.v3) return null;
     return {
       path: this.path,
       port: this.port,
