@@ -68,7 +68,7 @@ export class BitmapSet extends EventEmitter {
   /** Store operations started and not yet settled (intent writes, clears, merges, …). */
   private storeOpsInFlight = 0;
   private lastStoreOp: Promise<void> = Promise.resolve();
-  /** Runs whose write failed: retried by the next intent write, which every writer waits for. */
+  /** Set when an intent write failed; its runs stay pending and every writer waits for the retry. */
   private failed = false;
 
   private constructor(size: number, store: BitmapStore | null) {
@@ -137,7 +137,7 @@ export class BitmapSet extends EventEmitter {
     }
     if (this.listenerCount('dirty') > 0) this.emit('dirty', offset, length);
     if (wait) return wait;
-    if (this.failed) return this.queueRetry();
+    if (this.failed) return this.schedulePending(); // retry the failed bits before this write
     return this.pendingDurable ?? (this.storeOpsInFlight > 0 ? this.lastStoreOp : null);
   }
 
@@ -145,10 +145,6 @@ export class BitmapSet extends EventEmitter {
     const pending = this.pendingChanges.get(e.name);
     if (pending) pending.runs.push(...runs);
     else this.pendingChanges.set(e.name, { entry: e, runs });
-    return this.schedulePending();
-  }
-
-  private queueRetry(): Promise<void> {
     return this.schedulePending();
   }
 
