@@ -5,7 +5,8 @@
  */
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { NodeFilePort } from '../../src/io/file-port.js';
 import type { Extent } from '../../src/core/backend.js';
 import { openQcow2 } from '../../src/backends/qcow2/open.js';
 import { prng, qemuCreate, qemuIo, qemuMap, qemuRaw, requireQemu } from '../helpers/qemu.js';
@@ -147,5 +148,22 @@ describe('qcow2 reads match qemu-img convert', () => {
     const top = join(dir.path, 'top.qcow2');
     expect((await readAll(top, 9)).equals(qemuRaw(top, dir.path))).toBe(true);
     expect(sectorsOf(await allStatus(top))).toBe(qemuSectors(top));
+  });
+
+  it('reads contiguous allocated clusters with one file read', async () => {
+    const path = join(dir.path, 'contiguous.qcow2');
+    qemuCreate(path, 8 * MiB);
+    qemuIo(path, [`write -P 0x3c 0 ${8 * MiB}`]);
+    const img = await openQcow2(path, { readOnly: true });
+    try {
+      await img.read(0, 512); // loads the L2 table
+      const spy = vi.spyOn(NodeFilePort.prototype, 'readAt');
+      const data = await img.read(4096, 4 * MiB + 1000); // 65 clusters, unaligned at both ends
+      expect(spy).toHaveBeenCalledTimes(1);
+      spy.mockRestore();
+      expect(data.every((b) => b === 0x3c)).toBe(true);
+    } finally {
+      await img.close();
+    }
   });
 });

@@ -88,6 +88,8 @@ interface WritePlan {
   spanEnd: number;
   host: number; // target host cluster offset (set by allocation when `fresh`)
   fresh: boolean;
+  zeroHost: boolean; // a fresh host cluster known to read as zeroes
+  changed: boolean; // the L2 entry must be rewritten (false for plain in-place overwrites)
   freeOld: number[]; // host cluster indices to release once the new entry is durable
   alloc: number; // extended L2: new allocation / zero bitmaps
   zero: number;
@@ -102,6 +104,12 @@ function corrupt(message: string): NbddError {
 
 function hex(n: number): string {
   return `0x${n.toString(16)}`;
+}
+
+const ZEROES = Buffer.alloc(2 ** 21); // one cluster of the largest size
+
+function isZero(buf: Buffer | undefined): boolean {
+  return !buf || buf.equals(ZEROES.subarray(0, buf.length));
 }
 
 /** Bits su..eu-1 of a 32-bit subcluster bitmap. */
@@ -135,6 +143,11 @@ export class Qcow2Image implements Backend, ImageLayer {
   private pendingFrees: number[] = [];
   /** Autoclear bit 0 as found at open, before `prepareForWriting` cleared it. */
   private bitmapsConsistentAtOpen = false;
+  /** First cluster past the file's end at open; free clusters from here on read as zeroes. */
+  private readonly zeroFrom: number;
+  /** Clusters punched after their last reference went (they read as zeroes until rewritten). */
+  private readonly punched = new Set<number>();
+  private punchWorks = true;
   private fileLength: number;
   private unsyncedData = false;
   private commitChain: Promise<void> = Promise.resolve();
@@ -154,6 +167,7 @@ export class Qcow2Image implements Backend, ImageLayer {
     this.refs = parts.refcounts;
     this.metadataClusters = parts.metadataClusters;
     this.fileLength = parts.fileLength;
+    this.zeroFrom = Math.ceil(parts.fileLength / parts.geometry.clusterSize);
     this.backing = parts.backing;
     this.backingName = parts.backingName;
     this.v3 = parts.header.version === 3;
@@ -243,11 +257,18 @@ export class Qcow2Image implements Backend, ImageLayer {
     await this.afterUpdate(options);
   }
 
-  /** Commits all metadata changes and makes them and every completed write durable. */
+  /**
+   * Commits all metadata changes and makes them and every completed write durable. Freeing
+   * clusters dirties refcount blocks after they were written, so a second commit follows then.
+   */
   async flush(): Promise<void> {
     if (!this.refs) return;
-    await this.commit();
+    for (let round = 0; round < 2 && (round === 0 || this.hasDirtyMetadata()); round++) await this.commit();
     await this.port.fsync();
+  }
+
+  private hasDirtyMetadata(): boolean {
+    return this.refs!.dirty || this.pendingFrees.length > 0 || this.dirtyL1.size > 0 || this.l2Cache.dirtyCount > 0;
   }
 
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
@@ -286,7 +307,7 @@ export class Qcow2Image implements Backend, ImageLayer {
       diskSize: this.size,
       bitmapsExtension: this.extensions.bitmaps ?? null,
       bitmapsConsistentAtOpen: this.bitmapsConsistentAtOpen,
-      allocateClusters: (n) => refs.allocate(n),
+      allocateClusters: (n) => this.allocateContiguous(n),
       freeClusters: (offset, n) => {
         for (let k = 0; k < n; k++) this.pendingFrees.push(offset / this.cs + k);
       },
@@ -301,6 +322,24 @@ export class Qcow2Image implements Backend, ImageLayer {
         return run;
       },
     };
+  }
+
+  /**
+   * `n` contiguous clusters with refcount 1 (bitmap tables and directories span clusters).
+   * Shorter runs found on the way are given back; past the end of the file a run always fits.
+   */
+  private allocateContiguous(n: number): number {
+    const refs = this.refs!;
+    const partial: { offset: number; count: number }[] = [];
+    for (;;) {
+      const run = refs.allocateRun(n);
+      if (run.count === n) {
+        for (const p of partial) for (let k = 0; k < p.count; k++) refs.decrement(p.offset / this.cs + k);
+        for (let k = 0; k < n; k++) this.punched.delete(run.offset / this.cs + k);
+        return run.offset;
+      }
+      partial.push(run);
+    }
   }
 
   /**
@@ -414,8 +453,9 @@ export class Qcow2Image implements Backend, ImageLayer {
       return found;
     }
     // Synchronous from the emptiness check above to the L1 update: no other request interleaves.
-    const offset = this.refs!.allocate(1);
+    const offset = this.refs!.allocate();
     this.metadataClusters.add(offset / this.cs);
+    this.punched.delete(offset / this.cs);
     const table: L2Table = { offset, data: Buffer.alloc(this.cs), dirty: true, pins: 0 };
     this.l2Cache.insert(l1i, table);
     this.setL1(l1i, offset);
@@ -572,7 +612,7 @@ export class Qcow2Image implements Backend, ImageLayer {
     const entry = (ci - l1i * this.g.l2Entries) * this.g.l2EntrySize;
     const hi = table.data.readUInt32BE(entry);
     const lo = table.data.readUInt32BE(entry + 4);
-    const plan: WritePlan = { table, entry, ci, a, b, spanStart: 0, spanEnd: this.cs, host: 0, fresh: true, freeOld: [], alloc: ALL_UNITS, zero: 0, dataOffset };
+    const plan: WritePlan = { table, entry, ci, a, b, spanStart: 0, spanEnd: this.cs, host: 0, fresh: true, zeroHost: false, changed: true, freeOld: [], alloc: ALL_UNITS, zero: 0, dataOffset };
     if ((hi & ENTRY_COMPRESSED_HI) !== 0) {
       plan.freeOld = this.compressedClusters(hi, lo);
       return plan;
@@ -587,6 +627,7 @@ export class Qcow2Image implements Backend, ImageLayer {
         if (!(this.v3 && (lo & ENTRY_ZERO_LO) !== 0)) {
           plan.spanStart = a;
           plan.spanEnd = b;
+          plan.changed = (hi & ENTRY_COPIED_HI) === 0;
         }
       } else if (host !== 0) {
         plan.freeOld = [host / this.cs];
@@ -611,6 +652,7 @@ export class Qcow2Image implements Backend, ImageLayer {
     if (host !== 0) {
       plan.fresh = false;
       plan.host = host;
+      plan.changed = (hi & ENTRY_COPIED_HI) === 0 || plan.alloc !== allocBits || plan.zero !== zeroBits;
     }
     return plan;
   }
@@ -637,10 +679,12 @@ export class Qcow2Image implements Backend, ImageLayer {
         }
       }
       this.allocateFresh(plans);
-      await Promise.all(plans.map((p) => this.fillCow(p)));
+      const cow = plans.filter((p) => p.spanStart < p.a || p.b < p.spanEnd);
+      if (cow.length > 0) await Promise.all(cow.map((p) => this.fillCow(p)));
       await this.writeData(plans, data);
       this.unsyncedData = true;
       for (const p of plans) {
+        if (!p.changed) continue;
         const d = p.table.data;
         writeEntry(d, p.entry, p.host, true, false);
         if (this.g.extendedL2) {
@@ -664,20 +708,47 @@ export class Qcow2Image implements Backend, ImageLayer {
       }
       let j = i + 1;
       while (j < plans.length && plans[j]!.fresh && plans[j]!.ci === plans[j - 1]!.ci + 1) j++;
-      const base = this.refs!.allocate(j - i);
-      for (let k = i; k < j; k++) plans[k]!.host = base + (k - i) * this.cs;
+      for (let k = i; k < j; ) {
+        const run = this.refs!.allocateRun(j - k);
+        for (let m = 0; m < run.count; m++) {
+          const p = plans[k + m]!;
+          p.host = run.offset + m * this.cs;
+          p.zeroHost = this.readsAsZero(p.host / this.cs);
+          this.punched.delete(p.host / this.cs);
+        }
+        k += run.count;
+      }
       i = j;
     }
   }
 
+  /**
+   * Reads the copy-on-write head and tail of a plan. When they are zeroes and the fresh host
+   * cluster is known to read as zeroes already, they are dropped and only the new data is written
+   * (what QEMU does with a zero-write of the cluster first).
+   */
   private async fillCow(p: WritePlan): Promise<void> {
     const guest = p.ci * this.cs;
     const [head, tail] = await Promise.all([
       p.spanStart < p.a ? this.readForCow(guest + p.spanStart, p.a - p.spanStart) : undefined,
       p.b < p.spanEnd ? this.readForCow(guest + p.b, p.spanEnd - p.b) : undefined,
     ]);
+    if (p.zeroHost && isZero(head) && isZero(tail)) {
+      p.spanStart = p.a;
+      p.spanEnd = p.b;
+      return;
+    }
     p.head = head;
     p.tail = tail;
+  }
+
+  /**
+   * Whether a free host cluster is known to hold zeroes: past the file's end at open (never
+   * written since, or punched when freed), or punched by this process. Once a punch fails, nothing
+   * is assumed.
+   */
+  private readsAsZero(cluster: number): boolean {
+    return this.punchWorks && (cluster >= this.zeroFrom || this.punched.has(cluster));
   }
 
   /** Writes the planned spans, one (vectored) file write per run of contiguous host bytes. */
@@ -930,7 +1001,13 @@ export class Qcow2Image implements Backend, ImageLayer {
     for (let i = 0; i < emptied.length; ) {
       let j = i + 1;
       while (j < emptied.length && emptied[j] === emptied[j - 1]! + 1) j++;
-      await this.port.punchHole(emptied[i]! * this.cs, (j - i) * this.cs);
+      // Punching saves space and lets fresh clusters skip zero copy-on-write; freeing works without.
+      const done = await this.port.punchHole(emptied[i]! * this.cs, (j - i) * this.cs).then(
+        () => true,
+        () => false,
+      );
+      if (!done) this.punchWorks = false;
+      for (let c = emptied[i]!; c <= emptied[j - 1]!; c++) this.punched.add(c);
       i = j;
     }
     for (const c of clusters) this.refs!.decrement(c);
