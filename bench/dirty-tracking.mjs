@@ -14,7 +14,8 @@
  * buffered (page cache); neither side flushes data, so the bitmap's fdatasync is all the
  * persistence costs. Best of BENCH_ROUNDS (3) rounds per cell, cells alternate off/on.
  *
- * Needs `npm run build` first (imports dist/). BENCH_DIR sets where the files go (OS temp dir).
+ * Needs `npm run build` first (imports dist/). BENCH_DIR sets where the files go (OS temp dir),
+ * BENCH_CASES a regular expression on case names (all).
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -66,8 +67,9 @@ async function cell(c, tracking, round) {
   return { iops: c.ops / seconds, mibs: (c.ops * c.size) / MiB / seconds };
 }
 
+const only = process.env.BENCH_CASES ? new RegExp(process.env.BENCH_CASES) : null;
 const rows = [];
-for (const c of CASES) {
+for (const c of CASES.filter((x) => !only || only.test(x.name))) {
   const best = { off: null, on: null };
   for (let round = 0; round < ROUNDS; round++) {
     for (const tracking of [false, true]) {

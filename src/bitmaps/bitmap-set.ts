@@ -60,6 +60,8 @@ export class BitmapSet extends EventEmitter {
   readonly size: number;
   readonly store: BitmapStore | null;
   private readonly entries = new Map<string, Entry>();
+  /** Reused by `mark` (the hot path allocates nothing when no granule turns dirty). */
+  private readonly scratchRuns: GranuleRun[] = [];
 
   /** Runs gathered in this turn for the next `writeBits`. */
   private pendingChanges = new Map<string, { entry: Entry; runs: GranuleRun[] }>();
@@ -125,15 +127,11 @@ export class BitmapSet extends EventEmitter {
    */
   mark(offset: number, length: number): Promise<void> | null {
     let wait: Promise<void> | null = null;
-    let runs: GranuleRun[] | null = null;
+    const runs = this.scratchRuns;
     for (const e of this.entries.values()) {
       if (!e.enabled) continue;
-      runs ??= [];
       runs.length = 0;
-      if (e.bits.markRange(offset, length, runs) > 0 && e.persistent && this.store) {
-        wait = this.queueIntent(e, runs);
-        runs = null; // handed over
-      }
+      if (e.bits.markRange(offset, length, runs) > 0 && e.persistent && this.store) wait = this.queueIntent(e, runs.slice());
     }
     if (this.listenerCount('dirty') > 0) this.emit('dirty', offset, length);
     if (wait) return wait;

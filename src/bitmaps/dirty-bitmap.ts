@@ -161,8 +161,9 @@ export class DirtyBitmap {
    * newly set. Costs one scan when everything is already dirty (the steady state).
    */
   markRange(offset: number, length: number, out: GranuleRun[]): number {
-    const { first, count } = this.granulesOf(offset, length);
-    const end = first + count;
+    assert(offset >= 0 && length > 0 && offset + length <= this.size, 'byte range inside the disk');
+    const first = Math.floor(offset / this.granularity);
+    const end = Math.ceil((offset + length) / this.granularity);
     let added = 0;
     for (let c = this.find(first, end, false); c < end; ) {
       const s = this.find(c, end, true);
