@@ -4,12 +4,13 @@
 import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { basename, join } from 'node:path';
 import { Command, Option } from 'commander';
 import { logger } from '../core/log.js';
 import { formatSize } from '../core/units.js';
 import { FORMATS, type Format } from '../backends/open.js';
 import { openStack } from '../daemon/stack.js';
+import { Sidecar } from '../sidecar/sidecar.js';
 import { NbdExport } from '../nbd/server/export.js';
 import { NbdServer } from '../nbd/server/server.js';
 import { NBD_DEFAULT_PORT } from '../nbd/wire/constants.js';
@@ -29,6 +30,9 @@ interface ServeOptions {
   handshakeTimeout: number;
   run?: string;
   direct?: boolean;
+  name?: string;
+  sidecar?: string;
+  bitmapStore?: string;
 }
 
 /** The NBD URI a client uses to reach the export. */
@@ -41,9 +45,27 @@ export function nbdUri(exportName: string, where: { socket: string } | { host: s
 
 async function serve(image: string, opts: ServeOptions): Promise<void> {
   if (opts.socket && opts.port !== undefined) throw new Error('--socket and --port are exclusive');
-  const stack = await openStack(image, { format: opts.format, readOnly: opts.readOnly, direct: opts.direct });
+  const stack = await openStack(image, { format: opts.format, readOnly: opts.readOnly, direct: opts.direct, bitmapStore: opts.bitmapStore });
   const server = new NbdServer({ maxConnections: opts.shared, handshakeTimeoutMs: opts.handshakeTimeout * 1000 });
   server.addExport(new NbdExport({ name: opts.exportName, description: opts.description, queue: stack.queue, readOnly: opts.readOnly }));
+
+  // The sidecar (block status, bitmaps, control, fleecing) when --name or --sidecar asks for one;
+  // started first, so it is ready once the main socket is.
+  let sidecar: Sidecar | undefined;
+  if (opts.name !== undefined || opts.sidecar !== undefined) {
+    try {
+      sidecar = await Sidecar.start({
+        name: opts.name ?? (opts.exportName || basename(opts.sidecar!)),
+        dir: opts.sidecar,
+        queue: stack.queue,
+        stack: stack.layers,
+        bitmaps: stack.bitmaps,
+      });
+    } catch (err) {
+      await server.close();
+      throw err;
+    }
+  }
 
   let tempDir: string | undefined;
   let uri: string;
@@ -61,6 +83,7 @@ async function serve(image: string, opts: ServeOptions): Promise<void> {
       uri = nbdUri(opts.exportName, { host: opts.bind, port });
     }
   } catch (err) {
+    await sidecar?.close();
     await server.close();
     throw err;
   }
@@ -70,6 +93,7 @@ async function serve(image: string, opts: ServeOptions): Promise<void> {
   const stop = async (code: number): Promise<void> => {
     if (stopping) return;
     stopping = true;
+    await sidecar?.close();
     await server.close();
     if (tempDir) rmSync(tempDir, { recursive: true, force: true });
     process.exit(code);
@@ -110,6 +134,9 @@ export function register(program: Command): void {
     .option('-e, --shared <n>', 'most simultaneous clients', intArg(1, 4096), 16)
     .option('--handshake-timeout <seconds>', 'drop clients that do not finish negotiation in time (0: never)', intArg(0, 3600), 10)
     .option('--direct', 'open raw images with O_DIRECT (bypass the page cache)')
+    .option('-n, --name <name>', 'device name: starts the sidecar in /run/nbdd/NAME (nbd.sock, control.sock)')
+    .option('--sidecar <dir>', 'start the sidecar in this directory (mode 0700)')
+    .option('--bitmap-store <path>', 'keep persistent dirty bitmaps in this file (default IMAGE.nbdd-bitmaps)')
     .option('--run <command>', 'run COMMAND with $uri set, then stop the server and exit with its status')
     .action((image: string, opts: ServeOptions) => serve(image, opts));
 }

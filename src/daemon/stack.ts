@@ -5,9 +5,14 @@
 import type { Backend } from '../core/backend.js';
 import { BlockQueue, type QueueOptions } from '../core/queue.js';
 import { openImage, type OpenOptions } from '../backends/open.js';
+import { BitmapSet } from '../bitmaps/bitmap-set.js';
+import { openBitmapStore } from '../sidecar/bitmap-store-select.js';
+import { buildStack, type LayerStack } from '../sidecar/stack.js';
 
 export interface StackOptions extends OpenOptions {
   queue?: QueueOptions;
+  /** Keep persistent dirty bitmaps in this sidecar file (default: see bitmap-store-select.ts). */
+  bitmapStore?: string;
 }
 
 export interface Stack {
@@ -16,10 +21,20 @@ export interface Stack {
   /** The top of the stack, what the queue drives. */
   top: Backend;
   queue: BlockQueue;
+  /** The layers (stats, dirty tracking, copy-before-write) between the queue and the image. */
+  layers: LayerStack;
+  bitmaps: BitmapSet;
 }
 
 export async function openStack(image: string, options: StackOptions = {}): Promise<Stack> {
   const backend = await openImage(image, options);
-  const top = backend;
-  return { image: backend, top, queue: new BlockQueue(top, options.queue) };
+  let bitmaps: BitmapSet;
+  try {
+    bitmaps = await BitmapSet.open(backend.size, await openBitmapStore(image, backend, { path: options.bitmapStore }));
+  } catch (err) {
+    await backend.close();
+    throw err;
+  }
+  const layers = buildStack(backend, bitmaps);
+  return { image: backend, top: layers.top, queue: new BlockQueue(layers.top, options.queue), layers, bitmaps };
 }

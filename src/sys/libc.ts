@@ -25,6 +25,7 @@ const c = {
   preadv2: lib.func('int64_t preadv2(int fd, const nbdd_iovec *iov, int iovcnt, int64_t offset, int flags)'),
   getuid: lib.func('uint32_t getuid()'),
   geteuid: lib.func('uint32_t geteuid()'),
+  getsockopt: lib.func('int getsockopt(int fd, int level, int optname, void *optval, _Inout_ uint32_t *optlen)'),
 };
 
 /** The calling thread's errno (read right after a failed call). */
@@ -154,4 +155,21 @@ export function closeFd(fd: number): void {
 
 export function getEuid(): number {
   return c.geteuid() as number;
+}
+
+const SOL_SOCKET = 1;
+const SO_PEERCRED = 17;
+
+export interface PeerCredentials {
+  pid: number;
+  uid: number;
+  gid: number;
+}
+
+/** The credentials of the process at the other end of a connected AF_UNIX socket (SO_PEERCRED). */
+export function peerCredentials(fd: number): PeerCredentials {
+  const ucred = Buffer.alloc(12); // struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+  const len = [ucred.length];
+  if (c.getsockopt(fd, SOL_SOCKET, SO_PEERCRED, ucred, len) !== 0) throw sysError('getsockopt', lastErrno(), 'SO_PEERCRED');
+  return { pid: ucred.readInt32LE(0), uid: ucred.readUInt32LE(4), gid: ucred.readUInt32LE(8) };
 }

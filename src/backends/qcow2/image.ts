@@ -32,11 +32,17 @@ import {
   writeEntry,
   writeU64,
   type BitmapDirectoryEntry,
+  type BitmapsExtension,
+  EXT_BITMAPS,
+  EXT_END,
+  encodeExtension,
   type Geometry,
   type HeaderExtensions,
   type Qcow2Header,
 } from './layout.js';
 import { RangeLock } from './range-lock.js';
+import { encodeBitmapsExtension as encodeBitmapsExtensionData } from '../../bitmaps/qcow2-bitmaps-codec.js';
+import type { Qcow2BitmapHost } from '../../bitmaps/store-qcow2.js';
 import { Refcounts } from './refcounts.js';
 
 const log = logger('qcow2');
@@ -135,6 +141,8 @@ export class Qcow2Image implements Backend, ImageLayer {
   private readonly lock = new RangeLock();
   private readonly v3: boolean;
   private pendingFrees: number[] = [];
+  /** Autoclear bit 0 as found at open, before `prepareForWriting` cleared it. */
+  private bitmapsConsistentAtOpen = false;
   /** First cluster past the file's end at open; free clusters from here on read as zeroes. */
   private readonly zeroFrom: number;
   /** Clusters punched after their last reference went (they read as zeroes until rewritten). */
@@ -184,9 +192,12 @@ export class Qcow2Image implements Backend, ImageLayer {
    */
   async prepareForWriting(): Promise<void> {
     const h = this.header;
+    this.bitmapsConsistentAtOpen = (h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n;
     const clear = h.autoclearFeatures & ~SUPPORTED_AUTOCLEAR;
     if (clear !== 0n) {
-      if ((clear & AUTOCLEAR_BITMAPS) !== 0n) log.warn(`${this.path}: clearing the bitmaps autoclear bit: persistent bitmaps become inconsistent`);
+      // The in-image bitmap store (src/bitmaps/store-qcow2.ts) sets it again once it has taken
+      // the bitmaps over; without one they stay inconsistent, as the spec requires.
+      if ((clear & AUTOCLEAR_BITMAPS) !== 0n) log.debug(`${this.path}: clearing the bitmaps autoclear bit until the bitmaps are taken over`);
       h.autoclearFeatures &= SUPPORTED_AUTOCLEAR;
       const field = Buffer.alloc(8);
       field.writeBigUInt64BE(h.autoclearFeatures);
@@ -281,8 +292,99 @@ export class Qcow2Image implements Backend, ImageLayer {
   }
 
   /**
-   * The bitmap directory named by the bitmaps extension (empty without one). Read-only: bitmap
-   * persistence is not implemented here yet; the directory is for `describeQcow2` and callers.
+   * What the in-image bitmap store (src/bitmaps/store-qcow2.ts) needs from a writable image:
+   * cluster allocation and freeing with the image's own refcounts, a durable metadata commit,
+   * and a rewrite of the header extension area. Null for read-only images and for v2 images
+   * (which have no autoclear field, so cannot hold trusted bitmaps).
+   */
+  bitmapHost(): Qcow2BitmapHost | null {
+    const refs = this.refs;
+    if (!refs || !this.v3) return null;
+    return {
+      path: this.path,
+      port: this.port,
+      clusterSize: this.cs,
+      diskSize: this.size,
+      bitmapsExtension: this.extensions.bitmaps ?? null,
+      bitmapsConsistentAtOpen: this.bitmapsConsistentAtOpen,
+      allocateClusters: (n) => this.allocateContiguous(n),
+      freeClusters: (offset, n) => {
+        for (let k = 0; k < n; k++) this.pendingFrees.push(offset / this.cs + k);
+      },
+      commitMetadata: async () => {
+        await this.commit();
+        await this.port.fsync();
+      },
+      // In the commit chain: a commit may be rewriting header fields meanwhile.
+      writeBitmapsExtension: (ext) => {
+        const run = this.commitChain.then(() => this.writeBitmapsExtension(ext));
+        this.commitChain = run.catch(() => undefined);
+        return run;
+      },
+    };
+  }
+
+  /**
+   * `n` contiguous clusters with refcount 1 (bitmap tables and directories span clusters).
+   * Shorter runs found on the way are given back; past the end of the file a run always fits.
+   */
+  private allocateContiguous(n: number): number {
+    const refs = this.refs!;
+    const partial: { offset: number; count: number }[] = [];
+    for (;;) {
+      const run = refs.allocateRun(n);
+      if (run.count === n) {
+        for (const p of partial) for (let k = 0; k < p.count; k++) refs.decrement(p.offset / this.cs + k);
+        for (let k = 0; k < n; k++) this.punched.delete(run.offset / this.cs + k);
+        return run.offset;
+      }
+      partial.push(run);
+    }
+  }
+
+  /**
+   * Rewrites the header extension area with `ext` as the bitmaps extension (none when null),
+   * keeping every other extension's bytes and the backing file name, and sets the bitmaps
+   * autoclear bit exactly when `ext` is given. Durable when it resolves.
+   */
+  private async writeBitmapsExtension(ext: BitmapsExtension | null): Promise<void> {
+    const h = this.header;
+    const cluster0 = await this.port.readAt(Buffer.alloc(this.cs), 0);
+    const kept: Buffer[] = [];
+    for (let off = h.headerLength; off + 8 <= this.cs; ) {
+      const type = cluster0.readUInt32BE(off);
+      const len = cluster0.readUInt32BE(off + 4);
+      if (type === EXT_END) break;
+      const next = off + 8 + Math.ceil(len / 8) * 8;
+      if (type !== EXT_BITMAPS) kept.push(cluster0.subarray(off, next));
+      off = next;
+    }
+    if (ext) kept.push(encodeExtension(EXT_BITMAPS, encodeBitmapsExtensionData(ext)));
+    kept.push(encodeExtension(EXT_END, Buffer.alloc(0)));
+    const backingName = h.backingFileOffset !== 0 ? Buffer.from(cluster0.subarray(h.backingFileOffset, h.backingFileOffset + h.backingFileSize)) : null;
+    const area = Buffer.concat(kept);
+    const backingOffset = backingName ? h.headerLength + area.length : 0;
+    if (h.headerLength + area.length + (backingName?.length ?? 0) > this.cs) {
+      throw new NbddError(Errno.ENOSPC, `${this.path}: no room in the first cluster for the bitmaps extension`);
+    }
+    const autoclear = ext ? h.autoclearFeatures | AUTOCLEAR_BITMAPS : h.autoclearFeatures & ~AUTOCLEAR_BITMAPS;
+    const backingField = Buffer.alloc(8);
+    writeU64(backingField, 0, backingOffset);
+    const autoclearField = Buffer.alloc(8);
+    autoclearField.writeBigUInt64BE(autoclear);
+    await this.port.writeAt(Buffer.concat([area, ...(backingName ? [backingName] : [])]), h.headerLength);
+    await this.port.writeAt(backingField, 8);
+    await this.port.writeAt(autoclearField, 88);
+    await this.port.fsync();
+    h.backingFileOffset = backingOffset;
+    h.autoclearFeatures = autoclear;
+    if (ext) this.extensions.bitmaps = { ...ext };
+    else delete this.extensions.bitmaps;
+  }
+
+  /**
+   * The bitmap directory named by the bitmaps extension (empty without one), for `describeQcow2`;
+   * the bitmaps themselves are kept by src/bitmaps/store-qcow2.ts through `bitmapHost()`.
    */
   async readBitmapDirectory(): Promise<BitmapDirectoryEntry[]> {
     const ext = this.extensions.bitmaps;

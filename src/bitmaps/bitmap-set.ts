@@ -1,0 +1,334 @@
+/**
+ * The named dirty bitmaps of one disk: the operations the control socket offers (add, remove,
+ * clear, enable, disable, merge, checkpoint, list) and the write-intent bookkeeping the
+ * dirty-tracking layer relies on.
+ *
+ * Write-intent (see docs/sidecar.md, "Crash safety"): `mark(offset, length)` sets the bits of
+ * every enabled bitmap in memory and returns a promise the caller must await before issuing the
+ * write that dirtied them. Newly dirtied granules of persistent bitmaps are gathered until the
+ * end of the current event-loop turn (all requests of one batch arrive in one turn), then one
+ * `store.writeBits` (one write per touched span + one fdatasync) covers them all; while it runs,
+ * later turns gather into the next one (group commit). A write whose granules are all dirty
+ * already waits only if a store operation that may still be adding those bits is in flight —
+ * in the steady state `mark` returns `null` and costs one bitmap scan.
+ *
+ * The set is the only writer of the in-memory bits; the store only reads them.
+ */
+import { EventEmitter } from 'node:events';
+import { Errno, NbddError } from '../core/errors.js';
+import { logger } from '../core/log.js';
+import { DEFAULT_GRANULARITY, DirtyBitmap, granularityBits, type GranuleRun } from './dirty-bitmap.js';
+import type { BitmapStore, BitsChange, StoredBitmap } from './store.js';
+
+const log = logger('bitmaps');
+
+/** Longest bitmap name in UTF-8 bytes (qcow2's limit, QEMU's BME_MAX_NAME_SIZE). */
+export const MAX_BITMAP_NAME_BYTES = 1023;
+
+export interface BitmapInfo {
+  name: string;
+  granularity: number;
+  enabled: boolean;
+  persistent: boolean;
+  /** Held by a running backup (frozen): not changed by writes, not removable. */
+  busy: boolean;
+  /** Dirty bytes (granules × granularity, clipped at the disk end). */
+  dirtyBytes: number;
+}
+
+export interface AddOptions {
+  granularity?: number;
+  /** Default true. */
+  enabled?: boolean;
+  /** Kept in the store (default: true when the set has a store). */
+  persistent?: boolean;
+}
+
+interface Entry {
+  name: string;
+  bits: DirtyBitmap;
+  enabled: boolean;
+  persistent: boolean;
+  busy: boolean;
+}
+
+/**
+ * Events: `dirty` (offset, length) for every marked range, emitted only when someone listens;
+ * `persist-error` (Error) when marks could not be stored (the writes concerned fail with EIO).
+ */
+export class BitmapSet extends EventEmitter {
+  readonly size: number;
+  readonly store: BitmapStore | null;
+  private readonly entries = new Map<string, Entry>();
+  /** Reused by `mark` (the hot path allocates nothing when no granule turns dirty). */
+  private readonly scratchRuns: GranuleRun[] = [];
+
+  /** Runs gathered in this turn for the next `writeBits`. */
+  private pendingChanges = new Map<string, { entry: Entry; runs: GranuleRun[] }>();
+  /** Resolves when the pending changes are durable; null when none are pending. */
+  private pendingDurable: Promise<void> | null = null;
+  /** Store operations started and not yet settled (intent writes, clears, merges, …). */
+  private storeOpsInFlight = 0;
+  private lastStoreOp: Promise<void> = Promise.resolve();
+  /** Set when an intent write failed; its runs stay pending and every writer waits for the retry. */
+  private failed = false;
+
+  private constructor(size: number, store: BitmapStore | null) {
+    super();
+    this.size = size;
+    this.store = store;
+  }
+
+  /** A set over `store` (or transient only, when null), with the stored bitmaps loaded. */
+  static async open(size: number, store: BitmapStore | null): Promise<BitmapSet> {
+    const set = new BitmapSet(size, store);
+    for (const b of store ? await store.load() : []) {
+      set.entries.set(b.name, { name: b.name, bits: b.bits, enabled: b.enabled, persistent: true, busy: false });
+    }
+    return set;
+  }
+
+  /* ------------------------------------------------------------ queries */
+
+  has(name: string): boolean {
+    return this.entries.has(name);
+  }
+
+  /** The bits of bitmap `name` (the live object: read it, do not change it). Throws ENOENT. */
+  bits(name: string): DirtyBitmap {
+    return this.entry(name).bits;
+  }
+
+  list(): BitmapInfo[] {
+    return [...this.entries.values()].map((e) => this.info(e));
+  }
+
+  info(e: Entry | string): BitmapInfo {
+    const entry = typeof e === 'string' ? this.entry(e) : e;
+    const { bits } = entry;
+    let dirtyBytes = bits.count() * bits.granularity;
+    if (bits.granules > 0 && bits.get(bits.granules - 1)) dirtyBytes -= bits.granules * bits.granularity - this.size;
+    return {
+      name: entry.name,
+      granularity: bits.granularity,
+      enabled: entry.enabled,
+      persistent: entry.persistent,
+      busy: entry.busy,
+      dirtyBytes,
+    };
+  }
+
+  /* ------------------------------------------------------------ write path */
+
+  /**
+   * Marks `[offset, offset+length)` dirty in every enabled bitmap. Returns null when the write
+   * may proceed at once, else a promise that resolves when the marks are durable (rejects with
+   * the store's error if they could not be made durable: the write must then fail).
+   */
+  mark(offset: number, length: number): Promise<void> | null {
+    let wait: Promise<void> | null = null;
+    const runs = this.scratchRuns;
+    for (const e of this.entries.values()) {
+      if (!e.enabled) continue;
+      runs.length = 0;
+      if (e.bits.markRange(offset, length, runs) > 0 && e.persistent && this.store) wait = this.queueIntent(e, runs.slice());
+    }
+    if (this.listenerCount('dirty') > 0) this.emit('dirty', offset, length);
+    if (wait) return wait;
+    if (this.failed) return this.schedulePending(); // retry the failed bits before this write
+    return this.pendingDurable ?? (this.storeOpsInFlight > 0 ? this.lastStoreOp : null);
+  }
+
+  private queueIntent(e: Entry, runs: GranuleRun[]): Promise<void> {
+    const pending = this.pendingChanges.get(e.name);
+    if (pending) pending.runs.push(...runs);
+    else this.pendingChanges.set(e.name, { entry: e, runs });
+    return this.schedulePending();
+  }
+
+  /** Schedules the pending changes to be written after the current turn and the running store op. */
+  private schedulePending(): Promise<void> {
+    if (this.pendingDurable) return this.pendingDurable;
+    const p = new Promise<void>((resolve) => queueMicrotask(resolve)).then(() => {
+      const changes = this.pendingChanges;
+      this.pendingChanges = new Map();
+      this.pendingDurable = null;
+      const list: BitsChange[] = [...changes.values()]
+        .filter(({ entry }) => this.entries.get(entry.name) === entry && entry.persistent)
+        .map(({ entry, runs }) => ({ name: entry.name, bits: entry.bits, runs }));
+      return this.storeOp(() => this.store!.writeBits(list)).then(
+        () => {
+          this.failed = false;
+        },
+        (err: unknown) => {
+          // The bits are set in memory but maybe not on disk: keep them pending, so every later
+          // write waits for (and retries) this write before it may proceed.
+          for (const [name, c] of changes) {
+            const again = this.pendingChanges.get(name);
+            if (again) again.runs.push(...c.runs);
+            else this.pendingChanges.set(name, c);
+          }
+          this.failed = true;
+          log.error(`persisting dirty bits failed: ${(err as Error).message}`);
+          this.emit('persist-error', err);
+          throw new NbddError(Errno.EIO, `cannot record the write in the dirty bitmap: ${(err as Error).message}`, { cause: err });
+        },
+      );
+    });
+    this.pendingDurable = p;
+    return p;
+  }
+
+  /** Runs a store operation in the chain writes may have to wait for. */
+  private storeOp(op: () => Promise<void>): Promise<void> {
+    this.storeOpsInFlight++;
+    const p = op().finally(() => {
+      this.storeOpsInFlight--;
+    });
+    this.lastStoreOp = p.catch(() => undefined);
+    return p;
+  }
+
+  /* ------------------------------------------------------------ operations */
+
+  async add(name: string, options: AddOptions = {}): Promise<BitmapInfo> {
+    return this.insert(name, options, () => undefined);
+  }
+
+  /**
+   * Adds the entry in memory at once (it records writes from now on), then persists it. If that
+   * fails the entry is taken out again and `undo` runs (synchronously, before anything else).
+   */
+  private async insert(name: string, options: AddOptions, undo: (e: Entry) => void): Promise<BitmapInfo> {
+    validateName(name);
+    if (this.entries.has(name)) throw new NbddError(Errno.EEXIST, `bitmap '${name}' already exists`);
+    const granularity = options.granularity ?? DEFAULT_GRANULARITY;
+    granularityBits(granularity);
+    const persistent = options.persistent ?? this.store !== null;
+    if (persistent && !this.store) {
+      throw new NbddError(Errno.ENOTSUP, `bitmap '${name}' cannot be persistent: this disk has no bitmap store (use --bitmap-store)`);
+    }
+    const e: Entry = { name, bits: new DirtyBitmap(this.size, granularity), enabled: options.enabled ?? true, persistent, busy: false };
+    this.entries.set(name, e);
+    if (persistent) {
+      try {
+        await this.storeOp(() => this.store!.add({ name, granularity, enabled: e.enabled }, e.bits));
+      } catch (err) {
+        if (this.entries.get(name) === e) this.entries.delete(name);
+        undo(e);
+        throw err;
+      }
+    }
+    return this.info(e);
+  }
+
+  async remove(name: string): Promise<void> {
+    const e = this.entry(name);
+    this.assertNotBusy(e);
+    this.entries.delete(name);
+    if (e.persistent) await this.storeOp(() => this.store!.remove(name));
+  }
+
+  async clear(name: string): Promise<void> {
+    const e = this.entry(name);
+    this.assertNotBusy(e);
+    e.bits.clear();
+    if (e.persistent) await this.storeOp(() => this.store!.writeAll(name, e.bits));
+  }
+
+  async enable(name: string): Promise<void> {
+    await this.setEnabled(this.entry(name), true);
+  }
+
+  async disable(name: string): Promise<void> {
+    await this.setEnabled(this.entry(name), false);
+  }
+
+  private async setEnabled(e: Entry, enabled: boolean): Promise<void> {
+    this.assertNotBusy(e);
+    if (e.enabled === enabled) return;
+    e.enabled = enabled;
+    if (e.persistent) await this.storeOp(() => this.store!.setEnabled(e.name, enabled));
+  }
+
+  /** `target |= sources` (same disk; granularities may differ). */
+  async merge(target: string, sources: string[]): Promise<void> {
+    const t = this.entry(target);
+    this.assertNotBusy(t);
+    const srcs = sources.map((s) => this.entry(s));
+    for (const s of srcs) t.bits.merge(s.bits);
+    if (t.persistent) await this.storeOp(() => this.store!.writeAll(target, t.bits));
+  }
+
+  /**
+   * Starts bitmap `name` and disables `disable` (default: every enabled bitmap) in one step: no
+   * write lands in both or in neither. The shape of a libvirt checkpoint.
+   */
+  async checkpoint(name: string, options: AddOptions & { disable?: string[] } = {}): Promise<BitmapInfo> {
+    const toDisable = options.disable ? options.disable.map((n) => this.entry(n)) : [...this.entries.values()].filter((e) => e.enabled);
+    for (const e of toDisable) this.assertNotBusy(e);
+    validateName(name);
+    if (this.entries.has(name)) throw new NbddError(Errno.EEXIST, `bitmap '${name}' already exists`);
+    const wasEnabled = toDisable.filter((e) => e.enabled);
+    // The new bitmap starts and the old ones stop in this synchronous stretch; the store learns
+    // of both afterwards, in order. If the new one cannot be stored, the old ones take over again
+    // with the writes the new one saw meanwhile.
+    for (const e of wasEnabled) e.enabled = false;
+    const added = this.insert(name, options, (failed) => {
+      for (const e of wasEnabled) {
+        e.enabled = true;
+        e.bits.merge(failed.bits);
+      }
+    });
+    const persisted = wasEnabled.filter((e) => e.persistent).map((e) => this.storeOp(() => this.store!.setEnabled(e.name, false)));
+    const [info] = await Promise.all([added, ...persisted]);
+    return info as BitmapInfo;
+  }
+
+  /**
+   * Freezes bitmap `name` for a backup: a copy of its bits now (transient) is returned, and the
+   * bitmap is marked busy until `release`. The live bitmap keeps recording.
+   */
+  freeze(name: string): DirtyBitmap {
+    const e = this.entry(name);
+    this.assertNotBusy(e);
+    e.busy = true;
+    return e.bits.copy();
+  }
+
+  release(name: string): void {
+    const e = this.entries.get(name);
+    if (e) e.busy = false;
+  }
+
+  /** Waits for store work, then stores every persistent bitmap in full and closes the store. */
+  async close(): Promise<void> {
+    if (this.pendingDurable) await this.pendingDurable.catch(() => undefined);
+    await this.lastStoreOp;
+    if (!this.store) return;
+    const persistent: StoredBitmap[] = [...this.entries.values()]
+      .filter((e) => e.persistent)
+      .map((e) => ({ name: e.name, granularity: e.bits.granularity, enabled: e.enabled, bits: e.bits }));
+    await this.store.close(persistent);
+  }
+
+  private entry(name: string): Entry {
+    const e = this.entries.get(name);
+    if (!e) throw new NbddError(Errno.ENOENT, `no bitmap named '${name}'`);
+    return e;
+  }
+
+  private assertNotBusy(e: Entry): void {
+    if (e.busy) throw new NbddError(Errno.EBUSY, `bitmap '${e.name}' is in use by a running backup`);
+  }
+}
+
+/** Bitmap names: 1..1023 UTF-8 bytes, no NUL or other control characters. */
+export function validateName(name: unknown): asserts name is string {
+  if (typeof name !== 'string' || name.length === 0) throw new NbddError(Errno.EINVAL, 'a bitmap name must be a non-empty string');
+  // eslint-disable-next-line no-control-regex
+  if (/[\x00-\x1f\x7f]/.test(name)) throw new NbddError(Errno.EINVAL, 'a bitmap name must not contain control characters');
+  if (Buffer.byteLength(name, 'utf8') > MAX_BITMAP_NAME_BYTES) {
+    throw new NbddError(Errno.EINVAL, `a bitmap name is at most ${MAX_BITMAP_NAME_BYTES} bytes`);
+  }
+}

@@ -1,0 +1,255 @@
+/**
+ * BitmapStore inside a qcow2 image: the qcow2 bitmaps extension, read and written compatibly with
+ * QEMU (`qemu-img info` lists the bitmaps, `qemu-nbd -B` exports them, `qemu-img bitmap` edits
+ * them). See docs/sidecar.md, "Relation to qcow2's in_use flag".
+ *
+ * Layout policy: every enabled bitmap has a data cluster for every table entry (zero-filled where
+ * clean), so write-intent is a write into a fixed cluster plus one fdatasync — no allocation or
+ * metadata change on the write path. Disabled bitmaps get data clusters only where bits are set.
+ * `in_use` stays clear while nbdd runs (the bits on disk are never behind the image) and the
+ * bitmaps autoclear bit stays set.
+ *
+ * Metadata changes (add, remove, enable, disable, clear, merge) write a complete new set of
+ * tables, data clusters and directory to newly allocated clusters, make them and their refcounts
+ * durable, switch the header extension to the new directory (durable), then free the old set —
+ * QEMU's order for storing bitmaps (update_ext_header_and_dir). A crash leaves the old or the new
+ * set referenced, and at worst leaked clusters.
+ */
+import { Errno, NbddError } from '../core/errors.js';
+import { logger } from '../core/log.js';
+import type { FilePort } from '../io/file-port.js';
+import { DirtyBitmap, granularityBits } from './dirty-bitmap.js';
+import {
+  BITMAP_AUTO,
+  BITMAP_IN_USE,
+  bitmapDataCluster,
+  decodeBitmapDirectory,
+  decodeBitmapTable,
+  encodeBitmapDirectory,
+  encodeBitmapTable,
+  loadBitmapData,
+  tableSizeFor,
+  type BitmapsExtension,
+  type Qcow2BitmapEntry,
+  type TableEntry,
+} from './qcow2-bitmaps-codec.js';
+import { OpChain, type BitmapMeta, type BitmapStore, type BitsChange, type StoredBitmap } from './store.js';
+
+const log = logger('bitmaps');
+
+/** What the store needs from a writable qcow2 image (Qcow2Image.bitmapHost()). */
+export interface Qcow2BitmapHost {
+  readonly path: string;
+  readonly port: FilePort;
+  readonly clusterSize: number;
+  readonly diskSize: number;
+  /** The bitmaps extension found at open, if any. */
+  readonly bitmapsExtension: BitmapsExtension | null;
+  /** The bitmaps autoclear bit as found at open (false: a program without bitmap support wrote the image). */
+  readonly bitmapsConsistentAtOpen: boolean;
+  /** `n` contiguous clusters with refcount 1 (in memory until `commitMetadata`); host offset. */
+  allocateClusters(n: number): number;
+  /** Drops one reference to each of `n` clusters at `offset` at the next commit. */
+  freeClusters(offset: number, n: number): void;
+  /** Makes refcount changes (and frees) durable. */
+  commitMetadata(): Promise<void>;
+  /** Points the header at `ext` (or removes it) and sets the autoclear bit to match; durable. */
+  writeBitmapsExtension(ext: BitmapsExtension | null): Promise<void>;
+}
+
+interface Placed {
+  meta: BitmapMeta;
+  tableOffset: number;
+  table: TableEntry[];
+}
+
+export class Qcow2BitmapStore implements BitmapStore {
+  readonly kind = 'qcow2';
+  private placed = new Map<string, Placed>();
+  private directory: { offset: number; size: number } | null = null;
+  private readonly bits = new Map<string, DirtyBitmap>();
+  private readonly chain = new OpChain();
+  private readonly cs: number;
+
+  constructor(private readonly host: Qcow2BitmapHost) {
+    this.cs = host.clusterSize;
+  }
+
+  get location(): string {
+    return this.host.path;
+  }
+
+  /**
+   * Loads the image's consistent bitmaps (those with `in_use` set, or all of them when the
+   * autoclear bit was clear at open, are dropped with a warning: they may miss writes), then
+   * rewrites them in nbdd's layout so recording can start.
+   */
+  load(): Promise<StoredBitmap[]> {
+    return this.chain.run(async () => {
+      const ext = this.host.bitmapsExtension;
+      const out: StoredBitmap[] = [];
+      if (ext) {
+        const fileLength = await this.host.port.length();
+        const dir = await this.host.port.readAt(Buffer.alloc(ext.directorySize), ext.directoryOffset);
+        const entries = decodeBitmapDirectory(dir, ext.nbBitmaps, { diskSize: this.host.diskSize, clusterSize: this.cs, fileLength });
+        this.directory = { offset: ext.directoryOffset, size: ext.directorySize };
+        for (const e of entries) {
+          const table = decodeBitmapTable(await this.host.port.readAt(Buffer.alloc(e.tableSize * 8), e.tableOffset), e.tableSize, this.cs, fileLength);
+          this.placed.set(e.name, { meta: metaOf(e), tableOffset: e.tableOffset, table });
+          if (!this.host.bitmapsConsistentAtOpen || e.flags & BITMAP_IN_USE) {
+            log.warn(`${this.host.path}: bitmap '${e.name}' is inconsistent (${e.flags & BITMAP_IN_USE ? 'in_use' : 'written without bitmap support'}); dropping it`);
+            continue;
+          }
+          const bits = new DirtyBitmap(this.host.diskSize, 2 ** e.granularityBits);
+          await loadBitmapData(bits, table, this.cs, (off) => this.host.port.readAt(Buffer.alloc(this.cs), off));
+          this.bits.set(e.name, bits);
+          out.push({ ...metaOf(e), bits });
+        }
+        await this.rewrite(out.map(({ name, granularity, enabled }) => ({ name, granularity, enabled })));
+      }
+      return out;
+    });
+  }
+
+  add(meta: BitmapMeta, bits: DirtyBitmap): Promise<void> {
+    return this.chain.run(async () => {
+      if (this.placed.has(meta.name)) throw new NbddError(Errno.EEXIST, `bitmap '${meta.name}' is already stored`);
+      granularityBits(meta.granularity);
+      this.bits.set(meta.name, bits);
+      await this.rewrite([...this.metas(), meta]);
+    });
+  }
+
+  remove(name: string): Promise<void> {
+    return this.chain.run(async () => {
+      this.entry(name);
+      this.bits.delete(name);
+      await this.rewrite(this.metas().filter((m) => m.name !== name));
+    });
+  }
+
+  setEnabled(name: string, enabled: boolean): Promise<void> {
+    return this.chain.run(async () => {
+      if (this.entry(name).meta.enabled === enabled) return;
+      await this.rewrite(this.metas().map((m) => (m.name === name ? { ...m, enabled } : m)));
+    });
+  }
+
+  writeBits(changes: BitsChange[]): Promise<void> {
+    return this.chain.run(async () => {
+      const writes: { data: Buffer; at: number }[] = [];
+      for (const change of changes) {
+        const p = this.placed.get(change.name);
+        if (!p) continue;
+        for (const run of change.runs) {
+          const { first, end } = DirtyBitmap.bytesOf(run);
+          // Split at data-cluster boundaries of the serialized bits.
+          for (let at = first; at < end; ) {
+            const i = Math.floor(at / this.cs);
+            const stop = Math.min(end, (i + 1) * this.cs);
+            const e = p.table[i]!;
+            if (e.kind !== 'data') {
+              // Only a bitmap recorded as disabled lacks data clusters; store everything anew.
+              await this.rewrite(this.metas());
+              return;
+            }
+            writes.push({ data: Buffer.from(change.bits.view(at, stop)), at: e.offset + (at - i * this.cs) });
+            at = stop;
+          }
+        }
+      }
+      await Promise.all(writes.map((w) => this.host.port.writeAt(w.data, w.at)));
+      await this.host.port.fsync();
+    });
+  }
+
+  writeAll(name: string, bits: DirtyBitmap): Promise<void> {
+    return this.chain.run(async () => {
+      this.entry(name);
+      this.bits.set(name, bits);
+      await this.rewrite(this.metas());
+    });
+  }
+
+  /** The bits are in sync already: nothing to store but a last sync. */
+  close(): Promise<void> {
+    return this.chain.run(() => this.host.port.fsync());
+  }
+
+  /* ------------------------------------------------------------ internals */
+
+  private metas(): BitmapMeta[] {
+    return [...this.placed.values()].filter((p) => this.bits.has(p.meta.name)).map((p) => p.meta);
+  }
+
+  private entry(name: string): Placed {
+    const p = this.placed.get(name);
+    if (!p || !this.bits.has(name)) throw new NbddError(Errno.ENOENT, `bitmap '${name}' is not stored in ${this.host.path}`);
+    return p;
+  }
+
+  /** Writes a new set for `metas` (bits from `this.bits`), switches the header to it, frees the old set. */
+  private async rewrite(metas: BitmapMeta[]): Promise<void> {
+    const { port } = this.host;
+    const cs = this.cs;
+    const old = { placed: [...this.placed.values()], directory: this.directory };
+    const placed = new Map<string, Placed>();
+    const writes: Promise<void>[] = [];
+    for (const meta of metas) {
+      const bits = this.bits.get(meta.name)!;
+      const size = tableSizeFor(this.host.diskSize, meta.granularity, cs);
+      const table: TableEntry[] = [];
+      for (let i = 0; i < size; i++) {
+        const data = bitmapDataCluster(bits, i, cs);
+        if (!data && !meta.enabled) {
+          table.push({ kind: 'zeros' });
+          continue;
+        }
+        const offset = this.host.allocateClusters(1);
+        writes.push(port.writeAt(data ?? Buffer.alloc(cs), offset));
+        table.push({ kind: 'data', offset });
+      }
+      const tableClusters = Math.max(1, Math.ceil((size * 8) / cs));
+      const tableOffset = this.host.allocateClusters(tableClusters);
+      writes.push(port.writeAt(padTo(encodeBitmapTable(table), tableClusters * cs), tableOffset));
+      placed.set(meta.name, { meta, tableOffset, table });
+    }
+    let directory: { offset: number; size: number } | null = null;
+    if (placed.size > 0) {
+      const entries: Qcow2BitmapEntry[] = [...placed.values()].map((p) => ({
+        tableOffset: p.tableOffset,
+        tableSize: p.table.length,
+        flags: p.meta.enabled ? BITMAP_AUTO : 0,
+        granularityBits: granularityBits(p.meta.granularity),
+        name: p.meta.name,
+      }));
+      const dir = encodeBitmapDirectory(entries);
+      const clusters = Math.ceil(dir.length / cs);
+      directory = { offset: this.host.allocateClusters(clusters), size: dir.length };
+      writes.push(port.writeAt(padTo(dir, clusters * cs), directory.offset));
+    }
+    await Promise.all(writes);
+    await port.fsync(); // new clusters' contents before the refcounts and header that use them
+    await this.host.commitMetadata();
+    await this.host.writeBitmapsExtension(directory ? { nbBitmaps: placed.size, directorySize: directory.size, directoryOffset: directory.offset } : null);
+    this.placed = placed;
+    this.directory = directory;
+    for (const p of old.placed) {
+      for (const e of p.table) if (e.kind === 'data') this.host.freeClusters(e.offset, 1);
+      this.host.freeClusters(p.tableOffset, Math.max(1, Math.ceil((p.table.length * 8) / cs)));
+    }
+    if (old.directory) this.host.freeClusters(old.directory.offset, Math.ceil(old.directory.size / cs));
+    await this.host.commitMetadata();
+  }
+}
+
+function metaOf(e: Qcow2BitmapEntry): BitmapMeta {
+  return { name: e.name, granularity: 2 ** e.granularityBits, enabled: (e.flags & BITMAP_AUTO) !== 0 };
+}
+
+function padTo(b: Buffer, length: number): Buffer {
+  if (b.length === length) return b;
+  const out = Buffer.alloc(length);
+  b.copy(out);
+  return out;
+}

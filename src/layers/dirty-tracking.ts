@@ -1,0 +1,97 @@
+/**
+ * Dirty tracking: marks every WRITE, WRITE_ZEROES and TRIM in the enabled bitmaps of a
+ * `BitmapSet`, and for persistent bitmaps makes the marks durable before the write is issued to
+ * the next backend (write-intent; see `BitmapSet.mark` and docs/sidecar.md). The marks of one
+ * batch are persisted together, so a batch of first-touch writes costs one bitmap write and one
+ * fdatasync; writes into granules already dirty pass straight through.
+ *
+ * It also publishes each bitmap as the NBD metadata context `qemu:dirty-bitmap:NAME`.
+ */
+import type { Backend, BackendCaps, Extent, Layer, WriteOptions, ZeroOptions } from '../core/backend.js';
+import type { MetaContext, StatusExtent } from '../core/meta-context.js';
+import { NBD_STATE_DIRTY } from '../nbd/wire/constants.js';
+import type { BitmapSet } from '../bitmaps/bitmap-set.js';
+import type { DirtyBitmap } from '../bitmaps/dirty-bitmap.js';
+
+export const DIRTY_BITMAP_CONTEXT_PREFIX = 'qemu:dirty-bitmap:';
+/** Most extents one block-status answer carries (the client asks again from where it stopped). */
+export const MAX_STATUS_EXTENTS = 65536;
+
+export class DirtyTrackingLayer implements Layer {
+  readonly kind = 'dirty-tracking';
+
+  constructor(
+    readonly next: Backend,
+    readonly bitmaps: BitmapSet,
+  ) {}
+
+  get size(): number {
+    return this.next.size;
+  }
+
+  get caps(): BackendCaps {
+    return this.next.caps;
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.next.read(offset, length);
+  }
+
+  async write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
+    const durable = this.bitmaps.mark(offset, data.length);
+    if (durable) await durable;
+    return this.next.write(offset, data, options);
+  }
+
+  async trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
+    const durable = this.bitmaps.mark(offset, length);
+    if (durable) await durable;
+    return this.next.trim!(offset, length, options);
+  }
+
+  async writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
+    const durable = this.bitmaps.mark(offset, length);
+    if (durable) await durable;
+    return this.next.writeZeroes!(offset, length, options);
+  }
+
+  flush(): Promise<void> {
+    return this.next.flush ? this.next.flush() : Promise.resolve();
+  }
+
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return this.next.blockStatus ? this.next.blockStatus(offset, length) : Promise.resolve([{ length, hole: false, zero: false, depth: 1 }]);
+  }
+
+  cache(offset: number, length: number): Promise<void> {
+    return this.next.cache ? this.next.cache(offset, length) : Promise.resolve();
+  }
+
+  /** Stores the bitmaps (clean close), then closes the next backend. */
+  async close(): Promise<void> {
+    try {
+      await this.bitmaps.close();
+    } finally {
+      await this.next.close();
+    }
+  }
+
+  /** One `qemu:dirty-bitmap:NAME` context per bitmap now in the set. */
+  metaContexts(): MetaContext[] {
+    return this.bitmaps.list().map((b) => bitmapContext(b.name, () => this.bitmaps.bits(b.name)));
+  }
+}
+
+/**
+ * The context `qemu:dirty-bitmap:NAME` over the bits `bits()` returns (looked up per query, so a
+ * removed bitmap answers with the lookup's error instead of stale data).
+ */
+export function bitmapContext(name: string, bits: () => DirtyBitmap): MetaContext {
+  return {
+    name: DIRTY_BITMAP_CONTEXT_PREFIX + name,
+    extents: async (offset: number, length: number): Promise<StatusExtent[]> =>
+      bits()
+        .extents(offset, length, MAX_STATUS_EXTENTS)
+        .map((e) => ({ length: e.length, flags: e.dirty ? NBD_STATE_DIRTY : 0 })),
+  };
+}

@@ -1,0 +1,114 @@
+/**
+ * Statistics: per-operation counts, errors, bytes and a latency histogram, measured at the top
+ * of the layer stack (what the frontends see, including bitmap persistence and copy-before-write).
+ *
+ * Latency buckets are powers of two in microseconds: bucket i counts requests that took
+ * [2^(i-1), 2^i) µs (bucket 0: under 1 µs); the last bucket also takes everything slower.
+ */
+import type { Backend, BackendCaps, Extent, Layer, WriteOptions, ZeroOptions } from '../core/backend.js';
+
+export const STAT_OPS = ['read', 'write', 'trim', 'writeZeroes', 'flush', 'blockStatus', 'cache'] as const;
+export type StatOp = (typeof STAT_OPS)[number];
+/** Buckets up to 2^25 µs (~33 s). */
+export const LATENCY_BUCKETS = 27;
+
+export interface OpStats {
+  count: number;
+  errors: number;
+  bytes: number;
+  /** Sum of latencies, µs (mean = totalUs / count). */
+  totalUs: number;
+  maxUs: number;
+  /** `LATENCY_BUCKETS` counts; bucket i = [2^(i-1), 2^i) µs. */
+  latencyUs: number[];
+}
+
+export type StatsSnapshot = Record<StatOp, OpStats>;
+
+function emptyOp(): OpStats {
+  return { count: 0, errors: 0, bytes: 0, totalUs: 0, maxUs: 0, latencyUs: new Array(LATENCY_BUCKETS).fill(0) };
+}
+
+/** The bucket of a latency in µs. */
+export function latencyBucket(us: number): number {
+  if (us < 1) return 0;
+  return Math.min(LATENCY_BUCKETS - 1, Math.floor(Math.log2(us)) + 1);
+}
+
+export class StatsLayer implements Layer {
+  readonly kind = 'stats';
+  private ops: StatsSnapshot = StatsLayer.empty();
+  readonly since = new Date();
+
+  constructor(readonly next: Backend) {}
+
+  private static empty(): StatsSnapshot {
+    return Object.fromEntries(STAT_OPS.map((op) => [op, emptyOp()])) as StatsSnapshot;
+  }
+
+  get size(): number {
+    return this.next.size;
+  }
+
+  get caps(): BackendCaps {
+    return this.next.caps;
+  }
+
+  /** A deep copy of the counters. */
+  snapshot(): StatsSnapshot {
+    return structuredClone(this.ops);
+  }
+
+  private async measure<T>(op: StatOp, bytes: number, run: () => Promise<T>): Promise<T> {
+    const t0 = performance.now();
+    const s = this.ops[op];
+    try {
+      const v = await run();
+      s.bytes += bytes;
+      return v;
+    } catch (err) {
+      s.errors++;
+      throw err;
+    } finally {
+      const us = (performance.now() - t0) * 1000;
+      s.count++;
+      s.totalUs += us;
+      if (us > s.maxUs) s.maxUs = us;
+      s.latencyUs[latencyBucket(us)]!++;
+    }
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.measure('read', length, () => this.next.read(offset, length));
+  }
+
+  write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
+    return this.measure('write', data.length, () => this.next.write(offset, data, options));
+  }
+
+  trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
+    return this.measure('trim', length, () => this.next.trim!(offset, length, options));
+  }
+
+  writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
+    return this.measure('writeZeroes', length, () => this.next.writeZeroes!(offset, length, options));
+  }
+
+  flush(): Promise<void> {
+    return this.measure('flush', 0, () => (this.next.flush ? this.next.flush() : Promise.resolve()));
+  }
+
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return this.measure('blockStatus', length, () =>
+      this.next.blockStatus ? this.next.blockStatus(offset, length) : Promise.resolve([{ length, hole: false, zero: false, depth: 1 }]),
+    );
+  }
+
+  cache(offset: number, length: number): Promise<void> {
+    return this.measure('cache', length, () => (this.next.cache ? this.next.cache(offset, length) : Promise.resolve()));
+  }
+
+  close(): Promise<void> {
+    return this.next.close();
+  }
+}

@@ -1,0 +1,108 @@
+/**
+ * Qcow2BitmapStore against a fake host (bump allocator over a scratch file): layout policy,
+ * write-intent offsets, frees, and which loaded bitmaps are trusted. QEMU interop is in
+ * test/interop/sidecar-qcow2.test.ts.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { DirtyBitmap } from '../../src/bitmaps/dirty-bitmap.js';
+import { BITMAP_AUTO, BITMAP_IN_USE, decodeBitmapDirectory, decodeBitmapTable, type BitmapsExtension } from '../../src/bitmaps/qcow2-bitmaps-codec.js';
+import { Qcow2BitmapStore, type Qcow2BitmapHost } from '../../src/bitmaps/store-qcow2.js';
+import { NodeFilePort } from '../../src/io/file-port.js';
+
+const CS = 65536;
+const DISK = 64 * 1024 * 1024;
+
+class FakeHost implements Qcow2BitmapHost {
+  readonly path = 'fake.qcow2';
+  readonly clusterSize = CS;
+  readonly diskSize = DISK;
+  bitmapsExtension: BitmapsExtension | null = null;
+  bitmapsConsistentAtOpen = true;
+  next = 1; // cluster 0 is the header
+  freed: number[] = [];
+  commits = 0;
+  constructor(readonly port: NodeFilePort) {}
+  allocateClusters(n: number): number {
+    const at = this.next * CS;
+    this.next += n;
+    return at;
+  }
+  freeClusters(offset: number, n: number): void {
+    for (let k = 0; k < n; k++) this.freed.push(offset / CS + k);
+  }
+  async commitMetadata(): Promise<void> {
+    this.commits++;
+  }
+  async writeBitmapsExtension(ext: BitmapsExtension | null): Promise<void> {
+    this.bitmapsExtension = ext;
+  }
+  async directory() {
+    const e = this.bitmapsExtension!;
+    const dir = await this.port.readAt(Buffer.alloc(e.directorySize), e.directoryOffset);
+    const fileLength = await this.port.length();
+    return decodeBitmapDirectory(dir, e.nbBitmaps, { diskSize: DISK, clusterSize: CS, fileLength });
+  }
+}
+
+describe('Qcow2BitmapStore', () => {
+  let dir: string;
+  let port: NodeFilePort;
+  beforeEach(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'nbdd-q2s-'));
+    port = await NodeFilePort.open(join(dir, 'img'), { readOnly: false, create: true });
+  });
+  afterEach(async () => {
+    await port.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('preallocates data clusters for enabled bitmaps only, writes intent in place, frees old sets', async () => {
+    const host = new FakeHost(port);
+    const store = new Qcow2BitmapStore(host);
+    expect(await store.load()).toEqual([]);
+    const on = new DirtyBitmap(DISK, 512); // 16 KiB of bits: one data cluster
+    const off = new DirtyBitmap(DISK, 65536);
+    await store.add({ name: 'on', granularity: 512, enabled: true }, on);
+    await store.add({ name: 'off', granularity: 65536, enabled: false }, off);
+    const entries = await host.directory();
+    expect(entries.map((e) => [e.name, e.flags, e.granularityBits])).toEqual([['on', BITMAP_AUTO, 9], ['off', 0, 16]]);
+    const tables = await Promise.all(entries.map(async (e) => decodeBitmapTable(await port.readAt(Buffer.alloc(8 * e.tableSize), e.tableOffset), e.tableSize, CS, await port.length())));
+    expect(tables.map((t) => t.map((x) => x.kind))).toEqual([['data'], ['zeros']]);
+    // The first add's set was freed when the second add wrote a new one.
+    expect(host.freed.length).toBeGreaterThan(0);
+
+    const runs: { first: number; count: number }[] = [];
+    on.markRange(512 * 8 * 100 + 3 * 512, 1, runs);
+    await store.writeBits([{ name: 'on', bits: on, runs }, { name: 'gone', bits: on, runs }]);
+    const dataAt = (tables[0]![0] as { offset: number }).offset;
+    expect((await port.readAt(Buffer.alloc(1), dataAt + 100))[0]).toBe(1 << 3);
+  });
+
+  it('trusts neither in_use bitmaps nor any bitmap of an image without the autoclear bit', async () => {
+    const host = new FakeHost(port);
+    const writer = new Qcow2BitmapStore(host);
+    await writer.load();
+    const a = new DirtyBitmap(DISK, 65536);
+    a.setRange(0, 1);
+    await writer.add({ name: 'a', granularity: 65536, enabled: true }, a);
+    await writer.add({ name: 'b', granularity: 65536, enabled: true }, new DirtyBitmap(DISK, 65536));
+    // Mark 'b' in_use in the directory, as a QEMU crash leaves it.
+    const e = host.bitmapsExtension!;
+    const dir = await port.readAt(Buffer.alloc(e.directorySize), e.directoryOffset);
+    const second = Math.ceil((24 + 1) / 8) * 8;
+    dir.writeUInt32BE(BITMAP_AUTO | BITMAP_IN_USE, second + 12);
+    await port.writeAt(dir, e.directoryOffset);
+
+    const reader = new Qcow2BitmapStore(host);
+    const loaded = await reader.load();
+    expect(loaded.map((b) => [b.name, b.enabled, b.bits.count()])).toEqual([['a', true, 1]]);
+    expect((await host.directory()).map((x) => x.name)).toEqual(['a']); // dropped from the image too
+
+    host.bitmapsConsistentAtOpen = false;
+    expect(await new Qcow2BitmapStore(host).load()).toEqual([]);
+    expect(host.bitmapsExtension).toBeNull();
+  });
+});
