@@ -4,7 +4,7 @@ import { formatSize } from '../core/units.js';
 import { inventory, type DeviceReport } from '../kernel/inventory.js';
 
 function table(rows: DeviceReport[]): string {
-  const head = ['DEVICE', 'STATE', 'SIZE', 'NAME', 'PID', 'CONN', 'RO', 'TIMEOUT', 'DEAD-CONN', 'IMAGE'];
+  const head = ['DEVICE', 'STATE', 'SIZE', 'NAME', 'PID', 'CONN', 'RO', 'TIMEOUT', 'DEAD-CONN', 'SIDECAR', 'IMAGE'];
   const dash = (v: unknown): string => (v === null || v === undefined ? '-' : String(v));
   const body = rows.map((d) => [
     d.device,
@@ -16,6 +16,7 @@ function table(rows: DeviceReport[]): string {
     d.readOnly ? 'yes' : 'no',
     d.timeoutS === null ? '-' : `${d.timeoutS}s`,
     d.deadConnTimeoutS === null ? '-' : `${d.deadConnTimeoutS}s`,
+    dash(d.sidecar),
     dash(d.image),
   ]);
   const widths = head.map((h, i) => Math.max(h.length, ...body.map((r) => r[i]!.length)));

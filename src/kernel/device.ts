@@ -20,6 +20,7 @@ import { logger } from '../core/log.js';
 import type { Format } from '../backends/open.js';
 import { openStack } from '../daemon/stack.js';
 import { NbdExport } from '../nbd/server/export.js';
+import { Sidecar } from '../sidecar/sidecar.js';
 import { NbdServer } from '../nbd/server/server.js';
 import type { NbdSession } from '../nbd/server/session.js';
 import { NBD_FLAG } from '../nbd/wire/constants.js';
@@ -93,6 +94,8 @@ export class KernelDevice {
   private detaching: Promise<void> | null = null;
   private recheck: NodeJS.Timeout | null = null;
   private listener: LinkDeadListener | null = null;
+  /** Block status, bitmaps, control and fleecing for backup tools (/run/nbdd/NAME). */
+  private sidecar: Sidecar | null = null;
   private doneResolve!: () => void;
   /** Resolves once the device is detached and the image closed. */
   readonly done: Promise<void> = new Promise((r) => (this.doneResolve = r));
@@ -120,6 +123,7 @@ export class KernelDevice {
     checkName(opts.name);
     const control = NbdControl.open();
     let server: NbdServer | undefined;
+    let sidecar: Sidecar | undefined;
     try {
       const prior = opts.index === undefined ? undefined : checkExplicitDevice(control, opts);
       const readOnly = prior ? prior.readOnly : opts.readOnly;
@@ -154,6 +158,15 @@ export class KernelDevice {
             attachedAt: new Date().toISOString(),
           };
       const device = new KernelDevice(control, server, state);
+      sidecar = await Sidecar.start({
+        name: state.name,
+        queue: stack.queue,
+        stack: stack.layers,
+        bitmaps: stack.bitmaps,
+        frontendStatus: () => ({ device: devicePath(device.index), connections: device.sessions.size, configured: state.connections }),
+      });
+      device.sidecar = sidecar;
+      state.sidecar = sidecar.dir;
       const kernelFds = device.openConnections(connections);
       try {
         if (prior) {
@@ -178,11 +191,13 @@ export class KernelDevice {
       device.listener = LinkDeadListener.forControl(control, (index) => {
         if (index !== device.index) return;
         log.warn(`${devicePath(index)}: the kernel reports a dead connection`);
+        device.sidecar?.events.publish('link-dead', { device: devicePath(index) });
         device.scheduleCheck();
       });
       log.info(`${devicePath(state.index)}: ${prior ? 're-attached' : 'attached'} ${state.image} as '${state.name}' over ${connections} connection(s)`);
       return { device, reattached: !!prior };
     } catch (err) {
+      await sidecar?.close().catch(() => undefined);
       await server?.close().catch(() => undefined);
       control.close();
       throw err;
@@ -228,6 +243,7 @@ export class KernelDevice {
     try {
       this.control.reconfigure({ index: this.index, backendId: this.state.backendId, sockets: fds });
       log.info(`${devicePath(this.index)}: replaced ${missing} dead connection(s)`);
+      this.sidecar?.events.publish('reconnected', { device: devicePath(this.index), connections: missing });
     } finally {
       for (const fd of fds) closeFd(fd);
     }
@@ -250,6 +266,8 @@ export class KernelDevice {
   private async close(): Promise<void> {
     this.detaching ??= Promise.resolve();
     this.listener?.close();
+    // The sidecar shares the device's queue; it goes first, then the server closes the queue.
+    await this.sidecar?.close();
     await this.server.close();
     this.control.close();
     removeState(this.index);

@@ -29,6 +29,7 @@ export interface DeviceReport {
   readOnly: boolean;
   timeoutS: number | null;
   deadConnTimeoutS: number | null;
+  sidecar: string | null;
 }
 
 function report(index: number, connected: boolean, state: DeviceState | undefined): DeviceReport {
@@ -50,6 +51,7 @@ function report(index: number, connected: boolean, state: DeviceState | undefine
     readOnly: sys?.readOnly ?? false,
     timeoutS: ours?.timeoutS ?? null,
     deadConnTimeoutS: ours?.deadConnTimeoutS ?? null,
+    sidecar: ours && alive ? (ours.sidecar ?? null) : null,
   };
 }
 

@@ -34,6 +34,8 @@ export interface DeviceState {
   /** ISO time of the first CONNECT; `reattachedAt` of the latest RECONFIGURE, if any. */
   attachedAt: string;
   reattachedAt?: string;
+  /** The sidecar directory (nbd.sock, control.sock) of the daemon serving the device. */
+  sidecar?: string;
 }
 
 function statePath(index: number): string {
