@@ -3,31 +3,54 @@
  * creates an empty qcow2 v3 image (or a sparse raw file). SIZE accepts K/M/G/T suffixes and
  * defaults to the backing file's size.
  */
+import { constants as fsConstants } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { Command, Option } from 'commander';
 import { Errno, NbddError } from '../core/errors.js';
 import { formatSize, parseSize } from '../core/units.js';
 import { createQcow2 } from '../backends/qcow2/create.js';
+import { LOCK_EX, tryFlock } from '../sys/libc.js';
 
 interface CreateOptions {
   format: 'qcow2' | 'raw';
   backing?: string;
   backingFormat?: 'qcow2' | 'raw';
   clusterSize: string;
+  force?: boolean;
+}
+
+/**
+ * Refuses to replace an existing file unless `force`, and never replaces one that a running nbdd
+ * (or anything else holding a flock on it) has open: creating over a live image loses data.
+ */
+async function checkTarget(image: string, force: boolean): Promise<void> {
+  const fh = await open(image, fsConstants.O_RDONLY).catch((err: NodeJS.ErrnoException) => {
+    if (err.code === 'ENOENT') return null;
+    throw err;
+  });
+  if (!fh) return;
+  try {
+    if (!force) throw new NbddError(Errno.EEXIST, `${image} exists; nbdd create does not overwrite an image unless --force is given`);
+    if (!tryFlock(fh.fd, LOCK_EX)) throw new NbddError(Errno.EBUSY, `${image} is in use by another process (it holds a lock); not overwriting it`);
+  } finally {
+    await fh.close();
+  }
 }
 
 export function register(program: Command): void {
   program
     .command('create')
     .description('create an empty disk image (qcow2 v3, or sparse raw)')
-    .argument('<image>', 'path of the new image (overwritten if it exists, as qemu-img does)')
+    .argument('<image>', 'path of the new image (an existing file is refused unless --force)')
     .argument('[size]', 'virtual size, e.g. 10G (default: the backing file\'s size)')
     .addOption(new Option('-f, --format <format>', 'image format').choices(['qcow2', 'raw']).default('qcow2'))
     .option('-b, --backing <file>', 'backing file (qcow2 only; relative to the image\'s directory)')
     .addOption(new Option('-F, --backing-format <format>', 'backing file format (default: probed)').choices(['qcow2', 'raw']))
     .option('--cluster-size <bytes>', 'qcow2 cluster size, 512 to 2M', '64K')
+    .option('--force', 'replace an existing file (never one in use)')
     .action(async (image: string, size: string | undefined, opts: CreateOptions) => {
       const bytes = size === undefined ? undefined : parseSize(size);
+      await checkTarget(image, !!opts.force);
       if (opts.format === 'raw') {
         if (opts.backing) throw new NbddError(Errno.EINVAL, 'raw images have no backing file');
         if (bytes === undefined) throw new NbddError(Errno.EINVAL, 'a size is needed for a raw image');

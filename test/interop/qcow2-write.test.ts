@@ -61,6 +61,26 @@ describe('nbdd create', () => {
     expect(bad.status).toBe(1);
     expect(bad.stderr).toContain('cluster size 1000 must be a power of two');
   });
+
+  it('does not replace an existing image without --force, nor one in use even with it', async () => {
+    const path = join(dir.path, 'keep.qcow2');
+    run(NBDD, ['create', path, '4M']);
+    qemuIo(path, ['write -P 0x5a 0 64k']);
+    const again = runStatus(NBDD, ['create', path, '8M']);
+    expect(again.status).toBe(1);
+    expect(again.stderr).toMatch(/exists.*--force/);
+    const img = await openQcow2(path, { readOnly: false });
+    try {
+      const busy = runStatus(NBDD, ['create', '--force', path, '8M']);
+      expect(busy.status).toBe(1);
+      expect(busy.stderr).toMatch(/in use/);
+    } finally {
+      await img.close();
+    }
+    expect(qemuRaw(path, dir.path).subarray(0, 65536).every((b) => b === 0x5a)).toBe(true);
+    run(NBDD, ['create', '--force', path, '8M']);
+    expect((await describeQcow2(path)).virtualSize).toBe(8 * MiB);
+  });
 });
 
 describe('qcow2 writes', () => {
