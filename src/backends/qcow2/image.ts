@@ -153,7 +153,11 @@ export class Qcow2Image implements Backend, ImageLayer {
   private commitChain: Promise<void> = Promise.resolve();
   private commitScheduled = false;
   private commitError: unknown = null;
+  /** Set when close begins: later requests are refused, scheduled commits left to close. */
   private closed = false;
+  /** Requests (and flushes) in flight; close waits for them before its last commit. */
+  private active = 0;
+  private drained: (() => void) | null = null;
 
   constructor(parts: Qcow2Parts) {
     this.path = parts.path;
@@ -214,54 +218,69 @@ export class Qcow2Image implements Backend, ImageLayer {
     return buf;
   }
 
-  async readInto(buf: Buffer, offset: number): Promise<void> {
-    const release = await this.lockRange(offset, buf.length, false);
-    try {
-      await this.readLocked(buf, offset);
-    } finally {
-      release();
-    }
+  readInto(buf: Buffer, offset: number): Promise<void> {
+    return this.track(async () => {
+      const release = await this.lockRange(offset, buf.length, false);
+      try {
+        await this.readLocked(buf, offset);
+      } finally {
+        release();
+      }
+    });
   }
 
-  async write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
-    this.assertWritable();
-    const release = await this.lockRange(offset, data.length, true);
-    try {
-      await this.writeLocked(offset, data);
-    } finally {
-      release();
-    }
-    await this.afterUpdate(options);
+  write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
+    return this.update(offset, data.length, options, () => this.writeLocked(offset, data));
   }
 
-  async writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
-    this.assertWritable();
-    if (options?.fastZero) throw new NbddError(Errno.ENOTSUP, 'qcow2: fast zero is not offered');
-    const release = await this.lockRange(offset, length, true);
-    try {
-      await this.zeroLocked(offset, length, options?.noHole === true);
-    } finally {
-      release();
-    }
-    await this.afterUpdate(options);
+  writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
+    if (options?.fastZero) return Promise.reject(new NbddError(Errno.ENOTSUP, 'qcow2: fast zero is not offered'));
+    return this.update(offset, length, options, () => this.zeroLocked(offset, length, options?.noHole === true));
   }
 
-  async trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
-    this.assertWritable();
-    const release = await this.lockRange(offset, length, true);
-    try {
-      await this.trimLocked(offset, length);
-    } finally {
-      release();
-    }
-    await this.afterUpdate(options);
+  trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
+    return this.update(offset, length, options, () => this.trimLocked(offset, length));
+  }
+
+  /** Commits all metadata changes and makes them and every completed write durable. */
+  flush(): Promise<void> {
+    return this.track(() => this.commitAndSync());
   }
 
   /**
-   * Commits all metadata changes and makes them and every completed write durable. Freeing
-   * clusters dirties refcount blocks after they were written, so a second commit follows then.
+   * Runs `fn` as a request in flight: refused with ESHUTDOWN once close has begun, and counted
+   * until it settles, so close commits only after every accepted request changed its metadata.
    */
-  async flush(): Promise<void> {
+  private async track<T>(fn: () => Promise<T>): Promise<T> {
+    if (this.closed) throw new NbddError(Errno.ESHUTDOWN, `${this.path} is closed`);
+    this.active++;
+    try {
+      return await fn();
+    } finally {
+      if (--this.active === 0) this.drained?.();
+    }
+  }
+
+  /** A write, zero write or discard of guest [offset, offset + length), under an exclusive lock. */
+  private update(offset: number, length: number, options: WriteOptions | undefined, locked: () => Promise<void>): Promise<void> {
+    return this.track(async () => {
+      this.assertWritable();
+      const release = await this.lockRange(offset, length, true);
+      try {
+        await locked();
+      } finally {
+        release();
+      }
+      await this.afterUpdate(options);
+    });
+  }
+
+  /**
+   * Commits, then fdatasyncs. Freeing clusters dirties refcount blocks after they were written,
+   * so a second commit follows then; with no request running meanwhile (as at close) nothing
+   * is dirty afterwards.
+   */
+  private async commitAndSync(): Promise<void> {
     if (!this.refs) return;
     for (let round = 0; round < 2 && (round === 0 || this.hasDirtyMetadata()); round++) await this.commit();
     await this.port.fsync();
@@ -271,20 +290,27 @@ export class Qcow2Image implements Backend, ImageLayer {
     return this.refs!.dirty || this.pendingFrees.length > 0 || this.dirtyL1.size > 0 || this.l2Cache.dirtyCount > 0;
   }
 
-  async blockStatus(offset: number, length: number): Promise<Extent[]> {
-    const release = await this.lockRange(offset, length, false);
-    try {
-      return await this.statusLocked(offset, length);
-    } finally {
-      release();
-    }
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return this.track(async () => {
+      const release = await this.lockRange(offset, length, false);
+      try {
+        return await this.statusLocked(offset, length);
+      } finally {
+        release();
+      }
+    });
   }
 
+  /**
+   * Refuses new requests, waits for those in flight (their metadata changes and frees are only
+   * in memory until a commit), commits everything and closes the file. No I/O follows on it.
+   */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     try {
-      if (this.refs) await this.flush();
+      if (this.active > 0) await new Promise<void>((resolve) => (this.drained = resolve));
+      await this.commitAndSync();
     } finally {
       await this.port.close();
       await this.backing?.close();
@@ -899,7 +925,7 @@ export class Qcow2Image implements Backend, ImageLayer {
 
   private async afterUpdate(options?: WriteOptions): Promise<void> {
     if (options?.fua) {
-      await this.flush();
+      await this.commitAndSync();
       return;
     }
     if (this.pendingFrees.length > 0 || this.l2Cache.dirtyCount > this.l2Cache.capacity / 2) this.scheduleCommit();
@@ -912,6 +938,7 @@ export class Qcow2Image implements Backend, ImageLayer {
     this.commitScheduled = true;
     setImmediate(() => {
       this.commitScheduled = false;
+      if (this.closed) return; // close commits everything itself, before the file closes
       this.commit().catch((err) => log.error(`${this.path}: metadata commit failed: ${messageOf(err)}`));
     });
   }
