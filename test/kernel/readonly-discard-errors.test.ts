@@ -11,10 +11,8 @@ let s: Scenario;
 beforeAll(async () => {
   s = await Scenario.run(`
 # --- read-only
-truncate -s 32M ro.img
-dev=$(nbdd attach ro.img --name ro)
-mkfs.ext4 -q $dev && mkdir -p /mnt/ro && mount $dev /mnt/ro && echo "kept" > /mnt/ro/file && umount /mnt/ro
-nbdd detach ro
+mkdir -p rosrc /mnt/ro && echo "kept" > rosrc/file
+truncate -s 32M ro.img && mkfs.ext4 -q -d rosrc ro.img
 sha256sum < ro.img > $WORK/ro.sha-before
 dev=$(nbdd attach ro.img --name ro --read-only --json | sed 's/.*"device":"\\([^"]*\\)".*/\\1/')
 blockdev --getro $dev > $WORK/ro.getro
@@ -60,7 +58,7 @@ sleep 1
 record locked nbdd attach locked.img
 kill $holder
 record notroot setpriv --reuid=65534 --regid=65534 --clear-groups node $REPO/bin/nbdd attach /tmp/user.img --foreground
-nbdd list --json > $WORK/final.list.json
+record final-list nbdd list --json
 `);
 }, 600_000);
 
@@ -125,6 +123,7 @@ describe('error paths: a clear message and a non-zero exit', () => {
     expect(s.text(`${name}.err`)).toMatch(/^nbdd: /m);
   });
   it('leaves no device connected behind', () => {
-    expect(s.json<{ state: string }[]>('final.list.json').filter((d) => d.state !== 'idle')).toEqual([]);
+    expect(s.status('final-list'), s.text('final-list.err')).toBe(0);
+    expect(s.json<{ state: string }[]>('final-list.out').filter((d) => d.state !== 'idle')).toEqual([]);
   });
 });

@@ -68,7 +68,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 ${insmods}
 mkdir -p /mnt/host /mnt/upper /mnt/root
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=1048576 hostroot /mnt/host || fail "9p hostroot"
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=1048576,cache=loose hostroot /mnt/host || fail "9p hostroot"
 mount -t tmpfs -o size=1536m tmpfs /mnt/upper
 mkdir -p /mnt/upper/u /mnt/upper/w
 mount -t overlay overlay -o lowerdir=/mnt/host,upperdir=/mnt/upper/u,workdir=/mnt/upper/w /mnt/root || fail overlay
