@@ -7,13 +7,13 @@
  * or MiB/s and the ratio nbdd / qemu-nbd. Absolute figures under TCG mean little; the ratio is the
  * point. Both servers use the page cache of the VM (nbdd: raw backend; qemu-nbd: --cache=writeback).
  *
- * Environment: BENCH_RUNTIME (8) seconds per job, BENCH_SIZE (256M) image size, BENCH_CONNECTIONS
+ * Environment: BENCH_RUNTIME (5) seconds per job, BENCH_SIZE (256M) image size, BENCH_CONNECTIONS
  * (1) nbdd connections (qemu-nbd --connect always uses one). Flags: --json prints the raw figures.
  * Needs the kernel tier's tools (scripts/install-test-deps.sh).
  */
 import { runnerImport } from 'vite';
 
-const runtime = Number(process.env.BENCH_RUNTIME ?? 8);
+const runtime = Number(process.env.BENCH_RUNTIME ?? 5);
 const size = process.env.BENCH_SIZE ?? '256M';
 const connections = Number(process.env.BENCH_CONNECTIONS ?? 1);
 

@@ -14,8 +14,9 @@
  */
 import { spawn, execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, chmodSync } from 'node:fs';
+import { createHash } from 'node:crypto';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 
 export const CACHE_ROOT = process.env.NBDD_VM_CACHE ?? '/var/cache/nbdd-vm';
 /** The checkout, visible at the same path inside the VM. */
@@ -79,7 +80,7 @@ mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys
 mount -t devtmpfs devtmpfs $R/dev
 mount -t tmpfs tmpfs $R/tmp
-mount -t tmpfs tmpfs $R/run
+mount -t tmpfs tmpfs $R/run && mkdir -p $R/run/lock
 mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
 echo "nbdd-vm: running scenario"
 chroot $R /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root WORK=${VM_WORK} REPO=${REPO} \\
@@ -91,38 +92,45 @@ poweroff -f
 `;
 }
 
-function lockedBuild(dir: string, build: (tmp: string) => void): void {
-  if (existsSync(join(dir, 'ready'))) return;
-  mkdirSync(CACHE_ROOT, { recursive: true });
-  const lock = `${dir}.lock`;
+/**
+ * Builds `target` (a file or directory) once: `build(tmp)` fills a temporary path beside it, which
+ * is then renamed into place, so an existing target is always complete. Concurrent callers (two
+ * vitest workers) wait on a lock directory.
+ */
+function buildOnce(target: string, build: (tmp: string) => void): void {
+  if (existsSync(target)) return;
+  mkdirSync(dirname(target), { recursive: true });
+  const lock = `${target}.lock`;
   const deadline = Date.now() + 600_000;
   for (;;) {
     try {
       mkdirSync(lock);
       break;
     } catch {
-      if (existsSync(join(dir, 'ready'))) return;
+      if (existsSync(target)) return;
       // A lock older than 10 minutes belongs to a build that died.
       if (Date.now() - statSync(lock).mtimeMs > 600_000) rmSync(lock, { recursive: true, force: true });
       if (Date.now() > deadline) throw new Error(`timed out waiting for ${lock}`);
       execFileSync('sleep', ['1']);
     }
   }
+  const tmp = `${target}.build-${process.pid}`;
   try {
-    if (existsSync(join(dir, 'ready'))) return;
-    const tmp = mkdtempSync(`${dir}.build-`);
+    if (existsSync(target)) return;
+    rmSync(tmp, { recursive: true, force: true });
     build(tmp);
-    writeFileSync(join(tmp, 'ready'), `${new Date().toISOString()}\n`);
-    rmSync(dir, { recursive: true, force: true });
-    renameSync(tmp, dir);
+    renameSync(tmp, target);
   } finally {
+    rmSync(tmp, { recursive: true, force: true });
     rmSync(lock, { recursive: true, force: true });
   }
 }
 
 /**
- * Downloads (apt-get download), unpacks and caches the kernel and builds the initramfs, once per
- * kernel package. Throws with the install command when a tool is missing.
+ * Downloads (apt-get download) and unpacks the kernel once per package:
+ * `<cache>/<package>/kernel/` holds vmlinuz and the decompressed modules. The initramfs is built
+ * next to that directory, once per version of the init script (its name carries a hash of it). Throws with the install command
+ * when a tool is missing.
  */
 export function ensureKernel(): VmKernel {
   for (const t of ['qemu-system-x86_64', 'apt-get', 'dpkg-deb', 'xz', 'cpio', 'gzip']) need(t);
@@ -130,9 +138,10 @@ export function ensureKernel(): VmKernel {
     throw new Error(`/bin/busybox must be the static build; ${INSTALL_HINT}`);
   }
   const pkg = kernelPackage();
-  const dir = join(CACHE_ROOT, pkg);
-  lockedBuild(dir, (tmp) => {
+  const dir = join(CACHE_ROOT, pkg, 'kernel');
+  buildOnce(dir, (tmp) => {
     const unpack = join(tmp, 'pkg');
+    mkdirSync(join(tmp, 'modules'), { recursive: true });
     mkdirSync(unpack);
     execFileSync('apt-get', ['download', pkg], { cwd: tmp, stdio: 'pipe' });
     const deb = readdirSync(tmp).find((f) => f.endsWith('.deb'));
@@ -141,24 +150,31 @@ export function ensureKernel(): VmKernel {
     const vmlinuz = readdirSync(join(unpack, 'boot')).find((f) => f.startsWith('vmlinuz-'));
     if (!vmlinuz) throw new Error(`${pkg} has no /boot/vmlinuz-*`);
     renameSync(join(unpack, 'boot', vmlinuz), join(tmp, 'vmlinuz'));
-
-    const root = join(tmp, 'initramfs');
-    for (const d of ['bin', 'proc', 'sys', 'dev', 'mnt', 'lib/modules']) mkdirSync(join(root, d), { recursive: true });
-    execFileSync('cp', ['/bin/busybox', join(root, 'bin/busybox')]);
-    const modTree = join(unpack, 'lib/modules');
     for (const m of MODULES) {
-      const found = execFileSync('find', [modTree, '-name', `${m}.ko.xz`], { encoding: 'utf8' }).trim().split('\n')[0];
+      const found = execFileSync('find', [join(unpack, 'lib/modules'), '-name', `${m}.ko.xz`], { encoding: 'utf8' }).trim().split('\n')[0];
       if (!found) throw new Error(`${pkg} has no module ${m}`);
-      writeFileSync(join(root, 'lib/modules', `${m}.ko`), execFileSync('xz', ['-dc', found], { maxBuffer: 64 << 20 }));
+      writeFileSync(join(tmp, 'modules', `${m}.ko`), execFileSync('xz', ['-dc', found], { maxBuffer: 64 << 20 }));
     }
-    writeFileSync(join(root, 'init'), initScript(MODULES));
-    chmodSync(join(root, 'init'), 0o755);
-    execFileSync('sh', ['-c', `cd '${root}' && find . | cpio -o -H newc --quiet | gzip -1 > ../initramfs.cpio.gz`]);
     rmSync(unpack, { recursive: true, force: true });
-    rmSync(root, { recursive: true, force: true });
     rmSync(join(tmp, deb));
   });
-  return { pkg, vmlinuz: join(dir, 'vmlinuz'), initramfs: join(dir, 'initramfs.cpio.gz') };
+
+  const init = initScript(MODULES);
+  const initramfs = join(CACHE_ROOT, pkg, `initramfs-${createHash('sha256').update(init).digest('hex').slice(0, 12)}.cpio.gz`);
+  buildOnce(initramfs, (tmp) => {
+    const root = `${tmp}.root`;
+    try {
+      for (const d of ['bin', 'proc', 'sys', 'dev', 'mnt', 'lib/modules']) mkdirSync(join(root, d), { recursive: true });
+      execFileSync('cp', ['/bin/busybox', join(root, 'bin/busybox')]);
+      for (const m of MODULES) execFileSync('cp', [join(dir, 'modules', `${m}.ko`), join(root, 'lib/modules')]);
+      writeFileSync(join(root, 'init'), init);
+      chmodSync(join(root, 'init'), 0o755);
+      execFileSync('sh', ['-c', `cd '${root}' && find . | cpio -o -H newc --quiet | gzip -1 > '${tmp}'`]);
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  });
+  return { pkg, vmlinuz: join(dir, 'vmlinuz'), initramfs };
 }
 
 export interface VmOptions {
