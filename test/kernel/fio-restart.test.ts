@@ -49,7 +49,7 @@ nbdd detach kill; echo $? > $WORK/kill.detach.rc
 kill $listener
 cp /run/nbdd/kill.log $WORK/kill.log
 `);
-}, 600_000);
+}, 1_800_000); // may wait for other VM runs (one at a time)
 
 it('fio --verify=crc32c over 4 connections: one hardware queue per connection (blk-mq caps at the CPU count), no errors', () => {
   expect(Number(s.text('multi.hwqueues')), s.log).toBe(Math.min(4, Number(s.text('nproc'))));

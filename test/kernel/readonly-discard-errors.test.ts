@@ -60,7 +60,7 @@ kill $holder
 record notroot setpriv --reuid=65534 --regid=65534 --clear-groups node $REPO/bin/nbdd attach /tmp/user.img --foreground
 record final-list nbdd list --json
 `);
-}, 600_000);
+}, 1_800_000); // may wait for other VM runs (one at a time)
 
 describe('read-only attach', () => {
   it('marks the device read-only and lists it so', () => {

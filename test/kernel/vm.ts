@@ -205,6 +205,7 @@ export interface VmResult {
  */
 export async function runInVm(script: string, opts: VmOptions = {}): Promise<VmResult> {
   const kernel = ensureKernel();
+  const release = await acquireVmSlot();
   const work = mkdtempSync(join(tmpdir(), 'nbdd-vm-'));
   try {
     writeFileSync(join(work, 'scenario.sh'), script);
@@ -246,7 +247,41 @@ export async function runInVm(script: string, opts: VmOptions = {}): Promise<VmR
     }
     return { exitCode: code === '' ? -1 : Number(code), output: read('output'), console: consoleText, files, ms: Date.now() - started };
   } finally {
+    release();
     if (!process.env.NBDD_VM_KEEP) rmSync(work, { recursive: true, force: true });
+  }
+}
+
+/**
+ * One VM at a time on this machine (the emulator wants both cores; two at once only make both
+ * slow enough to hit their time limits). A lock directory holds the owner's pid; a lock whose
+ * owner is gone is taken over. Resolves with the release function.
+ */
+async function acquireVmSlot(): Promise<() => void> {
+  const lock = join(tmpdir(), 'nbdd-vm.lock');
+  const owner = join(lock, 'pid');
+  for (;;) {
+    try {
+      mkdirSync(lock);
+      writeFileSync(owner, String(process.pid));
+      return () => rmSync(lock, { recursive: true, force: true });
+    } catch {
+      const pid = Number(existsSync(owner) ? readFileSync(owner, 'utf8') : NaN);
+      let alive = false;
+      try {
+        alive = pid > 0 && process.kill(pid, 0);
+      } catch {
+        alive = false;
+      }
+      const since = statSync(lock, { throwIfNoEntry: false });
+      if (!since) continue; // released meanwhile
+      // No pid yet means the owner is between mkdir and write: wait, unless that lasts.
+      if (!alive && (pid > 0 || Date.now() - since.mtimeMs > 10_000)) {
+        rmSync(lock, { recursive: true, force: true });
+        continue;
+      }
+      await new Promise((r) => setTimeout(r, 500));
+    }
   }
 }
 
