@@ -100,15 +100,11 @@ export class KernelDevice {
   private constructor(
     private readonly control: NbdControl,
     private readonly server: NbdServer,
-    private state: DeviceState,
+    private readonly state: DeviceState,
   ) {}
 
   get index(): number {
     return this.state.index;
-  }
-
-  get info(): Readonly<DeviceState> {
-    return this.state;
   }
 
   /**
@@ -120,6 +116,7 @@ export class KernelDevice {
     checkName(opts.name);
     const control = NbdControl.open();
     let server: NbdServer | undefined;
+    let device: KernelDevice | undefined;
     try {
       const prior = opts.index === undefined ? undefined : checkExplicitDevice(control, opts);
       const readOnly = prior ? prior.readOnly : opts.readOnly;
@@ -153,7 +150,7 @@ export class KernelDevice {
             deadConnTimeoutS: opts.deadConnTimeoutS,
             attachedAt: new Date().toISOString(),
           };
-      const device = new KernelDevice(control, server, state);
+      device = new KernelDevice(control, server, state);
       const kernelFds = device.openConnections(connections);
       try {
         if (prior) {
@@ -175,14 +172,17 @@ export class KernelDevice {
         for (const fd of kernelFds) closeFd(fd);
       }
       saveState(state);
+      const attached = device;
       device.listener = LinkDeadListener.forControl(control, (index) => {
-        if (index !== device.index) return;
+        if (index !== attached.index) return;
         log.warn(`${devicePath(index)}: the kernel reports a dead connection`);
-        device.scheduleCheck();
+        attached.scheduleCheck();
       });
       log.info(`${devicePath(state.index)}: ${prior ? 're-attached' : 'attached'} ${state.image} as '${state.name}' over ${connections} connection(s)`);
       return { device, reattached: !!prior };
     } catch (err) {
+      // Closing our ends below must not look like dead connections to replace.
+      if (device) device.detaching = Promise.resolve();
       await server?.close().catch(() => undefined);
       control.close();
       throw err;
