@@ -2,12 +2,15 @@
  * From what a user names (a file path, a block device, an NBD URI, `memory:SIZE`) to an open
  * backend. The single place that knows every format; frontends and commands call `openImage`.
  */
-import { open as fsOpen } from 'node:fs/promises';
 import type { Backend } from '../core/backend.js';
-import { Errno, NbddError } from '../core/errors.js';
 import { parseSize } from '../core/units.js';
+import { isNbdUri } from '../nbd/uri.js';
 import { MemoryBackend } from './memory.js';
+import { openNbd } from './nbd.js';
+import { openQcow2, probeFormat } from './qcow2/index.js';
 import { RawBackend } from './raw.js';
+
+export { probeFormat };
 
 export const FORMATS = ['auto', 'raw', 'qcow2'] as const;
 export type Format = (typeof FORMATS)[number];
@@ -19,22 +22,6 @@ export interface OpenOptions {
   direct?: boolean;
 }
 
-const QCOW2_MAGIC = 0x514649fb;
-
-/** 'qcow2' when the file starts with the qcow2 magic, else 'raw'. */
-export async function probeFormat(path: string): Promise<'qcow2' | 'raw'> {
-  const fh = await fsOpen(path, 'r').catch((err: NodeJS.ErrnoException) => {
-    throw new NbddError(err.code === 'ENOENT' ? Errno.ENOENT : Errno.EIO, `cannot open ${path}: ${err.message}`);
-  });
-  try {
-    const head = Buffer.alloc(4);
-    const { bytesRead } = await fh.read(head, 0, 4, 0);
-    return bytesRead === 4 && head.readUInt32BE(0) === QCOW2_MAGIC ? 'qcow2' : 'raw';
-  } finally {
-    await fh.close();
-  }
-}
-
 export function isMemorySpec(image: string): boolean {
   return image.startsWith('memory:');
 }
@@ -44,11 +31,12 @@ export async function openImage(image: string, options: OpenOptions = {}): Promi
   if (isMemorySpec(image)) {
     return new MemoryBackend({ size: parseSize(image.slice('memory:'.length)), readOnly });
   }
+  if (isNbdUri(image)) return openNbd(image, { readOnly });
   const format = !options.format || options.format === 'auto' ? await probeFormat(image) : options.format;
   switch (format) {
     case 'raw':
       return RawBackend.open(image, { readOnly, direct: options.direct });
     case 'qcow2':
-      throw new NbddError(Errno.ENOTSUP, `${image} is a qcow2 image; qcow2 support lands with the qcow2 backend`);
+      return openQcow2(image, { readOnly });
   }
 }

@@ -1,11 +1,14 @@
 /** Every CLI command: each module exports `register(program)`; add one line per command. */
 import type { Command } from 'commander';
 import { register as attach } from './attach.js';
+import { register as create } from './create.js';
 import { register as detach } from './detach.js';
+import { register as info } from './info.js';
 import { register as installUdev } from './install-udev.js';
 import { register as list } from './list.js';
+import { register as map } from './map.js';
 import { register as serve } from './serve.js';
 
 export type RegisterCommand = (program: Command) => void;
 
-export const commands: RegisterCommand[] = [serve, attach, detach, list, installUdev];
+export const commands: RegisterCommand[] = [serve, attach, detach, list, create, installUdev, info, map];

@@ -7,7 +7,7 @@
  */
 import fs from 'node:fs';
 import { Errno, NbddError } from '../core/errors.js';
-import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, alignedBuffer, fallocate } from '../sys/libc.js';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, alignedBuffer, fallocate, preadNowait } from '../sys/libc.js';
 
 export interface FilePort {
   readonly path: string;
@@ -44,15 +44,25 @@ function pwritev(fd: number, bufs: Buffer[], pos: number): Promise<number> {
   return new Promise((resolve, reject) => fs.writev(fd, bufs, pos, (err, n) => (err ? reject(err) : resolve(n))));
 }
 
+/**
+ * FilePort on node:fs. Reads first try `preadNowait` on the event-loop thread (page-cache hits
+ * complete without a thread-pool round trip) and fall back to the pool for the rest; writes, syncs
+ * and cold reads always go through the pool.
+ */
 export class NodeFilePort implements FilePort {
   private closed = false;
   private zeroRangeWorks = true;
+  /** False on O_DIRECT files, and once the kernel or filesystem refused RWF_NOWAIT. */
+  private nowaitReads: boolean;
 
   private constructor(
     readonly path: string,
     readonly fd: number,
     readonly readOnly: boolean,
-  ) {}
+    direct: boolean,
+  ) {
+    this.nowaitReads = !direct;
+  }
 
   /** `exclusive` (with `create`) fails with EEXIST when the file exists (O_EXCL). */
   static async open(
@@ -64,11 +74,22 @@ export class NodeFilePort implements FilePort {
     if (options.exclusive) flags |= fs.constants.O_EXCL;
     if (options.direct) flags |= fs.constants.O_DIRECT;
     const fd = await new Promise<number>((resolve, reject) => fs.open(path, flags, 0o644, (err, fd) => (err ? reject(err) : resolve(fd))));
-    return new NodeFilePort(path, fd, options.readOnly);
+    return new NodeFilePort(path, fd, options.readOnly, !!options.direct);
   }
 
   async readAt(buf: Buffer, offset: number): Promise<Buffer> {
-    let done = await pread(this.fd, buf, 0, buf.length, offset);
+    let done = 0;
+    if (this.nowaitReads) {
+      try {
+        const n = preadNowait(this.fd, buf, offset);
+        if (n === buf.length) return buf;
+        if (n === 0) return buf.fill(0);
+        if (n > 0) done = n;
+      } catch {
+        this.nowaitReads = false;
+      }
+    }
+    if (done === 0) done = await pread(this.fd, buf, 0, buf.length, offset);
     while (done < buf.length) {
       const n = await pread(this.fd, buf, done, buf.length - done, offset + done);
       if (n === 0) {

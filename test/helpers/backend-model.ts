@@ -6,17 +6,9 @@
 import { expect } from 'vitest';
 import type { Backend, Extent } from '../../src/core/backend.js';
 
-/** Small deterministic PRNG (mulberry32), so a failing seed can be replayed. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { prng } from './prng.js';
+
+export { prng };
 
 export interface ModelOptions {
   seed: number;

@@ -13,8 +13,8 @@
  * its output and every file it leaves in $WORK come back through a read-write 9p share.
  */
 import { spawn, execFileSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, chmodSync } from 'node:fs';
 import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, chmodSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 
@@ -83,7 +83,9 @@ mount -t tmpfs tmpfs $R/tmp
 mount -t tmpfs tmpfs $R/run && mkdir -p $R/run/lock
 mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
 echo "nbdd-vm: running scenario"
-chroot $R /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root WORK=${VM_WORK} REPO=${REPO} \\
+# The checkout to test comes with each run (the initramfs is cached and shared by checkouts).
+REPO=$(cat $R${VM_WORK}/repo)
+chroot $R /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root WORK=${VM_WORK} REPO=$REPO \\
   /bin/bash ${VM_WORK}/scenario.sh > $R${VM_WORK}/output 2>&1
 echo $? > $R${VM_WORK}/exit-code
 sync
@@ -129,8 +131,9 @@ function buildOnce(target: string, build: (tmp: string) => void): void {
 /**
  * Downloads (apt-get download) and unpacks the kernel once per package:
  * `<cache>/<package>/kernel/` holds vmlinuz and the decompressed modules. The initramfs is built
- * next to that directory, once per version of the init script (its name carries a hash of it). Throws with the install command
- * when a tool is missing.
+ * next to that directory, once per version of the init script (its name carries a hash of it),
+ * so a changed harness never boots a stale initramfs; the checkout to test is not part of it
+ * (each run passes its own in $WORK/repo). Throws with the install command when a tool is missing.
  */
 export function ensureKernel(): VmKernel {
   for (const t of ['qemu-system-x86_64', 'apt-get', 'dpkg-deb', 'xz', 'cpio', 'gzip']) need(t);
@@ -209,6 +212,7 @@ export async function runInVm(script: string, opts: VmOptions = {}): Promise<VmR
   const work = mkdtempSync(join(tmpdir(), 'nbdd-vm-'));
   try {
     writeFileSync(join(work, 'scenario.sh'), script);
+    writeFileSync(join(work, 'repo'), REPO);
     for (const [name, data] of Object.entries(opts.files ?? {})) writeFileSync(join(work, name), data);
     const args = [
       '-accel', 'tcg,thread=multi', '-cpu', 'max',
@@ -242,7 +246,7 @@ export async function runInVm(script: string, opts: VmOptions = {}): Promise<VmR
     const code = read('exit-code').trim();
     const files = new Map<string, Buffer>();
     for (const f of readdirSync(work)) {
-      if (['scenario.sh', 'output', 'exit-code'].includes(f) || !statSync(join(work, f)).isFile()) continue;
+      if (['scenario.sh', 'repo', 'output', 'exit-code'].includes(f) || !statSync(join(work, f)).isFile()) continue;
       files.set(f, readFileSync(join(work, f)));
     }
     return { exitCode: code === '' ? -1 : Number(code), output: read('output'), console: consoleText, files, ms: Date.now() - started };

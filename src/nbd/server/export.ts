@@ -80,11 +80,13 @@ export class NbdExport {
   }
 }
 
-function allocationFlags(e: Extent): number {
+/** base:allocation flags of a backend extent. */
+export function allocationFlags(e: Extent): number {
   return (e.hole ? NBD_STATE_HOLE : 0) | (e.zero ? NBD_STATE_ZERO : 0);
 }
 
-function depthOf(e: Extent): number {
+/** qemu:allocation-depth value of a backend extent (0 hole, 1 data, unless the backend says). */
+export function depthOf(e: Extent): number {
   return e.depth ?? (e.hole ? 0 : 1);
 }
 

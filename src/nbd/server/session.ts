@@ -46,6 +46,7 @@ import {
   encodeRepMetaContext,
   encodeRepServer,
 } from '../wire/handshake.js';
+import { TurnWriter } from '../turn-writer.js';
 import { ChunkReader } from '../wire/reader.js';
 import {
   REQUEST_HEADER_LENGTH,
@@ -107,6 +108,7 @@ export class NbdSession {
   private phase: Phase = 'handshake';
   private wait: Wait = { kind: 'clientFlags' };
   private readonly reader = new ChunkReader();
+  private readonly out: TurnWriter;
   private noZeroes = false;
   private structured = false;
   private optionCount = 0;
@@ -114,7 +116,6 @@ export class NbdSession {
   private selected: { exportName: string; contexts: MetaContext[] } | null = null;
   private export: NbdExport | null = null;
   private inFlight = 0;
-  private corked = false;
   private blocked = false;
   private handshakeTimer: NodeJS.Timeout | null = null;
   private unsubscribeDrain: (() => void) | null = null;
@@ -127,6 +128,7 @@ export class NbdSession {
     private readonly host: SessionHost,
     private readonly options: SessionOptions,
   ) {
+    this.out = new TurnWriter(socket);
     socket.setNoDelay?.(true);
     socket.on('data', this.onData);
     socket.on('error', (err) => {
@@ -503,19 +505,8 @@ export class NbdSession {
    * in one writev (the completion batch).
    */
   private send(buf: Buffer): void {
-    if (this.phase === 'closed') return;
-    if (!this.corked) {
-      this.corked = true;
-      this.socket.cork();
-      setImmediate(this.uncork);
-    }
-    this.socket.write(buf);
+    if (this.phase !== 'closed') this.out.write(buf);
   }
-
-  private readonly uncork = (): void => {
-    this.corked = false;
-    if (this.phase !== 'closed') this.socket.uncork();
-  };
 
   /** True when we must stop reading requests: the queue or our reply backlog is full. */
   private mustWait(): boolean {
@@ -550,7 +541,7 @@ export class NbdSession {
   /** Graceful close: what we queued is sent, then the stream ends. */
   private close(): void {
     if (this.phase === 'closed') return;
-    if (this.corked) this.uncork();
+    this.out.flushNow();
     this.socket.end();
     // A peer that never reads its replies must not keep the socket forever.
     setTimeout(() => this.socket.destroy(), 5000).unref();

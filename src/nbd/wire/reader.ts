@@ -53,6 +53,25 @@ export class ChunkReader {
     return out;
   }
 
+  /**
+   * Copies up to `n` buffered bytes into `target` at `targetOffset` and consumes them; returns how
+   * many were copied (`min(n, length)`). For payloads that land in a caller's buffer (a client's
+   * READ data) without an intermediate copy.
+   */
+  consumeInto(target: Buffer, targetOffset: number, n: number): number {
+    const count = Math.min(n, this.total);
+    let copied = 0;
+    this.total -= count;
+    while (copied < count) {
+      const chunk = this.chunks[this.first]!;
+      const take = Math.min(chunk.length - this.offset, count - copied);
+      chunk.copy(target, targetOffset + copied, this.offset, this.offset + take);
+      copied += take;
+      this.advance(take, chunk.length - this.offset);
+    }
+    return count;
+  }
+
   /** Drops up to `n` buffered bytes without copying; returns how many were dropped. */
   skip(n: number): number {
     const dropped = Math.min(n, this.total);

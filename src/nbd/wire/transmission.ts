@@ -197,6 +197,17 @@ export function decodeReplyHeader(b: Buffer): ReplyHeader {
   throw new ProtocolError(`bad reply magic 0x${magic.toString(16)}`);
 }
 
+export const OFFSET_DATA_PREFIX_LENGTH = 8;
+
+/**
+ * The start of an NBD_REPLY_TYPE_OFFSET_DATA payload, for clients that stream the data into place
+ * instead of buffering the whole chunk:
+ *   0 u64 offset | 8 data (chunk length - 8 bytes)
+ */
+export function decodeOffsetDataPrefix(p: Buffer): number {
+  return readU64(p, 0, 'chunk offset');
+}
+
 export type DecodedChunk =
   | { type: typeof NBD_REPLY_TYPE.NONE }
   | { type: typeof NBD_REPLY_TYPE.OFFSET_DATA; offset: number; data: Buffer }

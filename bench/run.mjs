@@ -1,0 +1,382 @@
+#!/usr/bin/env node
+/**
+ * `npm run bench`: nbdd against qemu-nbd and nbdkit on the same image, in the same run, with fio's
+ * `nbd` engine (libnbd) over a unix socket. Prints a table (or JSON with --json) of IOPS / MiB/s
+ * per case and server, the ratio nbdd/peer, and each server's peak RSS (VmHWM).
+ *
+ * Method
+ * - One image per image kind, made once per run in a temporary directory: `raw` is fallocated and
+ *   then filled with non-zero data and fdatasync'ed, so reads hit real (page-cached) data rather
+ *   than unwritten extents, and writes overwrite allocated blocks.
+ * - Every cell (case × server × round) starts a fresh server, waits until its socket accepts, runs
+ *   one fio job (one connection), reads the server's VmHWM, and stops it with SIGTERM.
+ * - Servers alternate inside each case (nbdd, qemu-nbd, nbdkit, nbdd, ...) for BENCH_ROUNDS rounds;
+ *   the table shows the best round per server (the least disturbed by other load on a shared
+ *   machine); JSON has every round.
+ * - Same durability semantics for all three: page cache (buffered I/O), FLUSH = fdatasync.
+ *   qemu-nbd: `--cache=writeback --aio=threads` (its defaults, spelled out); nbdkit: the `file`
+ *   plugin with its default `cache=default`; nbdd: `serve` with its defaults (raw backend, node:fs).
+ *   fio sends no FLUSH or FUA in these jobs.
+ *
+ * Environment: BENCH_RUNTIME seconds per cell (10), BENCH_RAMP seconds of warm-up (1), BENCH_SIZE
+ * image size (1G), BENCH_ROUNDS (2), BENCH_SERVERS comma list (all), BENCH_CASES regular expression
+ * on case names (all), BENCH_DIR for the images and sockets (the OS temp directory).
+ * Flags: --json (JSON on stdout instead of the table), --save FILE (also write the JSON to FILE).
+ * Progress goes to stderr.
+ *
+ * Adding a row: an entry in CASES ({name, image, servers, fio}); a new image kind in IMAGES; a new
+ * server in SERVERS (its argv for each image format it can serve).
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import { mkdtempSync, openSync, closeSync, writeSync, fdatasyncSync, readFileSync, rmSync, existsSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import { cpus, release, tmpdir } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const ROOT = dirname(dirname(fileURLToPath(import.meta.url)));
+const MiB = 1024 * 1024;
+
+/* ------------------------------------------------------------------ cases */
+
+/** What each row measures; `metric` picks the column shown (fio reports both). */
+const CASES = [
+  { name: 'raw 4k randread qd16', image: 'raw', servers: ['nbdd', 'qemu-nbd', 'nbdkit'], metric: 'iops', fio: { rw: 'randread', bs: '4k', iodepth: 16 } },
+  { name: 'raw 4k randwrite qd16', image: 'raw', servers: ['nbdd', 'qemu-nbd', 'nbdkit'], metric: 'iops', fio: { rw: 'randwrite', bs: '4k', iodepth: 16 } },
+  { name: 'raw 1M seqread qd8', image: 'raw', servers: ['nbdd', 'qemu-nbd', 'nbdkit'], metric: 'mibps', fio: { rw: 'read', bs: '1M', iodepth: 8 } },
+  { name: 'raw 1M seqwrite qd8', image: 'raw', servers: ['nbdd', 'qemu-nbd', 'nbdkit'], metric: 'mibps', fio: { rw: 'write', bs: '1M', iodepth: 8 } },
+  { name: 'qcow2 full 4k randread qd16', image: 'qcow2-full', servers: ['nbdd', 'qemu-nbd'], metric: 'iops', fio: { rw: 'randread', bs: '4k', iodepth: 16 } },
+  { name: 'qcow2 full 4k randwrite qd16', image: 'qcow2-full', servers: ['nbdd', 'qemu-nbd'], metric: 'iops', fio: { rw: 'randwrite', bs: '4k', iodepth: 16 } },
+  { name: 'qcow2 fresh 4k randwrite qd16', image: 'qcow2-fresh', servers: ['nbdd', 'qemu-nbd'], metric: 'iops', fio: { rw: 'randwrite', bs: '4k', iodepth: 16 } },
+  { name: 'qcow2 full 1M seqread qd8', image: 'qcow2-full', servers: ['nbdd', 'qemu-nbd'], metric: 'mibps', fio: { rw: 'read', bs: '1M', iodepth: 8 } },
+  { name: 'qcow2 fresh 1M seqwrite qd8', image: 'qcow2-fresh', servers: ['nbdd', 'qemu-nbd'], metric: 'mibps', fio: { rw: 'write', bs: '1M', iodepth: 8 } },
+];
+
+/**
+ * Image kinds: create one in `dir` of `size` bytes, return its path and format. `fresh` kinds are
+ * made again before every cell, so each server starts from the same empty image.
+ */
+const IMAGES = {
+  raw: (dir, size) => {
+    const path = join(dir, 'bench.raw');
+    run('fallocate', ['-l', String(size), path]);
+    fillWithData(path, size);
+    return { path, format: 'raw' };
+  },
+  /** Every cluster allocated with data (converted from a data-filled raw image). */
+  'qcow2-full': (dir, size) => {
+    const raw = join(dir, 'bench-src.raw');
+    run('fallocate', ['-l', String(size), raw]);
+    fillWithData(raw, size);
+    const path = join(dir, 'bench-full.qcow2');
+    run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, path]);
+    rmSync(raw);
+    return { path, format: 'qcow2' };
+  },
+  /** Empty: every write allocates. */
+  'qcow2-fresh': (dir, size) => {
+    const path = join(dir, 'bench-fresh.qcow2');
+    rmSync(path, { force: true });
+    run('qemu-img', ['create', '-q', '-f', 'qcow2', path, String(size)]);
+    return { path, format: 'qcow2', fresh: true };
+  },
+};
+
+/** Servers: `argv(image, socket)` for the formats they serve; `check()` returns why not, or null. */
+const SERVERS = {
+  nbdd: {
+    formats: ['raw', 'qcow2'],
+    argv: (image, socket) => [process.execPath, join(ROOT, 'bin/nbdd'), 'serve', image.path, '--socket', socket],
+    check: () => {
+      const build = spawnSync(process.execPath, [join(ROOT, 'node_modules/typescript/bin/tsc'), '-p', join(ROOT, 'tsconfig.build.json')], { encoding: 'utf8' });
+      if (build.status !== 0) return `build failed: ${build.stdout}${build.stderr}`;
+      const help = spawnSync(process.execPath, [join(ROOT, 'bin/nbdd'), '--help'], { encoding: 'utf8' });
+      return /^\s+serve\b/m.test(help.stdout) ? null : '`nbdd serve` is not available in this tree yet (git merge main)';
+    },
+    version: () => JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')).version,
+  },
+  'qemu-nbd': {
+    formats: ['raw', 'qcow2'],
+    argv: (image, socket) => ['qemu-nbd', '-f', image.format, '-t', '-k', socket, '--cache=writeback', '--aio=threads', image.path],
+    check: () => toolMissing('qemu-nbd', ['--version'], 'qemu-utils'),
+    version: () => firstLine('qemu-nbd', ['--version']),
+  },
+  nbdkit: {
+    formats: ['raw'],
+    argv: (image, socket) => ['nbdkit', '-f', '-U', socket, 'file', image.path],
+    check: () => toolMissing('nbdkit', ['--version'], 'nbdkit'),
+    version: () => firstLine('nbdkit', ['--version']),
+  },
+};
+
+/* ------------------------------------------------------------------ settings */
+
+function envNumber(name, fallback) {
+  const raw = process.env[name];
+  if (raw === undefined || raw === '') return fallback;
+  const value = Number(raw);
+  if (!Number.isFinite(value) || value < 0) fail(`${name}=${raw} is not a number`);
+  return value;
+}
+
+function parseSize(text) {
+  const m = /^(\d+)([KMG]?)$/i.exec(text.trim());
+  if (!m) fail(`BENCH_SIZE=${text}: use e.g. 256M or 1G`);
+  return Number(m[1]) * { '': 1, K: 1024, M: MiB, G: 1024 * MiB }[m[2].toUpperCase()];
+}
+
+const settings = {
+  runtimeSeconds: envNumber('BENCH_RUNTIME', 10),
+  rampSeconds: envNumber('BENCH_RAMP', 1),
+  imageBytes: parseSize(process.env.BENCH_SIZE ?? '1G'),
+  rounds: Math.max(1, Math.floor(envNumber('BENCH_ROUNDS', 2))),
+  pick: 'best of rounds',
+};
+const serverFilter = process.env.BENCH_SERVERS ? process.env.BENCH_SERVERS.split(',').map((s) => s.trim()) : null;
+const caseFilter = process.env.BENCH_CASES ? new RegExp(process.env.BENCH_CASES) : null;
+const asJson = process.argv.includes('--json');
+const saveIndex = process.argv.indexOf('--save');
+const saveFile = saveIndex > 0 ? process.argv[saveIndex + 1] : undefined;
+if (saveIndex > 0 && !saveFile) fail('--save needs a file name');
+
+/* ------------------------------------------------------------------ helpers */
+
+function fail(message) {
+  process.stderr.write(`bench: ${message}\n`);
+  process.exit(1);
+}
+
+function progress(message) {
+  process.stderr.write(`bench: ${message}\n`);
+}
+
+function run(cmd, args) {
+  const r = spawnSync(cmd, args, { encoding: 'utf8' });
+  if (r.status !== 0) fail(`${cmd} ${args.join(' ')} failed: ${r.error?.message ?? r.stderr}`);
+  return r.stdout;
+}
+
+function toolMissing(cmd, args, pkg) {
+  const r = spawnSync(cmd, args, { encoding: 'utf8' });
+  return r.status === 0 ? null : `${cmd} is missing (apt-get install ${pkg})`;
+}
+
+function firstLine(cmd, args) {
+  return spawnSync(cmd, args, { encoding: 'utf8' }).stdout.split('\n')[0].trim();
+}
+
+/** Writes a non-zero pattern over the whole file (1 MiB at a time) and makes it durable. */
+function fillWithData(path, size) {
+  const chunk = Buffer.alloc(MiB);
+  for (let i = 0; i < chunk.length; i += 8) chunk.writeUInt32LE((i * 2654435761) >>> 0, i);
+  const fd = openSync(path, 'r+');
+  try {
+    for (let at = 0; at < size; at += chunk.length) writeSync(fd, chunk, 0, Math.min(chunk.length, size - at), at);
+    fdatasyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Resolves once `socket` accepts a connection; rejects if the server exits or 30 s pass. */
+function waitForSocket(socket, child, stderr) {
+  const deadline = Date.now() + 30_000;
+  return new Promise((resolve, reject) => {
+    const onExit = (code) => reject(new Error(`server exited (${code}) before listening: ${stderr.join('').trim()}`));
+    child.once('exit', onExit);
+    const attempt = () => {
+      if (Date.now() > deadline) return reject(new Error(`server did not listen on ${socket} within 30 s`));
+      const conn = net.createConnection(socket);
+      conn.once('connect', () => {
+        conn.destroy();
+        child.off('exit', onExit);
+        resolve();
+      });
+      conn.once('error', () => setTimeout(attempt, 50));
+    };
+    attempt();
+  });
+}
+
+/** Peak resident set (VmHWM) of a live process, in KiB. */
+function peakRssKiB(pid) {
+  const m = /^VmHWM:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return m ? Number(m[1]) : null;
+}
+
+/** SIGTERM, then SIGKILL after 10 s; resolves with how it ended. */
+function stopServer(child) {
+  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve('already exited');
+  return new Promise((resolve) => {
+    const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+    child.once('exit', (code, signal) => {
+      clearTimeout(timer);
+      resolve(signal ?? `exit ${code}`);
+    });
+    child.kill('SIGTERM');
+  });
+}
+
+function runFio(socket, job) {
+  const args = [
+    '--name=bench',
+    '--ioengine=nbd',
+    `--uri=nbd+unix:///?socket=${socket}`,
+    `--rw=${job.rw}`,
+    `--bs=${job.bs}`,
+    `--iodepth=${job.iodepth}`,
+    '--numjobs=1',
+    '--time_based=1',
+    `--runtime=${settings.runtimeSeconds}`,
+    `--ramp_time=${settings.rampSeconds}`,
+    '--norandommap=1',
+    '--randrepeat=0',
+    '--output-format=json',
+  ];
+  return new Promise((resolve, reject) => {
+    const child = spawn('fio', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const out = [];
+    const err = [];
+    child.stdout.on('data', (d) => out.push(d));
+    child.stderr.on('data', (d) => err.push(d));
+    child.once('error', reject);
+    child.once('exit', (code) => {
+      const text = Buffer.concat(out).toString();
+      const start = text.indexOf('{'); // the nbd engine prints "fio: connected to NBD server" first
+      if (code !== 0 || start < 0) return reject(new Error(`fio exited ${code}: ${Buffer.concat(err).toString().trim()}`));
+      const j = JSON.parse(text.slice(start)).jobs[0];
+      if (j.error) return reject(new Error(`fio job error ${j.error}`));
+      const side = job.rw.includes('read') ? j.read : j.write;
+      resolve({
+        iops: side.iops,
+        mibps: side.bw_bytes / MiB,
+        latMeanUs: side.clat_ns.mean / 1000,
+        latP99Us: (side.clat_ns.percentile?.['99.000000'] ?? NaN) / 1000,
+      });
+    });
+  });
+}
+
+/** One cell: fresh server, one fio job, its peak RSS. */
+async function runCell(serverName, image, job, dir) {
+  const socket = join(dir, `${serverName}.sock`);
+  rmSync(socket, { force: true });
+  const [cmd, ...args] = SERVERS[serverName].argv(image, socket);
+  const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  const stderr = [];
+  child.stderr.on('data', (d) => stderr.push(d.toString()));
+  try {
+    await waitForSocket(socket, child, stderr);
+    const result = await runFio(socket, job);
+    result.rssKiB = peakRssKiB(child.pid);
+    return result;
+  } finally {
+    await stopServer(child);
+    rmSync(socket, { force: true });
+  }
+}
+
+/* ------------------------------------------------------------------ report */
+
+const fmt = (metric, v) => (v === undefined ? '—' : metric === 'iops' ? Math.round(v).toString() : v.toFixed(1));
+
+function printTable(report) {
+  const peers = report.servers.filter((s) => s !== 'nbdd');
+  const head = ['case', 'metric', ...report.servers, ...peers.map((p) => `nbdd/${p}`)];
+  const rows = report.cases.map((c) => [
+    c.name,
+    c.metric === 'iops' ? 'IOPS' : 'MiB/s',
+    ...report.servers.map((s) => fmt(c.metric, c.results[s]?.best?.[c.metric])),
+    ...peers.map((p) => (c.ratios[p] === undefined ? '—' : c.ratios[p].toFixed(2))),
+  ]);
+  const rss = ['peak RSS MiB', '', ...report.servers.map((s) => (report.peakRssKiB[s] ? (report.peakRssKiB[s] / 1024).toFixed(1) : '—')), ...peers.map(() => '')];
+  const all = [head, ...rows, rss];
+  const widths = head.map((_, i) => Math.max(...all.map((r) => r[i].length)));
+  const line = (r) => r.map((cell, i) => (i < 2 ? cell.padEnd(widths[i]) : cell.padStart(widths[i]))).join('  ');
+  const lines = [line(head), widths.map((w) => '-'.repeat(w)).join('  '), ...rows.map(line), line(rss)];
+  lines.push('', `${settings.runtimeSeconds} s per cell after ${settings.rampSeconds} s ramp, ${report.settings.imageMiB} MiB image, best of ${settings.rounds} rounds; fio ${report.versions.fio}`);
+  for (const [s, why] of Object.entries(report.skipped)) lines.push(`${s}: skipped (${why})`);
+  for (const e of report.errors) lines.push(`error: ${e}`);
+  process.stdout.write(lines.join('\n') + '\n');
+}
+
+/* ------------------------------------------------------------------ main */
+
+async function main() {
+  if (!/\buri\b/.test(spawnSync('fio', ['--enghelp=nbd'], { encoding: 'utf8' }).stdout ?? '')) {
+    fail('fio with the nbd engine is missing (apt-get install fio; it must be built with libnbd)');
+  }
+  const cases = CASES.filter((c) => !caseFilter || caseFilter.test(c.name));
+  const wanted = [...new Set(cases.flatMap((c) => c.servers))].filter((s) => !serverFilter || serverFilter.includes(s));
+  const skipped = {};
+  const servers = wanted.filter((s) => {
+    const why = SERVERS[s].check();
+    if (why) {
+      skipped[s] = why;
+      progress(`${s}: skipped (${why})`);
+    }
+    return !why;
+  });
+  const dir = mkdtempSync(join(process.env.BENCH_DIR ?? tmpdir(), 'nbdd-bench-'));
+  const cleanup = () => rmSync(dir, { recursive: true, force: true });
+  process.once('SIGINT', () => {
+    cleanup();
+    process.exit(130);
+  });
+  const report = {
+    tool: 'nbdd bench/run.mjs',
+    date: new Date().toISOString(),
+    host: { cpus: cpus().length, cpuModel: cpus()[0]?.model, kernel: release(), node: process.version },
+    settings: { ...settings, imageMiB: settings.imageBytes / MiB },
+    versions: { fio: firstLine('fio', ['--version']), ...Object.fromEntries(servers.map((s) => [s, SERVERS[s].version()])) },
+    servers,
+    skipped,
+    errors: [],
+    peakRssKiB: {},
+    cases: [],
+  };
+  try {
+    const images = {};
+    for (const c of cases) {
+      if (!images[c.image]) {
+        progress(`making ${c.image} image of ${settings.imageBytes / MiB} MiB`);
+        images[c.image] = IMAGES[c.image](dir, settings.imageBytes);
+      }
+      const image = images[c.image];
+      const row = { name: c.name, image: c.image, metric: c.metric, fio: c.fio, results: {}, ratios: {} };
+      const here = c.servers.filter((s) => servers.includes(s) && SERVERS[s].formats.includes(image.format));
+      for (let round = 1; round <= settings.rounds; round++) {
+        for (const s of here) {
+          progress(`${c.name}: ${s}, round ${round}`);
+          const entry = (row.results[s] ??= { rounds: [] });
+          try {
+            if (image.fresh) images[c.image] = IMAGES[c.image](dir, settings.imageBytes);
+            const r = await runCell(s, image, c.fio, dir);
+            entry.rounds.push(r);
+            if (!entry.best || r[c.metric] > entry.best[c.metric]) entry.best = r;
+            report.peakRssKiB[s] = Math.max(report.peakRssKiB[s] ?? 0, r.rssKiB ?? 0);
+          } catch (err) {
+            entry.rounds.push({ error: err.message });
+            report.errors.push(`${c.name} / ${s} / round ${round}: ${err.message}`);
+            progress(`  failed: ${err.message}`);
+          }
+        }
+      }
+      const mine = row.results.nbdd?.best?.[c.metric];
+      for (const s of here) {
+        const peer = row.results[s]?.best?.[c.metric];
+        if (s !== 'nbdd' && mine !== undefined && peer) row.ratios[s] = mine / peer;
+      }
+      report.cases.push(row);
+    }
+  } finally {
+    cleanup();
+  }
+  const json = JSON.stringify(report, null, 2) + '\n';
+  if (saveFile) writeFileSync(saveFile, json);
+  if (asJson) process.stdout.write(json);
+  else printTable(report);
+}
+
+if (!existsSync(join(ROOT, 'package.json'))) fail(`cannot find the nbdd tree at ${ROOT}`);
+main().catch((err) => fail(err.stack ?? String(err)));

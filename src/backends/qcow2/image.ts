@@ -1,0 +1,960 @@
+/**
+ * A qcow2 v2/v3 image as a `Backend` (and as an `ImageLayer` under another qcow2), on a FilePort.
+ *
+ * Concurrency: every request takes a range lock over the guest clusters it touches (shared for
+ * reads and block status, exclusive for writes, zeroes and discards), granted in arrival order.
+ * Shared metadata (L1, cached L2 tables, refcounts) changes only in synchronous code, so two
+ * requests of one turn never allocate the same cluster or table.
+ *
+ * Durability: data goes straight to the file; metadata changes stay in memory until a commit,
+ * which runs on flush, FUA, close, when clusters wait to be freed, or when too many L2 tables are
+ * dirty. A commit writes each dirty table once, in the crash-safe order of docs/qcow2.md.
+ */
+import type { Backend, BackendCaps, Extent, WriteOptions, ZeroOptions } from '../../core/backend.js';
+import { defaultCaps } from '../../core/backend.js';
+import { Errno, NbddError, messageOf } from '../../core/errors.js';
+import { logger } from '../../core/log.js';
+import type { FilePort } from '../../io/file-port.js';
+import { decompressCluster } from './compress.js';
+import { L2Cache, type L2Table } from './l2-cache.js';
+import type { ImageLayer } from './layer.js';
+import {
+  AUTOCLEAR_BITMAPS,
+  ENTRY_COMPRESSED_HI,
+  ENTRY_COPIED_HI,
+  ENTRY_ZERO_LO,
+  MAX_BITMAP_DIRECTORY_BYTES,
+  SUPPORTED_AUTOCLEAR,
+  decodeBitmapDirectory,
+  decodeCompressed,
+  entryOffset,
+  readU64,
+  writeEntry,
+  writeU64,
+  type BitmapDirectoryEntry,
+  type Geometry,
+  type HeaderExtensions,
+  type Qcow2Header,
+} from './layout.js';
+import { RangeLock } from './range-lock.js';
+import { Refcounts } from './refcounts.js';
+
+const log = logger('qcow2');
+
+export const DEFAULT_L2_CACHE_BYTES = 4 * 1024 * 1024;
+/** Largest extent walk per blockStatus call, in allocation units. */
+const MAX_STATUS_UNITS = 65536;
+const L1_RESERVED_HI = 0x7f000000;
+const L1_RESERVED_LO = 0x1ff;
+const ALL_UNITS = 0xffffffff;
+
+// Kinds of guest ranges found by a mapping walk.
+const RUN_NONE = 0;
+const RUN_DATA = 1;
+const RUN_ZERO = 2;
+const RUN_BACKING = 3;
+
+export interface Qcow2Parts {
+  path: string;
+  port: FilePort;
+  header: Qcow2Header;
+  extensions: HeaderExtensions;
+  geometry: Geometry;
+  l1: Buffer;
+  /** Loaded for writable images only. */
+  refcounts: Refcounts | null;
+  /** Cluster indices holding fixed metadata (header, L1, refcount table and blocks, L2 tables). */
+  metadataClusters: Set<number>;
+  fileLength: number;
+  backing: ImageLayer | null;
+  backingName: string | null;
+  l2CacheBytes: number;
+}
+
+/** Per-cluster plan of an allocating or in-place write (see `planWrite`). */
+interface WritePlan {
+  table: L2Table;
+  entry: number; // byte index of the L2 entry in table.data
+  ci: number; // guest cluster index
+  a: number; // new data [a, b) within the cluster
+  b: number;
+  spanStart: number; // bytes of the host cluster to write, including copy-on-write head/tail
+  spanEnd: number;
+  host: number; // target host cluster offset (set by allocation when `fresh`)
+  fresh: boolean;
+  freeOld: number[]; // host cluster indices to release once the new entry is durable
+  alloc: number; // extended L2: new allocation / zero bitmaps
+  zero: number;
+  dataOffset: number; // where [a, b) starts in the caller's buffer
+  head?: Buffer;
+  tail?: Buffer;
+}
+
+function corrupt(message: string): NbddError {
+  return new NbddError(Errno.EUCLEAN, `corrupt qcow2 image: ${message}`);
+}
+
+function hex(n: number): string {
+  return `0x${n.toString(16)}`;
+}
+
+/** Bits su..eu-1 of a 32-bit subcluster bitmap. */
+function unitMask(su: number, eu: number): number {
+  return eu - su >= 32 ? ALL_UNITS : ((((1 << (eu - su)) - 1) << su) >>> 0);
+}
+
+export class Qcow2Image implements Backend, ImageLayer {
+  readonly kind = 'qcow2';
+  readonly format = 'qcow2' as const;
+  readonly size: number;
+  readonly caps: BackendCaps;
+  readonly path: string;
+  readonly header: Qcow2Header;
+  readonly extensions: HeaderExtensions;
+  readonly geometry: Geometry;
+  readonly backing: ImageLayer | null;
+  readonly backingName: string | null;
+
+  private readonly port: FilePort;
+  private readonly g: Geometry;
+  private readonly cs: number;
+  private readonly l1: Buffer;
+  private readonly dirtyL1 = new Set<number>();
+  private readonly l2Cache: L2Cache;
+  private readonly loading = new Map<number, Promise<L2Table>>();
+  private readonly refs: Refcounts | null;
+  private readonly metadataClusters: Set<number>;
+  private readonly lock = new RangeLock();
+  private readonly v3: boolean;
+  private pendingFrees: number[] = [];
+  private fileLength: number;
+  private unsyncedData = false;
+  private commitChain: Promise<void> = Promise.resolve();
+  private commitScheduled = false;
+  private commitError: unknown = null;
+  private closed = false;
+
+  constructor(parts: Qcow2Parts) {
+    this.path = parts.path;
+    this.port = parts.port;
+    this.header = parts.header;
+    this.extensions = parts.extensions;
+    this.geometry = this.g = parts.geometry;
+    this.cs = this.g.clusterSize;
+    this.size = parts.header.size;
+    this.l1 = parts.l1;
+    this.refs = parts.refcounts;
+    this.metadataClusters = parts.metadataClusters;
+    this.fileLength = parts.fileLength;
+    this.backing = parts.backing;
+    this.backingName = parts.backingName;
+    this.v3 = parts.header.version === 3;
+    this.l2Cache = new L2Cache(Math.max(4, Math.floor(parts.l2CacheBytes / this.cs)));
+    const readOnly = this.refs === null;
+    this.caps = defaultCaps({
+      readOnly,
+      flush: !readOnly,
+      fua: !readOnly,
+      trim: !readOnly,
+      writeZeroes: !readOnly,
+      multiConn: true,
+      preferredBlockSize: Math.min(this.cs, 64 * 1024),
+    });
+  }
+
+  /**
+   * Prepares a writable image for writing: clears the autoclear bits nbdd does not maintain (the
+   * bitmaps bit included, as the spec requires of a program without bitmap support; the bitmaps
+   * extension itself stays, readable through `extensions.bitmaps`) and makes that durable before
+   * any other write. The open path has already refused dirty, corrupt and snapshot images.
+   */
+  async prepareForWriting(): Promise<void> {
+    const h = this.header;
+    const clear = h.autoclearFeatures & ~SUPPORTED_AUTOCLEAR;
+    if (clear !== 0n) {
+      if ((clear & AUTOCLEAR_BITMAPS) !== 0n) log.warn(`${this.path}: clearing the bitmaps autoclear bit: persistent bitmaps become inconsistent`);
+      h.autoclearFeatures &= SUPPORTED_AUTOCLEAR;
+      const field = Buffer.alloc(8);
+      field.writeBigUInt64BE(h.autoclearFeatures);
+      await this.port.writeAt(field, 88);
+      await this.port.fsync();
+    }
+  }
+
+  // ---------------------------------------------------------------- public Backend methods
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    const buf = Buffer.allocUnsafe(length);
+    await this.readInto(buf, offset);
+    return buf;
+  }
+
+  async readInto(buf: Buffer, offset: number): Promise<void> {
+    const release = await this.lockRange(offset, buf.length, false);
+    try {
+      await this.readLocked(buf, offset);
+    } finally {
+      release();
+    }
+  }
+
+  async write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
+    this.assertWritable();
+    const release = await this.lockRange(offset, data.length, true);
+    try {
+      await this.writeLocked(offset, data);
+    } finally {
+      release();
+    }
+    await this.afterUpdate(options);
+  }
+
+  async writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
+    this.assertWritable();
+    if (options?.fastZero) throw new NbddError(Errno.ENOTSUP, 'qcow2: fast zero is not offered');
+    const release = await this.lockRange(offset, length, true);
+    try {
+      await this.zeroLocked(offset, length, options?.noHole === true);
+    } finally {
+      release();
+    }
+    await this.afterUpdate(options);
+  }
+
+  async trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
+    this.assertWritable();
+    const release = await this.lockRange(offset, length, true);
+    try {
+      await this.trimLocked(offset, length);
+    } finally {
+      release();
+    }
+    await this.afterUpdate(options);
+  }
+
+  /** Commits all metadata changes and makes them and every completed write durable. */
+  async flush(): Promise<void> {
+    if (!this.refs) return;
+    await this.commit();
+    await this.port.fsync();
+  }
+
+  async blockStatus(offset: number, length: number): Promise<Extent[]> {
+    const release = await this.lockRange(offset, length, false);
+    try {
+      return await this.statusLocked(offset, length);
+    } finally {
+      release();
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    try {
+      if (this.refs) await this.flush();
+    } finally {
+      await this.port.close();
+      await this.backing?.close();
+    }
+  }
+
+  /**
+   * The bitmap directory named by the bitmaps extension (empty without one). Read-only: bitmap
+   * persistence is not implemented here yet; the directory is for `describeQcow2` and callers.
+   */
+  async readBitmapDirectory(): Promise<BitmapDirectoryEntry[]> {
+    const ext = this.extensions.bitmaps;
+    if (!ext) return [];
+    if (ext.directorySize > MAX_BITMAP_DIRECTORY_BYTES) throw corrupt(`bitmap directory of ${ext.directorySize} bytes exceeds ${MAX_BITMAP_DIRECTORY_BYTES}`);
+    if (ext.directoryOffset % this.cs !== 0 || ext.directoryOffset + ext.directorySize > this.fileLength) {
+      throw corrupt(`bitmap directory at ${hex(ext.directoryOffset)} is unaligned or past the end of the file`);
+    }
+    const dir = await this.port.readAt(Buffer.alloc(ext.directorySize), ext.directoryOffset);
+    return decodeBitmapDirectory(dir, ext.nbBitmaps);
+  }
+
+  // ---------------------------------------------------------------- locking and lookups
+
+  private lockRange(offset: number, length: number, exclusive: boolean): Promise<() => void> {
+    const first = Math.floor(offset / this.cs);
+    const last = Math.floor((offset + Math.max(length, 1) - 1) / this.cs);
+    return this.lock.acquire(first, last, exclusive);
+  }
+
+  private assertWritable(): void {
+    if (!this.refs) throw new NbddError(Errno.EROFS, `${this.path} is open read-only`);
+    if (this.commitError) throw new NbddError(Errno.EIO, `${this.path}: an earlier metadata commit failed: ${messageOf(this.commitError)}`);
+  }
+
+  private l1Offset(l1i: number): number {
+    return entryOffset(this.l1.readUInt32BE(l1i * 8), this.l1.readUInt32BE(l1i * 8 + 4));
+  }
+
+  /** The L2 table of `l1i`, or null when the L1 entry is empty. Loads share one read. */
+  private l2(l1i: number): L2Table | null | Promise<L2Table> {
+    const cached = this.l2Cache.get(l1i);
+    if (cached) return cached;
+    const offset = this.l1Offset(l1i);
+    if (offset === 0) return null;
+    let pending = this.loading.get(l1i);
+    if (!pending) {
+      pending = this.loadL2(l1i, offset);
+      this.loading.set(l1i, pending);
+    }
+    return pending;
+  }
+
+  private async loadL2(l1i: number, offset: number): Promise<L2Table> {
+    try {
+      const data = await this.port.readAt(Buffer.allocUnsafe(this.cs), offset);
+      const table: L2Table = { offset, data, dirty: false, pins: 0 };
+      this.l2Cache.insert(l1i, table);
+      return table;
+    } finally {
+      this.loading.delete(l1i);
+    }
+  }
+
+  /** The L2 table of `l1i`, allocating an empty one when the L1 entry is empty. */
+  private async l2ForWrite(l1i: number): Promise<L2Table> {
+    let found = await this.l2(l1i);
+    // Another request may have created the table while this one waited: look again.
+    while (!found && this.l1Offset(l1i) !== 0) found = await this.l2(l1i);
+    if (found) {
+      const hi = this.l1.readUInt32BE(l1i * 8);
+      if ((hi & ENTRY_COPIED_HI) === 0) {
+        if (this.refs!.get(found.offset / this.cs) !== 1) throw new NbddError(Errno.ENOTSUP, `${this.path}: L2 table at ${hex(found.offset)} is shared (snapshots); writing is not supported`);
+        this.setL1(l1i, found.offset);
+      }
+      return found;
+    }
+    // Synchronous from the emptiness check above to the L1 update: no other request interleaves.
+    const offset = this.refs!.allocate(1);
+    this.metadataClusters.add(offset / this.cs);
+    const table: L2Table = { offset, data: Buffer.alloc(this.cs), dirty: true, pins: 0 };
+    this.l2Cache.insert(l1i, table);
+    this.setL1(l1i, offset);
+    return table;
+  }
+
+  private setL1(l1i: number, offset: number): void {
+    writeEntry(this.l1, l1i * 8, offset, true, false);
+    this.dirtyL1.add(l1i);
+  }
+
+  /**
+   * Validates a data cluster offset read from an L2 entry. With subclusters the file may end inside
+   * the last data cluster, so only its start must lie inside the file.
+   */
+  private checkDataHost(host: number, ci: number): void {
+    if (host % this.cs !== 0) throw corrupt(`L2 entry of guest offset ${hex(ci * this.cs)} has unaligned host offset ${hex(host)}`);
+    if (host >= Math.max(this.fileLength, this.refs?.hostEnd ?? 0)) {
+      throw corrupt(`L2 entry of guest offset ${hex(ci * this.cs)} points at ${hex(host)}, past the end of the file (${this.fileLength} bytes)`);
+    }
+  }
+
+  private isExclusive(hi: number, host: number): boolean {
+    return (hi & ENTRY_COPIED_HI) !== 0 || this.refs!.get(host / this.cs) === 1;
+  }
+
+  /** Host cluster indices a compressed descriptor occupies (each holds one reference). */
+  private compressedClusters(hi: number, lo: number): number[] {
+    const { offset, length } = decodeCompressed(hi, lo, this.g.clusterBits);
+    const out: number[] = [];
+    for (let c = Math.floor(offset / this.cs); c <= Math.floor((offset + length - 1) / this.cs); c++) out.push(c);
+    return out;
+  }
+
+  // ---------------------------------------------------------------- reads
+
+  /**
+   * Fills `buf` from guest `offset`, merging the walk into runs: contiguous host ranges become one
+   * file read, contiguous backing ranges one backing read. The caller holds the range lock.
+   */
+  private async readLocked(buf: Buffer, offset: number): Promise<void> {
+    const jobs: Promise<unknown>[] = [];
+    let kind = RUN_NONE;
+    let runAt = 0; // position in buf
+    let runLen = 0;
+    let runAddr = 0; // host offset (data) or guest offset (backing)
+    const flushRun = (): void => {
+      if (kind === RUN_DATA) jobs.push(this.port.readAt(buf.subarray(runAt, runAt + runLen), runAddr));
+      else if (kind === RUN_ZERO) buf.fill(0, runAt, runAt + runLen);
+      else if (kind === RUN_BACKING) jobs.push(this.readBacking(buf.subarray(runAt, runAt + runLen), runAddr));
+      kind = RUN_NONE;
+    };
+    const add = (k: number, at: number, len: number, addr: number): void => {
+      if (k === kind && runAt + runLen === at && (k === RUN_ZERO || runAddr + runLen === addr)) {
+        runLen += len;
+        return;
+      }
+      flushRun();
+      kind = k;
+      runAt = at;
+      runLen = len;
+      runAddr = addr;
+    };
+    try {
+      const end = offset + buf.length;
+      const tableSpan = this.g.l2Entries * this.cs;
+      let pos = offset;
+      while (pos < end) {
+        const l1i = Math.floor(pos / tableSpan);
+        const tableEnd = Math.min(end, (l1i + 1) * tableSpan);
+        const table = await this.l2(l1i);
+        if (!table) {
+          add(RUN_BACKING, pos - offset, tableEnd - pos, pos);
+          pos = tableEnd;
+          continue;
+        }
+        const data = table.data;
+        while (pos < tableEnd) {
+          const ci = Math.floor(pos / this.cs);
+          const clusterStart = ci * this.cs;
+          const clusterEnd = Math.min(tableEnd, clusterStart + this.cs);
+          const e = (ci - l1i * this.g.l2Entries) * this.g.l2EntrySize;
+          const hi = data.readUInt32BE(e);
+          const lo = data.readUInt32BE(e + 4);
+          if ((hi & ENTRY_COMPRESSED_HI) !== 0) {
+            flushRun();
+            jobs.push(this.readCompressed(hi, lo, buf.subarray(pos - offset, clusterEnd - offset), pos - clusterStart));
+            pos = clusterEnd;
+            continue;
+          }
+          const host = entryOffset(hi, lo);
+          if (host !== 0) this.checkDataHost(host, ci);
+          if (!this.g.extendedL2) {
+            const n = clusterEnd - pos;
+            if (this.v3 && (lo & ENTRY_ZERO_LO) !== 0) add(RUN_ZERO, pos - offset, n, 0);
+            else if (host === 0) add(RUN_BACKING, pos - offset, n, pos);
+            else add(RUN_DATA, pos - offset, n, host + pos - clusterStart);
+            pos = clusterEnd;
+            continue;
+          }
+          const zeroBits = data.readUInt32BE(e + 8);
+          const allocBits = data.readUInt32BE(e + 12);
+          if ((zeroBits & allocBits) !== 0) throw corrupt(`L2 entry of guest offset ${hex(clusterStart)} has subclusters both allocated and zero`);
+          if (host === 0 && allocBits !== 0) throw corrupt(`L2 entry of guest offset ${hex(clusterStart)} has allocated subclusters but no host cluster`);
+          while (pos < clusterEnd) {
+            const sc = Math.floor((pos - clusterStart) / this.g.unitSize);
+            const n = Math.min(clusterEnd, clusterStart + (sc + 1) * this.g.unitSize) - pos;
+            if ((allocBits >>> sc) & 1) add(RUN_DATA, pos - offset, n, host + pos - clusterStart);
+            else if ((zeroBits >>> sc) & 1) add(RUN_ZERO, pos - offset, n, 0);
+            else add(RUN_BACKING, pos - offset, n, pos);
+            pos += n;
+          }
+        }
+      }
+      flushRun();
+    } catch (err) {
+      await Promise.allSettled(jobs);
+      throw err;
+    }
+    await Promise.all(jobs);
+  }
+
+  /** Reads guest bytes the backing chain supplies; past the backing file's end they are zeroes. */
+  private async readBacking(buf: Buffer, offset: number): Promise<void> {
+    const inBacking = this.backing ? Math.max(0, Math.min(buf.length, this.backing.size - offset)) : 0;
+    if (inBacking > 0) await this.backing!.readInto(buf.subarray(0, inBacking), offset);
+    if (inBacking < buf.length) buf.fill(0, inBacking);
+  }
+
+  private async readCompressed(hi: number, lo: number, target: Buffer, inCluster: number): Promise<void> {
+    const { offset, length } = decodeCompressed(hi, lo, this.g.clusterBits);
+    if (offset >= this.fileLength) throw corrupt(`compressed cluster at ${hex(offset)} lies past the end of the file`);
+    const src = await this.port.readAt(Buffer.allocUnsafe(length), offset);
+    const cluster = await decompressCluster(this.header.compressionType, src, this.cs);
+    cluster.copy(target, 0, inCluster, inCluster + target.length);
+  }
+
+  /** Reads guest bytes for copy-on-write; parts past the virtual size read as zeroes. */
+  private async readForCow(guestOffset: number, length: number): Promise<Buffer> {
+    const buf = Buffer.alloc(length);
+    const n = Math.max(0, Math.min(length, this.size - guestOffset));
+    if (n > 0) await this.readLocked(buf.subarray(0, n), guestOffset);
+    return buf;
+  }
+
+  // ---------------------------------------------------------------- writes
+
+  /**
+   * Decides how one cluster takes new data [a, b): in place when its host cluster is normal and
+   * exclusively ours, else into a fresh cluster with the untouched parts copied from the old
+   * mapping (whole cluster; with extended L2 only the partly written subclusters of an empty one).
+   */
+  private planWrite(table: L2Table, l1i: number, ci: number, a: number, b: number, dataOffset: number): WritePlan {
+    const entry = (ci - l1i * this.g.l2Entries) * this.g.l2EntrySize;
+    const hi = table.data.readUInt32BE(entry);
+    const lo = table.data.readUInt32BE(entry + 4);
+    const plan: WritePlan = { table, entry, ci, a, b, spanStart: 0, spanEnd: this.cs, host: 0, fresh: true, freeOld: [], alloc: ALL_UNITS, zero: 0, dataOffset };
+    if ((hi & ENTRY_COMPRESSED_HI) !== 0) {
+      plan.freeOld = this.compressedClusters(hi, lo);
+      return plan;
+    }
+    const host = entryOffset(hi, lo);
+    if (host !== 0) this.checkDataHost(host, ci);
+    const exclusive = host !== 0 && this.isExclusive(hi, host);
+    if (!this.g.extendedL2) {
+      if (exclusive) {
+        plan.fresh = false;
+        plan.host = host;
+        if (!(this.v3 && (lo & ENTRY_ZERO_LO) !== 0)) {
+          plan.spanStart = a;
+          plan.spanEnd = b;
+        }
+      } else if (host !== 0) {
+        plan.freeOld = [host / this.cs];
+      }
+      return plan;
+    }
+    const u = this.g.unitSize;
+    const zeroBits = table.data.readUInt32BE(entry + 8);
+    const allocBits = table.data.readUInt32BE(entry + 12);
+    const su = Math.floor(a / u);
+    const eu = Math.ceil(b / u);
+    const mask = unitMask(su, eu);
+    if (host !== 0 && !exclusive) {
+      plan.freeOld = [host / this.cs];
+      return plan;
+    }
+    if (host === 0 && allocBits !== 0) throw corrupt(`L2 entry of guest offset ${hex(ci * this.cs)} has allocated subclusters but no host cluster`);
+    plan.alloc = (allocBits | mask) >>> 0;
+    plan.zero = (zeroBits & ~mask) >>> 0;
+    plan.spanStart = (allocBits >>> su) & 1 ? a : su * u;
+    plan.spanEnd = (allocBits >>> (eu - 1)) & 1 ? b : eu * u;
+    if (host !== 0) {
+      plan.fresh = false;
+      plan.host = host;
+    }
+    return plan;
+  }
+
+  private async writeLocked(offset: number, data: Buffer): Promise<void> {
+    const plans: WritePlan[] = [];
+    const pinned: L2Table[] = [];
+    try {
+      const tableSpan = this.g.l2Entries * this.cs;
+      const end = offset + data.length;
+      let pos = offset;
+      while (pos < end) {
+        const l1i = Math.floor(pos / tableSpan);
+        const table = await this.l2ForWrite(l1i);
+        table.pins++;
+        pinned.push(table);
+        const tableEnd = Math.min(end, (l1i + 1) * tableSpan);
+        while (pos < tableEnd) {
+          const ci = Math.floor(pos / this.cs);
+          const clusterStart = ci * this.cs;
+          const b = Math.min(tableEnd, clusterStart + this.cs) - clusterStart;
+          plans.push(this.planWrite(table, l1i, ci, pos - clusterStart, b, pos - offset));
+          pos = clusterStart + b;
+        }
+      }
+      this.allocateFresh(plans);
+      await Promise.all(plans.map((p) => this.fillCow(p)));
+      await this.writeData(plans, data);
+      this.unsyncedData = true;
+      for (const p of plans) {
+        const d = p.table.data;
+        writeEntry(d, p.entry, p.host, true, false);
+        if (this.g.extendedL2) {
+          d.writeUInt32BE(p.zero, p.entry + 8);
+          d.writeUInt32BE(p.alloc, p.entry + 12);
+        }
+        p.table.dirty = true;
+        for (const c of p.freeOld) this.pendingFrees.push(c);
+      }
+    } finally {
+      for (const t of pinned) t.pins--;
+    }
+  }
+
+  /** Gives every plan needing a fresh cluster one, in contiguous runs for consecutive clusters. */
+  private allocateFresh(plans: WritePlan[]): void {
+    for (let i = 0; i < plans.length; ) {
+      if (!plans[i]!.fresh) {
+        i++;
+        continue;
+      }
+      let j = i + 1;
+      while (j < plans.length && plans[j]!.fresh && plans[j]!.ci === plans[j - 1]!.ci + 1) j++;
+      const base = this.refs!.allocate(j - i);
+      for (let k = i; k < j; k++) plans[k]!.host = base + (k - i) * this.cs;
+      i = j;
+    }
+  }
+
+  private async fillCow(p: WritePlan): Promise<void> {
+    const guest = p.ci * this.cs;
+    const [head, tail] = await Promise.all([
+      p.spanStart < p.a ? this.readForCow(guest + p.spanStart, p.a - p.spanStart) : undefined,
+      p.b < p.spanEnd ? this.readForCow(guest + p.b, p.spanEnd - p.b) : undefined,
+    ]);
+    p.head = head;
+    p.tail = tail;
+  }
+
+  /** Writes the planned spans, one (vectored) file write per run of contiguous host bytes. */
+  private async writeData(plans: WritePlan[], data: Buffer): Promise<void> {
+    const writes: Promise<void>[] = [];
+    let start = -1;
+    let end = -1;
+    let bufs: Buffer[] = [];
+    const flushGroup = (): void => {
+      if (bufs.length === 1) writes.push(this.port.writeAt(bufs[0]!, start));
+      else if (bufs.length > 1) writes.push(this.port.writevAt(bufs, start));
+      bufs = [];
+    };
+    for (const p of plans) {
+      if (!p.fresh && this.metadataClusters.has(p.host / this.cs)) {
+        throw corrupt(`L2 entry of guest offset ${hex(p.ci * this.cs)} points at metadata cluster ${hex(p.host)}`);
+      }
+      const at = p.host + p.spanStart;
+      if (at !== end) {
+        flushGroup();
+        start = at;
+      }
+      if (p.head) bufs.push(p.head);
+      bufs.push(data.subarray(p.dataOffset, p.dataOffset + p.b - p.a));
+      if (p.tail) bufs.push(p.tail);
+      end = p.host + p.spanEnd;
+    }
+    flushGroup();
+    await Promise.all(writes);
+  }
+
+  /**
+   * Write-zeroes: whole clusters (whole subclusters with extended L2) change metadata only;
+   * partial ones are written as zero data. Without NO_HOLE an allocation is released; with it an
+   * exclusively owned cluster is kept and flagged zero (v3). v2 has no zero flag: a cluster may be
+   * deallocated only when no backing file shows through.
+   */
+  private async zeroLocked(offset: number, length: number, noHole: boolean): Promise<void> {
+    const partial: [number, number][] = [];
+    const end = offset + length;
+    let pos = offset;
+    while (pos < end) {
+      const ci = Math.floor(pos / this.cs);
+      const clusterStart = ci * this.cs;
+      const a = pos - clusterStart;
+      const clusterEnd = Math.min(end, clusterStart + this.cs);
+      const b = clusterEnd - clusterStart;
+      // The cluster counts as wholly covered when the rest lies past the virtual size.
+      const whole = a === 0 && (b === this.cs || clusterEnd >= this.size);
+      pos = clusterEnd;
+      if (this.g.extendedL2) {
+        await this.zeroSubclusters(ci, a, whole ? this.cs : b, noHole, partial);
+      } else if (!whole || (!this.v3 && (this.backing !== null || noHole))) {
+        partial.push([clusterStart + a, b - a]);
+      } else {
+        const l1i = Math.floor(ci / this.g.l2Entries);
+        if (this.l1Offset(l1i) === 0 && !this.backing) continue;
+        const table = await this.l2ForWrite(l1i);
+        const e = (ci - l1i * this.g.l2Entries) * 8;
+        const hi = table.data.readUInt32BE(e);
+        const lo = table.data.readUInt32BE(e + 4);
+        const keep = this.v3 && noHole && (hi & ENTRY_COMPRESSED_HI) === 0 && entryOffset(hi, lo) !== 0 && this.isExclusive(hi, entryOffset(hi, lo));
+        if (keep) {
+          writeEntry(table.data, e, entryOffset(hi, lo), true, true);
+        } else {
+          this.releaseEntry(hi, lo);
+          writeEntry(table.data, e, 0, false, this.v3);
+        }
+        table.dirty = true;
+      }
+    }
+    for (const [at, n] of partial) await this.writeLocked(at, Buffer.alloc(n));
+  }
+
+  /** Extended L2 zeroing of [a, b) in cluster `ci`: subcluster zero bits, zero data for the rest. */
+  private async zeroSubclusters(ci: number, a: number, b: number, noHole: boolean, partial: [number, number][]): Promise<void> {
+    const u = this.g.unitSize;
+    const clusterStart = ci * this.cs;
+    const su = Math.ceil(a / u);
+    const eu = Math.floor(b / u);
+    if (su >= eu) {
+      partial.push([clusterStart + a, Math.min(b, this.size - clusterStart) - a]);
+      return;
+    }
+    if (a < su * u) partial.push([clusterStart + a, su * u - a]);
+    if (eu * u < b) partial.push([clusterStart + eu * u, Math.min(b, this.size - clusterStart) - eu * u]);
+    const l1i = Math.floor(ci / this.g.l2Entries);
+    if (this.l1Offset(l1i) === 0 && !this.backing) return;
+    const table = await this.l2ForWrite(l1i);
+    const e = (ci - l1i * this.g.l2Entries) * 16;
+    const hi = table.data.readUInt32BE(e);
+    const lo = table.data.readUInt32BE(e + 4);
+    const mask = unitMask(su, eu);
+    if ((hi & ENTRY_COMPRESSED_HI) !== 0 || (mask === ALL_UNITS && !noHole)) {
+      if ((hi & ENTRY_COMPRESSED_HI) !== 0 && mask !== ALL_UNITS) {
+        // A compressed cluster has no subclusters: zero its part by rewriting it.
+        partial.push([clusterStart + su * u, (eu - su) * u]);
+        return;
+      }
+      this.releaseEntry(hi, lo);
+      writeEntry(table.data, e, 0, false, false);
+      table.data.writeUInt32BE(ALL_UNITS, e + 8);
+      table.data.writeUInt32BE(0, e + 12);
+    } else {
+      table.data.writeUInt32BE((table.data.readUInt32BE(e + 8) | mask) >>> 0, e + 8);
+      table.data.writeUInt32BE((table.data.readUInt32BE(e + 12) & ~mask) >>> 0, e + 12);
+    }
+    table.dirty = true;
+  }
+
+  /**
+   * Discard, as QEMU does it for NBD/guest discards: whole clusters only (plus a partial last
+   * cluster at the end of the image); afterwards they read as zeroes on v3 (zero flag or zero
+   * bits when a backing file could show through). v2 images with a backing file ignore discards,
+   * since freeing would expose stale backing data.
+   */
+  private async trimLocked(offset: number, length: number): Promise<void> {
+    if (!this.v3 && this.backing) return;
+    const end = offset + length;
+    for (let ci = Math.ceil(offset / this.cs); ci * this.cs < end; ci++) {
+      const clusterStart = ci * this.cs;
+      if (clusterStart + this.cs > end && end < this.size) break;
+      const l1i = Math.floor(ci / this.g.l2Entries);
+      if (this.l1Offset(l1i) === 0 && !this.backing) continue;
+      const table = await this.l2ForWrite(l1i);
+      const e = (ci - l1i * this.g.l2Entries) * this.g.l2EntrySize;
+      this.releaseEntry(table.data.readUInt32BE(e), table.data.readUInt32BE(e + 4));
+      if (this.g.extendedL2) {
+        writeEntry(table.data, e, 0, false, false);
+        table.data.writeUInt32BE(this.backing ? ALL_UNITS : 0, e + 8);
+        table.data.writeUInt32BE(0, e + 12);
+      } else {
+        writeEntry(table.data, e, 0, false, this.v3 && this.backing !== null);
+      }
+      table.dirty = true;
+    }
+  }
+
+  /** Queues the host clusters an entry holds (normal or compressed) to be freed after commit. */
+  private releaseEntry(hi: number, lo: number): void {
+    if ((hi & ENTRY_COMPRESSED_HI) !== 0) {
+      for (const c of this.compressedClusters(hi, lo)) this.pendingFrees.push(c);
+      return;
+    }
+    const host = entryOffset(hi, lo);
+    if (host !== 0) this.pendingFrees.push(host / this.cs);
+  }
+
+  private async afterUpdate(options?: WriteOptions): Promise<void> {
+    if (options?.fua) {
+      await this.flush();
+      return;
+    }
+    if (this.pendingFrees.length > 0 || this.l2Cache.dirtyCount > this.l2Cache.capacity / 2) this.scheduleCommit();
+  }
+
+  // ---------------------------------------------------------------- commit
+
+  private scheduleCommit(): void {
+    if (this.commitScheduled) return;
+    this.commitScheduled = true;
+    setImmediate(() => {
+      this.commitScheduled = false;
+      this.commit().catch((err) => log.error(`${this.path}: metadata commit failed: ${messageOf(err)}`));
+    });
+  }
+
+  /** Runs one commit after any running one; rejects if it or an earlier one failed. */
+  private commit(): Promise<void> {
+    const run = this.commitChain.then(() => {
+      if (this.commitError) throw new NbddError(Errno.EIO, `${this.path}: an earlier metadata commit failed: ${messageOf(this.commitError)}`);
+      return this.commitOnce();
+    });
+    this.commitChain = run.catch((err) => {
+      this.commitError ??= err;
+    });
+    return run;
+  }
+
+  /**
+   * One commit. Everything dirty is copied in one synchronous step (so each copied L2 entry's
+   * refcount is in the copied refcount blocks), then written in this order, with an fdatasync
+   * between steps whenever the earlier step wrote something:
+   *   data (already written) → refcount blocks (+ a moved refcount table) → refcount table
+   *   entries or header → L2 tables → L1 entries → frees (punch, then decrement in memory).
+   * A crash between any two steps leaves references only to clusters whose counts are on disk:
+   * at worst leaked clusters.
+   */
+  private async commitOnce(): Promise<void> {
+    const refs = this.refs!;
+    const refSnap = refs.dirty ? refs.takeDirty() : null;
+    const l2s: { offset: number; data: Buffer }[] = [];
+    for (const t of this.l2Cache.dirty()) {
+      l2s.push({ offset: t.offset, data: Buffer.from(t.data) });
+      t.dirty = false;
+    }
+    const l1 = [...this.dirtyL1].map((i) => ({ at: this.l1Offset0 + i * 8, data: Buffer.from(this.l1.subarray(i * 8, i * 8 + 8)) }));
+    this.dirtyL1.clear();
+    const frees = this.pendingFrees;
+    this.pendingFrees = [];
+    let wrote = this.unsyncedData;
+    this.unsyncedData = false;
+    const port = this.port;
+    const barrier = async (): Promise<void> => {
+      if (wrote) await port.fsync();
+      wrote = false;
+    };
+    const writeAll = async (items: { at: number; data: Buffer }[]): Promise<void> => {
+      if (items.length === 0) return;
+      await barrier();
+      await Promise.all(items.map((w) => port.writeAt(w.data, w.at)));
+      wrote = true;
+    };
+    if (refSnap) {
+      const first = refSnap.blocks.map((b) => ({ at: b.offset, data: b.data }));
+      if (refSnap.table) first.push({ at: refSnap.table.offset, data: refSnap.table.data });
+      await Promise.all(first.map((w) => port.writeAt(w.data, w.at)));
+      wrote ||= first.length > 0;
+      if (refSnap.table) {
+        const field = Buffer.alloc(12);
+        writeU64(field, 0, refSnap.table.offset);
+        field.writeUInt32BE(refSnap.table.clusters, 8);
+        await writeAll([{ at: 48, data: field }]);
+      } else {
+        await writeAll(
+          refSnap.tableEntries.map((t) => {
+            const data = Buffer.alloc(8);
+            writeU64(data, 0, t.offset);
+            return { at: this.refTableOffset + t.index * 8, data };
+          }),
+        );
+      }
+      if (refSnap.table) this.refTableOffset = refSnap.table.offset;
+    }
+    await writeAll(l2s.map((t) => ({ at: t.offset, data: t.data })));
+    await writeAll(l1);
+    const oldTableClusters = (refSnap?.oldTables ?? []).flatMap((t) => Array.from({ length: t.clusters }, (_, k) => t.offset / this.cs + k));
+    const toFree = frees.concat(oldTableClusters);
+    if (toFree.length > 0) {
+      await barrier();
+      await this.applyFrees(toFree);
+    }
+  }
+
+  /** Punches clusters whose last reference goes, then drops the counts (they become reusable). */
+  private async applyFrees(clusters: number[]): Promise<void> {
+    const drops = new Map<number, number>();
+    for (const c of clusters) drops.set(c, (drops.get(c) ?? 0) + 1);
+    const emptied = [...drops].filter(([c, n]) => this.refs!.get(c) === n).map(([c]) => c).sort((x, y) => x - y);
+    for (let i = 0; i < emptied.length; ) {
+      let j = i + 1;
+      while (j < emptied.length && emptied[j] === emptied[j - 1]! + 1) j++;
+      await this.port.punchHole(emptied[i]! * this.cs, (j - i) * this.cs);
+      i = j;
+    }
+    for (const c of clusters) this.refs!.decrement(c);
+  }
+
+  private get l1Offset0(): number {
+    return this.header.l1TableOffset;
+  }
+
+  private get refTableOffset(): number {
+    return this.header.refcountTableOffset;
+  }
+
+  private set refTableOffset(offset: number) {
+    this.header.refcountTableOffset = offset;
+  }
+
+  // ---------------------------------------------------------------- block status
+
+  private async statusLocked(offset: number, length: number): Promise<Extent[]> {
+    const out: Extent[] = [];
+    const push = (e: Extent): void => {
+      const last = out[out.length - 1];
+      if (last && last.hole === e.hole && last.zero === e.zero && last.depth === e.depth) last.length += e.length;
+      else out.push({ ...e });
+    };
+    const fromBacking = async (at: number, n: number): Promise<void> => {
+      const inBacking = this.backing ? Math.max(0, Math.min(n, this.backing.size - at)) : 0;
+      for (let done = 0; done < inBacking; ) {
+        const exts = await this.backing!.blockStatus(at + done, inBacking - done);
+        for (const x of exts) {
+          const len = Math.min(x.length, inBacking - done);
+          push({ length: len, hole: x.hole, zero: x.zero, depth: x.depth ? x.depth + 1 : 0 });
+          done += len;
+          if (done >= inBacking) break;
+        }
+      }
+      if (inBacking < n) push({ length: n - inBacking, hole: true, zero: true, depth: 0 });
+    };
+    const end = Math.min(offset + length, offset + MAX_STATUS_UNITS * this.g.unitSize);
+    const tableSpan = this.g.l2Entries * this.cs;
+    let pos = offset;
+    while (pos < end) {
+      const l1i = Math.floor(pos / tableSpan);
+      const tableEnd = Math.min(end, (l1i + 1) * tableSpan);
+      const table = await this.l2(l1i);
+      if (!table) {
+        await fromBacking(pos, tableEnd - pos);
+        pos = tableEnd;
+        continue;
+      }
+      while (pos < tableEnd) {
+        const ci = Math.floor(pos / this.cs);
+        const clusterStart = ci * this.cs;
+        const clusterEnd = Math.min(tableEnd, clusterStart + this.cs);
+        const e = (ci - l1i * this.g.l2Entries) * this.g.l2EntrySize;
+        const hi = table.data.readUInt32BE(e);
+        const lo = table.data.readUInt32BE(e + 4);
+        const host = entryOffset(hi, lo);
+        if ((hi & ENTRY_COMPRESSED_HI) !== 0 || (!this.g.extendedL2 && host !== 0 && !(this.v3 && lo & ENTRY_ZERO_LO))) {
+          push({ length: clusterEnd - pos, hole: false, zero: false, depth: 1 });
+          pos = clusterEnd;
+        } else if (!this.g.extendedL2) {
+          if (this.v3 && lo & ENTRY_ZERO_LO) push({ length: clusterEnd - pos, hole: true, zero: true, depth: 1 });
+          else await fromBacking(pos, clusterEnd - pos);
+          pos = clusterEnd;
+        } else {
+          const zeroBits = table.data.readUInt32BE(e + 8);
+          const allocBits = table.data.readUInt32BE(e + 12);
+          while (pos < clusterEnd) {
+            const sc = Math.floor((pos - clusterStart) / this.g.unitSize);
+            const n = Math.min(clusterEnd, clusterStart + (sc + 1) * this.g.unitSize) - pos;
+            if ((allocBits >>> sc) & 1) push({ length: n, hole: false, zero: false, depth: 1 });
+            else if ((zeroBits >>> sc) & 1) push({ length: n, hole: true, zero: true, depth: 1 });
+            else await fromBacking(pos, n);
+            pos += n;
+          }
+        }
+      }
+    }
+    return out;
+  }
+}
+
+/** Reads the 8-byte refcount table entries into offsets, checking each is a sane block address. */
+export function decodeRefcountTable(buf: Buffer, clusterSize: number, fileLength: number): number[] {
+  const out: number[] = [];
+  for (let i = 0; i < buf.length; i += 8) {
+    const off = readU64(buf, i, 'refcount table entry');
+    if (off % clusterSize !== 0) throw corrupt(`refcount table entry ${i / 8} (${hex(off)}) is not cluster aligned`);
+    if (off !== 0 && off + clusterSize > fileLength) throw corrupt(`refcount block ${i / 8} at ${hex(off)} lies past the end of the file`);
+    out.push(off);
+  }
+  return out;
+}
+
+/** Validates the L1 table at open: reserved bits clear, L2 offsets aligned and inside the file. */
+export function checkL1(l1: Buffer, clusterSize: number, fileLength: number): number[] {
+  const tables: number[] = [];
+  for (let i = 0; i < l1.length; i += 8) {
+    const hi = l1.readUInt32BE(i);
+    const lo = l1.readUInt32BE(i + 4);
+    if ((hi & L1_RESERVED_HI) !== 0 || (lo & L1_RESERVED_LO) !== 0) throw corrupt(`L1 entry ${i / 8} has reserved bits set`);
+    const off = entryOffset(hi, lo);
+    if (off === 0) continue;
+    if (off % clusterSize !== 0) throw corrupt(`L1 entry ${i / 8}: L2 table offset ${hex(off)} is not cluster aligned`);
+    if (off + clusterSize > fileLength) throw corrupt(`L1 entry ${i / 8}: L2 table at ${hex(off)} lies past the end of the file (${fileLength} bytes)`);
+    tables.push(off);
+  }
+  return tables;
+}

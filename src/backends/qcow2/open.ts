@@ -1,0 +1,173 @@
+/**
+ * Opening a qcow2 image and its backing chain: header and layout validation (nothing is written
+ * until all of it passed), refcount loading for writable images, backing files resolved relative
+ * to the image's directory and opened read-only, loops and excessive depth refused.
+ */
+import { realpath } from 'node:fs/promises';
+import { dirname, isAbsolute, resolve } from 'node:path';
+import { Errno, NbddError } from '../../core/errors.js';
+import { NodeFilePort, type FilePort } from '../../io/file-port.js';
+import { DEFAULT_L2_CACHE_BYTES, Qcow2Image, checkL1, decodeRefcountTable } from './image.js';
+import type { ImageLayer } from './layer.js';
+import {
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DIRTY,
+  MAX_CLUSTER_BITS,
+  QCOW2_MAGIC,
+  checkFeatures,
+  decodeExtensions,
+  decodeHeader,
+  geometryOf,
+  type Geometry,
+  type Qcow2Header,
+} from './layout.js';
+import { RawLayer } from './raw-layer.js';
+import { Refcounts } from './refcounts.js';
+
+/** Longest backing chain followed (QEMU has no fixed limit; this stops pathological chains). */
+export const MAX_CHAIN_DEPTH = 64;
+/** Backing names that are protocols or JSON, not files: refused. */
+const PROTOCOL_NAME = /^(json|nbd[+a-z]*|https?|ftps?|ssh|iscsi|rbd|gluster|file):/;
+
+export interface OpenQcow2Options {
+  readOnly: boolean;
+  /** Open the backing chain (default true). Without it, unallocated clusters read as zeroes. */
+  openBacking?: boolean;
+  /** L2 cache budget per image in bytes (default 4 MiB). */
+  l2CacheBytes?: number;
+}
+
+function corrupt(message: string): NbddError {
+  return new NbddError(Errno.EUCLEAN, `corrupt qcow2 image: ${message}`);
+}
+
+/** 'qcow2' when the file starts with the qcow2 magic, else 'raw'. */
+export async function probeFormat(path: string): Promise<'qcow2' | 'raw'> {
+  const port = await NodeFilePort.open(path, { readOnly: true });
+  try {
+    const head = await port.readAt(Buffer.alloc(4), 0);
+    return head.readUInt32BE(0) === QCOW2_MAGIC ? 'qcow2' : 'raw';
+  } finally {
+    await port.close();
+  }
+}
+
+/** Opens a qcow2 image (and, unless told not to, its backing chain). Throws NbddError. */
+export function openQcow2(path: string, options: OpenQcow2Options): Promise<Qcow2Image> {
+  return openInChain(path, options, []);
+}
+
+/** Refuses writable opens of images marked dirty or corrupt, naming the repair command. */
+function checkWritable(path: string, h: Qcow2Header): void {
+  if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n) {
+    throw new NbddError(Errno.EROFS, `${path}: image is marked corrupt; open it read-only or repair it with 'qemu-img check -r all'`);
+  }
+  if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
+    throw new NbddError(Errno.EROFS, `${path}: image has the dirty bit set (lazy refcounts not written back); repair it with 'qemu-img check -r all' before opening it for writing`);
+  }
+  if (h.nbSnapshots > 0) {
+    throw new NbddError(Errno.ENOTSUP, `${path}: image has ${h.nbSnapshots} internal snapshot(s); nbdd opens such images read-only`);
+  }
+}
+
+/** Records which cluster holds which metadata, refusing overlaps. */
+class MetadataMap {
+  private readonly owner = new Map<number, string>();
+  constructor(private readonly clusterSize: number) {}
+
+  claim(offset: number, bytes: number, what: string): void {
+    for (let c = offset / this.clusterSize; c < Math.ceil((offset + bytes) / this.clusterSize); c++) {
+      const previous = this.owner.get(c);
+      if (previous !== undefined) throw corrupt(`overlapping metadata: cluster 0x${(c * this.clusterSize).toString(16)} is both ${previous} and ${what}`);
+      this.owner.set(c, what);
+    }
+  }
+
+  clusters(): Set<number> {
+    return new Set(this.owner.keys());
+  }
+}
+
+function checkInFile(offset: number, bytes: number, fileLength: number, what: string): void {
+  if (offset + bytes > fileLength) throw corrupt(`${what} at 0x${offset.toString(16)} (${bytes} bytes) runs past the end of the file (${fileLength} bytes)`);
+}
+
+async function loadRefcounts(port: FilePort, h: Qcow2Header, g: Geometry, fileLength: number, meta: MetadataMap): Promise<Refcounts> {
+  const tableBytes = h.refcountTableClusters * g.clusterSize;
+  const raw = await port.readAt(Buffer.alloc(tableBytes), h.refcountTableOffset);
+  const table = decodeRefcountTable(raw, g.clusterSize, fileLength);
+  const blocks = new Map<number, Buffer>();
+  await Promise.all(
+    table.map(async (off, i) => {
+      if (off === 0) return;
+      meta.claim(off, g.clusterSize, `refcount block ${i}`);
+      blocks.set(i, await port.readAt(Buffer.alloc(g.clusterSize), off));
+    }),
+  );
+  return new Refcounts(g, h.refcountTableOffset, h.refcountTableClusters, table, blocks, fileLength);
+}
+
+async function openBackingLayer(imagePath: string, name: string, format: string | undefined, options: OpenQcow2Options, chain: string[]): Promise<ImageLayer> {
+  if (PROTOCOL_NAME.test(name)) throw new NbddError(Errno.ENOTSUP, `${imagePath}: backing file '${name}' is not a plain file name`);
+  const path = isAbsolute(name) ? name : resolve(dirname(imagePath), name);
+  const fmt = format ?? (await probeFormat(path));
+  if (fmt === 'qcow2') return openInChain(path, { ...options, readOnly: true }, chain);
+  if (fmt === 'raw') return RawLayer.open(path);
+  throw new NbddError(Errno.ENOTSUP, `${imagePath}: backing file format '${fmt}' is not supported (qcow2 or raw)`);
+}
+
+async function openInChain(path: string, options: OpenQcow2Options, chain: string[]): Promise<Qcow2Image> {
+  const real = await realpath(path).catch((err: NodeJS.ErrnoException) => {
+    throw new NbddError(err.code === 'ENOENT' ? Errno.ENOENT : Errno.EIO, `cannot open ${path}: ${err.message}`);
+  });
+  if (chain.includes(real)) throw new NbddError(Errno.ELOOP, `backing chain loop: ${[...chain, real].join(' -> ')}`);
+  if (chain.length >= MAX_CHAIN_DEPTH) throw new NbddError(Errno.ELOOP, `backing chain deeper than ${MAX_CHAIN_DEPTH} at ${path}`);
+  const port = await NodeFilePort.open(path, { readOnly: options.readOnly });
+  let backing: ImageLayer | null = null;
+  try {
+    const fileLength = await port.length();
+    const start = await port.readAt(Buffer.alloc(Math.min(fileLength, 2 ** MAX_CLUSTER_BITS)), 0);
+    const header = decodeHeader(start);
+    const g = geometryOf(header);
+    const cluster0 = start.subarray(0, Math.min(start.length, g.clusterSize));
+    const extensions = decodeExtensions(cluster0, header);
+    checkFeatures(header, extensions);
+    if (!options.readOnly) checkWritable(path, header);
+
+    const meta = new MetadataMap(g.clusterSize);
+    meta.claim(0, g.clusterSize, 'the header');
+    const l1Bytes = header.l1Size * 8;
+    checkInFile(header.l1TableOffset, l1Bytes, fileLength, 'L1 table');
+    meta.claim(header.l1TableOffset, l1Bytes, 'the L1 table');
+    checkInFile(header.refcountTableOffset, header.refcountTableClusters * g.clusterSize, fileLength, 'refcount table');
+    meta.claim(header.refcountTableOffset, header.refcountTableClusters * g.clusterSize, 'the refcount table');
+    const l1 = await port.readAt(Buffer.alloc(l1Bytes), header.l1TableOffset);
+    checkL1(l1, g.clusterSize, fileLength).forEach((off) => meta.claim(off, g.clusterSize, `an L2 table`));
+    const refcounts = options.readOnly ? null : await loadRefcounts(port, header, g, fileLength, meta);
+
+    const backingName = header.backingFileOffset !== 0 ? cluster0.subarray(header.backingFileOffset, header.backingFileOffset + header.backingFileSize).toString('utf8') : null;
+    if (backingName !== null && options.openBacking !== false) {
+      backing = await openBackingLayer(path, backingName, extensions.backingFormat, options, [...chain, real]);
+    }
+    const image = new Qcow2Image({
+      path,
+      port,
+      header,
+      extensions,
+      geometry: g,
+      l1,
+      refcounts,
+      metadataClusters: meta.clusters(),
+      fileLength,
+      backing,
+      backingName,
+      l2CacheBytes: options.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES,
+    });
+    if (!options.readOnly) await image.prepareForWriting();
+    return image;
+  } catch (err) {
+    await port.close();
+    await backing?.close();
+    throw err;
+  }
+}

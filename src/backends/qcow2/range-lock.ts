@@ -1,0 +1,37 @@
+/**
+ * Shared/exclusive locks over ranges of guest clusters, granted in arrival order.
+ *
+ * A request waits for every earlier holder or waiter whose range overlaps its own unless both are
+ * shared. Because each request only waits on earlier ones, there is no deadlock, and a later
+ * writer never overtakes an earlier reader of the same cluster (which is what keeps a read from
+ * seeing a freed and reused host cluster). The list stays short: it holds the requests in flight.
+ */
+interface Holder {
+  first: number;
+  last: number;
+  exclusive: boolean;
+  released: Promise<void>;
+  release: () => void;
+}
+
+export class RangeLock {
+  private holders: Holder[] = [];
+
+  /** Resolves with a release function once `[first, last]` (inclusive cluster indices) is granted. */
+  async acquire(first: number, last: number, exclusive: boolean): Promise<() => void> {
+    const waits: Promise<void>[] = [];
+    for (const h of this.holders) {
+      if (h.first <= last && first <= h.last && (exclusive || h.exclusive)) waits.push(h.released);
+    }
+    let release!: () => void;
+    const released = new Promise<void>((resolve) => (release = resolve));
+    const holder: Holder = { first, last, exclusive, released, release };
+    this.holders.push(holder);
+    if (waits.length > 0) await Promise.all(waits);
+    return () => {
+      const i = this.holders.indexOf(holder);
+      if (i >= 0) this.holders.splice(i, 1);
+      holder.release();
+    };
+  }
+}

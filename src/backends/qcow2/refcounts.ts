@@ -1,0 +1,180 @@
+/**
+ * In-memory refcounts and the cluster allocator of a writable qcow2 image.
+ *
+ * The whole refcount table and every refcount block are loaded at open (for a 1 TiB file with
+ * 64 KiB clusters and 16-bit refcounts that is 32 MiB), so allocation is synchronous: two
+ * requests in the same event-loop turn can never pick the same cluster. Nothing here does I/O;
+ * the image's commit writes what `takeDirty()` hands out, in the order docs/qcow2.md gives.
+ *
+ * Growth: a missing refcount block for table index t is placed at the first cluster it covers
+ * (t * refcountsPerBlock, free by definition) and counts itself; a full table is copied to a
+ * larger one at the end of the file, and the old one is freed after the header points at the new.
+ */
+import { Errno, NbddError } from '../../core/errors.js';
+import { MAX_REFCOUNT_TABLE_BYTES, getRefcount, maxRefcount, setRefcount, writeU64, type Geometry } from './layout.js';
+
+export interface RefcountSnapshot {
+  /** Refcount blocks to write (copies), each at its own offset. */
+  blocks: { offset: number; data: Buffer }[];
+  /** Changed refcount table entries (ignored when `table` is set). */
+  tableEntries: { index: number; offset: number }[];
+  /** The whole table to write at a new place, after which the header must point at it. */
+  table?: { offset: number; clusters: number; data: Buffer };
+  /** Clusters of superseded tables, to free once the header update is durable. */
+  oldTables: { offset: number; clusters: number }[];
+}
+
+export class Refcounts {
+  /** Host offset of each refcount block by table index (0: none, all counts zero). */
+  private table: number[];
+  private readonly blocks = new Map<number, Buffer>();
+  private readonly dirtyBlocks = new Set<number>();
+  private readonly dirtyEntries = new Set<number>();
+  private tableOffset: number;
+  private tableClusters: number;
+  /** Set when the table moved and the header still names the old one. */
+  private relocated = false;
+  private oldTables: { offset: number; clusters: number }[] = [];
+  /** Lowest cluster index that may be free. */
+  private cursor = 0;
+  /** First cluster index past every cluster that is in use or was ever allocated. */
+  private end: number;
+  private readonly max: number;
+
+  constructor(
+    private readonly g: Geometry,
+    tableOffset: number,
+    tableClusters: number,
+    table: number[],
+    blocks: Map<number, Buffer>,
+    fileLength: number,
+  ) {
+    this.tableOffset = tableOffset;
+    this.tableClusters = tableClusters;
+    this.table = table;
+    for (const [i, b] of blocks) this.blocks.set(i, b);
+    this.end = Math.ceil(fileLength / g.clusterSize);
+    this.max = maxRefcount(g.refcountOrder);
+  }
+
+  get(cluster: number): number {
+    const block = this.blocks.get(Math.floor(cluster / this.g.refcountsPerBlock));
+    return block ? getRefcount(block, cluster % this.g.refcountsPerBlock, this.g.refcountOrder) : 0;
+  }
+
+  /** Host bytes past the last cluster in use: where the file ends once metadata is written. */
+  get hostEnd(): number {
+    return this.end * this.g.clusterSize;
+  }
+
+  /** Allocates `n` contiguous clusters with refcount 1 and returns the host offset of the first. */
+  allocate(n: number): number {
+    for (;;) {
+      const start = this.findFreeRun(n);
+      // Creating refcount blocks may take a cluster of the run; search again if it did.
+      let ok = true;
+      for (let t = Math.floor(start / this.g.refcountsPerBlock); t <= Math.floor((start + n - 1) / this.g.refcountsPerBlock); t++) {
+        if (!this.blocks.has(t)) {
+          this.createBlock(t);
+          ok = false;
+        }
+      }
+      if (!ok) continue;
+      for (let c = start; c < start + n; c++) this.set(c, 1);
+      if (start === this.cursor) this.cursor = start + n;
+      this.end = Math.max(this.end, start + n);
+      return start * this.g.clusterSize;
+    }
+  }
+
+  /** Adds one reference to an allocated cluster. */
+  increment(cluster: number): void {
+    const v = this.get(cluster);
+    if (v >= this.max) throw new NbddError(Errno.ENOSPC, `refcount of cluster ${cluster} would overflow ${this.g.refcountOrder} bits`);
+    if (!this.blocks.has(Math.floor(cluster / this.g.refcountsPerBlock))) this.createBlock(Math.floor(cluster / this.g.refcountsPerBlock));
+    this.set(cluster, v + 1);
+  }
+
+  /** Drops one reference; returns the new count. Asserts the count was positive. */
+  decrement(cluster: number): number {
+    const v = this.get(cluster);
+    if (v === 0) throw new NbddError(Errno.EUCLEAN, `corrupt qcow2 image: freeing cluster 0x${(cluster * this.g.clusterSize).toString(16)} whose refcount is already 0`);
+    this.set(cluster, v - 1);
+    if (v === 1 && cluster < this.cursor) this.cursor = cluster;
+    return v - 1;
+  }
+
+  get dirty(): boolean {
+    return this.dirtyBlocks.size > 0 || this.dirtyEntries.size > 0 || this.relocated;
+  }
+
+  /** Copies and clears everything dirty, for one commit. */
+  takeDirty(): RefcountSnapshot {
+    const snap: RefcountSnapshot = { blocks: [], tableEntries: [], oldTables: this.oldTables };
+    for (const t of this.dirtyBlocks) snap.blocks.push({ offset: this.table[t]!, data: Buffer.from(this.blocks.get(t)!) });
+    if (this.relocated) {
+      const data = Buffer.alloc(this.tableClusters * this.g.clusterSize);
+      this.table.forEach((off, i) => writeU64(data, i * 8, off));
+      snap.table = { offset: this.tableOffset, clusters: this.tableClusters, data };
+    } else {
+      for (const i of this.dirtyEntries) snap.tableEntries.push({ index: i, offset: this.table[i]! });
+    }
+    this.dirtyBlocks.clear();
+    this.dirtyEntries.clear();
+    this.relocated = false;
+    this.oldTables = [];
+    return snap;
+  }
+
+  get currentTable(): { offset: number; clusters: number } {
+    return { offset: this.tableOffset, clusters: this.tableClusters };
+  }
+
+  private set(cluster: number, value: number): void {
+    const t = Math.floor(cluster / this.g.refcountsPerBlock);
+    setRefcount(this.blocks.get(t)!, cluster % this.g.refcountsPerBlock, this.g.refcountOrder, value);
+    this.dirtyBlocks.add(t);
+  }
+
+  private findFreeRun(n: number): number {
+    let start = this.cursor;
+    while (start < this.end) {
+      let len = 0;
+      while (len < n && start + len < this.end && this.get(start + len) === 0) len++;
+      if (len === n || start + len >= this.end) return start;
+      start += len + 1;
+    }
+    return start;
+  }
+
+  private createBlock(t: number): void {
+    if (t >= this.table.length) this.grow(t + 1);
+    const first = t * this.g.refcountsPerBlock;
+    const block = Buffer.alloc(this.g.clusterSize);
+    this.blocks.set(t, block);
+    this.table[t] = first * this.g.clusterSize;
+    this.dirtyEntries.add(t);
+    this.set(first, 1); // the block counts itself
+    this.end = Math.max(this.end, first + 1);
+  }
+
+  private grow(minEntries: number): void {
+    const perCluster = this.g.clusterSize / 8;
+    const clusters = Math.max(this.tableClusters * 2, Math.ceil(minEntries / perCluster) + 1);
+    if (clusters * this.g.clusterSize > MAX_REFCOUNT_TABLE_BYTES) {
+      throw new NbddError(Errno.ENOSPC, `qcow2 refcount table would exceed ${MAX_REFCOUNT_TABLE_BYTES} bytes`);
+    }
+    const old = { offset: this.tableOffset, clusters: this.tableClusters };
+    const wasOnDisk = !this.relocated;
+    while (this.table.length < clusters * perCluster) this.table.push(0);
+    this.tableClusters = clusters;
+    this.relocated = true;
+    this.tableOffset = this.allocate(clusters);
+    if (wasOnDisk) {
+      this.oldTables.push(old);
+    } else {
+      // The superseded table was never written: free it at once.
+      for (let c = old.offset / this.g.clusterSize; c < old.offset / this.g.clusterSize + old.clusters; c++) this.decrement(c);
+    }
+  }
+}

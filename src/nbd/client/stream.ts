@@ -1,0 +1,129 @@
+/**
+ * The client's socket: connects (Unix socket or TCP with TCP_NODELAY), buffers what arrives in a
+ * `ChunkReader`, and offers two ways to consume it: `read(n)` (awaitable, for the sequential
+ * handshake) and `onBytes` (a synchronous hook, for the transmission parser). Writes made in one
+ * event-loop turn leave in one corked batch.
+ *
+ * The only client module that touches a socket.
+ */
+import net from 'node:net';
+import { Errno, NbddError, messageOf } from '../../core/errors.js';
+import type { NbdTransport } from '../uri.js';
+import { TurnWriter } from '../turn-writer.js';
+import { ChunkReader } from '../wire/reader.js';
+
+const EMPTY = Buffer.alloc(0);
+
+export function describeTransport(t: NbdTransport): string {
+  return t.kind === 'unix' ? `unix:${t.path}` : `${t.host.includes(':') ? `[${t.host}]` : t.host}:${t.port}`;
+}
+
+export class ByteStream {
+  readonly reader = new ChunkReader();
+  /** Called after every arrival of bytes once set (transmission); `read()` is unusable then. */
+  onBytes: (() => void) | null = null;
+  /** Called once when the connection is gone, with the reason. */
+  onClose: ((err: NbddError) => void) | null = null;
+  private want: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | null = null;
+  private failure: NbddError | null = null;
+  private readonly out: TurnWriter;
+  readonly closed: Promise<void>;
+
+  private constructor(
+    private readonly socket: net.Socket,
+    readonly peer: string,
+  ) {
+    this.out = new TurnWriter(socket);
+    socket.on('data', (chunk: Buffer) => {
+      this.reader.push(chunk);
+      if (this.onBytes) this.onBytes();
+      else this.satisfy();
+    });
+    socket.on('error', (err) => this.fail(new NbddError(Errno.ECONNRESET, `connection to NBD server ${peer} failed: ${err.message}`)));
+    socket.on('end', () => this.fail(new NbddError(Errno.ECONNRESET, `NBD server ${peer} closed the connection`)));
+    this.closed = new Promise((resolve) =>
+      socket.on('close', () => {
+        this.fail(new NbddError(Errno.ECONNRESET, `connection to NBD server ${peer} closed`));
+        resolve();
+      }),
+    );
+  }
+
+  /** Opens the connection; rejects with NbddError (ECONNREFUSED etc. as their errno, or ETIMEDOUT). */
+  static connect(t: NbdTransport, timeoutMs: number): Promise<ByteStream> {
+    const peer = describeTransport(t);
+    return new Promise((resolve, reject) => {
+      const socket = t.kind === 'unix' ? net.connect({ path: t.path }) : net.connect({ host: t.host, port: t.port, noDelay: true });
+      const timer = setTimeout(() => {
+        socket.destroy();
+        reject(new NbddError(Errno.ETIMEDOUT, `connecting to NBD server ${peer} timed out after ${timeoutMs} ms`));
+      }, timeoutMs);
+      const onError = (err: NodeJS.ErrnoException): void => {
+        clearTimeout(timer);
+        const errno = Math.abs(err.errno ?? Errno.EIO);
+        reject(new NbddError(errno, `cannot connect to NBD server ${peer}: ${messageOf(err)}`));
+      };
+      socket.once('error', onError);
+      socket.once('connect', () => {
+        clearTimeout(timer);
+        socket.off('error', onError);
+        if (t.kind === 'tcp') socket.setNoDelay(true);
+        resolve(new ByteStream(socket, peer));
+      });
+    });
+  }
+
+  /**
+   * Exactly `n` bytes (a view or a copy; the caller owns it). Only one read at a time, and only
+   * before `onBytes` is set. Rejects with the connection's failure.
+   */
+  read(n: number): Promise<Buffer> {
+    if (n === 0) return Promise.resolve(EMPTY);
+    if (this.reader.length >= n) return Promise.resolve(this.reader.consume(n));
+    if (this.failure) return Promise.reject(this.failure);
+    return new Promise((resolve, reject) => {
+      this.want = { n, resolve, reject };
+    });
+  }
+
+  private satisfy(): void {
+    const w = this.want;
+    if (!w || this.reader.length < w.n) return;
+    this.want = null;
+    w.resolve(this.reader.consume(w.n));
+  }
+
+  /** Queues bytes; the buffer must not change until written. Ignored once the connection failed. */
+  write(buf: Buffer): void {
+    if (!this.failure) this.out.write(buf);
+  }
+
+  /** The reason the connection failed, or null while it is usable. */
+  get error(): NbddError | null {
+    return this.failure;
+  }
+
+  /** Sends what is queued, then half-closes; resolves when the socket closed (or after `graceMs`). */
+  async end(graceMs = 5000): Promise<void> {
+    this.out.flushNow();
+    this.socket.end();
+    const timer = setTimeout(() => this.socket.destroy(), graceMs);
+    await this.closed;
+    clearTimeout(timer);
+  }
+
+  /** Drops the connection now; the reason goes to `onClose` and pending reads. */
+  destroy(reason: NbddError): void {
+    this.fail(reason);
+    this.socket.destroy();
+  }
+
+  private fail(err: NbddError): void {
+    if (this.failure) return;
+    this.failure = err;
+    const w = this.want;
+    this.want = null;
+    w?.reject(err);
+    this.onClose?.(err);
+  }
+}

@@ -1,0 +1,34 @@
+/**
+ * Writes to a socket batched per event-loop turn: the first write of a turn corks the socket and
+ * the turn's end (`setImmediate`) uncorks it, so everything queued in one turn leaves in one
+ * writev. Used by both ends of the NBD protocol (server sessions, the client stream).
+ *
+ * Ownership: a buffer passed to `write` must not change until the socket has written it.
+ */
+import type { Socket } from 'node:net';
+
+export class TurnWriter {
+  private corked = false;
+
+  constructor(private readonly socket: Socket) {}
+
+  write(buf: Buffer): void {
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      setImmediate(this.uncork);
+    }
+    this.socket.write(buf);
+  }
+
+  /** Sends what this turn queued now (before `end()`, for example). */
+  flushNow(): void {
+    if (this.corked) this.uncork();
+  }
+
+  private readonly uncork = (): void => {
+    if (!this.corked) return;
+    this.corked = false;
+    if (!this.socket.destroyed) this.socket.uncork();
+  };
+}

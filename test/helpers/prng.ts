@@ -1,0 +1,14 @@
+/**
+ * A small deterministic PRNG (mulberry32), so a failing seed can be replayed. (The qcow2 crash
+ * child, test/helpers/qcow2-crash-ops.mjs, runs under plain node and keeps its own copy.)
+ */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}

@@ -1,0 +1,35 @@
+// Deterministic operations for the qcow2 crash test, shared by the test and its child process.
+
+/** mulberry32 */
+export function prng(seed) {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/**
+ * Batches of operations: each batch is issued at once and followed by a flush.
+ * An op is { kind: 'write' | 'zero' | 'discard', off, len, pattern }.
+ */
+export function crashBatches(seed, batches, size, cluster) {
+  const rnd = prng(seed);
+  const out = [];
+  for (let b = 0; b < batches; b++) {
+    const batch = [];
+    const n = 1 + Math.floor(rnd() * 12);
+    for (let i = 0; i < n; i++) {
+      const len = 1 + Math.floor(rnd() * (rnd() < 0.3 ? 4 * cluster : cluster / 2));
+      const off = Math.min(size - len, Math.floor(rnd() * size));
+      const pick = rnd();
+      const kind = pick < 0.75 ? 'write' : pick < 0.88 ? 'zero' : 'discard';
+      batch.push({ kind, off, len, pattern: 1 + Math.floor(rnd() * 255) });
+    }
+    out.push(batch);
+  }
+  return out;
+}

@@ -1,0 +1,75 @@
+/** NbdBackend (openNbd) over real servers: caps from the export's flags, multi-conn, block status. */
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { Errno, NbddError } from '../../src/core/errors.js';
+import { openNbd } from '../../src/backends/nbd.js';
+import { run, startNbdkit, startQemuNbd, tempDir, type Peer } from './nbd-peers.js';
+
+const MiB = 1024 * 1024;
+const dir = tempDir('nbdd-nbd-backend-');
+const peers: Peer[] = [];
+
+afterAll(async () => {
+  const stops = await Promise.allSettled(peers.map((p) => p.stop()));
+  dir.remove();
+  for (const s of stops) if (s.status === 'rejected') throw s.reason;
+});
+
+describe('openNbd', () => {
+  it('opens nbdkit memory with four connections, round-robin, and reports holes and data', async () => {
+    const server = await startNbdkit(dir.path, ['memory', '16M']);
+    peers.push(server);
+    const b = await openNbd(server.uri, { connections: 4 });
+    expect(b.connections).toBe(4);
+    expect(b.kind).toBe('nbd');
+    expect(b.size).toBe(16 * MiB);
+    expect(b.caps).toMatchObject({ readOnly: false, flush: true, fua: true, trim: true, writeZeroes: true, fastZero: true, multiConn: true });
+    const blocks = Array.from({ length: 16 }, (_, i) => Buffer.alloc(64 * 1024, i + 1));
+    await Promise.all(blocks.map((d, i) => b.write(2 * MiB + i * d.length, d, { fua: i === 0 })));
+    await b.flush();
+    const back = await Promise.all(blocks.map((d, i) => b.read(2 * MiB + i * d.length, d.length)));
+    back.forEach((d, i) => expect(d.equals(blocks[i]!)).toBe(true));
+    await b.writeZeroes(2 * MiB, 64 * 1024, { fastZero: true });
+    expect(await b.blockStatus(0, 16 * MiB)).toEqual([
+      { length: 2 * MiB + 64 * 1024, hole: true, zero: true, depth: 0 },
+      { length: MiB - 64 * 1024, hole: false, zero: false, depth: 1 },
+      { length: 13 * MiB, hole: true, zero: true, depth: 0 },
+    ]);
+    await b.close();
+    await b.close();
+  });
+
+  it('takes depth from qemu:allocation-depth and honours a read-only export', async () => {
+    const base = join(dir.path, 'base.qcow2');
+    const top = join(dir.path, 'top.qcow2');
+    run('qemu-img', ['create', '-f', 'qcow2', base, '4M']);
+    run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x01 0 1M', base]);
+    run('qemu-img', ['create', '-f', 'qcow2', '-b', base, '-F', 'qcow2', top]);
+    run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x02 512k 1M', top]);
+    const server = await startQemuNbd(dir.path, 'top', ['-r', '-A', '-f', 'qcow2', top]);
+    peers.push(server);
+    const b = await openNbd(server.uri, { connections: 4 });
+    // qemu-nbd offers multi-conn on read-only exports only.
+    expect(b.connections).toBe(4);
+    expect(b.caps).toMatchObject({ readOnly: true, multiConn: true });
+    expect(await b.blockStatus(0, 4 * MiB)).toEqual([
+      { length: 512 * 1024, hole: false, zero: false, depth: 2 },
+      { length: MiB, hole: false, zero: false, depth: 1 },
+      { length: 2.5 * MiB, hole: true, zero: true, depth: 0 },
+    ]);
+    const data = await b.read(0, 2 * MiB);
+    expect(data.subarray(0, 512 * 1024).equals(Buffer.alloc(512 * 1024, 1))).toBe(true);
+    expect(data.subarray(512 * 1024, 1536 * 1024).equals(Buffer.alloc(MiB, 2))).toBe(true);
+    const err = await b.write(0, Buffer.alloc(512)).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(NbddError);
+    expect((err as NbddError).errno).toBe(Errno.EPERM);
+    await b.close();
+  });
+
+  it('fails to open an unknown export with ENOENT', async () => {
+    const qemuNbd = peers[1]!; // nbdkit would serve any name
+    const err = await openNbd(qemuNbd.uri.replace('nbd+unix:///top', 'nbd+unix:///nope')).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(NbddError);
+    expect((err as NbddError).errno).toBe(Errno.ENOENT);
+  });
+});
