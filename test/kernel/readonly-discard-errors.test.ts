@@ -115,7 +115,7 @@ describe('error paths: a clear message and a non-zero exit', () => {
   it.each([
     ['busy', /\/dev\/nbd2 is in use/],
     ['missing', /\/tmp\/no-such\.img does not exist/],
-    ['locked', /lock/i],
+    ['locked', /locked\.img is in use: another process has it open/],
     ['notroot', /attaching needs root or CAP_SYS_ADMIN/],
   ])('%s', (name, message) => {
     expect(s.status(name), s.log).not.toBe(0);
