@@ -24,7 +24,8 @@ import { fstat } from 'node:fs';
 import { promisify } from 'node:util';
 import { assertRange, defaultCaps, type Backend, type BackendCaps, type Extent, type ZeroOptions } from '../core/backend.js';
 import { Errno, NbddError, assert, errnoOf, messageOf } from '../core/errors.js';
-import { NodeFilePort, type FilePort } from '../io/file-port.js';
+import { type FilePort } from '../io/file-port.js';
+import { openFilePort } from '../io/open-port.js';
 import {
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
@@ -111,9 +112,9 @@ export class RawBackend implements Backend {
     if (direct && create !== undefined && create % RAW_DIRECT_ALIGNMENT !== 0) {
       throw new NbddError(Errno.EINVAL, `cannot create ${path}: O_DIRECT needs a size that is a multiple of ${RAW_DIRECT_ALIGNMENT}`);
     }
-    let port: NodeFilePort;
+    let port: FilePort;
     try {
-      port = await NodeFilePort.open(path, { readOnly, direct, create: create !== undefined, exclusive: create !== undefined });
+      port = await openFilePort(path, { readOnly, direct, create: create !== undefined, exclusive: create !== undefined });
     } catch (err) {
       throw new NbddError(errnoOf(err), `cannot open raw image: ${messageOf(err)}`, { cause: err });
     }

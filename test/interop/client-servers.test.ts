@@ -170,8 +170,10 @@ describe('nbdkit read-only file, delay, and a dying server', () => {
     const reads = [client.read(0, 4096), client.read(4096, 4096), client.read(8192, 4096)];
     await new Promise((r) => setTimeout(r, 200));
     expect(client.inFlight).toBe(3);
+    // Attach every handler before the server goes: all three reject in the same turn.
+    const checks = reads.map((r) => expectErrno(r, Errno.ECONNRESET));
     await server.kill();
-    for (const r of reads) await expectErrno(r, Errno.ECONNRESET);
+    await Promise.all(checks);
     await expectErrno(client.read(0, 512), Errno.ECONNRESET);
   });
 });

@@ -3,9 +3,10 @@
  * backend and compared byte for byte with `qemu-img convert -O raw`; block status compared with
  * `qemu-img map` (allocation depth and data/hole).
  */
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import type { FilePort } from '../../src/io/file-port.js';
 import type { Extent } from '../../src/core/backend.js';
 import { openQcow2 } from '../../src/backends/qcow2/open.js';
 import { prng, qemuCreate, qemuIo, qemuMap, qemuRaw, requireQemu } from '../helpers/qemu.js';
@@ -141,11 +142,42 @@ describe('qcow2 reads match qemu-img convert', () => {
     writeFileSync(join(dir.path, 'base.raw'), base);
     run('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', 'base.raw', '-F', 'raw', join(dir.path, 'mid.qcow2')]);
     qemuIo(join(dir.path, 'mid.qcow2'), scatteredWrites(size, 11, 20));
-    // The top image has no backing format extension: the format is probed.
     run('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'extended_l2=on', '-b', 'mid.qcow2', '-F', 'qcow2', join(dir.path, 'top.qcow2'), `${8 * MiB}`]);
     qemuIo(join(dir.path, 'top.qcow2'), scatteredWrites(8 * MiB, 12, 20));
     const top = join(dir.path, 'top.qcow2');
-    expect((await readAll(top, 9)).equals(qemuRaw(top, dir.path))).toBe(true);
+    const expected = qemuRaw(top, dir.path);
+    // Turn the top image's backing format extension into an unknown one: nbdd must probe.
+    const file = readFileSync(top);
+    const at = file.subarray(0, 65536).indexOf(Buffer.from('e2792aca', 'hex'));
+    expect(at).toBeGreaterThan(0);
+    Buffer.from('7e57e57e', 'hex').copy(file, at);
+    writeFileSync(top, file);
+    const probed = await openQcow2(top, { readOnly: true });
+    expect(probed.extensions.backingFormat).toBeUndefined();
+    expect(probed.extensions.unknownTypes).toEqual([0x7e57e57e]);
+    expect(probed.backing?.format).toBe('qcow2');
+    expect(probed.backing?.backing?.format).toBe('raw');
+    await probed.close();
+    expect((await readAll(top, 9)).equals(expected)).toBe(true);
     expect(sectorsOf(await allStatus(top))).toBe(qemuSectors(top));
+  });
+
+  it('reads contiguous allocated clusters with one file read', async () => {
+    const path = join(dir.path, 'contiguous.qcow2');
+    qemuCreate(path, 8 * MiB);
+    qemuIo(path, [`write -P 0x3c 0 ${8 * MiB}`]);
+    const img = await openQcow2(path, { readOnly: true });
+    try {
+      await img.read(0, 512); // loads the L2 table
+      // The port is whichever I/O engine is in use (io_uring or node:fs); watch that object's reads.
+      const port = (img as unknown as { port: Pick<FilePort, 'readAt'> }).port;
+      const spy = vi.spyOn(port, 'readAt');
+      const data = await img.read(4096, 4 * MiB + 1000); // 65 clusters, unaligned at both ends
+      expect(spy).toHaveBeenCalledTimes(1);
+      spy.mockRestore();
+      expect(data.every((b) => b === 0x3c)).toBe(true);
+    } finally {
+      await img.close();
+    }
   });
 });

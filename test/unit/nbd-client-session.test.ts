@@ -285,7 +285,7 @@ describe('NbdClient transmission failures', () => {
     });
     const client = await NbdClient.connect({ kind: 'unix', path });
     const reads = [client.read(0, 4096), client.read(4096, 4096)];
-    for (const r of reads) await expectErrno(r, Errno.ECONNRESET);
+    await Promise.all(reads.map((r) => expectErrno(r, Errno.ECONNRESET)));
     await expectErrno(client.flush(), Errno.ECONNRESET);
     await done;
   });

@@ -82,6 +82,8 @@ interface WritePlan {
   spanEnd: number;
   host: number; // target host cluster offset (set by allocation when `fresh`)
   fresh: boolean;
+  zeroHost: boolean; // a fresh host cluster known to read as zeroes
+  changed: boolean; // the L2 entry must be rewritten (false for plain in-place overwrites)
   freeOld: number[]; // host cluster indices to release once the new entry is durable
   alloc: number; // extended L2: new allocation / zero bitmaps
   zero: number;
@@ -96,6 +98,12 @@ function corrupt(message: string): NbddError {
 
 function hex(n: number): string {
   return `0x${n.toString(16)}`;
+}
+
+const ZEROES = Buffer.alloc(2 ** 21); // one cluster of the largest size
+
+function isZero(buf: Buffer | undefined): boolean {
+  return !buf || buf.equals(ZEROES.subarray(0, buf.length));
 }
 
 /** Bits su..eu-1 of a 32-bit subcluster bitmap. */
@@ -127,6 +135,11 @@ export class Qcow2Image implements Backend, ImageLayer {
   private readonly lock = new RangeLock();
   private readonly v3: boolean;
   private pendingFrees: number[] = [];
+  /** First cluster past the file's end at open; free clusters from here on read as zeroes. */
+  private readonly zeroFrom: number;
+  /** Clusters punched after their last reference went (they read as zeroes until rewritten). */
+  private readonly punched = new Set<number>();
+  private punchWorks = true;
   private fileLength: number;
   private unsyncedData = false;
   private commitChain: Promise<void> = Promise.resolve();
@@ -146,6 +159,7 @@ export class Qcow2Image implements Backend, ImageLayer {
     this.refs = parts.refcounts;
     this.metadataClusters = parts.metadataClusters;
     this.fileLength = parts.fileLength;
+    this.zeroFrom = Math.ceil(parts.fileLength / parts.geometry.clusterSize);
     this.backing = parts.backing;
     this.backingName = parts.backingName;
     this.v3 = parts.header.version === 3;
@@ -232,11 +246,18 @@ export class Qcow2Image implements Backend, ImageLayer {
     await this.afterUpdate(options);
   }
 
-  /** Commits all metadata changes and makes them and every completed write durable. */
+  /**
+   * Commits all metadata changes and makes them and every completed write durable. Freeing
+   * clusters dirties refcount blocks after they were written, so a second commit follows then.
+   */
   async flush(): Promise<void> {
     if (!this.refs) return;
-    await this.commit();
+    for (let round = 0; round < 2 && (round === 0 || this.hasDirtyMetadata()); round++) await this.commit();
     await this.port.fsync();
+  }
+
+  private hasDirtyMetadata(): boolean {
+    return this.refs!.dirty || this.pendingFrees.length > 0 || this.dirtyL1.size > 0 || this.l2Cache.dirtyCount > 0;
   }
 
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
@@ -330,8 +351,9 @@ export class Qcow2Image implements Backend, ImageLayer {
       return found;
     }
     // Synchronous from the emptiness check above to the L1 update: no other request interleaves.
-    const offset = this.refs!.allocate(1);
+    const offset = this.refs!.allocate();
     this.metadataClusters.add(offset / this.cs);
+    this.punched.delete(offset / this.cs);
     const table: L2Table = { offset, data: Buffer.alloc(this.cs), dirty: true, pins: 0 };
     this.l2Cache.insert(l1i, table);
     this.setL1(l1i, offset);
@@ -488,7 +510,7 @@ export class Qcow2Image implements Backend, ImageLayer {
     const entry = (ci - l1i * this.g.l2Entries) * this.g.l2EntrySize;
     const hi = table.data.readUInt32BE(entry);
     const lo = table.data.readUInt32BE(entry + 4);
-    const plan: WritePlan = { table, entry, ci, a, b, spanStart: 0, spanEnd: this.cs, host: 0, fresh: true, freeOld: [], alloc: ALL_UNITS, zero: 0, dataOffset };
+    const plan: WritePlan = { table, entry, ci, a, b, spanStart: 0, spanEnd: this.cs, host: 0, fresh: true, zeroHost: false, changed: true, freeOld: [], alloc: ALL_UNITS, zero: 0, dataOffset };
     if ((hi & ENTRY_COMPRESSED_HI) !== 0) {
       plan.freeOld = this.compressedClusters(hi, lo);
       return plan;
@@ -503,6 +525,7 @@ export class Qcow2Image implements Backend, ImageLayer {
         if (!(this.v3 && (lo & ENTRY_ZERO_LO) !== 0)) {
           plan.spanStart = a;
           plan.spanEnd = b;
+          plan.changed = (hi & ENTRY_COPIED_HI) === 0;
         }
       } else if (host !== 0) {
         plan.freeOld = [host / this.cs];
@@ -527,6 +550,7 @@ export class Qcow2Image implements Backend, ImageLayer {
     if (host !== 0) {
       plan.fresh = false;
       plan.host = host;
+      plan.changed = (hi & ENTRY_COPIED_HI) === 0 || plan.alloc !== allocBits || plan.zero !== zeroBits;
     }
     return plan;
   }
@@ -553,10 +577,12 @@ export class Qcow2Image implements Backend, ImageLayer {
         }
       }
       this.allocateFresh(plans);
-      await Promise.all(plans.map((p) => this.fillCow(p)));
+      const cow = plans.filter((p) => p.spanStart < p.a || p.b < p.spanEnd);
+      if (cow.length > 0) await Promise.all(cow.map((p) => this.fillCow(p)));
       await this.writeData(plans, data);
       this.unsyncedData = true;
       for (const p of plans) {
+        if (!p.changed) continue;
         const d = p.table.data;
         writeEntry(d, p.entry, p.host, true, false);
         if (this.g.extendedL2) {
@@ -580,20 +606,47 @@ export class Qcow2Image implements Backend, ImageLayer {
       }
       let j = i + 1;
       while (j < plans.length && plans[j]!.fresh && plans[j]!.ci === plans[j - 1]!.ci + 1) j++;
-      const base = this.refs!.allocate(j - i);
-      for (let k = i; k < j; k++) plans[k]!.host = base + (k - i) * this.cs;
+      for (let k = i; k < j; ) {
+        const run = this.refs!.allocateRun(j - k);
+        for (let m = 0; m < run.count; m++) {
+          const p = plans[k + m]!;
+          p.host = run.offset + m * this.cs;
+          p.zeroHost = this.readsAsZero(p.host / this.cs);
+          this.punched.delete(p.host / this.cs);
+        }
+        k += run.count;
+      }
       i = j;
     }
   }
 
+  /**
+   * Reads the copy-on-write head and tail of a plan. When they are zeroes and the fresh host
+   * cluster is known to read as zeroes already, they are dropped and only the new data is written
+   * (what QEMU does with a zero-write of the cluster first).
+   */
   private async fillCow(p: WritePlan): Promise<void> {
     const guest = p.ci * this.cs;
     const [head, tail] = await Promise.all([
       p.spanStart < p.a ? this.readForCow(guest + p.spanStart, p.a - p.spanStart) : undefined,
       p.b < p.spanEnd ? this.readForCow(guest + p.b, p.spanEnd - p.b) : undefined,
     ]);
+    if (p.zeroHost && isZero(head) && isZero(tail)) {
+      p.spanStart = p.a;
+      p.spanEnd = p.b;
+      return;
+    }
     p.head = head;
     p.tail = tail;
+  }
+
+  /**
+   * Whether a free host cluster is known to hold zeroes: past the file's end at open (never
+   * written since, or punched when freed), or punched by this process. Once a punch fails, nothing
+   * is assumed.
+   */
+  private readsAsZero(cluster: number): boolean {
+    return this.punchWorks && (cluster >= this.zeroFrom || this.punched.has(cluster));
   }
 
   /** Writes the planned spans, one (vectored) file write per run of contiguous host bytes. */
@@ -790,7 +843,7 @@ export class Qcow2Image implements Backend, ImageLayer {
       l2s.push({ offset: t.offset, data: Buffer.from(t.data) });
       t.dirty = false;
     }
-    const l1 = [...this.dirtyL1].map((i) => ({ at: this.l1Offset0 + i * 8, data: Buffer.from(this.l1.subarray(i * 8, i * 8 + 8)) }));
+    const l1 = [...this.dirtyL1].map((i) => ({ at: this.header.l1TableOffset + i * 8, data: Buffer.from(this.l1.subarray(i * 8, i * 8 + 8)) }));
     this.dirtyL1.clear();
     const frees = this.pendingFrees;
     this.pendingFrees = [];
@@ -822,11 +875,14 @@ export class Qcow2Image implements Backend, ImageLayer {
           refSnap.tableEntries.map((t) => {
             const data = Buffer.alloc(8);
             writeU64(data, 0, t.offset);
-            return { at: this.refTableOffset + t.index * 8, data };
+            return { at: this.header.refcountTableOffset + t.index * 8, data };
           }),
         );
       }
-      if (refSnap.table) this.refTableOffset = refSnap.table.offset;
+      if (refSnap.table) {
+        this.header.refcountTableOffset = refSnap.table.offset;
+        this.header.refcountTableClusters = refSnap.table.clusters;
+      }
     }
     await writeAll(l2s.map((t) => ({ at: t.offset, data: t.data })));
     await writeAll(l1);
@@ -846,22 +902,16 @@ export class Qcow2Image implements Backend, ImageLayer {
     for (let i = 0; i < emptied.length; ) {
       let j = i + 1;
       while (j < emptied.length && emptied[j] === emptied[j - 1]! + 1) j++;
-      await this.port.punchHole(emptied[i]! * this.cs, (j - i) * this.cs);
+      // Punching saves space and lets fresh clusters skip zero copy-on-write; freeing works without.
+      const done = await this.port.punchHole(emptied[i]! * this.cs, (j - i) * this.cs).then(
+        () => true,
+        () => false,
+      );
+      if (!done) this.punchWorks = false;
+      for (let c = emptied[i]!; c <= emptied[j - 1]!; c++) this.punched.add(c);
       i = j;
     }
     for (const c of clusters) this.refs!.decrement(c);
-  }
-
-  private get l1Offset0(): number {
-    return this.header.l1TableOffset;
-  }
-
-  private get refTableOffset(): number {
-    return this.header.refcountTableOffset;
-  }
-
-  private set refTableOffset(offset: number) {
-    this.header.refcountTableOffset = offset;
   }
 
   // ---------------------------------------------------------------- block status

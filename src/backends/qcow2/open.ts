@@ -7,6 +7,8 @@ import { realpath } from 'node:fs/promises';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { Errno, NbddError } from '../../core/errors.js';
 import { NodeFilePort, type FilePort } from '../../io/file-port.js';
+import { openFilePort } from '../../io/open-port.js';
+import { LOCK_EX, LOCK_SH, tryFlock } from '../../sys/libc.js';
 import { DEFAULT_L2_CACHE_BYTES, Qcow2Image, checkL1, decodeRefcountTable } from './image.js';
 import type { ImageLayer } from './layer.js';
 import {
@@ -122,9 +124,13 @@ async function openInChain(path: string, options: OpenQcow2Options, chain: strin
   });
   if (chain.includes(real)) throw new NbddError(Errno.ELOOP, `backing chain loop: ${[...chain, real].join(' -> ')}`);
   if (chain.length >= MAX_CHAIN_DEPTH) throw new NbddError(Errno.ELOOP, `backing chain deeper than ${MAX_CHAIN_DEPTH} at ${path}`);
-  const port = await NodeFilePort.open(path, { readOnly: options.readOnly });
+  const port = await openFilePort(path, { readOnly: options.readOnly });
   let backing: ImageLayer | null = null;
   try {
+    // As the raw backend: one writer or several readers per image among nbdd processes.
+    if (!tryFlock(port.fd, options.readOnly ? LOCK_SH : LOCK_EX)) {
+      throw new NbddError(Errno.EBUSY, `${path} is in use by another process (flock held)`);
+    }
     const fileLength = await port.length();
     const start = await port.readAt(Buffer.alloc(Math.min(fileLength, 2 ** MAX_CLUSTER_BITS)), 0);
     const header = decodeHeader(start);

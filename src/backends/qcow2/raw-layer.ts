@@ -6,7 +6,8 @@
  * file reports as data at depth 1 (no SEEK_DATA probing).
  */
 import type { Extent } from '../../core/backend.js';
-import { NodeFilePort, type FilePort } from '../../io/file-port.js';
+import type { FilePort } from '../../io/file-port.js';
+import { openFilePort } from '../../io/open-port.js';
 import type { ImageLayer } from './layer.js';
 
 export class RawLayer implements ImageLayer {
@@ -23,7 +24,7 @@ export class RawLayer implements ImageLayer {
   }
 
   static async open(path: string): Promise<RawLayer> {
-    const port = await NodeFilePort.open(path, { readOnly: true });
+    const port = await openFilePort(path, { readOnly: true });
     try {
       return new RawLayer(port, await port.length());
     } catch (err) {

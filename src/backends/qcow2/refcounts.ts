@@ -67,24 +67,33 @@ export class Refcounts {
     return this.end * this.g.clusterSize;
   }
 
-  /** Allocates `n` contiguous clusters with refcount 1 and returns the host offset of the first. */
-  allocate(n: number): number {
+  /**
+   * Allocates up to `max` contiguous clusters with refcount 1, starting at the lowest free cluster,
+   * and returns the host offset of the first and how many were taken (at least 1). Runs stop
+   * where a refcount block is missing, so a new block can take the first cluster it covers.
+   */
+  allocateRun(max: number): { offset: number; count: number } {
+    const E = this.g.refcountsPerBlock;
     for (;;) {
-      const start = this.findFreeRun(n);
-      // Creating refcount blocks may take a cluster of the run; search again if it did.
-      let ok = true;
-      for (let t = Math.floor(start / this.g.refcountsPerBlock); t <= Math.floor((start + n - 1) / this.g.refcountsPerBlock); t++) {
-        if (!this.blocks.has(t)) {
-          this.createBlock(t);
-          ok = false;
-        }
+      let start = this.cursor;
+      while (start < this.end && this.get(start) !== 0) start++;
+      this.cursor = start;
+      if (!this.blocks.has(Math.floor(start / E))) {
+        this.createBlock(Math.floor(start / E)); // may take `start` itself: look again
+        continue;
       }
-      if (!ok) continue;
-      for (let c = start; c < start + n; c++) this.set(c, 1);
-      if (start === this.cursor) this.cursor = start + n;
-      this.end = Math.max(this.end, start + n);
-      return start * this.g.clusterSize;
+      let count = 1;
+      while (count < max && (start + count >= this.end || this.get(start + count) === 0) && this.blocks.has(Math.floor((start + count) / E))) count++;
+      for (let c = start; c < start + count; c++) this.set(c, 1);
+      this.cursor = start + count;
+      this.end = Math.max(this.end, start + count);
+      return { offset: start * this.g.clusterSize, count };
     }
+  }
+
+  /** Allocates one cluster with refcount 1 and returns its host offset. */
+  allocate(): number {
+    return this.allocateRun(1).offset;
   }
 
   /** Adds one reference to an allocated cluster. */
@@ -136,19 +145,12 @@ export class Refcounts {
     this.dirtyBlocks.add(t);
   }
 
-  private findFreeRun(n: number): number {
-    let start = this.cursor;
-    while (start < this.end) {
-      let len = 0;
-      while (len < n && start + len < this.end && this.get(start + len) === 0) len++;
-      if (len === n || start + len >= this.end) return start;
-      start += len + 1;
-    }
-    return start;
-  }
-
+  /** Creates the missing refcount block `t` in the first cluster it covers, counting itself. */
   private createBlock(t: number): void {
-    if (t >= this.table.length) this.grow(t + 1);
+    if (t >= this.table.length) {
+      this.grow(t + 1);
+      if (this.blocks.has(t)) return; // the new table's own blocks may include it
+    }
     const first = t * this.g.refcountsPerBlock;
     const block = Buffer.alloc(this.g.clusterSize);
     this.blocks.set(t, block);
@@ -158,18 +160,43 @@ export class Refcounts {
     this.end = Math.max(this.end, first + 1);
   }
 
+  /**
+   * Moves the refcount table to a larger one at the end of the file: the table at clusters
+   * [end, end + n), followed by the refcount blocks that region needs and lacks, all counted.
+   */
   private grow(minEntries: number): void {
+    const E = this.g.refcountsPerBlock;
     const perCluster = this.g.clusterSize / 8;
-    const clusters = Math.max(this.tableClusters * 2, Math.ceil(minEntries / perCluster) + 1);
+    const start = this.end;
+    let clusters = Math.max(this.tableClusters * 2, Math.ceil(minEntries / perCluster) + 1);
+    let missing: number[] = [];
+    for (;;) {
+      // The blocks covering [start, start + clusters + missing.length) that do not exist yet.
+      const needed: number[] = [];
+      for (let t = Math.floor(start / E); t <= Math.floor((start + clusters + missing.length - 1) / E); t++) if (!this.blocks.has(t)) needed.push(t);
+      const lastIndex = Math.floor((start + clusters + needed.length - 1) / E);
+      if (lastIndex >= clusters * perCluster) {
+        clusters++;
+        continue;
+      }
+      if (needed.length === missing.length) break;
+      missing = needed;
+    }
     if (clusters * this.g.clusterSize > MAX_REFCOUNT_TABLE_BYTES) {
       throw new NbddError(Errno.ENOSPC, `qcow2 refcount table would exceed ${MAX_REFCOUNT_TABLE_BYTES} bytes`);
     }
     const old = { offset: this.tableOffset, clusters: this.tableClusters };
     const wasOnDisk = !this.relocated;
     while (this.table.length < clusters * perCluster) this.table.push(0);
+    missing.forEach((t, i) => {
+      this.blocks.set(t, Buffer.alloc(this.g.clusterSize));
+      this.table[t] = (start + clusters + i) * this.g.clusterSize;
+    });
+    for (let c = start; c < start + clusters + missing.length; c++) this.set(c, 1);
+    this.end = start + clusters + missing.length;
+    this.tableOffset = start * this.g.clusterSize;
     this.tableClusters = clusters;
     this.relocated = true;
-    this.tableOffset = this.allocate(clusters);
     if (wasOnDisk) {
       this.oldTables.push(old);
     } else {

@@ -1,0 +1,9 @@
+{
+  "targets": [
+    {
+      "target_name": "nbdd_uring",
+      "sources": ["uring.c"],
+      "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
+    }
+  ]
+}

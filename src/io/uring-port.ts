@@ -1,0 +1,341 @@
+/**
+ * FilePort on io_uring, through the native addon `native/uring.c` (see docs/io-engine.md).
+ *
+ * Every read, write, fsync and fallocate issued during one event-loop turn sits in the submission
+ * queue until the addon's uv_prepare hook enters the kernel once for all of them; completions come
+ * back in batches, one JavaScript call per drain. No libuv thread-pool hop, no futex per request.
+ *
+ * Ownership: a Buffer handed to the engine is pinned by the addon (a napi_ref) until its
+ * completion arrives, so the kernel never touches freed memory even if the caller drops it; the
+ * caller must still not modify a buffer being written, nor read one being read into, until the
+ * promise settles.
+ */
+import { createRequire } from 'node:module';
+import { constants as osConstants } from 'node:os';
+import { Errno, NbddError, nameOfErrno } from '../core/errors.js';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, preadNowait } from '../sys/libc.js';
+import { NodeFilePort, type FilePort } from './file-port.js';
+
+/** Submission-queue entries; the completion queue (and the in-flight limit) is twice this. */
+export const URING_SQ_ENTRIES = 256;
+export const URING_CQ_ENTRIES = 512;
+
+/** Path of the built addon, relative to this module (src/io or dist/io). */
+const ADDON_PATH = '../../native/build/Release/nbdd_uring.node';
+
+const EINTR = osConstants.errno.EINTR;
+
+/** Opaque ring handle (an N-API external). */
+type RingHandle = { readonly __ring: unique symbol };
+
+/** The addon's functions. Queue calls return a slot number, or -1 when the ring is full. */
+interface UringAddon {
+  setup(sqEntries: number, cqEntries: number, onComplete: (pairs: Int32Array) => void): RingHandle;
+  read(ring: RingHandle, fd: number, buf: Buffer, offset: number, offload: boolean): number;
+  write(ring: RingHandle, fd: number, buf: Buffer, offset: number, offload: boolean): number;
+  writev(ring: RingHandle, fd: number, bufs: Buffer[], offset: number, offload: boolean): number;
+  fsync(ring: RingHandle, fd: number, datasync: boolean): number;
+  fallocate(ring: RingHandle, fd: number, mode: number, offset: number, length: number): number;
+  submit(ring: RingHandle): number;
+  close(ring: RingHandle): void;
+  inFlight(ring: RingHandle): number;
+}
+
+const enum OpKind {
+  Read,
+  Write,
+  Writev,
+  Fsync,
+  Fallocate,
+}
+
+/**
+ * One operation from queueing to completion. `a`, `b`, `c`: offset, offload (0/1), unused for
+ * read/write/writev; mode, offset, length for fallocate.
+ */
+class UringOp {
+  resolve!: (res: number) => void;
+  reject!: (err: NbddError) => void;
+  constructor(
+    readonly kind: OpKind,
+    readonly fd: number,
+    readonly buf: Buffer | Buffer[] | null,
+    readonly a: number,
+    readonly b: number,
+    readonly c: number,
+  ) {}
+}
+
+const OP_NAMES = ['read', 'write', 'writev', 'fdatasync', 'fallocate'] as const;
+
+/**
+ * One io_uring shared by every UringFilePort of the process. Operations that find the ring full
+ * (slots or SQ) wait in a FIFO backlog and are queued as completions free slots. Results of -EINTR
+ * or -EAGAIN are queued again; other negative results reject with NbddError(errno).
+ */
+export class UringEngine {
+  /** Operation per addon slot, while it is queued or in flight. */
+  private readonly slots: (UringOp | undefined)[] = new Array(URING_CQ_ENTRIES);
+  private backlog: UringOp[] = [];
+  private batch: UringOp[] = [];
+  private closed = false;
+
+  private constructor(
+    private readonly addon: UringAddon,
+    private readonly ring: RingHandle,
+  ) {}
+
+  /** Loads the addon and sets up a ring. Throws (with the reason) where either is impossible. */
+  static create(): UringEngine {
+    const addon = createRequire(import.meta.url)(ADDON_PATH) as UringAddon;
+    let engine: UringEngine | undefined;
+    const ring = addon.setup(URING_SQ_ENTRIES, URING_CQ_ENTRIES, (pairs) => engine!.onComplete(pairs));
+    engine = new UringEngine(addon, ring);
+    return engine;
+  }
+
+  /**
+   * Read and write transfer up to the buffer's length and resolve with the byte count (short at
+   * end of file, or rarely otherwise). Reads are always tried inline (a buffered read miss then
+   * waits on the page cache without a worker thread). `offload` sends the request straight to the kernel's worker
+   * threads (IOSQE_ASYNC) instead of trying it inline on this thread first: right for buffered
+   * writes, which would otherwise do their page-cache work inside io_uring_enter.
+   */
+  read(fd: number, buf: Buffer, offset: number): Promise<number> {
+    return this.run(new UringOp(OpKind.Read, fd, buf, offset, 0, 0));
+  }
+  write(fd: number, buf: Buffer, offset: number, offload = false): Promise<number> {
+    return this.run(new UringOp(OpKind.Write, fd, buf, offset, +offload, 0));
+  }
+  writev(fd: number, bufs: Buffer[], offset: number, offload = false): Promise<number> {
+    return this.run(new UringOp(OpKind.Writev, fd, bufs, offset, +offload, 0));
+  }
+  fdatasync(fd: number): Promise<number> {
+    return this.run(new UringOp(OpKind.Fsync, fd, null, 0, 0, 0));
+  }
+  fallocate(fd: number, mode: number, offset: number, length: number): Promise<number> {
+    return this.run(new UringOp(OpKind.Fallocate, fd, null, mode, offset, length));
+  }
+
+  /** Operations queued or in flight in the kernel (not counting the backlog). */
+  get inFlight(): number {
+    return this.closed ? 0 : this.addon.inFlight(this.ring);
+  }
+
+  /**
+   * Completes every operation already requested (blocking the thread meanwhile): the addon waits
+   * for the ring and delivers completions, each delivery moves backlog into the ring. Then the ring
+   * is released and later calls reject with EBADF.
+   */
+  close(): void {
+    if (this.closed) return;
+    this.addon.close(this.ring);
+    this.closed = true;
+  }
+
+  private run(op: UringOp): Promise<number> {
+    if (this.closed) return Promise.reject(new NbddError(Errno.EBADF, 'io_uring engine closed'));
+    return new Promise<number>((resolve, reject) => {
+      op.resolve = resolve;
+      op.reject = reject;
+      if (this.backlog.length > 0 || !this.issue(op)) this.backlog.push(op);
+    });
+  }
+
+  /** Puts `op` in the submission queue; false when the ring is full. */
+  private issue(op: UringOp): boolean {
+    const { addon, ring } = this;
+    let slot: number;
+    switch (op.kind) {
+      case OpKind.Read:
+        slot = addon.read(ring, op.fd, op.buf as Buffer, op.a, op.b === 1);
+        break;
+      case OpKind.Write:
+        slot = addon.write(ring, op.fd, op.buf as Buffer, op.a, op.b === 1);
+        break;
+      case OpKind.Writev:
+        slot = addon.writev(ring, op.fd, op.buf as Buffer[], op.a, op.b === 1);
+        break;
+      case OpKind.Fsync:
+        slot = addon.fsync(ring, op.fd, true);
+        break;
+      case OpKind.Fallocate:
+        slot = addon.fallocate(ring, op.fd, op.a, op.b, op.c);
+        break;
+    }
+    if (slot < 0) return false;
+    this.slots[slot] = op;
+    return true;
+  }
+
+  /**
+   * The addon's one call per drain: `pairs` is [slot, result, slot, result, ...]. The slots are
+   * already free, so every operation is taken out before any is settled or queued again.
+   */
+  private onComplete(pairs: Int32Array): void {
+    const batch = this.batch;
+    const n = pairs.length >> 1;
+    for (let i = 0; i < n; i++) {
+      const slot = pairs[2 * i]!;
+      batch[i] = this.slots[slot]!;
+      this.slots[slot] = undefined;
+    }
+    for (let i = 0; i < n; i++) {
+      const op = batch[i]!;
+      const res = pairs[2 * i + 1]!;
+      if (res >= 0) op.resolve(res);
+      else if ((res === -EINTR || res === -Errno.EAGAIN) && !this.closed) this.backlog.push(op);
+      else op.reject(new NbddError(-res, `io_uring ${OP_NAMES[op.kind]} failed: ${nameOfErrno(-res)}`));
+    }
+    batch.length = 0;
+    this.pump();
+  }
+
+  /** Queues waiting operations, in order, while the ring has room. */
+  private pump(): void {
+    if (this.backlog.length === 0 || this.closed) return;
+    let i = 0;
+    while (i < this.backlog.length && this.issue(this.backlog[i]!)) i++;
+    this.backlog = i === this.backlog.length ? [] : this.backlog.slice(i);
+  }
+}
+
+/**
+ * FilePort whose data path (read, write, writev, fdatasync, punch, zero) runs on a UringEngine.
+ * Opening, length, truncate and close reuse NodeFilePort (slow path).
+ *
+ * Reads first try preadv2(RWF_NOWAIT) on the event-loop thread, as NodeFilePort does: a page-cache
+ * hit then costs one system call and completes in the same turn (see docs/io-engine.md for the
+ * measurement); a miss goes to the ring.
+ */
+export class UringFilePort implements FilePort {
+  private pending = 0;
+  private idle: (() => void) | null = null;
+  private closing: Promise<void> | null = null;
+  private nowaitReads: boolean;
+  /** Buffered writes go to the kernel's workers (IOSQE_ASYNC); O_DIRECT ones are issued inline. */
+  private readonly offloadWrites: boolean;
+  private zeroRangeWorks = true;
+
+  private constructor(
+    private readonly engine: UringEngine,
+    private readonly inner: NodeFilePort,
+    direct: boolean,
+  ) {
+    this.nowaitReads = !direct;
+    this.offloadWrites = !direct;
+  }
+
+  /** Opens like NodeFilePort.open (same options and errors), then routes I/O through `engine`. */
+  static async open(
+    engine: UringEngine,
+    path: string,
+    options: { readOnly: boolean; direct?: boolean; create?: boolean; exclusive?: boolean },
+  ): Promise<UringFilePort> {
+    return new UringFilePort(engine, await NodeFilePort.open(path, options), !!options.direct);
+  }
+
+  get path(): string {
+    return this.inner.path;
+  }
+  get fd(): number {
+    return this.inner.fd;
+  }
+  get readOnly(): boolean {
+    return this.inner.readOnly;
+  }
+
+  async readAt(buf: Buffer, offset: number): Promise<Buffer> {
+    let done = 0;
+    if (this.nowaitReads) {
+      try {
+        done = preadNowait(this.fd, buf, offset);
+        if (done === buf.length) return buf;
+        if (done === 0) return buf.fill(0);
+        if (done < 0) done = 0;
+      } catch {
+        this.nowaitReads = false;
+      }
+    }
+    while (done < buf.length) {
+      const n = await this.track(this.engine.read(this.fd, done === 0 ? buf : buf.subarray(done), offset + done));
+      if (n === 0) {
+        buf.fill(0, done);
+        break;
+      }
+      done += n;
+    }
+    return buf;
+  }
+
+  async writeAt(buf: Buffer, offset: number): Promise<void> {
+    this.assertWritable();
+    let done = 0;
+    while (done < buf.length) {
+      done += await this.track(this.engine.write(this.fd, done === 0 ? buf : buf.subarray(done), offset + done, this.offloadWrites));
+    }
+  }
+
+  async writevAt(bufs: Buffer[], offset: number): Promise<void> {
+    this.assertWritable();
+    const total = bufs.reduce((n, b) => n + b.length, 0);
+    const written = await this.track(this.engine.writev(this.fd, bufs, offset, this.offloadWrites));
+    // Rare short write: finish with one contiguous buffer.
+    if (written < total) await this.writeAt(Buffer.concat(bufs).subarray(written), offset + written);
+  }
+
+  async punchHole(offset: number, length: number): Promise<void> {
+    this.assertWritable();
+    await this.track(this.engine.fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length));
+  }
+
+  async zeroRange(offset: number, length: number): Promise<void> {
+    this.assertWritable();
+    if (this.zeroRangeWorks) {
+      try {
+        await this.track(this.engine.fallocate(this.fd, FALLOC_FL_ZERO_RANGE, offset, length));
+        return;
+      } catch (err) {
+        if (!(err instanceof NbddError) || (err.errno !== Errno.ENOTSUP && err.errno !== Errno.EINVAL)) throw err;
+        this.zeroRangeWorks = false;
+      }
+    }
+    // The filesystem cannot ZERO_RANGE: NodeFilePort writes zero bytes (rare, slow path).
+    await this.track(this.inner.zeroRange(offset, length));
+  }
+
+  async fsync(): Promise<void> {
+    await this.track(this.engine.fdatasync(this.fd));
+  }
+
+  length(): Promise<number> {
+    return this.inner.length();
+  }
+
+  truncate(length: number): Promise<void> {
+    return this.track(this.inner.truncate(length));
+  }
+
+  /** Waits for this port's operations still in flight (the kernel may be using the fd), then closes. */
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      if (this.pending > 0) await new Promise<void>((resolve) => (this.idle = resolve));
+      await this.inner.close();
+    })();
+    return this.closing;
+  }
+
+  /** Counts `p` as in flight on this port until it settles. */
+  private track<T>(p: Promise<T>): Promise<T> {
+    this.pending++;
+    const settle = (): void => {
+      if (--this.pending === 0 && this.idle) this.idle();
+    };
+    p.then(settle, settle);
+    return p;
+  }
+
+  private assertWritable(): void {
+    if (this.readOnly) throw new NbddError(Errno.EROFS, `${this.path} is open read-only`);
+  }
+}

@@ -1,0 +1,48 @@
+/** The cluster range lock: arrival order for conflicts, sharing for readers, independence otherwise. */
+import { describe, expect, it } from 'vitest';
+import { RangeLock } from '../../src/backends/qcow2/range-lock.js';
+
+const tick = (): Promise<void> => new Promise((r) => setImmediate(r));
+
+describe('RangeLock', () => {
+  it('grants overlapping exclusive holders in arrival order', async () => {
+    const lock = new RangeLock();
+    const order: string[] = [];
+    const a = lock.acquire(0, 3, true).then((rel) => (order.push('a'), rel));
+    const b = lock.acquire(3, 5, true).then((rel) => (order.push('b'), rel));
+    const c = lock.acquire(2, 2, false).then((rel) => (order.push('c'), rel));
+    const releaseA = await a;
+    await tick();
+    expect(order).toEqual(['a']);
+    releaseA();
+    // b and c overlap a but not each other: both proceed once a is released.
+    const [releaseB, releaseC] = await Promise.all([b, c]);
+    expect(order).toEqual(['a', 'b', 'c']);
+    releaseB();
+    releaseC();
+  });
+
+  it('lets readers share and keeps a later writer behind them', async () => {
+    const lock = new RangeLock();
+    const r1 = await lock.acquire(0, 10, false);
+    const r2 = await lock.acquire(5, 6, false);
+    let written = false;
+    const w = lock.acquire(6, 6, true).then((rel) => ((written = true), rel));
+    await tick();
+    expect(written).toBe(false);
+    r1();
+    await tick();
+    expect(written).toBe(false);
+    r2();
+    (await w)();
+    expect(written).toBe(true);
+  });
+
+  it('does not hold back disjoint ranges', async () => {
+    const lock = new RangeLock();
+    const held = await lock.acquire(0, 0, true);
+    const other = await lock.acquire(1, 1, true);
+    other();
+    held();
+  });
+});

@@ -1,0 +1,214 @@
+/**
+ * UringFilePort and UringEngine on real files under os.tmpdir(), checked against an in-memory
+ * model. These tests need the addon (`npm run build:native`) and a kernel that allows io_uring.
+ */
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { Errno, NbddError } from '../../src/core/errors.js';
+import { NodeFilePort } from '../../src/io/file-port.js';
+import { openFilePort } from '../../src/io/open-port.js';
+import { URING_CQ_ENTRIES, UringEngine, UringFilePort } from '../../src/io/uring-port.js';
+import { alignedBuffer } from '../../src/sys/libc.js';
+import { prng } from '../helpers/prng.js';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const ADDON = join(import.meta.dirname, '../../native/build/Release/nbdd_uring.node');
+
+const dir = mkdtempSync(join(tmpdir(), 'nbdd-uring-'));
+let seq = 0;
+const ports: UringFilePort[] = [];
+
+function engineOrFail(): UringEngine {
+  try {
+    return UringEngine.create();
+  } catch (err) {
+    throw new Error(`io_uring engine unavailable (build it with \`npm run build:native\`): ${String(err)}`);
+  }
+}
+const engine = engineOrFail();
+
+async function openNew(options: { direct?: boolean; size?: number } = {}): Promise<UringFilePort> {
+  const path = join(dir, `f-${++seq}`);
+  writeFileSync(path, '');
+  const port = await UringFilePort.open(engine, path, { readOnly: false, direct: options.direct });
+  if (options.size) await port.truncate(options.size);
+  ports.push(port);
+  return port;
+}
+
+/** Integers in [0, n) from the shared deterministic PRNG, so a failure replays. */
+function rng(seed: number): (n: number) => number {
+  const next = prng(seed);
+  return (n) => Math.floor(next() * n);
+}
+
+function pattern(len: number, tag: number): Buffer {
+  const b = Buffer.allocUnsafe(len);
+  for (let i = 0; i < len; i++) b[i] = (i * 31 + tag * 7 + 1) & 0xff;
+  return b;
+}
+
+afterEach(async () => {
+  await Promise.all(ports.splice(0).map((p) => p.close()));
+});
+afterAll(() => {
+  engine.close();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+describe('UringFilePort', () => {
+  it('matches a model under random concurrent reads, writes and writevs (more ops than the ring holds)', async () => {
+    const size = 4 * MiB;
+    const port = await openNew({ size });
+    const model = Buffer.alloc(size);
+    const rand = rng(0x5eed);
+    // Rounds of concurrent writes to disjoint ranges, then concurrent reads of random ranges.
+    for (let round = 0; round < 4; round++) {
+      const writes: Promise<void>[] = [];
+      const blocks = new Set<number>();
+      while (blocks.size < 1500) blocks.add(rand(size / (2 * KiB)));
+      for (const block of blocks) {
+        const off = block * 2 * KiB + rand(512);
+        const len = 1 + rand(2 * KiB - 512);
+        const data = pattern(len, round * 10_000 + block);
+        data.copy(model, off);
+        if (rand(3) === 0) {
+          const cut = rand(len);
+          writes.push(port.writevAt([data.subarray(0, cut), data.subarray(cut)], off));
+        } else {
+          writes.push(port.writeAt(data, off));
+        }
+      }
+      expect(writes.length).toBeGreaterThan(URING_CQ_ENTRIES);
+      await Promise.all(writes);
+      const reads = Array.from({ length: 1000 }, async () => {
+        const off = rand(size - 8 * KiB);
+        const len = 1 + rand(8 * KiB);
+        const got = await port.readAt(Buffer.alloc(len, 0xee), off);
+        expect(got.equals(model.subarray(off, off + len))).toBe(true);
+      });
+      await Promise.all(reads);
+    }
+    expect(readFileSync(port.path).equals(model)).toBe(true);
+  });
+
+  it('reads past end of file as zeroes through the ring (O_DIRECT skips the page-cache path)', async () => {
+    const port = await openNew({ direct: true });
+    const data = alignedBuffer(12 * KiB, 4096);
+    pattern(12 * KiB, 3).copy(data);
+    await port.writeAt(data, 0);
+    await port.truncate(10_000); // a short last block: the kernel returns 10000 - 8192 bytes
+    const buf = alignedBuffer(8 * KiB, 4096).fill(0xee);
+    await port.readAt(buf, 8 * KiB);
+    expect(buf.subarray(0, 10_000 - 8 * KiB).equals(data.subarray(8 * KiB, 10_000))).toBe(true);
+    expect(buf.subarray(10_000 - 8 * KiB).every((b) => b === 0)).toBe(true);
+    const beyond = alignedBuffer(4 * KiB, 4096).fill(0xee);
+    await port.readAt(beyond, 64 * KiB);
+    expect(beyond.every((b) => b === 0)).toBe(true);
+  });
+
+  it('reads a short file through the page-cache path and the ring alike', async () => {
+    const port = await openNew();
+    await port.writeAt(pattern(5000, 1), 0);
+    const buf = Buffer.alloc(8192, 0xee);
+    await port.readAt(buf, 0);
+    expect(buf.subarray(0, 5000).equals(pattern(5000, 1))).toBe(true);
+    expect(buf.subarray(5000).every((b) => b === 0)).toBe(true);
+  });
+
+  it('fsyncs, punches holes and zeroes ranges', async () => {
+    const size = 2 * MiB;
+    const port = await openNew({ size });
+    await port.writeAt(pattern(size, 9), 0);
+    await port.fsync();
+    const allocated = statSync(port.path).blocks * 512;
+    await port.punchHole(256 * KiB, MiB);
+    await port.zeroRange(1536 * KiB, 64 * KiB);
+    await port.fsync();
+    const expected = pattern(size, 9);
+    expected.fill(0, 256 * KiB, 256 * KiB + MiB);
+    expected.fill(0, 1536 * KiB, 1600 * KiB);
+    expect((await port.readAt(Buffer.alloc(size), 0)).equals(expected)).toBe(true);
+    expect(statSync(port.path).blocks * 512).toBeLessThanOrEqual(allocated - MiB);
+    expect(await port.length()).toBe(size);
+  });
+
+  it('close waits for operations in flight before closing the fd', async () => {
+    const port = await openNew();
+    const writes = Array.from({ length: 800 }, (_, i) => port.writeAt(pattern(4 * KiB, i), i * 4 * KiB));
+    const closed = port.close();
+    await Promise.all([...writes, closed]);
+    const file = readFileSync(port.path);
+    for (let i = 0; i < 800; i++) expect(file.subarray(i * 4 * KiB, (i + 1) * 4 * KiB).equals(pattern(4 * KiB, i))).toBe(true);
+  });
+
+  it('rejects with NbddError carrying the errno, and refuses writes on a read-only port', async () => {
+    const path = join(dir, `ro-${++seq}`);
+    writeFileSync(path, 'x');
+    const ro = await UringFilePort.open(engine, path, { readOnly: true });
+    ports.push(ro);
+    await expect(ro.writeAt(Buffer.from('y'), 0)).rejects.toMatchObject({ errno: Errno.EROFS });
+    // The kernel's own error for a write on an O_RDONLY fd comes back from the ring.
+    const err = await engine.write(ro.fd, Buffer.from('y'), 0).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(NbddError);
+    expect((err as NbddError).errno).toBe(Errno.EBADF);
+  });
+});
+
+describe('UringEngine', () => {
+  it('close completes every operation already requested (ring and backlog), then rejects new ones with EBADF', async () => {
+    const own = UringEngine.create();
+    const port = await UringFilePort.open(own, join(dir, `e-${++seq}`), { readOnly: false, create: true });
+    const writes = Array.from({ length: 2 * URING_CQ_ENTRIES }, (_, i) => own.write(port.fd, pattern(4 * KiB, i), i * 4 * KiB));
+    expect(own.inFlight).toBe(URING_CQ_ENTRIES); // the other half waits in the backlog
+    own.close();
+    expect(await Promise.all(writes)).toEqual(writes.map(() => 4 * KiB));
+    await expect(own.fdatasync(port.fd)).rejects.toMatchObject({ errno: Errno.EBADF });
+    expect(own.inFlight).toBe(0);
+    await port.close();
+  });
+
+  it('an idle ring does not keep the process alive, nor one left open after its I/O', () => {
+    const script = `
+      const a = require(${JSON.stringify(ADDON)});
+      const fs = require('fs');
+      const fd = fs.openSync(${JSON.stringify(join(dir, 'exit'))}, 'w+');
+      let done = 0;
+      const r = a.setup(8, 16, (pairs) => { done += pairs.length / 2; });
+      a.write(r, fd, Buffer.from("hello"), 0, false);
+      a.fsync(r, fd, true);
+      process.on('exit', () => console.log('completions', done));
+    `;
+    const r = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 10_000 });
+    expect(r.status).toBe(0);
+    expect(r.stdout.trim()).toBe('completions 2');
+    expect(readFileSync(join(dir, 'exit'), 'utf8')).toBe('hello');
+  });
+});
+
+describe('openFilePort', () => {
+  const saved = process.env.NBDD_IO_ENGINE;
+  afterEach(() => {
+    if (saved === undefined) delete process.env.NBDD_IO_ENGINE;
+    else process.env.NBDD_IO_ENGINE = saved;
+  });
+
+  it('uses io_uring by default and when asked, the thread pool when asked, and rejects other values', async () => {
+    const path = join(dir, `o-${++seq}`);
+    writeFileSync(path, 'abc');
+    for (const [value, kind] of [[undefined, UringFilePort], ['uring', UringFilePort], ['threads', NodeFilePort]] as const) {
+      if (value === undefined) delete process.env.NBDD_IO_ENGINE;
+      else process.env.NBDD_IO_ENGINE = value;
+      const port = await openFilePort(path, { readOnly: true });
+      expect(port).toBeInstanceOf(kind);
+      expect((await port.readAt(Buffer.alloc(3), 0)).toString()).toBe('abc');
+      await port.close();
+    }
+    process.env.NBDD_IO_ENGINE = 'aio';
+    await expect(openFilePort(path, { readOnly: true })).rejects.toMatchObject({ errno: Errno.EINVAL });
+  });
+});
