@@ -27,7 +27,8 @@ sha256sum < ro.img > $WORK/ro.sha-after
 
 # --- discard and write-zeroes reach the backend
 truncate -s 32M d.img
-dev=$(nbdd attach d.img --name d)
+# The thread-pool engine makes fallocate a system call strace can see (io_uring would hide it).
+dev=$(NBDD_IO_ENGINE=threads nbdd attach d.img --name d)
 cat /sys/block/\${dev#/dev/}/queue/discard_max_bytes > $WORK/d.discard_max
 cat /sys/block/\${dev#/dev/}/queue/write_zeroes_max_bytes > $WORK/d.write_zeroes_max
 dd if=/dev/urandom of=$dev bs=1M count=16 oflag=direct status=none
