@@ -3,13 +3,13 @@
  * By default the command returns once the device is usable and a daemon keeps serving it;
  * `--foreground` keeps serving in this process (for systemd). See docs/kernel.md.
  */
-import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { basename } from 'node:path';
 import { Command, Option } from 'commander';
 import { Errno, NbddError, errnoOf, messageOf } from '../core/errors.js';
 import { logger } from '../core/log.js';
 import { FORMATS, isMemorySpec, type Format } from '../backends/open.js';
+import { createQcow2 } from '../backends/qcow2/create.js';
 import { READY_FD, reportReadiness, spawnDaemon, type Readiness } from '../kernel/daemonize.js';
 import { KernelDevice, checkName } from '../kernel/device.js';
 import { devicePath } from '../kernel/nbd-control.js';
@@ -43,15 +43,11 @@ function resolveName(image: string, index: number | undefined, name: string | un
   return checkName(cleaned || 'disk');
 }
 
-/** --create SIZE: a new qcow2 image when IMAGE does not exist yet (qemu-img writes it). */
-function createIfMissing(image: string, size: number, format: Format): void {
+/** --create SIZE: a new qcow2 image when IMAGE does not exist yet. */
+async function createIfMissing(image: string, size: number, format: Format): Promise<void> {
   if (existsSync(image) || isMemorySpec(image)) return;
   if (format === 'raw') throw new NbddError(Errno.EINVAL, '--create makes qcow2 images; drop --format raw');
-  try {
-    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', image, String(size)], { stdio: ['ignore', 'ignore', 'pipe'] });
-  } catch (err) {
-    throw new NbddError(Errno.EIO, `creating ${image}: ${(err as { stderr?: Buffer }).stderr?.toString().trim() || messageOf(err)}`);
-  }
+  await createQcow2(image, { size });
   log.info(`created ${image} (qcow2, ${size} bytes)`);
 }
 
@@ -111,7 +107,7 @@ async function attach(image: string, opts: AttachCliOptions): Promise<void> {
     index = parseDeviceArg(opts.device);
     if (index === undefined) throw new NbddError(Errno.EINVAL, `--device '${opts.device}' is not /dev/nbdN`);
   }
-  if (opts.create !== undefined) createIfMissing(image, opts.create, opts.format);
+  if (opts.create !== undefined) await createIfMissing(image, opts.create, opts.format);
   if (!isMemorySpec(image) && !/^[a-z][a-z0-9+.-]*:\/\//i.test(image) && !existsSync(image)) {
     throw new NbddError(Errno.ENOENT, `${image} does not exist (use --create SIZE to make a new qcow2 image)`);
   }

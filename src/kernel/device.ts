@@ -103,15 +103,11 @@ export class KernelDevice {
   private constructor(
     private readonly control: NbdControl,
     private readonly server: NbdServer,
-    private state: DeviceState,
+    private readonly state: DeviceState,
   ) {}
 
   get index(): number {
     return this.state.index;
-  }
-
-  get info(): Readonly<DeviceState> {
-    return this.state;
   }
 
   /**
@@ -124,6 +120,7 @@ export class KernelDevice {
     const control = NbdControl.open();
     let server: NbdServer | undefined;
     let sidecar: Sidecar | undefined;
+    let device: KernelDevice | undefined;
     try {
       const prior = opts.index === undefined ? undefined : checkExplicitDevice(control, opts);
       const readOnly = prior ? prior.readOnly : opts.readOnly;
@@ -157,13 +154,14 @@ export class KernelDevice {
             deadConnTimeoutS: opts.deadConnTimeoutS,
             attachedAt: new Date().toISOString(),
           };
-      const device = new KernelDevice(control, server, state);
+      device = new KernelDevice(control, server, state);
+      const attaching = device;
       sidecar = await Sidecar.start({
         name: state.name,
         queue: stack.queue,
         stack: stack.layers,
         bitmaps: stack.bitmaps,
-        frontendStatus: () => ({ device: devicePath(device.index), connections: device.sessions.size, configured: state.connections }),
+        frontendStatus: () => ({ device: devicePath(attaching.index), connections: attaching.sessions.size, configured: state.connections }),
       });
       device.sidecar = sidecar;
       state.sidecar = sidecar.dir;
@@ -188,15 +186,18 @@ export class KernelDevice {
         for (const fd of kernelFds) closeFd(fd);
       }
       saveState(state);
+      const attached = device;
       device.listener = LinkDeadListener.forControl(control, (index) => {
-        if (index !== device.index) return;
+        if (index !== attached.index) return;
         log.warn(`${devicePath(index)}: the kernel reports a dead connection`);
-        device.sidecar?.events.publish('link-dead', { device: devicePath(index) });
-        device.scheduleCheck();
+        attached.sidecar?.events.publish('link-dead', { device: devicePath(index) });
+        attached.scheduleCheck();
       });
       log.info(`${devicePath(state.index)}: ${prior ? 're-attached' : 'attached'} ${state.image} as '${state.name}' over ${connections} connection(s)`);
       return { device, reattached: !!prior };
     } catch (err) {
+      // Closing our ends below must not look like dead connections to replace.
+      if (device) device.detaching = Promise.resolve();
       await sidecar?.close().catch(() => undefined);
       await server?.close().catch(() => undefined);
       control.close();

@@ -88,7 +88,7 @@ export function removeState(index: number): void {
   rmSync(statePath(index), { force: true });
 }
 
-/** The directory a daemon's log goes to: `<runDir>/NAME.log`. */
+/** The file a daemon's stdout and stderr go to: `<runDir>/NAME.log`. */
 export function logPath(name: string): string {
   return join(runDir(), `${name}.log`);
 }

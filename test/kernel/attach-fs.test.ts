@@ -35,7 +35,7 @@ roundtrip qcow2 /tmp/disk.qcow2 --create 64M; echo $? > $WORK/qcow2.rc
 truncate -s 64M /tmp/disk.raw
 roundtrip raw /tmp/disk.raw --connections 2; echo $? > $WORK/raw.rc
 `);
-}, 600_000);
+}, 1_800_000); // may wait for other VM runs (one at a time)
 
 describe.each(['qcow2', 'raw'])('%s image through /dev/nbdN', (tag) => {
   it('attaches, prints the device as JSON and lists it', () => {

@@ -19,11 +19,16 @@ beforeAll(async () => {
   s = await Scenario.run(`
 FIO="fio --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --rw=randwrite --verify=crc32c --verify_fatal=1 --output-format=json"
 
+# --foreground (as under systemd): the path appears on stdout once usable; after detach the
+# process exits by itself, with status 0.
 truncate -s 64M multi.img
-dev=$(nbdd attach multi.img --connections 4 --name multi)
+nbdd attach multi.img --connections 4 --name multi --foreground > $WORK/multi.stdout & fg=$!
+for i in $(seq 600); do [ -s $WORK/multi.stdout ] && break; sleep 0.2; done
+dev=$(cat $WORK/multi.stdout)
 ls /sys/block/\${dev#/dev/}/mq | wc -l > $WORK/multi.hwqueues; nproc > $WORK/nproc
 $FIO --name=multi --filename=$dev --size=32M --output=$WORK/multi.fio.json; echo $? > $WORK/multi.fio.rc
-nbdd detach multi
+nbdd detach multi; echo $? > $WORK/multi.detach.rc
+wait $fg; echo $? > $WORK/multi.exit
 
 # A LINK_DEAD listener (the daemon's own class) records notifications while the daemon dies.
 node --input-type=module -e "
@@ -49,7 +54,7 @@ nbdd detach kill; echo $? > $WORK/kill.detach.rc
 kill $listener
 cp /run/nbdd/kill.log $WORK/kill.log
 `);
-}, 600_000);
+}, 1_800_000); // may wait for other VM runs (one at a time)
 
 it('fio --verify=crc32c over 4 connections: one hardware queue per connection (blk-mq caps at the CPU count), no errors', () => {
   expect(Number(s.text('multi.hwqueues')), s.log).toBe(Math.min(4, Number(s.text('nproc'))));
@@ -58,6 +63,12 @@ it('fio --verify=crc32c over 4 connections: one hardware queue per connection (b
   expect(job.error).toBe(0);
   expect(job.write.io_bytes).toBe(32 << 20);
   expect(job.read.io_bytes).toBe(32 << 20); // the verify pass read everything back
+});
+
+it('--foreground prints the device once usable and exits 0 after detach (the image flushed and closed)', () => {
+  expect(s.text('multi.stdout'), s.log).toMatch(/^\/dev\/nbd\d+\n$/);
+  expect(s.text('multi.detach.rc').trim()).toBe('0');
+  expect(s.text('multi.exit').trim()).toBe('0');
 });
 
 it('survives SIGKILL of the daemon mid-job: re-attach by RECONFIGURE, fio finishes with no errors', () => {

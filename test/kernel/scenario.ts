@@ -17,15 +17,24 @@ daemon_pid() { grep '"pid"' "/run/nbdd/$1.json" | tr -dc 0-9; }
 cd /tmp
 `;
 
+const FINISHED = 'scenario-finished';
+
 export class Scenario {
   constructor(readonly result: VmResult) {}
 
-  static async run(body: string, opts?: VmOptions): Promise<Scenario> {
-    return new Scenario(await runInVm(PRELUDE + body, opts));
+  /** Runs PRELUDE + body in one VM boot; the body must finish within `opts.timeoutMs` (default 8 min). */
+  static async run(body: string, opts: VmOptions = {}): Promise<Scenario> {
+    return new Scenario(await runInVm(`${PRELUDE}${body}\necho ok > $WORK/${FINISHED}\n`, { timeoutMs: 480_000, ...opts }));
   }
 
-  /** A file the scenario wrote; fails the test with the run's log when it is missing. */
+  /** Whether the scenario reached its last line (the VM was not killed on the way). */
+  get finished(): boolean {
+    return this.result.files.has(FINISHED);
+  }
+
+  /** A file the scenario wrote; fails the test with the run's log when it is missing or the run was cut short. */
   text(name: string): string {
+    expect(this.finished, `the scenario did not finish\n${describeRun(this.result)}`).toBe(true);
     const f = this.result.files.get(name);
     expect(f, `the scenario left no $WORK/${name}\n${describeRun(this.result)}`).toBeDefined();
     return f!.toString('utf8');

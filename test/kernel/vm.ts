@@ -16,7 +16,7 @@ import { spawn, execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync, chmodSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 
 export const CACHE_ROOT = process.env.NBDD_VM_CACHE ?? '/var/cache/nbdd-vm';
 /** The checkout, visible at the same path inside the VM. */
@@ -69,7 +69,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 ${insmods}
 mkdir -p /mnt/host /mnt/upper /mnt/root
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=1048576 hostroot /mnt/host || fail "9p hostroot"
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=1048576,cache=loose hostroot /mnt/host || fail "9p hostroot"
 mount -t tmpfs -o size=1536m tmpfs /mnt/upper
 mkdir -p /mnt/upper/u /mnt/upper/w
 mount -t overlay overlay -o lowerdir=/mnt/host,upperdir=/mnt/upper/u,workdir=/mnt/upper/w /mnt/root || fail overlay
@@ -80,7 +80,7 @@ mount -t proc proc $R/proc
 mount -t sysfs sysfs $R/sys
 mount -t devtmpfs devtmpfs $R/dev
 mount -t tmpfs tmpfs $R/tmp
-mount -t tmpfs tmpfs $R/run
+mount -t tmpfs tmpfs $R/run && mkdir -p $R/run/lock
 mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
 echo "nbdd-vm: running scenario"
 # The checkout to test comes with each run (the initramfs is cached and shared by checkouts).
@@ -94,38 +94,46 @@ poweroff -f
 `;
 }
 
-function lockedBuild(dir: string, build: (tmp: string) => void): void {
-  if (existsSync(join(dir, 'ready'))) return;
-  mkdirSync(CACHE_ROOT, { recursive: true });
-  const lock = `${dir}.lock`;
+/**
+ * Builds `target` (a file or directory) once: `build(tmp)` fills a temporary path beside it, which
+ * is then renamed into place, so an existing target is always complete. Concurrent callers (two
+ * vitest workers) wait on a lock directory.
+ */
+function buildOnce(target: string, build: (tmp: string) => void): void {
+  if (existsSync(target)) return;
+  mkdirSync(dirname(target), { recursive: true });
+  const lock = `${target}.lock`;
   const deadline = Date.now() + 600_000;
   for (;;) {
     try {
       mkdirSync(lock);
       break;
     } catch {
-      if (existsSync(join(dir, 'ready'))) return;
+      if (existsSync(target)) return;
       // A lock older than 10 minutes belongs to a build that died.
       if (Date.now() - statSync(lock).mtimeMs > 600_000) rmSync(lock, { recursive: true, force: true });
       if (Date.now() > deadline) throw new Error(`timed out waiting for ${lock}`);
       execFileSync('sleep', ['1']);
     }
   }
+  const tmp = `${target}.build-${process.pid}`;
   try {
-    if (existsSync(join(dir, 'ready'))) return;
-    const tmp = mkdtempSync(`${dir}.build-`);
+    if (existsSync(target)) return;
+    rmSync(tmp, { recursive: true, force: true });
     build(tmp);
-    writeFileSync(join(tmp, 'ready'), `${new Date().toISOString()}\n`);
-    rmSync(dir, { recursive: true, force: true });
-    renameSync(tmp, dir);
+    renameSync(tmp, target);
   } finally {
+    rmSync(tmp, { recursive: true, force: true });
     rmSync(lock, { recursive: true, force: true });
   }
 }
 
 /**
- * Downloads (apt-get download), unpacks and caches the kernel and builds the initramfs, once per
- * kernel package. Throws with the install command when a tool is missing.
+ * Downloads (apt-get download) and unpacks the kernel once per package:
+ * `<cache>/<package>/kernel/` holds vmlinuz and the decompressed modules. The initramfs is built
+ * next to that directory, once per version of the init script (its name carries a hash of it),
+ * so a changed harness never boots a stale initramfs; the checkout to test is not part of it
+ * (each run passes its own in $WORK/repo). Throws with the install command when a tool is missing.
  */
 export function ensureKernel(): VmKernel {
   for (const t of ['qemu-system-x86_64', 'apt-get', 'dpkg-deb', 'xz', 'cpio', 'gzip']) need(t);
@@ -133,11 +141,10 @@ export function ensureKernel(): VmKernel {
     throw new Error(`/bin/busybox must be the static build; ${INSTALL_HINT}`);
   }
   const pkg = kernelPackage();
-  // Keyed by the init script too, so a changed harness never boots a stale initramfs.
-  const initHash = createHash('sha256').update(initScript(MODULES)).digest('hex').slice(0, 12);
-  const dir = join(CACHE_ROOT, `${pkg}-${initHash}`);
-  lockedBuild(dir, (tmp) => {
+  const dir = join(CACHE_ROOT, pkg, 'kernel');
+  buildOnce(dir, (tmp) => {
     const unpack = join(tmp, 'pkg');
+    mkdirSync(join(tmp, 'modules'), { recursive: true });
     mkdirSync(unpack);
     execFileSync('apt-get', ['download', pkg], { cwd: tmp, stdio: 'pipe' });
     const deb = readdirSync(tmp).find((f) => f.endsWith('.deb'));
@@ -146,24 +153,31 @@ export function ensureKernel(): VmKernel {
     const vmlinuz = readdirSync(join(unpack, 'boot')).find((f) => f.startsWith('vmlinuz-'));
     if (!vmlinuz) throw new Error(`${pkg} has no /boot/vmlinuz-*`);
     renameSync(join(unpack, 'boot', vmlinuz), join(tmp, 'vmlinuz'));
-
-    const root = join(tmp, 'initramfs');
-    for (const d of ['bin', 'proc', 'sys', 'dev', 'mnt', 'lib/modules']) mkdirSync(join(root, d), { recursive: true });
-    execFileSync('cp', ['/bin/busybox', join(root, 'bin/busybox')]);
-    const modTree = join(unpack, 'lib/modules');
     for (const m of MODULES) {
-      const found = execFileSync('find', [modTree, '-name', `${m}.ko.xz`], { encoding: 'utf8' }).trim().split('\n')[0];
+      const found = execFileSync('find', [join(unpack, 'lib/modules'), '-name', `${m}.ko.xz`], { encoding: 'utf8' }).trim().split('\n')[0];
       if (!found) throw new Error(`${pkg} has no module ${m}`);
-      writeFileSync(join(root, 'lib/modules', `${m}.ko`), execFileSync('xz', ['-dc', found], { maxBuffer: 64 << 20 }));
+      writeFileSync(join(tmp, 'modules', `${m}.ko`), execFileSync('xz', ['-dc', found], { maxBuffer: 64 << 20 }));
     }
-    writeFileSync(join(root, 'init'), initScript(MODULES));
-    chmodSync(join(root, 'init'), 0o755);
-    execFileSync('sh', ['-c', `cd '${root}' && find . | cpio -o -H newc --quiet | gzip -1 > ../initramfs.cpio.gz`]);
     rmSync(unpack, { recursive: true, force: true });
-    rmSync(root, { recursive: true, force: true });
     rmSync(join(tmp, deb));
   });
-  return { pkg, vmlinuz: join(dir, 'vmlinuz'), initramfs: join(dir, 'initramfs.cpio.gz') };
+
+  const init = initScript(MODULES);
+  const initramfs = join(CACHE_ROOT, pkg, `initramfs-${createHash('sha256').update(init).digest('hex').slice(0, 12)}.cpio.gz`);
+  buildOnce(initramfs, (tmp) => {
+    const root = `${tmp}.root`;
+    try {
+      for (const d of ['bin', 'proc', 'sys', 'dev', 'mnt', 'lib/modules']) mkdirSync(join(root, d), { recursive: true });
+      execFileSync('cp', ['/bin/busybox', join(root, 'bin/busybox')]);
+      for (const m of MODULES) execFileSync('cp', [join(dir, 'modules', `${m}.ko`), join(root, 'lib/modules')]);
+      writeFileSync(join(root, 'init'), init);
+      chmodSync(join(root, 'init'), 0o755);
+      execFileSync('sh', ['-c', `cd '${root}' && find . | cpio -o -H newc --quiet | gzip -1 > '${tmp}'`]);
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  });
+  return { pkg, vmlinuz: join(dir, 'vmlinuz'), initramfs };
 }
 
 export interface VmOptions {
@@ -194,6 +208,7 @@ export interface VmResult {
  */
 export async function runInVm(script: string, opts: VmOptions = {}): Promise<VmResult> {
   const kernel = ensureKernel();
+  const release = await acquireVmSlot();
   const work = mkdtempSync(join(tmpdir(), 'nbdd-vm-'));
   try {
     writeFileSync(join(work, 'scenario.sh'), script);
@@ -236,7 +251,41 @@ export async function runInVm(script: string, opts: VmOptions = {}): Promise<VmR
     }
     return { exitCode: code === '' ? -1 : Number(code), output: read('output'), console: consoleText, files, ms: Date.now() - started };
   } finally {
+    release();
     if (!process.env.NBDD_VM_KEEP) rmSync(work, { recursive: true, force: true });
+  }
+}
+
+/**
+ * One VM at a time on this machine (the emulator wants both cores; two at once only make both
+ * slow enough to hit their time limits). A lock directory holds the owner's pid; a lock whose
+ * owner is gone is taken over. Resolves with the release function.
+ */
+async function acquireVmSlot(): Promise<() => void> {
+  const lock = join(tmpdir(), 'nbdd-vm.lock');
+  const owner = join(lock, 'pid');
+  for (;;) {
+    try {
+      mkdirSync(lock);
+      writeFileSync(owner, String(process.pid));
+      return () => rmSync(lock, { recursive: true, force: true });
+    } catch {
+      const pid = Number(existsSync(owner) ? readFileSync(owner, 'utf8') : NaN);
+      let alive = false;
+      try {
+        alive = pid > 0 && process.kill(pid, 0);
+      } catch {
+        alive = false;
+      }
+      const since = statSync(lock, { throwIfNoEntry: false });
+      if (!since) continue; // released meanwhile
+      // No pid yet means the owner is between mkdir and write: wait, unless that lasts.
+      if (!alive && (pid > 0 || Date.now() - since.mtimeMs > 10_000)) {
+        rmSync(lock, { recursive: true, force: true });
+        continue;
+      }
+      await new Promise((r) => setTimeout(r, 500));
+    }
   }
 }
 

@@ -1,0 +1,25 @@
+import { describe, expect, it } from 'vitest';
+import { backendIdFor, canonicalImage, checkName } from '../../src/kernel/device.js';
+import { parseDeviceArg } from '../../src/kernel/sysfs.js';
+
+describe('device arguments', () => {
+  it('parses /dev/nbdN, nbdN and N, and nothing else', () => {
+    expect(parseDeviceArg('/dev/nbd12')).toBe(12);
+    expect(parseDeviceArg('nbd0')).toBe(0);
+    expect(parseDeviceArg('3')).toBe(3);
+    for (const bad of ['/dev/nbd', 'nbd1p1', '/dev/sda', 'disk', '/dev/nbd-1', '']) expect(parseDeviceArg(bad), bad).toBeUndefined();
+  });
+
+  it('accepts names a udev link and a file name can carry', () => {
+    for (const ok of ['disk', 'vm-1.root', 'A_b', 'x'.repeat(64)]) expect(checkName(ok)).toBe(ok);
+    for (const bad of ['', '.hidden', '-x', 'a/b', 'a b', 'a:b', 'x'.repeat(65), 'é']) expect(() => checkName(bad), bad).toThrow(/device name/);
+    expect(backendIdFor('disk')).toBe('nbdd:disk');
+  });
+
+  it('makes file paths absolute and leaves URIs and memory specs alone', () => {
+    expect(canonicalImage('/a/b.img')).toBe('/a/b.img');
+    expect(canonicalImage('b.img')).toBe(`${process.cwd()}/b.img`);
+    expect(canonicalImage('memory:64M')).toBe('memory:64M');
+    expect(canonicalImage('nbd+unix:///x?socket=/s')).toBe('nbd+unix:///x?socket=/s');
+  });
+});
