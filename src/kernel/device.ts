@@ -25,7 +25,7 @@ import { NbdServer } from '../nbd/server/server.js';
 import type { NbdSession } from '../nbd/server/session.js';
 import { NBD_FLAG } from '../nbd/wire/constants.js';
 import { closeFd, socketPair } from '../sys/libc.js';
-import { LinkDeadListener, NbdControl, devicePath } from './nbd-control.js';
+import { LinkDeadListener, NbdControl, devicePath, requireSysAdmin } from './nbd-control.js';
 import { loadState, processAlive, removeState, saveState, type DeviceState } from './registry.js';
 import { readSysfs } from './sysfs.js';
 
@@ -117,6 +117,7 @@ export class KernelDevice {
    */
   static async attach(opts: AttachOptions): Promise<{ device: KernelDevice; reattached: boolean }> {
     checkName(opts.name);
+    requireSysAdmin();
     const control = NbdControl.open();
     let server: NbdServer | undefined;
     let sidecar: Sidecar | undefined;

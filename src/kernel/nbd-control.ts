@@ -5,6 +5,7 @@
  *
  * Kernel errnos become sentences a person can act on (module not loaded, not root, device busy).
  */
+import { readFileSync } from 'node:fs';
 import { Errno, NbddError } from '../core/errors.js';
 import { logger } from '../core/log.js';
 import { NBD_GENL_FAMILY_NAME, NBD_GENL_MCAST_GROUP_NAME } from '../netlink/constants.js';
@@ -26,6 +27,19 @@ const log = logger('kernel');
 
 export const MODULE_MISSING = 'the nbd kernel module is not loaded: modprobe nbd';
 export const NEEDS_ROOT = 'attaching needs root or CAP_SYS_ADMIN';
+
+const CAP_SYS_ADMIN = 21;
+
+/**
+ * Fails with the NEEDS_ROOT advice unless this process has CAP_SYS_ADMIN in its effective set
+ * (what the kernel checks for CONNECT, RECONFIGURE and DISCONNECT). Checked before anything is
+ * created, so an unprivileged user gets that message rather than an error from a later step.
+ */
+export function requireSysAdmin(): void {
+  const caps = /^CapEff:\s*([0-9a-f]+)$/m.exec(readFileSync('/proc/self/status', 'utf8'));
+  if (caps && (BigInt(`0x${caps[1]}`) >> BigInt(CAP_SYS_ADMIN)) & 1n) return;
+  throw new NbddError(Errno.EPERM, NEEDS_ROOT);
+}
 
 export function devicePath(index: number): string {
   return `/dev/nbd${index}`;
