@@ -33,6 +33,13 @@ export interface FilePort {
 /** Page-aligned, so the zero-writing fallback also works on files opened with O_DIRECT. */
 const ZERO_CHUNK = alignedBuffer(1024 * 1024, 4096).fill(0);
 
+/**
+ * Largest read tried inline with RWF_NOWAIT. Small page-cache hits are cheapest on the event-loop
+ * thread; a large one is a long memcpy there, which the engine's threads (or the kernel's) do in
+ * parallel instead.
+ */
+export const INLINE_READ_MAX = 128 * 1024;
+
 /** Promise wrappers over the fd callback API (cheaper per call than FileHandle). */
 function pread(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
   return new Promise((resolve, reject) => fs.read(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
@@ -79,7 +86,7 @@ export class NodeFilePort implements FilePort {
 
   async readAt(buf: Buffer, offset: number): Promise<Buffer> {
     let done = 0;
-    if (this.nowaitReads) {
+    if (this.nowaitReads && buf.length <= INLINE_READ_MAX) {
       try {
         const n = preadNowait(this.fd, buf, offset);
         if (n === buf.length) return buf;

@@ -14,7 +14,7 @@ import { createRequire } from 'node:module';
 import { constants as osConstants } from 'node:os';
 import { Errno, NbddError, nameOfErrno } from '../core/errors.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, preadNowait } from '../sys/libc.js';
-import { NodeFilePort, type FilePort } from './file-port.js';
+import { INLINE_READ_MAX, NodeFilePort, type FilePort } from './file-port.js';
 
 /** Submission-queue entries; the completion queue (and the in-flight limit) is twice this. */
 export const URING_SQ_ENTRIES = 256;
@@ -247,7 +247,7 @@ export class UringFilePort implements FilePort {
 
   async readAt(buf: Buffer, offset: number): Promise<Buffer> {
     let done = 0;
-    if (this.nowaitReads) {
+    if (this.nowaitReads && buf.length <= INLINE_READ_MAX) {
       try {
         done = preadNowait(this.fd, buf, offset);
         if (done === buf.length) return buf;
