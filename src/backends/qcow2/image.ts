@@ -89,6 +89,7 @@ interface WritePlan {
   host: number; // target host cluster offset (set by allocation when `fresh`)
   fresh: boolean;
   zeroHost: boolean; // a fresh host cluster known to read as zeroes
+  zeroSource: boolean; // the old mapping reads as zeroes without I/O (zero flag, or no backing data)
   changed: boolean; // the L2 entry must be rewritten (false for plain in-place overwrites)
   freeOld: number[]; // host cluster indices to release once the new entry is durable
   alloc: number; // extended L2: new allocation / zero bitmaps
@@ -638,7 +639,7 @@ export class Qcow2Image implements Backend, ImageLayer {
     const entry = (ci - l1i * this.g.l2Entries) * this.g.l2EntrySize;
     const hi = table.data.readUInt32BE(entry);
     const lo = table.data.readUInt32BE(entry + 4);
-    const plan: WritePlan = { table, entry, ci, a, b, spanStart: 0, spanEnd: this.cs, host: 0, fresh: true, zeroHost: false, changed: true, freeOld: [], alloc: ALL_UNITS, zero: 0, dataOffset };
+    const plan: WritePlan = { table, entry, ci, a, b, spanStart: 0, spanEnd: this.cs, host: 0, fresh: true, zeroHost: false, zeroSource: false, changed: true, freeOld: [], alloc: ALL_UNITS, zero: 0, dataOffset };
     if ((hi & ENTRY_COMPRESSED_HI) !== 0) {
       plan.freeOld = this.compressedClusters(hi, lo);
       return plan;
@@ -646,11 +647,13 @@ export class Qcow2Image implements Backend, ImageLayer {
     const host = entryOffset(hi, lo);
     if (host !== 0) this.checkDataHost(host, ci);
     const exclusive = host !== 0 && this.isExclusive(hi, host);
+    const zeroFlag = this.v3 && !this.g.extendedL2 && (lo & ENTRY_ZERO_LO) !== 0;
+    plan.zeroSource = zeroFlag || (host === 0 && (this.backing === null || ci * this.cs >= this.backing.size));
     if (!this.g.extendedL2) {
       if (exclusive) {
         plan.fresh = false;
         plan.host = host;
-        if (!(this.v3 && (lo & ENTRY_ZERO_LO) !== 0)) {
+        if (!zeroFlag) {
           plan.spanStart = a;
           plan.spanEnd = b;
           plan.changed = (hi & ENTRY_COPIED_HI) === 0;
@@ -751,9 +754,15 @@ export class Qcow2Image implements Backend, ImageLayer {
   /**
    * Reads the copy-on-write head and tail of a plan. When they are zeroes and the fresh host
    * cluster is known to read as zeroes already, they are dropped and only the new data is written
-   * (what QEMU does with a zero-write of the cluster first).
+   * (what QEMU does with a zero-write of the cluster first); when the old mapping is known to be
+   * zeroes, nothing is read.
    */
   private async fillCow(p: WritePlan): Promise<void> {
+    if (p.zeroHost && p.zeroSource) {
+      p.spanStart = p.a;
+      p.spanEnd = p.b;
+      return;
+    }
     const guest = p.ci * this.cs;
     const [head, tail] = await Promise.all([
       p.spanStart < p.a ? this.readForCow(guest + p.spanStart, p.a - p.spanStart) : undefined,
