@@ -85,6 +85,9 @@ mount -t debugfs debugfs $R/sys/kernel/debug 2>/dev/null
 echo "nbdd-vm: running scenario"
 # The checkout to test comes with each run (the initramfs is cached and shared by checkouts).
 REPO=$(cat $R${VM_WORK}/repo)
+# /tmp and /run are fresh tmpfs in the VM; a checkout under them (a CI clone in /tmp) comes from
+# the read-only host share instead.
+case "$REPO" in /tmp/*|/run/*) mkdir -p $R$REPO && mount -o bind /mnt/host$REPO $R$REPO || fail "bind $REPO";; esac
 chroot $R /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root WORK=${VM_WORK} REPO=$REPO \\
   /bin/bash ${VM_WORK}/scenario.sh > $R${VM_WORK}/output 2>&1
 echo $? > $R${VM_WORK}/exit-code
