@@ -40,6 +40,40 @@ const ZERO_CHUNK = alignedBuffer(1024 * 1024, 4096).fill(0);
  */
 export const INLINE_READ_MAX = 128 * 1024;
 
+/**
+ * The read loop both ports share: one inline RWF_NOWAIT attempt while `inline.on` (turned off
+ * for good when the file or kernel refuses it), then `readSome(done)` (which reads into
+ * `buf.subarray(done)` at `offset + done`) until `buf` is full. Bytes past end of file read as
+ * zeroes.
+ */
+export async function readFully(
+  fd: number,
+  buf: Buffer,
+  offset: number,
+  inline: { on: boolean },
+  readSome: (done: number) => Promise<number>,
+): Promise<Buffer> {
+  let done = 0;
+  if (inline.on && buf.length <= INLINE_READ_MAX) {
+    try {
+      const n = preadNowait(fd, buf, offset);
+      if (n === 0) return buf.fill(0);
+      if (n > 0) done = n;
+    } catch {
+      inline.on = false;
+    }
+  }
+  while (done < buf.length) {
+    const n = await readSome(done);
+    if (n === 0) {
+      buf.fill(0, done);
+      break;
+    }
+    done += n;
+  }
+  return buf;
+}
+
 /** Promise wrappers over the fd callback API (cheaper per call than FileHandle). */
 function pread(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
   return new Promise((resolve, reject) => fs.read(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
@@ -59,8 +93,8 @@ function pwritev(fd: number, bufs: Buffer[], pos: number): Promise<number> {
 export class NodeFilePort implements FilePort {
   private closed = false;
   private zeroRangeWorks = true;
-  /** False on O_DIRECT files, and once the kernel or filesystem refused RWF_NOWAIT. */
-  private nowaitReads: boolean;
+  /** Off on O_DIRECT files, and once the kernel or filesystem refused RWF_NOWAIT. */
+  private readonly inlineReads: { on: boolean };
 
   private constructor(
     readonly path: string,
@@ -68,7 +102,7 @@ export class NodeFilePort implements FilePort {
     readonly readOnly: boolean,
     direct: boolean,
   ) {
-    this.nowaitReads = !direct;
+    this.inlineReads = { on: !direct };
   }
 
   /** `exclusive` (with `create`) fails with EEXIST when the file exists (O_EXCL). */
@@ -84,28 +118,8 @@ export class NodeFilePort implements FilePort {
     return new NodeFilePort(path, fd, options.readOnly, !!options.direct);
   }
 
-  async readAt(buf: Buffer, offset: number): Promise<Buffer> {
-    let done = 0;
-    if (this.nowaitReads && buf.length <= INLINE_READ_MAX) {
-      try {
-        const n = preadNowait(this.fd, buf, offset);
-        if (n === buf.length) return buf;
-        if (n === 0) return buf.fill(0);
-        if (n > 0) done = n;
-      } catch {
-        this.nowaitReads = false;
-      }
-    }
-    if (done === 0) done = await pread(this.fd, buf, 0, buf.length, offset);
-    while (done < buf.length) {
-      const n = await pread(this.fd, buf, done, buf.length - done, offset + done);
-      if (n === 0) {
-        buf.fill(0, done);
-        break;
-      }
-      done += n;
-    }
-    return buf;
+  readAt(buf: Buffer, offset: number): Promise<Buffer> {
+    return readFully(this.fd, buf, offset, this.inlineReads, (done) => pread(this.fd, buf, done, buf.length - done, offset + done));
   }
 
   async writeAt(buf: Buffer, offset: number): Promise<void> {

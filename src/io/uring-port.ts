@@ -13,8 +13,8 @@
 import { createRequire } from 'node:module';
 import { constants as osConstants } from 'node:os';
 import { Errno, NbddError, nameOfErrno } from '../core/errors.js';
-import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, preadNowait } from '../sys/libc.js';
-import { INLINE_READ_MAX, NodeFilePort, type FilePort } from './file-port.js';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../sys/libc.js';
+import { NodeFilePort, readFully, type FilePort } from './file-port.js';
 
 /** Submission-queue entries; the completion queue (and the in-flight limit) is twice this. */
 export const URING_SQ_ENTRIES = 256;
@@ -212,7 +212,8 @@ export class UringFilePort implements FilePort {
   private pending = 0;
   private idle: (() => void) | null = null;
   private closing: Promise<void> | null = null;
-  private nowaitReads: boolean;
+  /** Off on O_DIRECT files, and once the kernel or filesystem refused RWF_NOWAIT. */
+  private readonly inlineReads: { on: boolean };
   /** Buffered writes go to the kernel's workers (IOSQE_ASYNC); O_DIRECT ones are issued inline. */
   private readonly offloadWrites: boolean;
   private zeroRangeWorks = true;
@@ -222,7 +223,7 @@ export class UringFilePort implements FilePort {
     private readonly inner: NodeFilePort,
     direct: boolean,
   ) {
-    this.nowaitReads = !direct;
+    this.inlineReads = { on: !direct };
     this.offloadWrites = !direct;
   }
 
@@ -245,27 +246,10 @@ export class UringFilePort implements FilePort {
     return this.inner.readOnly;
   }
 
-  async readAt(buf: Buffer, offset: number): Promise<Buffer> {
-    let done = 0;
-    if (this.nowaitReads && buf.length <= INLINE_READ_MAX) {
-      try {
-        done = preadNowait(this.fd, buf, offset);
-        if (done === buf.length) return buf;
-        if (done === 0) return buf.fill(0);
-        if (done < 0) done = 0;
-      } catch {
-        this.nowaitReads = false;
-      }
-    }
-    while (done < buf.length) {
-      const n = await this.track(this.engine.read(this.fd, done === 0 ? buf : buf.subarray(done), offset + done));
-      if (n === 0) {
-        buf.fill(0, done);
-        break;
-      }
-      done += n;
-    }
-    return buf;
+  readAt(buf: Buffer, offset: number): Promise<Buffer> {
+    return readFully(this.fd, buf, offset, this.inlineReads, (done) =>
+      this.track(this.engine.read(this.fd, done === 0 ? buf : buf.subarray(done), offset + done)),
+    );
   }
 
   async writeAt(buf: Buffer, offset: number): Promise<void> {
