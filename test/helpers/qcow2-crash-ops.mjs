@@ -33,3 +33,28 @@ export function crashBatches(seed, batches, size, cluster) {
   }
   return out;
 }
+
+/** Applies an op to a raw model of the guest; discards zero whole clusters only (v3 over a backing file). */
+export function applyOp(model, op, cluster) {
+  if (op.kind === 'write') model.fill(op.pattern, op.off, op.off + op.len);
+  else if (op.kind === 'zero') model.fill(0, op.off, op.off + op.len);
+  else {
+    const first = Math.ceil(op.off / cluster) * cluster;
+    const last = Math.floor((op.off + op.len) / cluster) * cluster;
+    if (last > first) model.fill(0, first, last);
+  }
+}
+
+/** Issues one batch of ops at once on a qcow2 image (the backend API), resolving when all are acknowledged. */
+export function runBatch(img, batch, onAck = () => {}) {
+  return Promise.all(
+    batch.map((op, i) =>
+      (op.kind === 'write'
+        ? img.write(op.off, Buffer.alloc(op.len, op.pattern))
+        : op.kind === 'zero'
+          ? img.writeZeroes(op.off, op.len, { noHole: false })
+          : img.trim(op.off, op.len)
+      ).then(() => onAck(i)),
+    ),
+  );
+}

@@ -1,6 +1,7 @@
 /**
  * Writing qcow2 images: images made by `nbdd create` as qemu sees them, refcount table growth,
- * FUA and flush durability as seen by qemu-img while the image is still open, freed clusters
+ * FUA and flush durability as seen by qemu-img while the image is still open (with the
+ * allocation pool showing as leaked clusters then), freed clusters
  * reused, and describeQcow2 against qemu-img info.
  */
 import { statSync } from 'node:fs';
@@ -30,6 +31,15 @@ interface QemuInfo {
   'backing-filename-format'?: string;
   'full-backing-filename'?: string;
   'format-specific': { data: { compat: string; 'refcount-bits': number; 'extended-l2'?: boolean; 'compression-type': string; corrupt: boolean; 'lazy-refcounts': boolean } };
+}
+
+/**
+ * `qemu-img check` of an image nbdd still has open: no corruption, and any leaked clusters are
+ * the allocation pool nbdd reserved ahead (its counts are durable before clusters are used).
+ */
+function expectOnlyPoolLeaks(check: { status: number; output: string }): void {
+  expect([0, 3], check.output).toContain(check.status);
+  expect(check.output).not.toMatch(/ERROR|(?<!No )errors were found|corrupted/);
 }
 
 function qemuInfo(path: string): QemuInfo {
@@ -115,17 +125,18 @@ describe('qcow2 writes', () => {
       await img.write(3 * MiB, Buffer.alloc(100 * KiB, 0xf1), { fua: true });
       let raw = qemuRaw(path, dir.path);
       expect(raw.subarray(3 * MiB, 3 * MiB + 100 * KiB).every((b) => b === 0xf1)).toBe(true);
-      expect(qemuCheck(path).status).toBe(0);
+      expectOnlyPoolLeaks(qemuCheck(path));
       await img.write(5 * MiB, Buffer.alloc(64 * KiB, 0xf2));
       await img.writeZeroes(3 * MiB, 64 * KiB);
       await img.flush();
       raw = qemuRaw(path, dir.path);
       expect(raw.subarray(5 * MiB, 5 * MiB + 64 * KiB).every((b) => b === 0xf2)).toBe(true);
       expect(raw.subarray(3 * MiB, 3 * MiB + 64 * KiB).every((b) => b === 0)).toBe(true);
-      expect(qemuCheck(path).status).toBe(0);
+      expectOnlyPoolLeaks(qemuCheck(path));
     } finally {
       await img.close();
     }
+    expect(qemuCheck(path).status).toBe(0); // close gives the pool back
   });
 
   it('discard frees clusters and later allocations reuse them', async () => {
@@ -137,8 +148,8 @@ describe('qcow2 writes', () => {
     const full = statSync(path).size;
     await img.trim(0, 8 * MiB);
     await img.flush();
-    await img.flush(); // the second commit writes the dropped refcounts
-    expect(qemuCheck(path).status).toBe(0);
+    await img.flush();
+    expectOnlyPoolLeaks(qemuCheck(path)); // the freed clusters wait in the pool
     expect(statSync(path).blocks * 512).toBeLessThan(full / 2); // punched
     await img.write(32 * MiB, Buffer.alloc(8 * MiB, 0xbb));
     await img.close();

@@ -6,9 +6,12 @@
  * Shared metadata (L1, cached L2 tables, refcounts) changes only in synchronous code, so two
  * requests of one turn never allocate the same cluster or table.
  *
- * Durability: data goes straight to the file; metadata changes stay in memory until a commit,
- * which runs on flush, FUA, close, when clusters wait to be freed, or when too many L2 tables are
- * dirty. A commit writes each dirty table once, in the crash-safe order of docs/qcow2.md.
+ * Durability (docs/qcow2.md, "Crash-safe ordering"): a request's data and its L2 entries are in
+ * the file before it completes, so a killed daemon loses no acknowledged write. Clusters are handed
+ * out from a pool whose refcounts were made durable beforehand, and a new L2 table is durable
+ * before L1 names it, so the file never references an uncounted cluster or an unwritten table.
+ * Freed clusters are released by a commit (on flush, FUA, close, or after a request that freed
+ * some), once the entries that dropped them are durable. FLUSH adds the fdatasync.
  */
 import type { Backend, BackendCaps, Extent, WriteOptions, ZeroOptions } from '../../core/backend.js';
 import { defaultCaps } from '../../core/backend.js';
@@ -16,6 +19,7 @@ import { Errno, NbddError, messageOf } from '../../core/errors.js';
 import { logger } from '../../core/log.js';
 import type { FilePort } from '../../io/file-port.js';
 import { decompressCluster } from './compress.js';
+import { EntryWrites } from './entry-writes.js';
 import { L2Cache, type L2Table } from './l2-cache.js';
 import type { ImageLayer } from './layer.js';
 import {
@@ -53,6 +57,10 @@ const MAX_STATUS_UNITS = 65536;
 const L1_RESERVED_HI = 0x7f000000;
 const L1_RESERVED_LO = 0x1ff;
 const ALL_UNITS = 0xffffffff;
+/** Allocation pool reservations grow from this many clusters... */
+const MIN_RESERVE = 8;
+/** ...up to this many bytes: at most this much space leaks when the daemon is killed. */
+const MAX_RESERVE_BYTES = 32 * 1024 * 1024;
 
 // Kinds of guest ranges found by a mapping walk.
 const RUN_NONE = 0;
@@ -134,7 +142,6 @@ export class Qcow2Image implements Backend, ImageLayer {
   private readonly g: Geometry;
   private readonly cs: number;
   private readonly l1: Buffer;
-  private readonly dirtyL1 = new Set<number>();
   private readonly l2Cache: L2Cache;
   private readonly loading = new Map<number, Promise<L2Table>>();
   private readonly refs: Refcounts | null;
@@ -142,6 +149,16 @@ export class Qcow2Image implements Backend, ImageLayer {
   private readonly lock = new RangeLock();
   private readonly v3: boolean;
   private pendingFrees: number[] = [];
+  /**
+   * Host clusters whose refcount of 1 is already durable and that nothing references yet, in
+   * contiguous runs: every data cluster and L2 table is taken from here (see `reserve`).
+   */
+  private readonly pool: { offset: number; count: number }[] = [];
+  private poolCount = 0;
+  private reserving: Promise<void> | null = null;
+  private dataSync: Promise<void> | null = null;
+  private reserveChunk = MIN_RESERVE;
+  private readonly maxReserve: number;
   /** Autoclear bit 0 as found at open, before `prepareForWriting` cleared it. */
   private bitmapsConsistentAtOpen = false;
   /** First cluster past the file's end at open; free clusters from here on read as zeroes. */
@@ -150,6 +167,7 @@ export class Qcow2Image implements Backend, ImageLayer {
   private readonly punched = new Set<number>();
   private punchWorks = true;
   private fileLength: number;
+  private readonly openLength: number;
   private unsyncedData = false;
   private commitChain: Promise<void> = Promise.resolve();
   private commitScheduled = false;
@@ -171,12 +189,13 @@ export class Qcow2Image implements Backend, ImageLayer {
     this.l1 = parts.l1;
     this.refs = parts.refcounts;
     this.metadataClusters = parts.metadataClusters;
-    this.fileLength = parts.fileLength;
+    this.fileLength = this.openLength = parts.fileLength;
     this.zeroFrom = Math.ceil(parts.fileLength / parts.geometry.clusterSize);
     this.backing = parts.backing;
     this.backingName = parts.backingName;
     this.v3 = parts.header.version === 3;
     this.l2Cache = new L2Cache(Math.max(4, Math.floor(parts.l2CacheBytes / this.cs)));
+    this.maxReserve = Math.max(MIN_RESERVE, Math.floor(MAX_RESERVE_BYTES / this.cs));
     const readOnly = this.refs === null;
     this.caps = defaultCaps({
       readOnly,
@@ -231,16 +250,16 @@ export class Qcow2Image implements Backend, ImageLayer {
   }
 
   write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
-    return this.update(offset, data.length, options, () => this.writeLocked(offset, data));
+    return this.update(offset, data.length, options, (w) => this.writeLocked(offset, data, w));
   }
 
   writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
     if (options?.fastZero) return Promise.reject(new NbddError(Errno.ENOTSUP, 'qcow2: fast zero is not offered'));
-    return this.update(offset, length, options, () => this.zeroLocked(offset, length, options?.noHole === true));
+    return this.update(offset, length, options, (w) => this.zeroLocked(offset, length, options?.noHole === true, w));
   }
 
   trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
-    return this.update(offset, length, options, () => this.trimLocked(offset, length));
+    return this.update(offset, length, options, (w) => this.trimLocked(offset, length, w));
   }
 
   /** Commits all metadata changes and makes them and every completed write durable. */
@@ -262,18 +281,43 @@ export class Qcow2Image implements Backend, ImageLayer {
     }
   }
 
-  /** A write, zero write or discard of guest [offset, offset + length), under an exclusive lock. */
-  private update(offset: number, length: number, options: WriteOptions | undefined, locked: () => Promise<void>): Promise<void> {
+  /**
+   * A write, zero write or discard of guest [offset, offset + length), under an exclusive lock
+   * held until the L2 entries it changed are in the file (even when it failed part way, since
+   * memory already holds them).
+   */
+  private update(offset: number, length: number, options: WriteOptions | undefined, locked: (w: EntryWrites) => Promise<void>): Promise<void> {
     return this.track(async () => {
       this.assertWritable();
       const release = await this.lockRange(offset, length, true);
+      const w = new EntryWrites(this.g.l2EntrySize);
       try {
-        await locked();
+        try {
+          await locked(w);
+        } finally {
+          await this.writeEntries(w);
+        }
       } finally {
         release();
       }
       await this.afterUpdate(options);
     });
+  }
+
+  /**
+   * Writes a request's changed entries; then the clusters it released may be freed by a commit.
+   * A failed write leaves memory and file apart, so the image takes no more writes.
+   */
+  private async writeEntries(w: EntryWrites): Promise<void> {
+    if (w.empty) return;
+    try {
+      await w.write(this.port);
+    } catch (err) {
+      this.commitError ??= err;
+      throw new NbddError(Errno.EIO, `${this.path}: writing L2 entries failed: ${messageOf(err)}`);
+    }
+    this.unsyncedData = true;
+    for (const c of w.frees) this.pendingFrees.push(c);
   }
 
   /**
@@ -288,7 +332,7 @@ export class Qcow2Image implements Backend, ImageLayer {
   }
 
   private hasDirtyMetadata(): boolean {
-    return this.refs!.dirty || this.pendingFrees.length > 0 || this.dirtyL1.size > 0 || this.l2Cache.dirtyCount > 0;
+    return this.refs!.dirty || this.pendingFrees.length > 0;
   }
 
   blockStatus(offset: number, length: number): Promise<Extent[]> {
@@ -303,15 +347,22 @@ export class Qcow2Image implements Backend, ImageLayer {
   }
 
   /**
-   * Refuses new requests, waits for those in flight (their metadata changes and frees are only
-   * in memory until a commit), commits everything and closes the file. No I/O follows on it.
+   * Refuses new requests, waits for those in flight, gives the unused allocation pool back,
+   * commits the frees and counts and closes the file. No I/O follows on it.
    */
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     try {
       if (this.active > 0) await new Promise<void>((resolve) => (this.drained = resolve));
-      await this.commitAndSync();
+      if (this.refs) {
+        for (const run of this.pool.splice(0)) for (let k = 0; k < run.count; k++) this.refs.decrement(run.offset / this.cs + k);
+        this.poolCount = 0;
+        await this.commitAndSync();
+        // Give back the file length the pool added, keeping every cluster still counted.
+        const end = Math.max(this.openLength, this.refs.usedEnd);
+        if (end < this.fileLength) await this.port.truncate(end);
+      }
     } finally {
       await this.port.close();
       await this.backing?.close();
@@ -458,7 +509,7 @@ export class Qcow2Image implements Backend, ImageLayer {
   private async loadL2(l1i: number, offset: number): Promise<L2Table> {
     try {
       const data = await this.port.readAt(Buffer.allocUnsafe(this.cs), offset);
-      const table: L2Table = { offset, data, dirty: false, pins: 0 };
+      const table: L2Table = { offset, data, pins: 0 };
       this.l2Cache.insert(l1i, table);
       return table;
     } finally {
@@ -468,30 +519,148 @@ export class Qcow2Image implements Backend, ImageLayer {
 
   /** The L2 table of `l1i`, allocating an empty one when the L1 entry is empty. */
   private async l2ForWrite(l1i: number): Promise<L2Table> {
-    let found = await this.l2(l1i);
-    // Another request may have created the table while this one waited: look again.
-    while (!found && this.l1Offset(l1i) !== 0) found = await this.l2(l1i);
-    if (found) {
-      const hi = this.l1.readUInt32BE(l1i * 8);
-      if ((hi & ENTRY_COPIED_HI) === 0) {
-        if (this.refs!.get(found.offset / this.cs) !== 1) throw new NbddError(Errno.ENOTSUP, `${this.path}: L2 table at ${hex(found.offset)} is shared (snapshots); writing is not supported`);
-        this.setL1(l1i, found.offset);
+    for (;;) {
+      const found = await this.l2(l1i);
+      if (found) {
+        if (found.ready) await found.ready;
+        const hi = this.l1.readUInt32BE(l1i * 8);
+        if ((hi & ENTRY_COPIED_HI) === 0) {
+          if (this.refs!.get(found.offset / this.cs) !== 1) throw new NbddError(Errno.ENOTSUP, `${this.path}: L2 table at ${hex(found.offset)} is shared (snapshots); writing is not supported`);
+          writeEntry(this.l1, l1i * 8, found.offset, true, false);
+          await this.writeL1(l1i);
+        }
+        return found;
       }
-      return found;
+      // Another request may have created the table while this one waited: look again.
+      if (this.l1Offset(l1i) !== 0) continue;
+      if (this.poolCount === 0) {
+        await this.reservePool(1);
+        continue;
+      }
+      return this.createL2(l1i); // synchronous up to its first await: no other request interleaves
     }
-    // Synchronous from the emptiness check above to the L1 update: no other request interleaves.
-    const offset = this.refs!.allocate();
+  }
+
+  /**
+   * Takes a cluster from the pool for a new, empty L2 table of `l1i` and links it: the table is
+   * written and made durable before the L1 entry naming it is written, so the file never names a
+   * table whose cluster still holds old bytes. Writers of the table wait for that (`ready`);
+   * readers see the empty table in memory at once.
+   */
+  private async createL2(l1i: number): Promise<L2Table> {
+    const { offset } = this.takeClusters(1);
     this.metadataClusters.add(offset / this.cs);
     this.punched.delete(offset / this.cs);
-    const table: L2Table = { offset, data: Buffer.alloc(this.cs), dirty: true, pins: 0 };
+    const table: L2Table = { offset, data: Buffer.alloc(this.cs), pins: 1 };
     this.l2Cache.insert(l1i, table);
-    this.setL1(l1i, offset);
+    writeEntry(this.l1, l1i * 8, offset, true, false);
+    const link = async (): Promise<void> => {
+      await this.port.writeAt(table.data, offset); // still empty: writers wait for `ready`
+      await this.port.fsync();
+      await this.writeL1(l1i);
+    };
+    table.ready = link();
+    try {
+      await table.ready;
+    } catch (err) {
+      this.commitError ??= err;
+      throw new NbddError(Errno.EIO, `${this.path}: writing a new L2 table failed: ${messageOf(err)}`);
+    } finally {
+      table.pins--;
+      table.ready = undefined;
+    }
     return table;
   }
 
-  private setL1(l1i: number, offset: number): void {
-    writeEntry(this.l1, l1i * 8, offset, true, false);
-    this.dirtyL1.add(l1i);
+  private async writeL1(l1i: number): Promise<void> {
+    await this.port.writeAt(Buffer.from(this.l1.subarray(l1i * 8, l1i * 8 + 8)), this.header.l1TableOffset + l1i * 8);
+    this.unsyncedData = true;
+  }
+
+  /**
+   * One fdatasync shared by the requests of this turn that wait for their data to be durable
+   * before their L2 entries are written. A request joins only a sync not yet started, so its data,
+   * written before it joined, is covered.
+   */
+  private syncData(): Promise<void> {
+    this.dataSync ??= new Promise<void>((resolve) => setImmediate(resolve)).then(() => {
+      this.dataSync = null;
+      return this.port.fsync();
+    });
+    return this.dataSync;
+  }
+
+  // ---------------------------------------------------------------- allocation pool
+
+  /** Takes up to `max` contiguous clusters from the pool (lowest first); the caller checked it is not empty. */
+  private takeClusters(max: number): { offset: number; count: number } {
+    const run = this.pool[0]!;
+    const count = Math.min(max, run.count);
+    const offset = run.offset;
+    run.offset += count * this.cs;
+    run.count -= count;
+    if (run.count === 0) this.pool.shift();
+    this.poolCount -= count;
+    return { offset, count };
+  }
+
+  /** Resolves once a reservation (started now, or the one running) has filled the pool. */
+  private reservePool(need: number): Promise<void> {
+    this.reserving ??= this.reserve(need).finally(() => {
+      this.reserving = null;
+    });
+    return this.reserving;
+  }
+
+  /**
+   * Allocates at least `need` clusters (more each time, up to MAX_RESERVE_BYTES), writes their
+   * counts through a commit, extends the file over them and fdatasyncs, and only then adds them
+   * to the pool: an L2 entry
+   * written later can never reach the disk before the count of its cluster. A daemon killed with
+   * a pool in hand leaks those clusters (`qemu-img check -r leaks` reclaims them); close returns them.
+   */
+  private async reserve(need: number): Promise<void> {
+    const want = Math.max(need, this.reserveChunk);
+    this.reserveChunk = Math.min(this.maxReserve, this.reserveChunk * 2);
+    const runs: { offset: number; count: number }[] = [];
+    for (let got = 0; got < want; ) {
+      const run = this.refs!.allocateRun(want - got);
+      runs.push(run);
+      got += run.count;
+    }
+    await this.commit();
+    // The file reaches past every pool cluster before any is referenced: a reference past the end
+    // of the file is an error to `qemu-img check`, even where the cluster would read as zeroes.
+    const hostEnd = this.refs!.hostEnd;
+    if (hostEnd > this.fileLength) {
+      await this.port.truncate(hostEnd);
+      this.fileLength = hostEnd;
+    }
+    await this.port.fsync();
+    for (const run of runs) this.addToPool(run.offset, run.count);
+  }
+
+  /** Adds clusters to the pool, keeping its runs sorted and merged. */
+  private addToPool(offset: number, count: number): void {
+    const pool = this.pool;
+    let i = pool.length;
+    while (i > 0 && pool[i - 1]!.offset > offset) i--;
+    const before = pool[i - 1];
+    const after = pool[i];
+    const end = offset + count * this.cs;
+    if (before && before.offset + before.count * this.cs === offset) {
+      before.count += count;
+      if (after && after.offset === end) {
+        before.count += after.count;
+        pool.splice(i, 1);
+      }
+    } else if (after && after.offset === end) {
+      after.offset = offset;
+      after.count += count;
+    } else {
+      pool.splice(i, 0, { offset, count });
+    }
+    this.poolCount += count;
   }
 
   /**
@@ -686,7 +855,7 @@ export class Qcow2Image implements Backend, ImageLayer {
     return plan;
   }
 
-  private async writeLocked(offset: number, data: Buffer): Promise<void> {
+  private async writeLocked(offset: number, data: Buffer, w: EntryWrites): Promise<void> {
     const plans: WritePlan[] = [];
     const pinned: L2Table[] = [];
     try {
@@ -707,11 +876,18 @@ export class Qcow2Image implements Backend, ImageLayer {
           pos = clusterStart + b;
         }
       }
-      this.allocateFresh(plans);
+      const fresh = plans.reduce((n, p) => n + (p.fresh ? 1 : 0), 0);
+      while (this.poolCount < fresh) await this.reservePool(fresh);
+      this.allocateFresh(plans); // synchronous after the check above
       const cow = plans.filter((p) => p.spanStart < p.a || p.b < p.spanEnd);
       if (cow.length > 0) await Promise.all(cow.map((p) => this.fillCow(p)));
       await this.writeData(plans, data);
       this.unsyncedData = true;
+      // An entry naming a cluster whose unwritten bytes may differ from the old contents (copy-on-
+      // write from a backing file or compressed cluster, a reused unpunched cluster, subclusters)
+      // must not reach the disk before the data: after a power loss the guest would see bytes it
+      // never wrote. Fresh zero clusters replacing zeroes need no such order.
+      if (plans.some((p) => p.changed && !(p.fresh && p.zeroHost && p.zeroSource))) await this.syncData();
       for (const p of plans) {
         if (!p.changed) continue;
         const d = p.table.data;
@@ -720,15 +896,15 @@ export class Qcow2Image implements Backend, ImageLayer {
           d.writeUInt32BE(p.zero, p.entry + 8);
           d.writeUInt32BE(p.alloc, p.entry + 12);
         }
-        p.table.dirty = true;
-        for (const c of p.freeOld) this.pendingFrees.push(c);
+        w.touch(p.table, p.entry);
+        for (const c of p.freeOld) w.frees.push(c);
       }
     } finally {
       for (const t of pinned) t.pins--;
     }
   }
 
-  /** Gives every plan needing a fresh cluster one, in contiguous runs for consecutive clusters. */
+  /** Gives every plan needing a fresh cluster one from the pool, contiguous for consecutive clusters. */
   private allocateFresh(plans: WritePlan[]): void {
     for (let i = 0; i < plans.length; ) {
       if (!plans[i]!.fresh) {
@@ -738,7 +914,7 @@ export class Qcow2Image implements Backend, ImageLayer {
       let j = i + 1;
       while (j < plans.length && plans[j]!.fresh && plans[j]!.ci === plans[j - 1]!.ci + 1) j++;
       for (let k = i; k < j; ) {
-        const run = this.refs!.allocateRun(j - k);
+        const run = this.takeClusters(j - k);
         for (let m = 0; m < run.count; m++) {
           const p = plans[k + m]!;
           p.host = run.offset + m * this.cs;
@@ -821,7 +997,7 @@ export class Qcow2Image implements Backend, ImageLayer {
    * exclusively owned cluster is kept and flagged zero (v3). v2 has no zero flag: a cluster may be
    * deallocated only when no backing file shows through.
    */
-  private async zeroLocked(offset: number, length: number, noHole: boolean): Promise<void> {
+  private async zeroLocked(offset: number, length: number, noHole: boolean, w: EntryWrites): Promise<void> {
     const partial: [number, number][] = [];
     const end = offset + length;
     let pos = offset;
@@ -835,7 +1011,7 @@ export class Qcow2Image implements Backend, ImageLayer {
       const whole = a === 0 && (b === this.cs || clusterEnd >= this.size);
       pos = clusterEnd;
       if (this.g.extendedL2) {
-        await this.zeroSubclusters(ci, a, whole ? this.cs : b, noHole, partial);
+        await this.zeroSubclusters(ci, a, whole ? this.cs : b, noHole, partial, w);
       } else if (!whole || (!this.v3 && (this.backing !== null || noHole))) {
         partial.push([clusterStart + a, b - a]);
       } else {
@@ -849,17 +1025,17 @@ export class Qcow2Image implements Backend, ImageLayer {
         if (keep) {
           writeEntry(table.data, e, entryOffset(hi, lo), true, true);
         } else {
-          this.releaseEntry(hi, lo);
+          this.releaseEntry(hi, lo, w);
           writeEntry(table.data, e, 0, false, this.v3);
         }
-        table.dirty = true;
+        w.touch(table, e);
       }
     }
-    for (const [at, n] of partial) await this.writeLocked(at, Buffer.alloc(n));
+    for (const [at, n] of partial) await this.writeLocked(at, Buffer.alloc(n), w);
   }
 
   /** Extended L2 zeroing of [a, b) in cluster `ci`: subcluster zero bits, zero data for the rest. */
-  private async zeroSubclusters(ci: number, a: number, b: number, noHole: boolean, partial: [number, number][]): Promise<void> {
+  private async zeroSubclusters(ci: number, a: number, b: number, noHole: boolean, partial: [number, number][], w: EntryWrites): Promise<void> {
     const u = this.g.unitSize;
     const clusterStart = ci * this.cs;
     const su = Math.ceil(a / u);
@@ -883,7 +1059,7 @@ export class Qcow2Image implements Backend, ImageLayer {
         partial.push([clusterStart + su * u, (eu - su) * u]);
         return;
       }
-      this.releaseEntry(hi, lo);
+      this.releaseEntry(hi, lo, w);
       writeEntry(table.data, e, 0, false, false);
       table.data.writeUInt32BE(ALL_UNITS, e + 8);
       table.data.writeUInt32BE(0, e + 12);
@@ -891,7 +1067,7 @@ export class Qcow2Image implements Backend, ImageLayer {
       table.data.writeUInt32BE((table.data.readUInt32BE(e + 8) | mask) >>> 0, e + 8);
       table.data.writeUInt32BE((table.data.readUInt32BE(e + 12) & ~mask) >>> 0, e + 12);
     }
-    table.dirty = true;
+    w.touch(table, e);
   }
 
   /**
@@ -900,7 +1076,7 @@ export class Qcow2Image implements Backend, ImageLayer {
    * bits when a backing file could show through). v2 images with a backing file ignore discards,
    * since freeing would expose stale backing data.
    */
-  private async trimLocked(offset: number, length: number): Promise<void> {
+  private async trimLocked(offset: number, length: number, w: EntryWrites): Promise<void> {
     if (!this.v3 && this.backing) return;
     const end = offset + length;
     for (let ci = Math.ceil(offset / this.cs); ci * this.cs < end; ci++) {
@@ -910,7 +1086,7 @@ export class Qcow2Image implements Backend, ImageLayer {
       if (this.l1Offset(l1i) === 0 && !this.backing) continue;
       const table = await this.l2ForWrite(l1i);
       const e = (ci - l1i * this.g.l2Entries) * this.g.l2EntrySize;
-      this.releaseEntry(table.data.readUInt32BE(e), table.data.readUInt32BE(e + 4));
+      this.releaseEntry(table.data.readUInt32BE(e), table.data.readUInt32BE(e + 4), w);
       if (this.g.extendedL2) {
         writeEntry(table.data, e, 0, false, false);
         table.data.writeUInt32BE(this.backing ? ALL_UNITS : 0, e + 8);
@@ -918,18 +1094,18 @@ export class Qcow2Image implements Backend, ImageLayer {
       } else {
         writeEntry(table.data, e, 0, false, this.v3 && this.backing !== null);
       }
-      table.dirty = true;
+      w.touch(table, e);
     }
   }
 
-  /** Queues the host clusters an entry holds (normal or compressed) to be freed after commit. */
-  private releaseEntry(hi: number, lo: number): void {
+  /** Records the host clusters an entry holds (normal or compressed), to free once it is rewritten. */
+  private releaseEntry(hi: number, lo: number, w: EntryWrites): void {
     if ((hi & ENTRY_COMPRESSED_HI) !== 0) {
-      for (const c of this.compressedClusters(hi, lo)) this.pendingFrees.push(c);
+      for (const c of this.compressedClusters(hi, lo)) w.frees.push(c);
       return;
     }
     const host = entryOffset(hi, lo);
-    if (host !== 0) this.pendingFrees.push(host / this.cs);
+    if (host !== 0) w.frees.push(host / this.cs);
   }
 
   private async afterUpdate(options?: WriteOptions): Promise<void> {
@@ -937,7 +1113,7 @@ export class Qcow2Image implements Backend, ImageLayer {
       await this.commitAndSync();
       return;
     }
-    if (this.pendingFrees.length > 0 || this.l2Cache.dirtyCount > this.l2Cache.capacity / 2) this.scheduleCommit();
+    if (this.pendingFrees.length > 0) this.scheduleCommit();
   }
 
   // ---------------------------------------------------------------- commit
@@ -965,24 +1141,16 @@ export class Qcow2Image implements Backend, ImageLayer {
   }
 
   /**
-   * One commit. Everything dirty is copied in one synchronous step (so each copied L2 entry's
-   * refcount is in the copied refcount blocks), then written in this order, with an fdatasync
-   * between steps whenever the earlier step wrote something:
-   *   data (already written) → refcount blocks (+ a moved refcount table) → refcount table
-   *   entries or header → L2 tables → L1 entries → frees (punch, then decrement in memory).
-   * A crash between any two steps leaves references only to clusters whose counts are on disk:
-   * at worst leaked clusters.
+   * One commit: the refcount changes, then the frees. L2 and L1 entries are already in the file
+   * (each request wrote its own). Steps, with an fdatasync between two whenever the earlier one
+   * wrote something:
+   *   refcount blocks (+ a moved refcount table) → refcount table entries or header →
+   *   frees (punch, drop the counts in memory) → the dropped counts' blocks.
+   * A cluster is freed only after the entries that dropped it are durable, and reused only after
+   * that, so a crash at any point leaves at worst leaked clusters.
    */
   private async commitOnce(): Promise<void> {
     const refs = this.refs!;
-    const refSnap = refs.dirty ? refs.takeDirty() : null;
-    const l2s: { offset: number; data: Buffer }[] = [];
-    for (const t of this.l2Cache.dirty()) {
-      l2s.push({ offset: t.offset, data: Buffer.from(t.data) });
-      t.dirty = false;
-    }
-    const l1 = [...this.dirtyL1].map((i) => ({ at: this.header.l1TableOffset + i * 8, data: Buffer.from(this.l1.subarray(i * 8, i * 8 + 8)) }));
-    this.dirtyL1.clear();
     const frees = this.pendingFrees;
     this.pendingFrees = [];
     let wrote = this.unsyncedData;
@@ -992,47 +1160,43 @@ export class Qcow2Image implements Backend, ImageLayer {
       if (wrote) await port.fsync();
       wrote = false;
     };
-    const writeAll = async (items: { at: number; data: Buffer }[]): Promise<void> => {
-      if (items.length === 0) return;
-      await barrier();
-      await Promise.all(items.map((w) => port.writeAt(w.data, w.at)));
-      wrote = true;
-    };
-    if (refSnap) {
-      const first = refSnap.blocks.map((b) => ({ at: b.offset, data: b.data }));
-      if (refSnap.table) first.push({ at: refSnap.table.offset, data: refSnap.table.data });
+    /** Writes the dirty refcount state in order; returns the clusters of superseded tables. */
+    const writeRefcounts = async (): Promise<number[]> => {
+      if (!refs.dirty) return [];
+      const snap = refs.takeDirty();
+      // Counts may become durable before whatever they count: no barrier first.
+      const first = snap.blocks.map((b) => ({ at: b.offset, data: b.data }));
+      if (snap.table) first.push({ at: snap.table.offset, data: snap.table.data });
       await Promise.all(first.map((w) => port.writeAt(w.data, w.at)));
       wrote ||= first.length > 0;
-      if (refSnap.table) {
-        const field = Buffer.alloc(12);
-        writeU64(field, 0, refSnap.table.offset);
-        field.writeUInt32BE(refSnap.table.clusters, 8);
-        await writeAll([{ at: 48, data: field }]);
-      } else {
-        await writeAll(
-          refSnap.tableEntries.map((t) => {
-            const data = Buffer.alloc(8);
-            writeU64(data, 0, t.offset);
-            return { at: this.header.refcountTableOffset + t.index * 8, data };
-          }),
-        );
+      const pointers = snap.table
+        ? [{ at: 48, data: Buffer.concat([u64(snap.table.offset), u32(snap.table.clusters)]) }]
+        : snap.tableEntries.map((t) => ({ at: this.header.refcountTableOffset + t.index * 8, data: u64(t.offset) }));
+      if (pointers.length > 0) {
+        await barrier();
+        await Promise.all(pointers.map((w) => port.writeAt(w.data, w.at)));
+        wrote = true;
       }
-      if (refSnap.table) {
-        this.header.refcountTableOffset = refSnap.table.offset;
-        this.header.refcountTableClusters = refSnap.table.clusters;
+      if (snap.table) {
+        this.header.refcountTableOffset = snap.table.offset;
+        this.header.refcountTableClusters = snap.table.clusters;
       }
-    }
-    await writeAll(l2s.map((t) => ({ at: t.offset, data: t.data })));
-    await writeAll(l1);
-    const oldTableClusters = (refSnap?.oldTables ?? []).flatMap((t) => Array.from({ length: t.clusters }, (_, k) => t.offset / this.cs + k));
-    const toFree = frees.concat(oldTableClusters);
-    if (toFree.length > 0) {
-      await barrier();
-      await this.applyFrees(toFree);
-    }
+      return snap.oldTables.flatMap((t) => Array.from({ length: t.clusters }, (_, k) => t.offset / this.cs + k));
+    };
+    const toFree = frees.concat(await writeRefcounts());
+    if (toFree.length === 0) return;
+    await barrier();
+    await this.applyFrees(toFree);
+    // The dropped counts go to the file now, so a killed daemon leaks nothing it had freed.
+    for (const c of await writeRefcounts()) this.pendingFrees.push(c);
   }
 
-  /** Punches clusters whose last reference goes, then drops the counts (they become reusable). */
+  /**
+   * Punches clusters whose last reference goes, then drops the counts. An emptied cluster keeps a
+   * count of 1 and joins the allocation pool while the pool is below its cap: its count on disk is
+   * still at least 1, so it can be referenced again without another refcount sync, and the pool
+   * hands out low clusters first, so freed space is reused before the file grows.
+   */
   private async applyFrees(clusters: number[]): Promise<void> {
     const drops = new Map<number, number>();
     for (const c of clusters) drops.set(c, (drops.get(c) ?? 0) + 1);
@@ -1049,7 +1213,16 @@ export class Qcow2Image implements Backend, ImageLayer {
       for (let c = emptied[i]!; c <= emptied[j - 1]!; c++) this.punched.add(c);
       i = j;
     }
-    for (const c of clusters) this.refs!.decrement(c);
+    const pooled = new Set<number>();
+    for (const c of emptied) {
+      if (this.closed || this.poolCount >= this.maxReserve) break; // close gives the pool back
+      pooled.add(c);
+      this.addToPool(c * this.cs, 1);
+    }
+    for (const c of clusters) {
+      if (pooled.has(c)) pooled.delete(c); // keeps the cluster's last reference, as the pool's
+      else this.refs!.decrement(c);
+    }
   }
 
   // ---------------------------------------------------------------- block status
@@ -1117,6 +1290,18 @@ export class Qcow2Image implements Backend, ImageLayer {
     }
     return out;
   }
+}
+
+function u64(n: number): Buffer {
+  const b = Buffer.alloc(8);
+  writeU64(b, 0, n);
+  return b;
+}
+
+function u32(n: number): Buffer {
+  const b = Buffer.alloc(4);
+  b.writeUInt32BE(n);
+  return b;
 }
 
 /** Reads the 8-byte refcount table entries into offsets, checking each is a sane block address. */

@@ -2,17 +2,19 @@
  * A bounded least-recently-used cache of L2 tables, keyed by L1 index.
  *
  * Tables are kept as the raw big-endian cluster (`data`), read with `readUInt32BE` on lookup, so
- * the hot path builds no BigInt and copies nothing. A dirty table (changed in memory, not yet
- * written by a commit) or a pinned one (an in-flight write will update it) is never evicted; the
- * cache may exceed its capacity until a commit cleans them.
+ * the hot path builds no BigInt and copies nothing. Changed entries are written to the file by the
+ * request that changed them, before it completes; a pinned table (a request is changing it, or its
+ * entry writes are still in flight) is never evicted, so the cache may exceed its capacity until
+ * they finish.
  */
 export interface L2Table {
   /** Host offset of the table. */
   readonly offset: number;
   /** The table's cluster; owned by the cache, changed in place by writers. */
   readonly data: Buffer;
-  dirty: boolean;
   pins: number;
+  /** Set while a new table is being written and linked into L1; entry writers wait for it. */
+  ready?: Promise<void>;
 }
 
 export class L2Cache {
@@ -35,18 +37,7 @@ export class L2Cache {
     if (this.tables.size <= this.capacity) return;
     for (const [key, t] of this.tables) {
       if (this.tables.size <= this.capacity) break;
-      if (!t.dirty && t.pins === 0) this.tables.delete(key);
+      if (t.pins === 0) this.tables.delete(key);
     }
-  }
-
-  /** Dirty tables, for a commit. */
-  *dirty(): Iterable<L2Table> {
-    for (const t of this.tables.values()) if (t.dirty) yield t;
-  }
-
-  get dirtyCount(): number {
-    let n = 0;
-    for (const t of this.tables.values()) if (t.dirty) n++;
-    return n;
   }
 }

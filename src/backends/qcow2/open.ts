@@ -37,6 +37,8 @@ export interface OpenQcow2Options {
   openBacking?: boolean;
   /** L2 cache budget per image in bytes (default 4 MiB). */
   l2CacheBytes?: number;
+  /** Wraps the top image's file port (fault-injection and power-loss tests); not the backing files'. */
+  wrapPort?: (port: FilePort) => FilePort;
 }
 
 function corrupt(message: string): NbddError {
@@ -113,7 +115,7 @@ async function openBackingLayer(imagePath: string, name: string, format: string 
   if (PROTOCOL_NAME.test(name)) throw new NbddError(Errno.ENOTSUP, `${imagePath}: backing file '${name}' is not a plain file name`);
   const path = isAbsolute(name) ? name : resolve(dirname(imagePath), name);
   const fmt = format ?? (await probeFormat(path));
-  if (fmt === 'qcow2') return openInChain(path, { ...options, readOnly: true }, chain);
+  if (fmt === 'qcow2') return openInChain(path, { ...options, readOnly: true, wrapPort: undefined }, chain);
   if (fmt === 'raw') return RawLayer.open(path);
   throw new NbddError(Errno.ENOTSUP, `${imagePath}: backing file format '${fmt}' is not supported (qcow2 or raw)`);
 }
@@ -124,7 +126,8 @@ async function openInChain(path: string, options: OpenQcow2Options, chain: strin
   });
   if (chain.includes(real)) throw new NbddError(Errno.ELOOP, `backing chain loop: ${[...chain, real].join(' -> ')}`);
   if (chain.length >= MAX_CHAIN_DEPTH) throw new NbddError(Errno.ELOOP, `backing chain deeper than ${MAX_CHAIN_DEPTH} at ${path}`);
-  const port = await openFilePort(path, { readOnly: options.readOnly });
+  const opened = await openFilePort(path, { readOnly: options.readOnly });
+  const port = options.wrapPort ? options.wrapPort(opened) : opened;
   let backing: ImageLayer | null = null;
   try {
     // As the raw backend: one writer or several readers per image among nbdd processes.

@@ -67,6 +67,13 @@ export class Refcounts {
     return this.end * this.g.clusterSize;
   }
 
+  /** Bytes up to the end of the last cluster with a nonzero count. */
+  get usedEnd(): number {
+    let c = this.end - 1;
+    while (c >= 0 && this.get(c) === 0) c--;
+    return (c + 1) * this.g.clusterSize;
+  }
+
   /**
    * Allocates up to `max` contiguous clusters with refcount 1, starting at the lowest free cluster,
    * and returns the host offset of the first and how many were taken (at least 1). Runs stop
