@@ -1210,7 +1210,10 @@ export class Qcow2Image implements Backend, ImageLayer {
         () => false,
       );
       if (!done) this.punchWorks = false;
-      for (let c = emptied[i]!; c <= emptied[j - 1]!; c++) this.punched.add(c);
+      for (let c = emptied[i]!; c <= emptied[j - 1]!; c++) {
+        this.punched.add(c);
+        this.metadataClusters.delete(c); // an old refcount table's cluster may hold data next
+      }
       i = j;
     }
     const pooled = new Set<number>();
