@@ -154,8 +154,10 @@ describe('qcow2 writes', () => {
     await img.write(32 * MiB, Buffer.alloc(8 * MiB, 0xbb));
     await img.close();
     expect(statSync(path).size).toBeLessThanOrEqual(full);
+    // Data exactly at guest [32M, 40M), in however many host runs the reused clusters form.
     const map = qemuMap(path).filter((m) => m.data);
-    expect(map).toEqual([expect.objectContaining({ start: 32 * MiB, length: 8 * MiB })]);
+    expect(map[0]?.start).toBe(32 * MiB);
+    expect(map.reduce((end, m) => (m.start === end ? end + m.length : -1), 32 * MiB)).toBe(40 * MiB);
     expect(qemuCheck(path).status).toBe(0);
   });
 

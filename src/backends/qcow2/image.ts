@@ -19,7 +19,7 @@ import { Errno, NbddError, messageOf } from '../../core/errors.js';
 import { logger } from '../../core/log.js';
 import type { FilePort } from '../../io/file-port.js';
 import { decompressCluster } from './compress.js';
-import { EntryWrites } from './entry-writes.js';
+import { EntryWrites, TableWriter } from './entry-writes.js';
 import { L2Cache, type L2Table } from './l2-cache.js';
 import type { ImageLayer } from './layer.js';
 import {
@@ -57,10 +57,17 @@ const MAX_STATUS_UNITS = 65536;
 const L1_RESERVED_HI = 0x7f000000;
 const L1_RESERVED_LO = 0x1ff;
 const ALL_UNITS = 0xffffffff;
-/** Allocation pool reservations grow from this many clusters... */
-const MIN_RESERVE = 8;
-/** ...up to this many bytes: at most this much space leaks when the daemon is killed. */
-const MAX_RESERVE_BYTES = 32 * 1024 * 1024;
+/**
+ * Allocation pool reservations (see `reserve`) start at this many bytes and grow fourfold each
+ * time up to a quarter of the virtual size, within [16 MiB, 256 MiB] and 65536 clusters: every
+ * reservation costs an fdatasync, and what a killed daemon leaks with it is address space only
+ * (reserved clusters are never written, so the file has holes there).
+ */
+const FIRST_RESERVE_BYTES = 4 * 1024 * 1024;
+const MIN_MAX_RESERVE_BYTES = 16 * 1024 * 1024;
+const MAX_RESERVE_BYTES = 256 * 1024 * 1024;
+const MAX_RESERVE_CLUSTERS = 65536;
+const MIN_RESERVE_CLUSTERS = 8;
 
 // Kinds of guest ranges found by a mapping walk.
 const RUN_NONE = 0;
@@ -157,7 +164,7 @@ export class Qcow2Image implements Backend, ImageLayer {
   private poolCount = 0;
   private reserving: Promise<void> | null = null;
   private dataSync: Promise<void> | null = null;
-  private reserveChunk = MIN_RESERVE;
+  private reserveChunk: number;
   private readonly maxReserve: number;
   /** Autoclear bit 0 as found at open, before `prepareForWriting` cleared it. */
   private bitmapsConsistentAtOpen = false;
@@ -195,7 +202,9 @@ export class Qcow2Image implements Backend, ImageLayer {
     this.backingName = parts.backingName;
     this.v3 = parts.header.version === 3;
     this.l2Cache = new L2Cache(Math.max(4, Math.floor(parts.l2CacheBytes / this.cs)));
-    this.maxReserve = Math.max(MIN_RESERVE, Math.floor(MAX_RESERVE_BYTES / this.cs));
+    const maxBytes = Math.min(MAX_RESERVE_BYTES, Math.max(MIN_MAX_RESERVE_BYTES, this.size / 4));
+    this.maxReserve = Math.max(MIN_RESERVE_CLUSTERS, Math.min(MAX_RESERVE_CLUSTERS, Math.floor(maxBytes / this.cs)));
+    this.reserveChunk = Math.max(MIN_RESERVE_CLUSTERS, Math.min(this.maxReserve, Math.floor(FIRST_RESERVE_BYTES / this.cs)));
     const readOnly = this.refs === null;
     this.caps = defaultCaps({
       readOnly,
@@ -290,7 +299,7 @@ export class Qcow2Image implements Backend, ImageLayer {
     return this.track(async () => {
       this.assertWritable();
       const release = await this.lockRange(offset, length, true);
-      const w = new EntryWrites(this.g.l2EntrySize);
+      const w = new EntryWrites(this.g.l2EntrySize, this.tableWriter);
       try {
         try {
           await locked(w);
@@ -304,20 +313,23 @@ export class Qcow2Image implements Backend, ImageLayer {
     });
   }
 
+  private readonly tableWriter = (table: L2Table): TableWriter => (table.writer ??= new TableWriter(table, this.port));
+
   /**
    * Writes a request's changed entries; then the clusters it released may be freed by a commit.
    * A failed write leaves memory and file apart, so the image takes no more writes.
    */
   private async writeEntries(w: EntryWrites): Promise<void> {
     if (w.empty) return;
+    const frees = w.frees.splice(0);
     try {
-      await w.write(this.port);
+      await w.write();
     } catch (err) {
       this.commitError ??= err;
       throw new NbddError(Errno.EIO, `${this.path}: writing L2 entries failed: ${messageOf(err)}`);
     }
     this.unsyncedData = true;
-    for (const c of w.frees) this.pendingFrees.push(c);
+    for (const c of frees) this.pendingFrees.push(c);
   }
 
   /**
@@ -355,6 +367,7 @@ export class Qcow2Image implements Backend, ImageLayer {
     this.closed = true;
     try {
       if (this.active > 0) await new Promise<void>((resolve) => (this.drained = resolve));
+      await this.reserving?.catch(() => undefined); // one started ahead of need
       if (this.refs) {
         for (const run of this.pool.splice(0)) for (let k = 0; k < run.count; k++) this.refs.decrement(run.offset / this.cs + k);
         this.poolCount = 0;
@@ -601,6 +614,10 @@ export class Qcow2Image implements Backend, ImageLayer {
     run.count -= count;
     if (run.count === 0) this.pool.shift();
     this.poolCount -= count;
+    // Refill ahead, so allocating writes seldom wait for a reservation's fdatasync.
+    if (!this.reserving && !this.closed && this.poolCount < this.reserveChunk / 2) {
+      this.reservePool(0).catch((err) => log.debug(`${this.path}: reserving clusters ahead failed: ${messageOf(err)}`));
+    }
     return { offset, count };
   }
 
@@ -613,7 +630,7 @@ export class Qcow2Image implements Backend, ImageLayer {
   }
 
   /**
-   * Allocates at least `need` clusters (more each time, up to MAX_RESERVE_BYTES), writes their
+   * Allocates at least `need` clusters (more each time, see FIRST_RESERVE_BYTES), writes their
    * counts through a commit, extends the file over them and fdatasyncs, and only then adds them
    * to the pool: an L2 entry
    * written later can never reach the disk before the count of its cluster. A daemon killed with
@@ -621,7 +638,7 @@ export class Qcow2Image implements Backend, ImageLayer {
    */
   private async reserve(need: number): Promise<void> {
     const want = Math.max(need, this.reserveChunk);
-    this.reserveChunk = Math.min(this.maxReserve, this.reserveChunk * 2);
+    this.reserveChunk = Math.min(this.maxReserve, this.reserveChunk * 4);
     const runs: { offset: number; count: number }[] = [];
     for (let got = 0; got < want; ) {
       const run = this.refs!.allocateRun(want - got);
@@ -881,26 +898,40 @@ export class Qcow2Image implements Backend, ImageLayer {
       this.allocateFresh(plans); // synchronous after the check above
       const cow = plans.filter((p) => p.spanStart < p.a || p.b < p.spanEnd);
       if (cow.length > 0) await Promise.all(cow.map((p) => this.fillCow(p)));
-      await this.writeData(plans, data);
-      this.unsyncedData = true;
       // An entry naming a cluster whose unwritten bytes may differ from the old contents (copy-on-
       // write from a backing file or compressed cluster, a reused unpunched cluster, subclusters)
       // must not reach the disk before the data: after a power loss the guest would see bytes it
-      // never wrote. Fresh zero clusters replacing zeroes need no such order.
-      if (plans.some((p) => p.changed && !(p.fresh && p.zeroHost && p.zeroSource))) await this.syncData();
-      for (const p of plans) {
-        if (!p.changed) continue;
-        const d = p.table.data;
-        writeEntry(d, p.entry, p.host, true, false);
-        if (this.g.extendedL2) {
-          d.writeUInt32BE(p.zero, p.entry + 8);
-          d.writeUInt32BE(p.alloc, p.entry + 12);
-        }
-        w.touch(p.table, p.entry);
-        for (const c of p.freeOld) w.frees.push(c);
+      // never wrote. A fresh zero cluster replacing zeroes reads as the old contents until its data
+      // lands, so its entry goes out together with the data (the range lock keeps readers away).
+      if (plans.some((p) => p.changed && !(p.fresh && p.zeroHost && p.zeroSource))) {
+        await this.writeData(plans, data);
+        this.unsyncedData = true;
+        await this.syncData();
+        this.setEntries(plans, w);
+      } else {
+        this.setEntries(plans, w);
+        const [written, linked] = await Promise.allSettled([this.writeData(plans, data), this.writeEntries(w)]);
+        this.unsyncedData = true;
+        if (written.status === 'rejected') throw written.reason;
+        if (linked.status === 'rejected') throw linked.reason;
       }
     } finally {
       for (const t of pinned) t.pins--;
+    }
+  }
+
+  /** Points the L2 entries of the plans that change one at their (new) host clusters. */
+  private setEntries(plans: WritePlan[], w: EntryWrites): void {
+    for (const p of plans) {
+      if (!p.changed) continue;
+      const d = p.table.data;
+      writeEntry(d, p.entry, p.host, true, false);
+      if (this.g.extendedL2) {
+        d.writeUInt32BE(p.zero, p.entry + 8);
+        d.writeUInt32BE(p.alloc, p.entry + 12);
+      }
+      w.touch(p.table, p.entry);
+      for (const c of p.freeOld) w.frees.push(c);
     }
   }
 

@@ -7,6 +7,8 @@
  * entry writes are still in flight) is never evicted, so the cache may exceed its capacity until
  * they finish.
  */
+import type { TableWriter } from './entry-writes.js';
+
 export interface L2Table {
   /** Host offset of the table. */
   readonly offset: number;
@@ -15,6 +17,8 @@ export interface L2Table {
   pins: number;
   /** Set while a new table is being written and linked into L1; entry writers wait for it. */
   ready?: Promise<void>;
+  /** Writes its changed entries (see entry-writes.ts); made on first use. */
+  writer?: TableWriter;
 }
 
 export class L2Cache {
