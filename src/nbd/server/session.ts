@@ -395,6 +395,10 @@ export class NbdSession {
     const fua = (h.flags & NBD_CMD_FLAG.FUA) !== 0;
     switch (h.type) {
       case NBD_CMD.READ:
+        if (h.length > 0 && (!this.structured || h.flags & NBD_CMD_FLAG.DF || h.length < SPARSE_READ_MIN || !q.backend.blockStatus)) {
+          // The common read: one queue read, one reply (no async frame on this per-request path).
+          return this.track(h, q.read(h.offset, h.length).then((data) => this.sendReadData(h, h.offset, data, true)));
+        }
         return this.track(h, this.handleRead(h));
       case NBD_CMD.FLUSH:
         return this.track(h, q.flush().then(() => this.replyOk(h)));
@@ -466,13 +470,21 @@ export class NbdSession {
   /** Counts a request in flight; its failure becomes an error reply for `h`. */
   private track(h: RequestHeader, p: Promise<void>): void {
     this.inFlight++;
-    p.catch((err: unknown) => this.replyBackendError(h, err)).finally(() => {
-      this.inFlight--;
-      if (this.inFlight > 0) return;
-      if (this.phase === 'draining') this.close();
-      if (this.phase === 'closed') this.closedResolve();
+    p.then(this.untrack, (err: unknown) => {
+      try {
+        this.replyBackendError(h, err);
+      } finally {
+        this.untrack();
+      }
     });
   }
+
+  private readonly untrack = (): void => {
+    this.inFlight--;
+    if (this.inFlight > 0) return;
+    if (this.phase === 'draining') this.close();
+    if (this.phase === 'closed') this.closedResolve();
+  };
 
   private replyBackendError(h: RequestHeader, err: unknown): void {
     const errno = errnoOf(err);
