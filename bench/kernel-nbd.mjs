@@ -23,6 +23,8 @@
  * bench/profiles/ with the jobs' start times (`marks`); summarise one job with
  * `node bench/profile-top.mjs bench/profiles/CPU*.cpuprofile --marks bench/profiles/marks --job nbdd-JOB-1`.
  * BENCH_STRACE=1 counts the daemon's system calls per job (`strace -c -f`) into bench/profiles/.
+ * For experiments: BENCH_NBDD_ENV ("NAME=value ...") is set for the daemon, BENCH_NODE_FLAGS are
+ * given to its node.
  */
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { runnerImport } from 'vite';
@@ -75,7 +77,7 @@ getconf CLK_TCK > $WORK/hz
 ${
   SERVERS.includes('nbdd')
     ? `# The daemon is started with this node's own flags (process.execArgv).
-node ${profile ? `--cpu-prof --cpu-prof-dir=$WORK --cpu-prof-interval=${process.env.BENCH_PROFILE_INTERVAL ?? 5000} ` : ''}$REPO/bin/nbdd attach nbdd.img --name bench --connections ${connections} --json > attach.json
+${process.env.BENCH_NBDD_ENV ?? ''} node ${process.env.BENCH_NODE_FLAGS ?? ''} ${profile ? `--cpu-prof --cpu-prof-dir=$WORK --cpu-prof-interval=${process.env.BENCH_PROFILE_INTERVAL ?? 5000} ` : ''}$REPO/bin/nbdd attach nbdd.img --name bench --connections ${connections} --json > attach.json
 dev_nbdd=$(sed 's/.*"device":"\\([^"]*\\)".*/\\1/' attach.json)
 pid_nbdd=$(sed 's/.*"pid":\\([0-9]*\\).*/\\1/' attach.json)`
     : ''
