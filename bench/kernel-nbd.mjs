@@ -22,7 +22,8 @@
  * BENCH_PROFILE_INTERVAL µs, default 5000: sampling is costly under TCG) and writes its profile to
  * bench/profiles/ with the jobs' start times (`marks`); summarise one job with
  * `node bench/profile-top.mjs bench/profiles/CPU*.cpuprofile --marks bench/profiles/marks --job nbdd-JOB-1`.
- * BENCH_STRACE=1 counts the daemon's system calls per job (`strace -c -f`) into bench/profiles/.
+ * BENCH_STRACE=1 counts the daemon's system calls per job (`strace -c -f`) into bench/profiles/;
+ * BENCH_THREADS=1 saves each server's CPU ticks per thread (cumulative, at each job's end) there.
  * For experiments: BENCH_NBDD_ENV ("NAME=value ...") is set for the daemon, BENCH_NODE_FLAGS are
  * given to its node.
  */
@@ -35,6 +36,7 @@ const connections = Number(process.env.BENCH_CONNECTIONS ?? 1);
 const rounds = Number(process.env.BENCH_ROUNDS ?? 2);
 const profile = process.env.BENCH_PROFILE === '1';
 const strace = process.env.BENCH_STRACE === '1';
+const threads = process.env.BENCH_THREADS === '1';
 const SERVERS = ['nbdd', 'qemu-nbd'].filter((s) => (process.env.BENCH_SERVERS ?? 'nbdd,qemu-nbd').split(',').includes(s));
 const jobFilter = new RegExp(process.env.BENCH_JOBS ?? '.');
 
@@ -56,6 +58,7 @@ const fio = (s, j, round) => {
     `fio --name=${j.name} --filename=$dev_${v} --direct=1 --ioengine=libaio --iodepth=${j.depth} --rw=${j.rw} --bs=${j.bs} ` +
       `--time_based --runtime=${runtime} --ramp_time=1 --output-format=json --output=$WORK/fio-${tag}.json`,
     s === 'nbdd' && strace ? 'kill -INT $st; wait $st || true' : '',
+    threads ? `for t in /proc/$pid_${v}/task/*; do echo "$(cat $t/comm | tr ' ' _) $(ticks \${t#/proc/})"; done > $WORK/threads-${tag}` : '',
     `echo $(( $(ticks $pid_${v}) - t0 )) $(( $(ticks $pid_${v}/task/$pid_${v}) - m0 )) $(( $(vmticks) - v0 )) > $WORK/cpu-${tag}; mark end`,
   ]
     .filter(Boolean)
@@ -135,7 +138,7 @@ const rows = JOBS.map((job) => {
   return { job: job.name, unit: job.unit, nbdd, 'qemu-nbd': qemu, ratio: nbdd.figure / qemu.figure };
 });
 
-const saved = [...r.files.keys()].filter((f) => f.endsWith('.cpuprofile') || f.startsWith('strace-') || (profile && f === 'marks'));
+const saved = [...r.files.keys()].filter((f) => f.endsWith('.cpuprofile') || f.startsWith('strace-') || f.startsWith('threads-') || (profile && f === 'marks'));
 if (saved.length > 0) {
   const dir = new URL('./profiles/', import.meta.url).pathname;
   mkdirSync(dir, { recursive: true });
