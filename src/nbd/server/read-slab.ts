@@ -5,20 +5,24 @@
  * never written twice at the same place; a new one is started when the tail gets short).
  */
 const SLAB_BYTES = 1024 * 1024;
-/** A tail shorter than this starts a new slab (a read should be able to bring a whole batch). */
-const MIN_REGION = 64 * 1024;
+/**
+ * Most one read may bring. Enough for a whole batch of small requests, and small enough that a
+ * large WRITE's payload mostly lands in its own buffer (`NbdSession.overFd`) rather than here,
+ * where it must be copied out.
+ */
+const REGION = 64 * 1024;
 
 export class ReadSlab {
   private slab = Buffer.allocUnsafeSlow(SLAB_BYTES);
   private pos = 0;
 
-  /** Where the next read may land: the slab's unused tail. */
+  /** Where the next read may land: the start of the slab's unused tail. */
   region(): Buffer {
-    if (this.slab.length - this.pos < MIN_REGION) {
+    if (this.slab.length - this.pos < REGION) {
       this.slab = Buffer.allocUnsafeSlow(SLAB_BYTES);
       this.pos = 0;
     }
-    return this.slab.subarray(this.pos);
+    return this.slab.subarray(this.pos, this.pos + REGION);
   }
 
   /** `n` bytes landed at the start of the last region: returns them and moves past them. */
