@@ -1,78 +1,165 @@
 #!/usr/bin/env node
 /**
- * Kernel NBD benchmark (not a test): /dev/nbdN served by `nbdd attach` against `qemu-nbd --connect`
- * on the same raw image, in the same VM run (the test/kernel harness: Debian 6.12 under qemu TCG).
- * fio (libaio, direct) runs 4 KiB random read and write at depth 16 and 1 MiB sequential read and
- * write at depth 4, each for BENCH_RUNTIME seconds, on each device in turn; the table gives IOPS
- * or MiB/s and the ratio nbdd / qemu-nbd. Absolute figures under TCG mean little; the ratio is the
- * point. Both servers use the page cache of the VM (nbdd: raw backend; qemu-nbd: --cache=writeback).
+ * Kernel NBD benchmark (not a test): /dev/nbdN served by `nbdd attach` against `qemu-nbd --connect`,
+ * each on its own copy of the same raw image, in the same VM run (the test/kernel harness: Debian
+ * 6.12 under qemu TCG). fio (libaio, direct) runs 4 KiB random read and write at depth 16 and 1 MiB
+ * sequential read and write at depth 4, each for BENCH_RUNTIME seconds. Both devices stay attached
+ * and the servers alternate job by job, round after round, so a change in the host's load hits both
+ * alike; the table gives each server's best round, and the ratio nbdd / qemu-nbd. Absolute figures
+ * under TCG mean little; the ratio is the point. Both servers use the page cache of the VM (nbdd:
+ * raw backend; qemu-nbd: --cache=writeback); the images live on the VM's /tmp (tmpfs).
  *
  * Environment: BENCH_RUNTIME (5) seconds per job, BENCH_SIZE (256M) image size, BENCH_CONNECTIONS
- * (1) nbdd connections (qemu-nbd --connect always uses one). Flags: --json prints the raw figures.
- * Needs the kernel tier's tools (scripts/install-test-deps.sh).
+ * (1) nbdd connections (qemu-nbd --connect always uses one), BENCH_ROUNDS (2). Flags: --json prints
+ * the raw figures. Needs the kernel tier's tools (scripts/install-test-deps.sh).
+ *
+ * The CPU columns say where the VM's two vCPUs go: each server's CPU time per request (all its
+ * threads, and its main thread alone, from /proc) and the whole VM's busy time per request.
+ *
+ * Looking inside nbdd (these change what is measured; use them to find hot spots, not for ratios):
+ * BENCH_JOBS (a regular expression on job names) runs only some jobs; BENCH_SERVERS=nbdd skips
+ * qemu-nbd. BENCH_PROFILE=1 starts the daemon under `node --cpu-prof` (sampling every
+ * BENCH_PROFILE_INTERVAL µs, default 5000: sampling is costly under TCG) and writes its profile to
+ * bench/profiles/ with the jobs' start times (`marks`); summarise one job with
+ * `node bench/profile-top.mjs bench/profiles/CPU*.cpuprofile --marks bench/profiles/marks --job nbdd-JOB-1`.
+ * BENCH_STRACE=1 counts the daemon's system calls per job (`strace -c -f`) into bench/profiles/;
+ * BENCH_THREADS=1 saves each server's CPU ticks per thread (cumulative, at each job's end) there.
+ * For experiments: BENCH_NBDD_ENV ("NAME=value ...") is set for the daemon, BENCH_NODE_FLAGS are
+ * given to its node.
  */
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { runnerImport } from 'vite';
 
 const runtime = Number(process.env.BENCH_RUNTIME ?? 5);
 const size = process.env.BENCH_SIZE ?? '256M';
 const connections = Number(process.env.BENCH_CONNECTIONS ?? 1);
+const rounds = Number(process.env.BENCH_ROUNDS ?? 2);
+const profile = process.env.BENCH_PROFILE === '1';
+const strace = process.env.BENCH_STRACE === '1';
+const threads = process.env.BENCH_THREADS === '1';
+const SERVERS = ['nbdd', 'qemu-nbd'].filter((s) => (process.env.BENCH_SERVERS ?? 'nbdd,qemu-nbd').split(',').includes(s));
+const jobFilter = new RegExp(process.env.BENCH_JOBS ?? '.');
 
-const JOBS = [
+const ALL_JOBS = [
   { name: '4k-randread-qd16', rw: 'randread', bs: '4k', depth: 16, unit: 'IOPS' },
   { name: '4k-randwrite-qd16', rw: 'randwrite', bs: '4k', depth: 16, unit: 'IOPS' },
   { name: '1m-read-qd4', rw: 'read', bs: '1M', depth: 4, unit: 'MiB/s' },
   { name: '1m-write-qd4', rw: 'write', bs: '1M', depth: 4, unit: 'MiB/s' },
 ];
+const JOBS = ALL_JOBS.filter((j) => jobFilter.test(j.name));
 
-const fio = (dev, tag) =>
-  JOBS.map(
-    (j) =>
-      `fio --name=${j.name} --filename=${dev} --direct=1 --ioengine=libaio --iodepth=${j.depth} --rw=${j.rw} --bs=${j.bs} ` +
-      `--time_based --runtime=${runtime} --ramp_time=1 --output-format=json --output=$WORK/${tag}-${j.name}.json`,
-  ).join('\n');
+/** One fio job on server `s` (device $dev_X, process $pid_X), round `round`, with its CPU figures. */
+const fio = (s, j, round) => {
+  const v = s.replace('-', '_');
+  const tag = `${s}-${j.name}-${round}`;
+  return [
+    `t0=$(ticks $pid_${v}); m0=$(ticks $pid_${v}/task/$pid_${v}); v0=$(vmticks); mark ${tag}`,
+    s === 'nbdd' && strace ? `strace -c -f -o $WORK/strace-${tag} -p $pid_nbdd & st=$!; sleep 1` : '',
+    `fio --name=${j.name} --filename=$dev_${v} --direct=1 --ioengine=libaio --iodepth=${j.depth} --rw=${j.rw} --bs=${j.bs} ` +
+      `--time_based --runtime=${runtime} --ramp_time=1 --output-format=json --output=$WORK/fio-${tag}.json`,
+    s === 'nbdd' && strace ? 'kill -INT $st; wait $st || true' : '',
+    threads ? `for t in /proc/$pid_${v}/task/*; do echo "$(cat $t/comm | tr ' ' _) $(ticks \${t#/proc/})"; done > $WORK/threads-${tag}` : '',
+    `echo $(( $(ticks $pid_${v}) - t0 )) $(( $(ticks $pid_${v}/task/$pid_${v}) - m0 )) $(( $(vmticks) - v0 )) > $WORK/cpu-${tag}; mark end`,
+  ]
+    .filter(Boolean)
+    .join('\n');
+};
 
 const script = `
 set -ex
 cd /tmp
-truncate -s ${size} bench.img
 # Real data everywhere, so reads do not hit holes.
-fio --name=fill --filename=bench.img --rw=write --bs=1M --size=${size} --ioengine=psync --end_fsync=1 > /dev/null
-dev=$(node $REPO/bin/nbdd attach bench.img --name bench --connections ${connections})
-${fio('$dev', 'nbdd')}
-node $REPO/bin/nbdd detach bench
-qemu-nbd --connect=/dev/nbd3 --format=raw --cache=writeback bench.img
+fio --name=fill --filename=nbdd.img --rw=write --bs=1M --size=${size} --ioengine=psync --end_fsync=1 > /dev/null
+cp nbdd.img qemu-nbd.img
+# CPU ticks (utime + stime, all threads) of /proc/$1; busy ticks of the whole VM (all but idle and
+# iowait); job boundaries on CLOCK_MONOTONIC (= /proc/uptime here, the clock of V8's profiles).
+ticks() { awk '{print $14 + $15}' /proc/$1/stat; }
+vmticks() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; }
+mark() { echo "$1 $(cut -d' ' -f1 /proc/uptime)" >> $WORK/marks; }
+getconf CLK_TCK > $WORK/hz
+${
+  SERVERS.includes('nbdd')
+    ? `# The daemon is started with this node's own flags (process.execArgv).
+${process.env.BENCH_NBDD_ENV ?? ''} node ${process.env.BENCH_NODE_FLAGS ?? ''} ${profile ? `--cpu-prof --cpu-prof-dir=$WORK --cpu-prof-interval=${process.env.BENCH_PROFILE_INTERVAL ?? 5000} ` : ''}$REPO/bin/nbdd attach nbdd.img --name bench --connections ${connections} --json > attach.json
+dev_nbdd=$(sed 's/.*"device":"\\([^"]*\\)".*/\\1/' attach.json)
+pid_nbdd=$(sed 's/.*"pid":\\([0-9]*\\).*/\\1/' attach.json)`
+    : ''
+}
+${
+  SERVERS.includes('qemu-nbd')
+    ? `dev_qemu_nbd=/dev/nbd3
+qemu-nbd --connect=$dev_qemu_nbd --format=raw --cache=writeback qemu-nbd.img
 sleep 1
-${fio('/dev/nbd3', 'qemu-nbd')}
-qemu-nbd --disconnect /dev/nbd3
+pid_qemu_nbd=$(pgrep -n qemu-nbd)`
+    : ''
+}
+${Array.from({ length: rounds }, (_, round) => JOBS.map((j) => SERVERS.map((s) => fio(s, j, round + 1)).join('\n')).join('\n')).join('\n')}
+${SERVERS.includes('qemu-nbd') ? 'qemu-nbd --disconnect $dev_qemu_nbd' : ''}
+${
+  SERVERS.includes('nbdd')
+    ? `node $REPO/bin/nbdd detach bench
+# The daemon writes its profile when it exits.
+while kill -0 $pid_nbdd 2>/dev/null; do sleep 0.2; done`
+    : ''
+}
 `;
 
 const { module: vm } = await runnerImport(new URL('../test/kernel/vm.ts', import.meta.url).pathname);
-process.stderr.write(`kernel bench: booting the VM (${JOBS.length * 2} fio jobs of ${runtime} s)\n`);
-const r = await vm.runInVm(script, { timeoutMs: 900_000 });
+process.stderr.write(`kernel bench: booting the VM (${JOBS.length * SERVERS.length * rounds} fio jobs of ${runtime} s)\n`);
+const r = await vm.runInVm(script, { timeoutMs: 900_000 + rounds * JOBS.length * SERVERS.length * (runtime + 5) * 1000 });
 if (r.exitCode !== 0) {
   process.stderr.write(vm.describeRun(r));
   process.exit(1);
 }
 
-const figure = (tag, job) => {
-  const j = JSON.parse(r.files.get(`${tag}-${job.name}.json`).toString()).jobs[0];
+const hz = Number(r.files.get('hz').toString());
+
+/**
+ * One run of a job: the throughput figure and CPU µs per request over the whole job, ramp time
+ * included — the server's (all threads, and its main thread) and the whole VM's.
+ */
+const run = (s, job, round) => {
+  const tag = `${s}-${job.name}-${round}`;
+  const j = JSON.parse(r.files.get(`fio-${tag}.json`).toString()).jobs[0];
   const side = job.rw.includes('read') ? j.read : j.write;
-  return job.unit === 'IOPS' ? side.iops : side.bw_bytes / 1048576;
+  // fio's counts exclude the ramp; scale by the measured IOPS over runtime + ramp.
+  const requests = side.iops * (runtime + 1);
+  const [all, main, vmBusy] = r.files.get(`cpu-${tag}`).toString().trim().split(' ').map((t) => ((Number(t) / hz) * 1e6) / requests);
+  return { figure: job.unit === 'IOPS' ? side.iops : side.bw_bytes / 1048576, cpuUs: { all, main, vm: vmBusy } };
 };
+const best = (s, job) => {
+  const runs = Array.from({ length: rounds }, (_, i) => run(s, job, i + 1));
+  return { ...runs.reduce((a, b) => (b.figure > a.figure ? b : a)), rounds: runs.map((x) => x.figure) };
+};
+const none = { figure: NaN, cpuUs: { all: NaN, main: NaN, vm: NaN }, rounds: [] };
 const rows = JOBS.map((job) => {
-  const nbdd = figure('nbdd', job);
-  const qemu = figure('qemu-nbd', job);
-  return { job: job.name, unit: job.unit, nbdd, 'qemu-nbd': qemu, ratio: nbdd / qemu };
+  const nbdd = SERVERS.includes('nbdd') ? best('nbdd', job) : none;
+  const qemu = SERVERS.includes('qemu-nbd') ? best('qemu-nbd', job) : none;
+  return { job: job.name, unit: job.unit, nbdd, 'qemu-nbd': qemu, ratio: nbdd.figure / qemu.figure };
 });
 
+const saved = [...r.files.keys()].filter((f) => f.endsWith('.cpuprofile') || f.startsWith('strace-') || f.startsWith('threads-') || (profile && f === 'marks'));
+if (saved.length > 0) {
+  const dir = new URL('./profiles/', import.meta.url).pathname;
+  mkdirSync(dir, { recursive: true });
+  for (const f of saved) writeFileSync(dir + f, r.files.get(f));
+  process.stderr.write(`kernel bench: ${saved.length} profile file(s) in ${dir}\n`);
+}
+
 if (process.argv.includes('--json')) {
-  process.stdout.write(`${JSON.stringify({ runtime, size, connections, rows }, null, 2)}\n`);
+  process.stdout.write(`${JSON.stringify({ runtime, size, connections, rounds, rows }, null, 2)}\n`);
 } else {
-  process.stdout.write(`/dev/nbdN in a TCG VM, ${size} raw image, ${runtime} s per job, nbdd ${connections} connection(s)\n`);
-  process.stdout.write(`${'job'.padEnd(20)}${'unit'.padEnd(7)}${'nbdd'.padStart(10)}${'qemu-nbd'.padStart(10)}${'ratio'.padStart(8)}\n`);
+  const num = (v, w) => (Number.isFinite(v) ? v.toFixed(0) : '-').padStart(w);
+  const cpu = (c) => `${num(c.all, 6)} /${num(c.main, 6)} /${num(c.vm, 6)}`;
+  process.stdout.write(
+    `/dev/nbdN in a TCG VM, ${size} raw image, ${runtime} s per job, best of ${rounds} round(s), nbdd ${connections} connection(s)\n` +
+      `${'job'.padEnd(20)}${'unit'.padEnd(7)}${'nbdd'.padStart(8)}${'qemu-nbd'.padStart(10)}${'ratio'.padStart(7)}` +
+      `   CPU µs/request (server all threads / main thread / whole VM): nbdd | qemu-nbd\n`,
+  );
   for (const row of rows) {
     process.stdout.write(
-      `${row.job.padEnd(20)}${row.unit.padEnd(7)}${row.nbdd.toFixed(0).padStart(10)}${row['qemu-nbd'].toFixed(0).padStart(10)}${row.ratio.toFixed(2).padStart(8)}\n`,
+      `${row.job.padEnd(20)}${row.unit.padEnd(7)}${num(row.nbdd.figure, 8)}${num(row['qemu-nbd'].figure, 10)}${row.ratio.toFixed(2).padStart(7)}` +
+        `   ${cpu(row.nbdd.cpuUs)} | ${cpu(row['qemu-nbd'].cpuUs)}\n`,
     );
   }
 }

@@ -136,16 +136,27 @@ export class RawBackend implements Backend {
     }
   }
 
+  // read and write are on every request's path: plain functions returning the port's promise (an
+  // async frame would add a promise and a microtask each); contract errors become rejections.
+
   /** Returns a new buffer owned by the caller (page-aligned under O_DIRECT). */
-  async read(offset: number, length: number): Promise<Buffer> {
-    assertRange(this.size, offset, length);
+  read(offset: number, length: number): Promise<Buffer> {
+    try {
+      assertRange(this.size, offset, length);
+    } catch (err) {
+      return Promise.reject(err);
+    }
     const buf = this.direct ? alignedBuffer(length, RAW_DIRECT_ALIGNMENT) : Buffer.allocUnsafe(length);
     return this.port.readAt(buf, offset);
   }
 
   /** Reads `data` until the promise settles (under O_DIRECT, only during this call). */
-  async write(offset: number, data: Buffer): Promise<void> {
-    this.assertWritable(offset, data.length);
+  write(offset: number, data: Buffer): Promise<void> {
+    try {
+      this.assertWritable(offset, data.length);
+    } catch (err) {
+      return Promise.reject(err);
+    }
     if (!this.direct) return this.port.writeAt(data, offset);
     const bounce = alignedBuffer(data.length, RAW_DIRECT_ALIGNMENT);
     data.copy(bounce);

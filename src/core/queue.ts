@@ -45,6 +45,18 @@ export interface QueueOptions {
 
 const ZEROES = Buffer.alloc(1024 * 1024);
 
+/**
+ * Calls a backend method that returns a promise; a synchronous throw (a layer's contract check)
+ * becomes a rejection, so it reaches the request instead of the dispatch loop.
+ */
+function call<T>(f: () => Promise<T>): Promise<T> {
+  try {
+    return f();
+  } catch (err) {
+    return Promise.reject(err);
+  }
+}
+
 export class BlockQueue {
   readonly backend: Backend;
   private readonly maxDepth: number;
@@ -172,16 +184,22 @@ export class BlockQueue {
       end += e.length;
     }
     if (j === i + 1) {
-      this.settle(this.backend.read(first.offset, first.length), first, first.length);
+      this.settle(call(() => this.backend.read(first.offset, first.length)), first, first.length);
       return j;
     }
     const run = batch.slice(i, j) as Extract<Entry, { op: 'read' }>[];
-    this.backend.read(first.offset, end - first.offset).then(
+    call(() => this.backend.read(first.offset, end - first.offset)).then(
       (buf) => {
-        for (const e of run) this.complete(e.length, () => e.resolve(buf.subarray(e.offset - first.offset, e.offset - first.offset + e.length)));
+        for (const e of run) {
+          e.resolve(buf.subarray(e.offset - first.offset, e.offset - first.offset + e.length));
+          this.complete(e.length);
+        }
       },
       (err) => {
-        for (const e of run) this.complete(e.length, () => e.reject(err));
+        for (const e of run) {
+          e.reject(err);
+          this.complete(e.length);
+        }
       },
     );
     return j;
@@ -190,7 +208,7 @@ export class BlockQueue {
   private start(entry: Exclude<Entry, { op: 'read' }>): void {
     switch (entry.op) {
       case 'write':
-        this.trackWrite(this.doWrite(entry.offset, entry.data, entry.flags), entry, entry.data.length);
+        this.trackWrite(call(() => this.doWrite(entry.offset, entry.data, entry.flags)), entry, entry.data.length);
         return;
       case 'trim':
         this.trackWrite(this.doTrim(entry.offset, entry.length, entry.flags), entry, 0);
@@ -205,7 +223,7 @@ export class BlockQueue {
         return;
       }
       case 'cache':
-        this.settle(this.backend.cache ? this.backend.cache(entry.offset, entry.length) : Promise.resolve(), entry, 0);
+        this.settle(this.backend.cache ? call(() => this.backend.cache!(entry.offset, entry.length)) : Promise.resolve(), entry, 0);
         return;
       case 'blockStatus':
         this.settle(this.doBlockStatus(entry.offset, entry.length), entry, 0);
@@ -213,27 +231,41 @@ export class BlockQueue {
     }
   }
 
+  /** Like `settle`, and counts `p` among the writes a later FLUSH waits for until it settles. */
   private trackWrite(p: Promise<void>, entry: { resolve: () => void; reject: (e: unknown) => void }, bytes: number): void {
     this.writesInFlight.add(p);
-    const untrack = (): void => {
-      this.writesInFlight.delete(p);
-    };
-    p.then(untrack, untrack);
-    this.settle(p, entry, bytes);
+    p.then(
+      () => {
+        this.writesInFlight.delete(p);
+        entry.resolve();
+        this.complete(bytes);
+      },
+      (err) => {
+        this.writesInFlight.delete(p);
+        entry.reject(err);
+        this.complete(bytes);
+      },
+    );
   }
 
   private settle<T>(p: Promise<T>, entry: { resolve: (v: T) => void; reject: (e: unknown) => void }, bytes: number): void {
     p.then(
-      (v) => this.complete(bytes, () => entry.resolve(v)),
-      (err) => this.complete(bytes, () => entry.reject(err)),
+      (v) => {
+        entry.resolve(v);
+        this.complete(bytes);
+      },
+      (err) => {
+        entry.reject(err);
+        this.complete(bytes);
+      },
     );
   }
 
-  private complete(bytes: number, finish: () => void): void {
+  /** Accounts for a settled entry (its promise already settled) and wakes drain and idle waiters. */
+  private complete(bytes: number): void {
     const wasSaturated = this.saturated;
     this.inFlight--;
     this.bytes -= bytes;
-    finish();
     if (wasSaturated && !this.saturated) for (const l of this.drainListeners) l();
     if (this.depth === 0 && this.idleWaiters.length > 0) {
       const waiters = this.idleWaiters;
@@ -244,10 +276,15 @@ export class BlockQueue {
 
   /* ------------------------------------------------------------ emulation */
 
-  private async doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
-    const native = !!flags.fua && this.backend.caps.fua;
+  private doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
+    if (!flags.fua) return this.backend.write(offset, data);
+    return this.doWriteFua(offset, data);
+  }
+
+  private async doWriteFua(offset: number, data: Buffer): Promise<void> {
+    const native = this.backend.caps.fua;
     await this.backend.write(offset, data, native ? { fua: true } : undefined);
-    if (flags.fua && !native) await this.flushBackend();
+    if (!native) await this.flushBackend();
   }
 
   private async doTrim(offset: number, length: number, flags: WriteFlags): Promise<void> {

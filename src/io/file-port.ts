@@ -40,29 +40,92 @@ const ZERO_CHUNK = alignedBuffer(1024 * 1024, 4096).fill(0);
  */
 export const INLINE_READ_MAX = 128 * 1024;
 
+/** Largest write done inline on a memory-backed file (see `InlineIo`). */
+export const INLINE_WRITE_MAX = 128 * 1024;
+
+/** statfs f_type of tmpfs (also /dev/shm, /run) and ramfs: files whose pages live only in memory. */
+const MEMORY_FS_MAGIC = new Set([0x01021994, 0x858458f6]);
+
 /**
- * The read loop both ports share: one inline RWF_NOWAIT attempt while `inline.on` (turned off
- * for good when the file or kernel refuses it), then `readSome(done)` (which reads into
- * `buf.subarray(done)` at `offset + done`) until `buf` is full. Bytes past end of file read as
- * zeroes.
+ * What may run on the event-loop thread for one open file, decided once at open:
+ *
+ * - `nowait`: reads try `preadv2(RWF_NOWAIT)` first (a page-cache hit completes in the same turn;
+ *   a miss goes to the engine). Turned off for good when the kernel or filesystem refuses it.
+ * - `memory`: the file lives on tmpfs or ramfs, where I/O never waits for a device but RWF_NOWAIT
+ *   is refused, so io_uring would hand every request to a worker thread (and the thread pool
+ *   always does): a thread wake-up and a completion round trip around a memcpy. Small reads and
+ *   writes are plain pread/pwrite on this thread instead.
+ *
+ * O_DIRECT files have neither (their reads would wait for the device).
  */
-export async function readFully(
+export interface InlineIo {
+  nowait: boolean;
+  memory: boolean;
+}
+
+/** The inline policy for a freshly opened `fd` (see InlineIo). */
+export function inlineIoFor(fd: number, direct: boolean): InlineIo {
+  if (direct) return { nowait: false, memory: false };
+  let memory = false;
+  try {
+    // statfs follows the /proc magic link to the open file itself (no race with a renamed path).
+    memory = fs.fstatSync(fd).isFile() && MEMORY_FS_MAGIC.has(Number(fs.statfsSync(`/proc/self/fd/${fd}`).type));
+  } catch {
+    memory = false; // no /proc: the general path is always correct
+  }
+  return { nowait: !memory, memory };
+}
+
+/** pread until `buf` is full or end of file (the rest zeroed), on this thread. */
+function readSyncFully(fd: number, buf: Buffer, offset: number): Buffer {
+  let done = 0;
+  while (done < buf.length) {
+    const n = fs.readSync(fd, buf, done, buf.length - done, offset + done);
+    if (n === 0) {
+      buf.fill(0, done);
+      break;
+    }
+    done += n;
+  }
+  return buf;
+}
+
+/**
+ * The read both ports share: inline per `inline` (see InlineIo), else `readSome(done)` (which
+ * reads into `buf.subarray(done)` at `offset + done`) until `buf` is full. Bytes past end of file
+ * read as zeroes.
+ */
+export function readFully(
   fd: number,
   buf: Buffer,
   offset: number,
-  inline: { on: boolean },
+  inline: InlineIo,
   readSome: (done: number) => Promise<number>,
 ): Promise<Buffer> {
   let done = 0;
-  if (inline.on && buf.length <= INLINE_READ_MAX) {
-    try {
-      const n = preadNowait(fd, buf, offset);
-      if (n === 0) return buf.fill(0);
-      if (n > 0) done = n;
-    } catch {
-      inline.on = false;
+  if (buf.length <= INLINE_READ_MAX) {
+    if (inline.memory) {
+      try {
+        return Promise.resolve(readSyncFully(fd, buf, offset));
+      } catch (err) {
+        return Promise.reject(err);
+      }
+    }
+    if (inline.nowait) {
+      try {
+        const n = preadNowait(fd, buf, offset);
+        if (n === 0) return Promise.resolve(buf.fill(0));
+        if (n === buf.length) return Promise.resolve(buf);
+        if (n > 0) done = n;
+      } catch {
+        inline.nowait = false;
+      }
     }
   }
+  return readRest(buf, done, readSome);
+}
+
+async function readRest(buf: Buffer, done: number, readSome: (done: number) => Promise<number>): Promise<Buffer> {
   while (done < buf.length) {
     const n = await readSome(done);
     if (n === 0) {
@@ -72,6 +135,17 @@ export async function readFully(
     done += n;
   }
   return buf;
+}
+
+/**
+ * Writes `buf` at `offset` on this thread when `inline.memory` allows it for this size (then
+ * true); false leaves the write to the caller's engine. Throws the system call's error.
+ */
+export function writeInline(fd: number, buf: Buffer, offset: number, inline: InlineIo): boolean {
+  if (!inline.memory || buf.length > INLINE_WRITE_MAX) return false;
+  let done = 0;
+  while (done < buf.length) done += fs.writeSync(fd, buf, done, buf.length - done, offset + done);
+  return true;
 }
 
 /** Promise wrappers over the fd callback API (cheaper per call than FileHandle). */
@@ -86,15 +160,15 @@ function pwritev(fd: number, bufs: Buffer[], pos: number): Promise<number> {
 }
 
 /**
- * FilePort on node:fs. Reads first try `preadNowait` on the event-loop thread (page-cache hits
- * complete without a thread-pool round trip) and fall back to the pool for the rest; writes, syncs
- * and cold reads always go through the pool.
+ * FilePort on node:fs. Small reads first try the event-loop thread (see InlineIo: page-cache hits
+ * complete without a thread-pool round trip), as do small writes to tmpfs; everything else goes
+ * through the pool.
  */
 export class NodeFilePort implements FilePort {
   private closed = false;
   private zeroRangeWorks = true;
-  /** Off on O_DIRECT files, and once the kernel or filesystem refused RWF_NOWAIT. */
-  private readonly inlineReads: { on: boolean };
+  /** What runs on the event-loop thread (see InlineIo). */
+  private readonly inline: InlineIo;
 
   private constructor(
     readonly path: string,
@@ -102,7 +176,7 @@ export class NodeFilePort implements FilePort {
     readonly readOnly: boolean,
     direct: boolean,
   ) {
-    this.inlineReads = { on: !direct };
+    this.inline = inlineIoFor(fd, direct);
   }
 
   /** `exclusive` (with `create`) fails with EEXIST when the file exists (O_EXCL). */
@@ -119,11 +193,12 @@ export class NodeFilePort implements FilePort {
   }
 
   readAt(buf: Buffer, offset: number): Promise<Buffer> {
-    return readFully(this.fd, buf, offset, this.inlineReads, (done) => pread(this.fd, buf, done, buf.length - done, offset + done));
+    return readFully(this.fd, buf, offset, this.inline, (done) => pread(this.fd, buf, done, buf.length - done, offset + done));
   }
 
   async writeAt(buf: Buffer, offset: number): Promise<void> {
     this.assertWritable();
+    if (writeInline(this.fd, buf, offset, this.inline)) return;
     let done = 0;
     while (done < buf.length) done += await pwrite(this.fd, buf, done, buf.length - done, offset + done);
   }

@@ -14,11 +14,14 @@ import { createRequire } from 'node:module';
 import { constants as osConstants } from 'node:os';
 import { Errno, NbddError, nameOfErrno } from '../core/errors.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../sys/libc.js';
-import { NodeFilePort, readFully, type FilePort } from './file-port.js';
+import { NodeFilePort, inlineIoFor, readFully, writeInline, type FilePort, type InlineIo } from './file-port.js';
 
 /** Submission-queue entries; the completion queue (and the in-flight limit) is twice this. */
 export const URING_SQ_ENTRIES = 256;
 export const URING_CQ_ENTRIES = 512;
+
+/** The settled result of a write done inline (shared: a resolved promise carries no state). */
+const DONE: Promise<void> = Promise.resolve();
 
 /** Path of the built addon, relative to this module (src/io or dist/io). */
 const ADDON_PATH = '../../native/build/Release/nbdd_uring.node';
@@ -206,14 +209,15 @@ export class UringEngine {
  *
  * Reads first try preadv2(RWF_NOWAIT) on the event-loop thread, as NodeFilePort does: a page-cache
  * hit then costs one system call and completes in the same turn (see docs/io-engine.md for the
- * measurement); a miss goes to the ring.
+ * measurement); a miss goes to the ring. On tmpfs, small reads and writes are plain system calls
+ * on this thread (see InlineIo).
  */
 export class UringFilePort implements FilePort {
   private pending = 0;
   private idle: (() => void) | null = null;
   private closing: Promise<void> | null = null;
-  /** Off on O_DIRECT files, and once the kernel or filesystem refused RWF_NOWAIT. */
-  private readonly inlineReads: { on: boolean };
+  /** What runs on the event-loop thread (see InlineIo). */
+  private readonly inline: InlineIo;
   /** Buffered writes go to the kernel's workers (IOSQE_ASYNC); O_DIRECT ones are issued inline. */
   private readonly offloadWrites: boolean;
   private zeroRangeWorks = true;
@@ -223,7 +227,7 @@ export class UringFilePort implements FilePort {
     private readonly inner: NodeFilePort,
     direct: boolean,
   ) {
-    this.inlineReads = { on: !direct };
+    this.inline = inlineIoFor(inner.fd, direct);
     this.offloadWrites = !direct;
   }
 
@@ -247,13 +251,22 @@ export class UringFilePort implements FilePort {
   }
 
   readAt(buf: Buffer, offset: number): Promise<Buffer> {
-    return readFully(this.fd, buf, offset, this.inlineReads, (done) =>
+    return readFully(this.fd, buf, offset, this.inline, (done) =>
       this.track(this.engine.read(this.fd, done === 0 ? buf : buf.subarray(done), offset + done)),
     );
   }
 
-  async writeAt(buf: Buffer, offset: number): Promise<void> {
-    this.assertWritable();
+  writeAt(buf: Buffer, offset: number): Promise<void> {
+    try {
+      this.assertWritable();
+      if (writeInline(this.fd, buf, offset, this.inline)) return DONE;
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.writeRing(buf, offset);
+  }
+
+  private async writeRing(buf: Buffer, offset: number): Promise<void> {
     let done = 0;
     while (done < buf.length) {
       done += await this.track(this.engine.write(this.fd, done === 0 ? buf : buf.subarray(done), offset + done, this.offloadWrites));

@@ -13,7 +13,6 @@
  * A new daemon takes over a device whose daemon died (`reattach`): same image, same backend
  * identifier, RECONFIGURE with fresh sockets; I/O the kernel held resumes.
  */
-import net from 'node:net';
 import { resolve as resolvePath } from 'node:path';
 import { Errno, NbddError, messageOf } from '../core/errors.js';
 import { logger } from '../core/log.js';
@@ -212,7 +211,7 @@ export class KernelDevice {
     for (let i = 0; i < n; i++) {
       const [kernelEnd, ourEnd] = socketPair();
       kernelFds.push(kernelEnd);
-      const session = this.server.serveTransmission(new net.Socket({ fd: ourEnd, readable: true, writable: true }), this.state.name);
+      const session = this.server.serveTransmission(ourEnd, this.state.name);
       this.sessions.add(session);
       void session.closed.then(() => {
         this.sessions.delete(session);

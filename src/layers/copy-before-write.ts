@@ -85,19 +85,23 @@ export class CopyBeforeWriteLayer extends EventEmitter implements Layer {
     return this.next.read(offset, length);
   }
 
-  async write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
-    if (this.view) await this.view.preserve(offset, data.length);
-    return this.next.write(offset, data, options);
+  // Without a backup running, requests pass straight through (no extra promise per request).
+  write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
+    const view = this.view;
+    if (!view) return this.next.write(offset, data, options);
+    return view.preserve(offset, data.length).then(() => this.next.write(offset, data, options));
   }
 
-  async trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
-    if (this.view) await this.view.preserve(offset, length);
-    return this.next.trim!(offset, length, options);
+  trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
+    const view = this.view;
+    if (!view) return this.next.trim!(offset, length, options);
+    return view.preserve(offset, length).then(() => this.next.trim!(offset, length, options));
   }
 
-  async writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
-    if (this.view) await this.view.preserve(offset, length);
-    return this.next.writeZeroes!(offset, length, options);
+  writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
+    const view = this.view;
+    if (!view) return this.next.writeZeroes!(offset, length, options);
+    return view.preserve(offset, length).then(() => this.next.writeZeroes!(offset, length, options));
   }
 
   flush(): Promise<void> {

@@ -37,22 +37,23 @@ export class DirtyTrackingLayer implements Layer {
     return this.next.read(offset, length);
   }
 
-  async write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
+  // Writes into granules already marked (the common case) pass straight through, without an
+  // extra promise per request.
+  write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
     const durable = this.bitmaps.mark(offset, data.length);
-    if (durable) await durable;
-    return this.next.write(offset, data, options);
+    return durable ? durable.then(() => this.next.write(offset, data, options)) : this.next.write(offset, data, options);
   }
 
-  async trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
+  trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
     const durable = this.bitmaps.mark(offset, length);
-    if (durable) await durable;
-    return this.next.trim!(offset, length, options);
+    return durable ? durable.then(() => this.next.trim!(offset, length, options)) : this.next.trim!(offset, length, options);
   }
 
-  async writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
+  writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
     const durable = this.bitmaps.mark(offset, length);
-    if (durable) await durable;
-    return this.next.writeZeroes!(offset, length, options);
+    return durable
+      ? durable.then(() => this.next.writeZeroes!(offset, length, options))
+      : this.next.writeZeroes!(offset, length, options);
   }
 
   flush(): Promise<void> {

@@ -36,6 +36,11 @@ export class ScriptClient {
     socket.on('error', () => undefined);
   }
 
+  /** A client over an already connected socket (e.g. one end of a socketpair). */
+  static over(socket: net.Socket): ScriptClient {
+    return new ScriptClient(socket);
+  }
+
   static connect(path: string): Promise<ScriptClient> {
     return new Promise((resolve, reject) => {
       const s = net.connect(path);

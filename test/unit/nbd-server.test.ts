@@ -3,6 +3,7 @@
  * socket, with a backend that can fail and stall on demand.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
+import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -12,6 +13,7 @@ import { NbdExport } from '../../src/nbd/server/export.js';
 import { NbdServer } from '../../src/nbd/server/server.js';
 import { NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_OPT, NBD_REP, NBD_REPLY_TYPE } from '../../src/nbd/wire/constants.js';
 import { decodeInfo, decodeRepMetaContext, encodeOption } from '../../src/nbd/wire/handshake.js';
+import { socketPair } from '../../src/sys/libc.js';
 import { TestBackend } from '../helpers/test-backend.js';
 import { ScriptClient, clientFlags, optGo, optListMeta, optSetMeta, optStructured, request, type Reply } from '../helpers/nbd-script.js';
 
@@ -433,3 +435,64 @@ describe('server limits and shutdown', () => {
   });
 });
 
+
+describe('kernel sockets (serveTransmission over a socketpair fd: reads land in a slab or in the payload)', () => {
+  /** Serves one end of a socketpair as the kernel's connections are served; the test speaks on the other. */
+  async function kernelPair(): Promise<ScriptClient> {
+    await start();
+    const [peer, ours] = socketPair();
+    server.serveTransmission(ours, 'disk');
+    return ScriptClient.over(new net.Socket({ fd: peer, readable: true, writable: true }));
+  }
+
+  it('serves small and large writes and reads however the stream is cut', async () => {
+    // Payloads below and above the size that gets its own buffer (64 KiB), one straddling it.
+    const writes = [
+      { offset: 0, data: pattern(4096, 1) },
+      { offset: 8192, data: pattern(65536, 2) },
+      { offset: 131072, data: pattern(300_001, 3) },
+      { offset: 524288, data: pattern(1000, 4) },
+    ];
+    const script = Buffer.concat([
+      ...writes.map((w, i) => request(NBD_CMD.WRITE, i + 1, w.offset, w.data.length, 0, w.data)),
+      request(NBD_CMD.FLUSH, 10, 0, 0),
+    ]);
+    const c = await kernelPair();
+    // Cuts inside headers, inside payloads, and right at their boundaries; then byte runs.
+    const cuts = [5, 28, 29, 4096 + 28, 4096 + 56, 4096 + 60, 70_000, 70_001, 200_000, script.length - 1030, script.length - 3];
+    for (const split of [[], cuts, Array.from({ length: 200 }, (_, i) => 131_000 + i * 7)]) {
+      backend.reset();
+      await c.sendSplit(script, split);
+      const cookies = [];
+      for (let i = 0; i <= writes.length; i++) {
+        const r = await c.readSimpleReply();
+        expect(r.error).toBe(0);
+        cookies.push(r.cookie);
+      }
+      expect(cookies.sort((a, b) => a - b)).toEqual([1, 2, 3, 4, 10]);
+      for (const w of writes) expect(backend.data.subarray(w.offset, w.offset + w.data.length).equals(w.data)).toBe(true);
+      for (const [i, w] of writes.entries()) {
+        c.send(request(NBD_CMD.READ, 20 + i, w.offset, w.data.length));
+        const r = await c.readSimpleReply(w.data.length);
+        expect({ cookie: r.cookie, same: r.data.equals(w.data) }).toEqual({ cookie: 20 + i, same: true });
+      }
+    }
+    c.destroy();
+  }, 60_000);
+
+  it('keeps framing after a refused large write, and many pipelined writes all land', async () => {
+    const c = await kernelPair();
+    const big = pattern(200_000, 5);
+    c.send(request(NBD_CMD.WRITE, 1, SIZE - 4096, big.length, 0, big)); // past the end: ENOSPC, payload skipped
+    expect(await c.readSimpleReply()).toMatchObject({ cookie: 1, error: 28 });
+    const frames = Array.from({ length: 300 }, (_, i) => request(NBD_CMD.WRITE, 100 + i, i * 3000, 3000, 0, Buffer.alloc(3000, i & 0xff)));
+    frames.push(request(NBD_CMD.WRITE, 99, 900_000, 100_000, 0, big.subarray(0, 100_000)));
+    c.send(Buffer.concat(frames));
+    const cookies = new Set<number>();
+    for (let i = 0; i < frames.length; i++) cookies.add((await c.readSimpleReply()).cookie);
+    expect(cookies.size).toBe(frames.length);
+    for (let i = 0; i < 300; i++) expect(backend.data[i * 3000 + 2999]).toBe(i & 0xff);
+    expect(backend.data.subarray(900_000, 1_000_000).equals(big.subarray(0, 100_000))).toBe(true);
+    c.destroy();
+  });
+});

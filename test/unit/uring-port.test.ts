@@ -3,12 +3,12 @@
  * model. These tests need the addon (`npm run build:native`) and a kernel that allows io_uring.
  */
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, openSync, closeSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { Errno, NbddError } from '../../src/core/errors.js';
-import { NodeFilePort } from '../../src/io/file-port.js';
+import { INLINE_READ_MAX, NodeFilePort, inlineIoFor, type FilePort } from '../../src/io/file-port.js';
 import { openFilePort } from '../../src/io/open-port.js';
 import { URING_CQ_ENTRIES, UringEngine, UringFilePort } from '../../src/io/uring-port.js';
 import { alignedBuffer } from '../../src/sys/libc.js';
@@ -211,4 +211,62 @@ describe('openFilePort', () => {
     process.env.NBDD_IO_ENGINE = 'aio';
     await expect(openFilePort(path, { readOnly: true })).rejects.toMatchObject({ errno: Errno.EINVAL });
   });
+});
+
+// /dev/shm is tmpfs on Linux; without it there is nothing memory-backed to test here.
+describe.runIf(existsSync('/dev/shm'))('memory-backed files (tmpfs): small I/O inline, large I/O on the engine', () => {
+  const shm = mkdtempSync('/dev/shm/nbdd-inline-');
+  afterAll(() => rmSync(shm, { recursive: true, force: true }));
+
+  it('recognises tmpfs files, and never goes inline under O_DIRECT', () => {
+    const path = join(shm, 'probe');
+    writeFileSync(path, 'x');
+    const fd = openSync(path, 'r');
+    try {
+      expect(inlineIoFor(fd, false)).toEqual({ nowait: false, memory: true });
+      expect(inlineIoFor(fd, true)).toEqual({ nowait: false, memory: false });
+    } finally {
+      closeSync(fd);
+    }
+  });
+
+  for (const kind of ['uring', 'threads'] as const) {
+    it(`${kind}: matches a model with reads and writes on both sides of the inline limit`, async () => {
+      const path = join(shm, `model-${kind}`);
+      writeFileSync(path, '');
+      const options = { readOnly: false };
+      const port: FilePort = kind === 'uring' ? await UringFilePort.open(engine, path, options) : await NodeFilePort.open(path, options);
+      try {
+        const size = 4 * MiB;
+        await port.truncate(size);
+        const model = Buffer.alloc(size);
+        const rand = rng(0x7e3);
+        for (let round = 0; round < 3; round++) {
+          // Disjoint writes in flight together: small ones complete inline, large ones on the engine.
+          const writes: Promise<void>[] = [];
+          for (let slot = 0; slot < 16; slot++) {
+            const len = rand(2) ? 1 + rand(8 * KiB) : INLINE_READ_MAX + 1 + rand(64 * KiB);
+            const off = slot * 256 * KiB + rand(256 * KiB - len);
+            const data = pattern(len, round * 100 + slot);
+            data.copy(model, off);
+            writes.push(port.writeAt(data, off));
+          }
+          await Promise.all(writes);
+          await Promise.all(
+            Array.from({ length: 40 }, async () => {
+              const len = rand(2) ? 1 + rand(8 * KiB) : INLINE_READ_MAX + 1 + rand(64 * KiB);
+              const off = rand(size + 4 * KiB - len); // some reads run past the end: zeroes
+              const got = await port.readAt(Buffer.alloc(len, 0xee), off);
+              const want = Buffer.alloc(len);
+              model.copy(want, 0, off, Math.min(size, off + len));
+              expect(got.equals(want)).toBe(true);
+            }),
+          );
+        }
+        expect(readFileSync(path).equals(model)).toBe(true);
+      } finally {
+        await port.close();
+      }
+    });
+  }
 });

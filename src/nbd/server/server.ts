@@ -105,13 +105,13 @@ export class NbdServer implements SessionHost {
   }
 
   /**
-   * Serves a socket that is already in the transmission phase (the daemon's end of a socketpair
-   * whose other end was given to the kernel). Simple replies only.
+   * Serves a connected socket fd that is already in the transmission phase (the daemon's end of a
+   * socketpair whose other end was given to the kernel). Simple replies only.
    */
-  serveTransmission(socket: net.Socket, exportName: string): NbdSession {
+  serveTransmission(fd: number, exportName: string): NbdSession {
     const exp = this.exports.get(exportName);
     if (!exp) throw new NbddError(Errno.ENOENT, `no export named '${exportName}'`);
-    const session = new NbdSession(socket, this, { handshakeTimeoutMs: 0 });
+    const session = NbdSession.overFd(fd, this, { handshakeTimeoutMs: 0 });
     this.sessions.add(session);
     session.startTransmission(exp);
     return session;

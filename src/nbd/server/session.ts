@@ -9,7 +9,7 @@
  * we will not buffer, or anything that loses framing closes the connection; a failed backend call
  * is an error reply. Nothing here can throw into the event loop.
  */
-import type { Socket } from 'node:net';
+import net, { type Socket } from 'node:net';
 import { NbddError, errnoOf, messageOf } from '../../core/errors.js';
 import type { MetaContext } from '../../core/meta-context.js';
 import { logger } from '../../core/log.js';
@@ -59,6 +59,7 @@ import {
   type RequestHeader,
 } from '../wire/transmission.js';
 import { matchContexts, type NbdExport } from './export.js';
+import { ReadSlab } from './read-slab.js';
 
 const log = logger('nbd');
 
@@ -85,8 +86,15 @@ type Wait =
   | { kind: 'optionData'; option: number; length: number }
   | { kind: 'optionSkip'; option: number; remaining: number }
   | { kind: 'request' }
-  | { kind: 'payload'; header: RequestHeader; error: number };
+  /** `buf`: a large payload's own buffer, filled as bytes arrive (else a view of the input). */
+  | { kind: 'payload'; header: RequestHeader; error: number; buf: Buffer | null; filled: number };
 
+/**
+ * WRITE payloads at least this long get a buffer of their own, which socket reads fill directly
+ * on kernel sockets (`overFd`) and input chunks are copied into otherwise; shorter ones are views
+ * of the received bytes.
+ */
+const OWN_PAYLOAD_MIN = 64 * 1024;
 /** Reads at least this long, without DF, are answered sparsely (holes as OFFSET_HOLE chunks). */
 const SPARSE_READ_MIN = 64 * 1024;
 /** Flags valid per command (before checking what the export negotiated). */
@@ -123,14 +131,21 @@ export class NbdSession {
   /** Resolves when the connection has closed and every reply was sent or abandoned. */
   readonly closed: Promise<void> = new Promise((r) => (this.closedResolve = r));
 
+  /** With `overFd`: where socket reads land (else Node's stream delivers 'data' chunks). */
+  private readonly slab: ReadSlab | null;
+  /** With `overFd`: the payload buffer handed out for the next read, when it is one. */
+  private payloadTarget: Buffer | null = null;
+
   constructor(
     private readonly socket: Socket,
     private readonly host: SessionHost,
     private readonly options: SessionOptions,
+    slab: ReadSlab | null = null,
   ) {
     this.out = new TurnWriter(socket);
+    this.slab = slab;
     socket.setNoDelay?.(true);
-    socket.on('data', this.onData);
+    if (!slab) socket.on('data', this.onData);
     socket.on('error', (err) => {
       log.debug(`session ${this.id}: socket error: ${err.message}`);
       this.terminate();
@@ -141,6 +156,32 @@ export class NbdSession {
 
   get description(): string {
     return this.export ? `session ${this.id} (${this.export.name || 'default export'})` : `session ${this.id}`;
+  }
+
+  /**
+   * A session over a connected socket fd (a kernel socketpair end) whose reads skip Node's stream:
+   * they land in a slab (`ReadSlab`), or straight in a large WRITE's payload buffer, so a payload
+   * is copied once, by the kernel.
+   */
+  static overFd(fd: number, host: SessionHost, options: SessionOptions): NbdSession {
+    const slab = new ReadSlab();
+    let session: NbdSession | null = null;
+    // `onread` is documented for net.Socket (Node >= 12) but missing from @types/node's constructor options.
+    const socket = new net.Socket({
+      fd,
+      readable: true,
+      writable: true,
+      onread: {
+        // Called once before the session exists (the first read) and after every read.
+        buffer: () => (session ? session.nextReadBuffer() : slab.region()),
+        callback: (n: number, buf: Uint8Array) => {
+          session!.landed(n, buf);
+          return true;
+        },
+      },
+    } as net.SocketConstructorOpts);
+    session = new NbdSession(socket, host, options, slab);
+    return session;
   }
 
   /** Server side of a fresh connection: send the greeting and negotiate. */
@@ -178,6 +219,32 @@ export class NbdSession {
     this.reader.push(chunk);
     this.pump();
   };
+
+  /** `overFd`: the buffer the next socket read fills. */
+  private nextReadBuffer(): Buffer {
+    const w = this.wait;
+    // Everything buffered was consumed by pump(), so the payload's next bytes are the socket's.
+    if (w.kind === 'payload' && w.buf && this.reader.length === 0 && this.phase === 'transmission') {
+      this.payloadTarget = w.buf.subarray(w.filled);
+      return this.payloadTarget;
+    }
+    this.payloadTarget = null;
+    return this.slab!.region();
+  }
+
+  /** `overFd`: `n` bytes arrived in `buf`, the last buffer `nextReadBuffer` returned. */
+  private landed(n: number, buf: Uint8Array): void {
+    if (buf === this.payloadTarget) {
+      this.payloadTarget = null;
+      (this.wait as Extract<Wait, { kind: 'payload' }>).filled += n;
+    } else {
+      const bytes = this.slab!.take(n);
+      if (this.phase === 'closed' || this.phase === 'draining') return;
+      this.reader.push(bytes);
+    }
+    if (this.phase === 'closed' || this.phase === 'draining') return;
+    this.pump();
+  }
 
   private pump(): void {
     try {
@@ -235,8 +302,15 @@ export class NbdSession {
         return true;
       }
       case 'payload': {
-        if (r.length < w.header.length) return false;
-        const data = r.consume(w.header.length);
+        let data: Buffer;
+        if (w.buf) {
+          if (r.length > 0) w.filled += r.consumeInto(w.buf, w.filled, w.buf.length - w.filled);
+          if (w.filled < w.buf.length) return false;
+          data = w.buf;
+        } else {
+          if (r.length < w.header.length) return false;
+          data = r.consume(w.header.length);
+        }
         this.wait = { kind: 'request' };
         if (w.error) this.replyError(w.header, w.error, 'write refused');
         else this.handleWrite(w.header, data);
@@ -387,7 +461,8 @@ export class NbdSession {
         this.replyError(h, NBD_ERR.EINVAL, `write of ${h.length} bytes exceeds ${exp.maxPayload}`);
         return this.beginDraining();
       }
-      this.wait = { kind: 'payload', header: h, error };
+      const buf = !error && h.length >= OWN_PAYLOAD_MIN ? Buffer.allocUnsafe(h.length) : null;
+      this.wait = { kind: 'payload', header: h, error, buf, filled: 0 };
       return;
     }
     if (error) return this.replyError(h, error, `${nameOfNbdCmd(h.type)} refused`);
@@ -395,6 +470,10 @@ export class NbdSession {
     const fua = (h.flags & NBD_CMD_FLAG.FUA) !== 0;
     switch (h.type) {
       case NBD_CMD.READ:
+        if (h.length > 0 && (!this.structured || h.flags & NBD_CMD_FLAG.DF || h.length < SPARSE_READ_MIN || !q.backend.blockStatus)) {
+          // The common read: one queue read, one reply (no async frame on this per-request path).
+          return this.track(h, q.read(h.offset, h.length).then((data) => this.sendReadData(h, h.offset, data, true)));
+        }
         return this.track(h, this.handleRead(h));
       case NBD_CMD.FLUSH:
         return this.track(h, q.flush().then(() => this.replyOk(h)));
@@ -466,13 +545,21 @@ export class NbdSession {
   /** Counts a request in flight; its failure becomes an error reply for `h`. */
   private track(h: RequestHeader, p: Promise<void>): void {
     this.inFlight++;
-    p.catch((err: unknown) => this.replyBackendError(h, err)).finally(() => {
-      this.inFlight--;
-      if (this.inFlight > 0) return;
-      if (this.phase === 'draining') this.close();
-      if (this.phase === 'closed') this.closedResolve();
+    p.then(this.untrack, (err: unknown) => {
+      try {
+        this.replyBackendError(h, err);
+      } finally {
+        this.untrack();
+      }
     });
   }
+
+  private readonly untrack = (): void => {
+    this.inFlight--;
+    if (this.inFlight > 0) return;
+    if (this.phase === 'draining') this.close();
+    if (this.phase === 'closed') this.closedResolve();
+  };
 
   private replyBackendError(h: RequestHeader, err: unknown): void {
     const errno = errnoOf(err);

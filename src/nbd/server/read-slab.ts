@@ -1,0 +1,34 @@
+/**
+ * Receive buffers for a socket read through `net.Socket`'s `onread` option (kernel sockets, see
+ * `NbdSession.overFd`): each read lands in the unused tail of a slab, so a read allocates nothing
+ * and skips Node's stream machinery, and the bytes it brought stay valid as views (the slab is
+ * never written twice at the same place; a new one is started when the tail gets short).
+ */
+const SLAB_BYTES = 1024 * 1024;
+/**
+ * Most one read may bring. Enough for a whole batch of small requests, and small enough that a
+ * large WRITE's payload mostly lands in its own buffer (`NbdSession.overFd`) rather than here,
+ * where it must be copied out.
+ */
+const REGION = 64 * 1024;
+
+export class ReadSlab {
+  private slab = Buffer.allocUnsafeSlow(SLAB_BYTES);
+  private pos = 0;
+
+  /** Where the next read may land: the start of the slab's unused tail. */
+  region(): Buffer {
+    if (this.slab.length - this.pos < REGION) {
+      this.slab = Buffer.allocUnsafeSlow(SLAB_BYTES);
+      this.pos = 0;
+    }
+    return this.slab.subarray(this.pos, this.pos + REGION);
+  }
+
+  /** `n` bytes landed at the start of the last region: returns them and moves past them. */
+  take(n: number): Buffer {
+    const bytes = this.slab.subarray(this.pos, this.pos + n);
+    this.pos += n;
+    return bytes;
+  }
+}
