@@ -41,6 +41,7 @@ import {
   seek,
   tryFlock,
 } from '../sys/libc.js';
+import { tryCall } from '../core/try-call.js';
 
 const fstatAsync = promisify(fstat);
 
@@ -141,22 +142,20 @@ export class RawBackend implements Backend {
 
   /** Returns a new buffer owned by the caller (page-aligned under O_DIRECT). */
   read(offset: number, length: number): Promise<Buffer> {
-    try {
+    return tryCall(() => {
       assertRange(this.size, offset, length);
-    } catch (err) {
-      return Promise.reject(err);
-    }
-    const buf = this.direct ? alignedBuffer(length, RAW_DIRECT_ALIGNMENT) : Buffer.allocUnsafe(length);
-    return this.port.readAt(buf, offset);
+      const buf = this.direct ? alignedBuffer(length, RAW_DIRECT_ALIGNMENT) : Buffer.allocUnsafe(length);
+      return this.port.readAt(buf, offset);
+    });
   }
 
   /** Reads `data` until the promise settles (under O_DIRECT, only during this call). */
   write(offset: number, data: Buffer): Promise<void> {
-    try {
-      this.assertWritable(offset, data.length);
-    } catch (err) {
-      return Promise.reject(err);
-    }
+    return tryCall(() => this.writeChecked(offset, data));
+  }
+
+  private writeChecked(offset: number, data: Buffer): Promise<void> {
+    this.assertWritable(offset, data.length);
     if (!this.direct) return this.port.writeAt(data, offset);
     const bounce = alignedBuffer(data.length, RAW_DIRECT_ALIGNMENT);
     data.copy(bounce);

@@ -18,6 +18,7 @@
  */
 import { DEFAULT_MAX_TRANSFER, type Backend, type Extent } from './backend.js';
 import { Errno, NbddError, assert } from './errors.js';
+import { tryCall } from './try-call.js';
 
 export interface WriteFlags {
   fua?: boolean;
@@ -45,17 +46,6 @@ export interface QueueOptions {
 
 const ZEROES = Buffer.alloc(1024 * 1024);
 
-/**
- * Calls a backend method that returns a promise; a synchronous throw (a layer's contract check)
- * becomes a rejection, so it reaches the request instead of the dispatch loop.
- */
-function call<T>(f: () => Promise<T>): Promise<T> {
-  try {
-    return f();
-  } catch (err) {
-    return Promise.reject(err);
-  }
-}
 
 export class BlockQueue {
   readonly backend: Backend;
@@ -184,11 +174,11 @@ export class BlockQueue {
       end += e.length;
     }
     if (j === i + 1) {
-      this.settle(call(() => this.backend.read(first.offset, first.length)), first, first.length);
+      this.settle(tryCall(() => this.backend.read(first.offset, first.length)), first, first.length);
       return j;
     }
     const run = batch.slice(i, j) as Extract<Entry, { op: 'read' }>[];
-    call(() => this.backend.read(first.offset, end - first.offset)).then(
+    tryCall(() => this.backend.read(first.offset, end - first.offset)).then(
       (buf) => {
         for (const e of run) {
           e.resolve(buf.subarray(e.offset - first.offset, e.offset - first.offset + e.length));
@@ -208,7 +198,7 @@ export class BlockQueue {
   private start(entry: Exclude<Entry, { op: 'read' }>): void {
     switch (entry.op) {
       case 'write':
-        this.trackWrite(call(() => this.doWrite(entry.offset, entry.data, entry.flags)), entry, entry.data.length);
+        this.trackWrite(tryCall(() => this.doWrite(entry.offset, entry.data, entry.flags)), entry, entry.data.length);
         return;
       case 'trim':
         this.trackWrite(this.doTrim(entry.offset, entry.length, entry.flags), entry, 0);
@@ -223,7 +213,7 @@ export class BlockQueue {
         return;
       }
       case 'cache':
-        this.settle(this.backend.cache ? call(() => this.backend.cache!(entry.offset, entry.length)) : Promise.resolve(), entry, 0);
+        this.settle(this.backend.cache ? tryCall(() => this.backend.cache!(entry.offset, entry.length)) : Promise.resolve(), entry, 0);
         return;
       case 'blockStatus':
         this.settle(this.doBlockStatus(entry.offset, entry.length), entry, 0);

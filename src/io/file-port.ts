@@ -8,6 +8,7 @@
 import fs from 'node:fs';
 import { Errno, NbddError } from '../core/errors.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, alignedBuffer, fallocate, preadNowait } from '../sys/libc.js';
+import { tryCall } from '../core/try-call.js';
 
 export interface FilePort {
   readonly path: string;
@@ -104,13 +105,7 @@ export function readFully(
 ): Promise<Buffer> {
   let done = 0;
   if (buf.length <= INLINE_READ_MAX) {
-    if (inline.memory) {
-      try {
-        return Promise.resolve(readSyncFully(fd, buf, offset));
-      } catch (err) {
-        return Promise.reject(err);
-      }
-    }
+    if (inline.memory) return tryCall(() => readSyncFully(fd, buf, offset));
     if (inline.nowait) {
       try {
         const n = preadNowait(fd, buf, offset);

@@ -15,13 +15,11 @@ import { constants as osConstants } from 'node:os';
 import { Errno, NbddError, nameOfErrno } from '../core/errors.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../sys/libc.js';
 import { NodeFilePort, inlineIoFor, readFully, writeInline, type FilePort, type InlineIo } from './file-port.js';
+import { tryCall } from '../core/try-call.js';
 
 /** Submission-queue entries; the completion queue (and the in-flight limit) is twice this. */
 export const URING_SQ_ENTRIES = 256;
 export const URING_CQ_ENTRIES = 512;
-
-/** The settled result of a write done inline (shared: a resolved promise carries no state). */
-const DONE: Promise<void> = Promise.resolve();
 
 /** Path of the built addon, relative to this module (src/io or dist/io). */
 const ADDON_PATH = '../../native/build/Release/nbdd_uring.node';
@@ -257,13 +255,10 @@ export class UringFilePort implements FilePort {
   }
 
   writeAt(buf: Buffer, offset: number): Promise<void> {
-    try {
+    return tryCall(() => {
       this.assertWritable();
-      if (writeInline(this.fd, buf, offset, this.inline)) return DONE;
-    } catch (err) {
-      return Promise.reject(err);
-    }
-    return this.writeRing(buf, offset);
+      return writeInline(this.fd, buf, offset, this.inline) ? undefined : this.writeRing(buf, offset);
+    });
   }
 
   private async writeRing(buf: Buffer, offset: number): Promise<void> {

@@ -6,6 +6,7 @@
  * [2^(i-1), 2^i) µs (bucket 0: under 1 µs); the last bucket also takes everything slower.
  */
 import type { Backend, BackendCaps, Extent, Layer, WriteOptions, ZeroOptions } from '../core/backend.js';
+import { tryCall } from '../core/try-call.js';
 
 export const STAT_OPS = ['read', 'write', 'trim', 'writeZeroes', 'flush', 'blockStatus', 'cache'] as const;
 export type StatOp = (typeof STAT_OPS)[number];
@@ -65,14 +66,7 @@ export class StatsLayer implements Layer {
    */
   private measure<T>(op: StatOp, bytes: number, run: () => Promise<T>): Promise<T> {
     const t0 = performance.now();
-    let p: Promise<T>;
-    try {
-      p = run();
-    } catch (err) {
-      this.record(op, t0, 0, true);
-      return Promise.reject(err);
-    }
-    return p.then(
+    return tryCall(run).then(
       (v) => {
         this.record(op, t0, bytes, false);
         return v;
