@@ -58,3 +58,8 @@ export function runBatch(img, batch, onAck = () => {}) {
     ),
   );
 }
+
+/** Whether an op of `pending` (issued together, not flushed) could have left `value` at byte `i`. */
+export function explainedBy(pending, i, value) {
+  return pending.some((op) => i >= op.off && i < op.off + op.len && value === (op.kind === 'write' ? op.pattern : 0));
+}

@@ -13,7 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { prng, qemuCheck, qemuCreate, qemuIo, qemuRaw, requireQemu } from '../helpers/qemu.js';
 import { tempDir } from '../helpers/tools.js';
 // @ts-expect-error: plain ESM helper shared with the child process
-import { applyOp, crashBatches } from '../helpers/qcow2-crash-ops.mjs';
+import { applyOp, crashBatches, explainedBy } from '../helpers/qcow2-crash-ops.mjs';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -88,7 +88,7 @@ describe('qcow2 crash safety (SIGKILL)', () => {
       const pending = batches[flushed]!;
       const actual = qemuRaw(image, dir.path);
       const covers = (op: Op, i: number): boolean => i >= op.off && i < op.off + op.len;
-      const explained = (i: number): boolean => pending.some((op) => covers(op, i) && actual[i] === (op.kind === 'write' ? op.pattern : 0));
+      const explained = (i: number): boolean => explainedBy(pending, i, actual[i]) as boolean;
       // Discards only promise whole clusters: they are not counted among the acknowledged ops.
       const mustChange = pending.filter((op, k) => acked.has(k) && op.kind !== 'discard');
       for (let i = 0; i < SIZE; i++) {

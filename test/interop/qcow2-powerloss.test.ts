@@ -15,7 +15,7 @@ import { prng, qemuCheck, qemuCreate, qemuIo, qemuRaw, requireQemu } from '../he
 import { RecordingPort } from '../helpers/recording-port.js';
 import { run, tempDir } from '../helpers/tools.js';
 // @ts-expect-error: plain ESM helper shared with the crash test's child process
-import { applyOp, crashBatches, runBatch } from '../helpers/qcow2-crash-ops.mjs';
+import { applyOp, crashBatches, explainedBy, runBatch } from '../helpers/qcow2-crash-ops.mjs';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -87,8 +87,7 @@ describe('qcow2 power-loss safety (simulated from the recorded write order)', ()
         const actual = readFileSync(raw);
         for (let i = 0; i < SIZE; i++) {
           if (actual[i] === model[i]) continue;
-          const explained = pending.some((op) => i >= op.off && i < op.off + op.len && actual[i] === (op.kind === 'write' ? op.pattern : 0));
-          if (!explained) throw new Error(`${where}: byte ${i} is ${actual[i]}, the ${flushed} flushed batches say ${model[i]}`);
+          if (!explainedBy(pending, i, actual[i])) throw new Error(`${where}: byte ${i} is ${actual[i]}, the ${flushed} flushed batches say ${model[i]}`);
         }
 
         // nbdd's own validation accepts the file and reads what qemu reads.
