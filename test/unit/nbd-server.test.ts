@@ -14,6 +14,7 @@ import { NbdServer } from '../../src/nbd/server/server.js';
 import { NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, NBD_OPT, NBD_REP, NBD_REPLY_TYPE } from '../../src/nbd/wire/constants.js';
 import { decodeInfo, decodeRepMetaContext, encodeOption } from '../../src/nbd/wire/handshake.js';
 import { socketPair } from '../../src/sys/libc.js';
+import { GatedBackend, turns } from '../helpers/gated-backend.js';
 import { TestBackend } from '../helpers/test-backend.js';
 import { ScriptClient, clientFlags, optGo, optListMeta, optSetMeta, optStructured, request, type Reply } from '../helpers/nbd-script.js';
 
@@ -22,11 +23,15 @@ let dir: string;
 let sock: string;
 let server: NbdServer;
 let backend: TestBackend;
+/** Set by `start({ gated: true })`: the backend the queue drives, holding every call until released. */
+let gate: GatedBackend;
 
-async function start(opts: { readOnly?: boolean; maxConnections?: number; handshakeTimeoutMs?: number; maxDepth?: number } = {}): Promise<void> {
+async function start(opts: { readOnly?: boolean; maxConnections?: number; handshakeTimeoutMs?: number; maxDepth?: number; gated?: boolean } = {}): Promise<void> {
   backend = new TestBackend(SIZE);
+  gate = new GatedBackend(backend);
+  if (!opts.gated) gate.gated = false;
   server = new NbdServer({ maxConnections: opts.maxConnections, handshakeTimeoutMs: opts.handshakeTimeoutMs });
-  server.addExport(new NbdExport({ name: 'disk', description: 'test disk', queue: new BlockQueue(backend, { maxDepth: opts.maxDepth }), readOnly: opts.readOnly }));
+  server.addExport(new NbdExport({ name: 'disk', description: 'test disk', queue: new BlockQueue(opts.gated ? gate : backend, { maxDepth: opts.maxDepth }), readOnly: opts.readOnly }));
   await server.listenUnix(sock);
 }
 
@@ -356,14 +361,26 @@ describe('transmission', () => {
   });
 
   it('completes a FLUSH only after the writes before it and flushes the backend after them', async () => {
-    await start();
+    await start({ gated: true });
     const c = await connectGo(false);
-    backend.delayMs = 30;
     c.send(Buffer.concat([request(NBD_CMD.WRITE, 1, 0, 4, 0, Buffer.from('aaaa')), request(NBD_CMD.WRITE, 2, 8, 4, 0, Buffer.from('bbbb')), request(NBD_CMD.FLUSH, 3, 0, 0)]));
-    const order = [(await c.readSimpleReply()).cookie, (await c.readSimpleReply()).cookie, (await c.readSimpleReply()).cookie];
-    expect(order[2]).toBe(3);
-    const ops = backend.calls.map((x) => x.op);
-    expect(ops.lastIndexOf('write')).toBeLessThan(ops.indexOf('flush'));
+    const w1 = await gate.waitFor('write', (x) => x.offset === 0);
+    const w2 = await gate.waitFor('write', (x) => x.offset === 8);
+    // Both writes are held: the backend must not see the flush yet, however long we wait.
+    await new Promise((r) => setTimeout(r, 50));
+    await turns();
+    expect(gate.ops()).toEqual(['write', 'write']);
+    w2.release();
+    expect((await c.readSimpleReply()).cookie).toBe(2);
+    await turns();
+    expect(gate.ops()).not.toContain('flush');
+    w1.release();
+    expect((await c.readSimpleReply()).cookie).toBe(1);
+    const flush = await gate.waitFor('flush');
+    expect(gate.held.filter((x) => x.op === 'write')).toEqual([]);
+    flush.release();
+    expect(await c.readSimpleReply()).toMatchObject({ cookie: 3, error: 0 });
+    expect(backend.data.subarray(0, 12).toString()).toBe('aaaa\0\0\0\0bbbb');
     c.destroy();
   });
 
@@ -409,13 +426,23 @@ describe('server limits and shutdown', () => {
   });
 
   it('applies backpressure: a client pipelining past the queue depth is still fully served', async () => {
-    await start({ maxDepth: 4 });
+    await start({ maxDepth: 4, gated: true });
     const c = await connectGo(false);
-    backend.delayMs = 2;
     const frames = Array.from({ length: 64 }, (_, i) => request(NBD_CMD.WRITE, i + 1, i * 4096, 4096, 0, Buffer.alloc(4096, i)));
     c.send(Buffer.concat(frames));
     const cookies = new Set<number>();
-    for (let i = 0; i < 64; i++) cookies.add((await c.readSimpleReply()).cookie);
+    let mostHeld = 0;
+    while (cookies.size < 64) {
+      await gate.waitFor('write');
+      // Let the session read whatever it is willing to: with a depth of 4 it must stop at 4.
+      await new Promise((r) => setTimeout(r, 5));
+      await turns();
+      mostHeld = Math.max(mostHeld, gate.held.length);
+      expect(gate.held.length).toBeLessThanOrEqual(4);
+      const n = gate.release();
+      for (let i = 0; i < n; i++) cookies.add((await c.readSimpleReply()).cookie);
+    }
+    expect(mostHeld).toBe(4);
     expect(cookies.size).toBe(64);
     expect(backend.data[63 * 4096]).toBe(63);
     c.destroy();
