@@ -46,6 +46,7 @@ export class MemoryBackend implements Backend {
       trim: true,
       writeZeroes: true,
       fastZero: true,
+      blockStatus: true,
     });
   }
 

@@ -11,7 +11,7 @@
  * - No reconnection: when a connection is lost, its requests fail with ECONNRESET and so do later
  *   ones sent to it.
  */
-import { type Backend, type BackendCaps, type Extent, defaultCaps, type WriteOptions, type ZeroOptions } from '../core/backend.js';
+import { allData, type Backend, type BackendCaps, type Extent, defaultCaps, type WriteOptions, type ZeroOptions } from '../core/backend.js';
 import { Errno, NbddError } from '../core/errors.js';
 import type { StatusExtent } from '../core/meta-context.js';
 import { NbdClient } from '../nbd/client/client.js';
@@ -52,6 +52,7 @@ export class NbdBackend implements Backend {
       writeZeroes: c.has(NBD_FLAG.SEND_WRITE_ZEROES),
       fastZero: c.has(NBD_FLAG.SEND_FAST_ZERO),
       multiConn: c.has(NBD_FLAG.CAN_MULTI_CONN),
+      blockStatus: i.contexts.has(BASE_ALLOCATION),
       minBlockSize: i.minBlockSize,
       preferredBlockSize: i.preferredBlockSize,
       maxTransfer: i.maxPayload,
@@ -108,7 +109,7 @@ export class NbdBackend implements Backend {
    */
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
     const client = this.pick();
-    if (!client.info.contexts.has(BASE_ALLOCATION)) return [{ length, hole: false, zero: false, depth: 1 }];
+    if (!client.info.contexts.has(BASE_ALLOCATION)) return allData(length);
     const status = await client.blockStatus(offset, length);
     return combineStatus(status.get(BASE_ALLOCATION)!, status.get(QEMU_ALLOCATION_DEPTH), length);
   }

@@ -22,7 +22,7 @@
  */
 import { fstat } from 'node:fs';
 import { promisify } from 'node:util';
-import { assertRange, defaultCaps, type Backend, type BackendCaps, type Extent, type ZeroOptions } from '../core/backend.js';
+import { allData, assertRange, defaultCaps, type Backend, type BackendCaps, type Extent, type ZeroOptions } from '../core/backend.js';
 import { Errno, NbddError, assert, errnoOf, messageOf } from '../core/errors.js';
 import { type FilePort } from '../io/file-port.js';
 import { openFilePort } from '../io/open-port.js';
@@ -87,6 +87,7 @@ export class RawBackend implements Backend {
       trim: writable,
       writeZeroes: writable,
       fastZero: writable,
+      blockStatus: true,
       multiConn: true,
       minBlockSize: direct ? RAW_DIRECT_ALIGNMENT : 1,
       preferredBlockSize: 4096,
@@ -263,7 +264,7 @@ export class RawBackend implements Backend {
 }
 
 function dataExtent(length: number): Extent {
-  return { length, hole: false, zero: false, depth: 1 };
+  return allData(length)[0]!;
 }
 
 /** LOCK_EX for a writer, LOCK_SH for a reader; EBUSY naming the file if another process holds it. */

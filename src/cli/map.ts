@@ -9,7 +9,7 @@
  * Also exports what `nbdd info` shares: opening a target (`openTarget`) and walking status.
  */
 import { Command, Option } from 'commander';
-import type { Backend, Extent } from '../core/backend.js';
+import { allData, type Backend, type Extent } from '../core/backend.js';
 import { Errno, NbddError } from '../core/errors.js';
 import type { StatusExtent } from '../core/meta-context.js';
 import { NbdBackend } from '../backends/nbd.js';
@@ -72,7 +72,7 @@ export function statusSource(t: Target, context: string): StatusSource {
 }
 
 async function backendExtents(b: Backend, offset: number, length: number): Promise<Extent[]> {
-  if (!b.blockStatus) return [{ length, hole: false, zero: false, depth: 1 }];
+  if (!b.blockStatus) return allData(length);
   return b.blockStatus(offset, length);
 }
 

@@ -87,7 +87,7 @@ async function serve(image: string, opts: ServeOptions): Promise<void> {
     await server.close();
     throw err;
   }
-  log.info(`serving ${image} (${stack.image.kind}, ${formatSize(stack.image.size)}${stack.queue.backend.caps.readOnly || opts.readOnly ? ', read-only' : ''}) at ${uri}`);
+  log.info(`serving ${image} (${stack.image.kind}, ${formatSize(stack.image.size)}${stack.queue.caps.readOnly || opts.readOnly ? ', read-only' : ''}) at ${uri}`);
 
   let stopping = false;
   const stop = async (code: number): Promise<void> => {

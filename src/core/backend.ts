@@ -42,6 +42,11 @@ export interface BackendCaps {
   fua: boolean;
   trim: boolean;
   writeZeroes: boolean;
+  /**
+   * `blockStatus` reports real allocation (holes, zeroes, depth). When false the core answers
+   * every block-status query with all data, and frontends do not plan sparse reads.
+   */
+  blockStatus: boolean;
   /** `writeZeroes` with `fastZero` fails fast with ENOTSUP instead of writing zeroes slowly. */
   fastZero: boolean;
   /** Several connections may be served at once with consistent results (flush covers all). */
@@ -86,6 +91,11 @@ export interface Backend {
   close(): Promise<void>;
 }
 
+/** Block status of a backend that cannot tell: `length` bytes of data in this layer. */
+export function allData(length: number): Extent[] {
+  return [{ length, hole: false, zero: false, depth: 1 }];
+}
+
 /** Defaults the core assumes for a backend that does not say otherwise. */
 export const DEFAULT_MAX_TRANSFER = 32 * 1024 * 1024;
 
@@ -97,6 +107,7 @@ export function defaultCaps(overrides: Partial<BackendCaps> = {}): BackendCaps {
     trim: false,
     writeZeroes: false,
     fastZero: false,
+    blockStatus: false,
     multiConn: true,
     minBlockSize: 1,
     preferredBlockSize: 4096,

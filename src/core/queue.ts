@@ -16,7 +16,7 @@
  *
  * The queue trusts its callers: ranges, flags and read-only were validated by the frontend.
  */
-import { DEFAULT_MAX_TRANSFER, type Backend, type Extent } from './backend.js';
+import { DEFAULT_MAX_TRANSFER, allData, type Backend, type BackendCaps, type Extent } from './backend.js';
 import { Errno, NbddError, assert } from './errors.js';
 import { tryCall } from './try-call.js';
 
@@ -48,7 +48,8 @@ const ZEROES = Buffer.alloc(1024 * 1024);
 
 
 export class BlockQueue {
-  readonly backend: Backend;
+  /** The top of the stack. Frontends never reach it: they use the queue's methods, `size`, `caps`. */
+  private readonly backend: Backend;
   private readonly maxDepth: number;
   private readonly maxBytes: number;
   private readonly maxRead: number;
@@ -69,6 +70,16 @@ export class BlockQueue {
     this.maxDepth = options.maxDepth ?? 256;
     this.maxBytes = options.maxBytes ?? 256 * 1024 * 1024;
     this.maxRead = Math.min(backend.caps.maxTransfer, DEFAULT_MAX_TRANSFER);
+  }
+
+  /** The stack's virtual size in bytes. */
+  get size(): number {
+    return this.backend.size;
+  }
+
+  /** What the stack can do (frontends advertise from these; the queue emulates the rest). */
+  get caps(): BackendCaps {
+    return this.backend.caps;
   }
 
   /* ------------------------------------------------------------ submission */
@@ -300,7 +311,7 @@ export class BlockQueue {
   }
 
   private async doBlockStatus(offset: number, length: number): Promise<Extent[]> {
-    if (!this.backend.blockStatus) return [{ length, hole: false, zero: false, depth: 1 }];
+    if (!this.backend.blockStatus || !this.backend.caps.blockStatus) return allData(length);
     const extents = await this.backend.blockStatus(offset, length);
     assert(extents.length > 0 && extents.every((e) => e.length > 0), 'blockStatus returned an empty or zero-length extent');
     return extents;

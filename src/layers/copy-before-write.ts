@@ -16,7 +16,8 @@
  * view read re-checks for copies made while it was reading (see `FleecingView.read`).
  */
 import { EventEmitter } from 'node:events';
-import { defaultCaps, type Backend, type BackendCaps, type Extent, type Layer, type WriteOptions, type ZeroOptions } from '../core/backend.js';
+import { allData, defaultCaps, type Backend, type BackendCaps, type Extent, type WriteOptions, type ZeroOptions } from '../core/backend.js';
+import { PassThroughLayer } from '../core/layer.js';
 import { Errno, NbddError, messageOf } from '../core/errors.js';
 import { logger } from '../core/log.js';
 import { DEFAULT_GRANULARITY, DirtyBitmap } from '../bitmaps/dirty-bitmap.js';
@@ -42,20 +43,19 @@ export interface BackupStats {
 }
 
 /** Events: `backup-error` (message: string) when the backup breaks. */
-export class CopyBeforeWriteLayer extends EventEmitter implements Layer {
-  readonly kind = 'copy-before-write';
+export class CopyBeforeWriteLayer extends PassThroughLayer {
+  override readonly kind = 'copy-before-write';
   private view: FleecingView | null = null;
+  private readonly events = new EventEmitter();
 
-  constructor(readonly next: Backend) {
-    super();
+  on(event: 'backup-error', listener: (message: string) => void): this {
+    this.events.on(event, listener);
+    return this;
   }
 
-  get size(): number {
-    return this.next.size;
-  }
-
-  get caps(): BackendCaps {
-    return this.next.caps;
+  off(event: 'backup-error', listener: (message: string) => void): this {
+    this.events.off(event, listener);
+    return this;
   }
 
   /** The running backup's view, if any. */
@@ -70,7 +70,7 @@ export class CopyBeforeWriteLayer extends EventEmitter implements Layer {
    */
   begin(options: BackupOptions = {}): FleecingView {
     if (this.view) throw new NbddError(Errno.EBUSY, 'a backup is already running');
-    this.view = new FleecingView(this.next, options, (message) => this.emit('backup-error', message));
+    this.view = new FleecingView(this.next, options, (message) => this.events.emit('backup-error', message));
     return this.view;
   }
 
@@ -81,42 +81,26 @@ export class CopyBeforeWriteLayer extends EventEmitter implements Layer {
     await view?.dispose();
   }
 
-  read(offset: number, length: number): Promise<Buffer> {
-    return this.next.read(offset, length);
-  }
-
   // Without a backup running, requests pass straight through (no extra promise per request).
-  write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
+  override write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
     const view = this.view;
     if (!view) return this.next.write(offset, data, options);
     return view.preserve(offset, data.length).then(() => this.next.write(offset, data, options));
   }
 
-  trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
+  override trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
     const view = this.view;
     if (!view) return this.next.trim!(offset, length, options);
     return view.preserve(offset, length).then(() => this.next.trim!(offset, length, options));
   }
 
-  writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
+  override writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
     const view = this.view;
     if (!view) return this.next.writeZeroes!(offset, length, options);
     return view.preserve(offset, length).then(() => this.next.writeZeroes!(offset, length, options));
   }
 
-  flush(): Promise<void> {
-    return this.next.flush ? this.next.flush() : Promise.resolve();
-  }
-
-  blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return this.next.blockStatus ? this.next.blockStatus(offset, length) : Promise.resolve([{ length, hole: false, zero: false, depth: 1 }]);
-  }
-
-  cache(offset: number, length: number): Promise<void> {
-    return this.next.cache ? this.next.cache(offset, length) : Promise.resolve();
-  }
-
-  async close(): Promise<void> {
+  override async close(): Promise<void> {
     await this.end();
     await this.next.close();
   }
@@ -156,6 +140,7 @@ export class FleecingView implements Backend {
     this.caps = defaultCaps({
       readOnly: false,
       trim: true,
+      blockStatus: true,
       multiConn: true,
       minBlockSize: live.caps.minBlockSize,
       preferredBlockSize: live.caps.preferredBlockSize,
@@ -275,7 +260,7 @@ export class FleecingView implements Backend {
     this.assertUsable();
     const live = this.live.blockStatus
       ? await this.live.blockStatus(offset, length)
-      : [{ length, hole: false, zero: false, depth: 1 }];
+      : allData(length);
     return overlayData(live, offset, this.copied.extents(offset, Math.min(length, this.size - offset)));
   }
 

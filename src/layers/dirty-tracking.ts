@@ -7,7 +7,8 @@
  *
  * It also publishes each bitmap as the NBD metadata context `qemu:dirty-bitmap:NAME`.
  */
-import type { Backend, BackendCaps, Extent, Layer, WriteOptions, ZeroOptions } from '../core/backend.js';
+import type { Backend, WriteOptions, ZeroOptions } from '../core/backend.js';
+import { PassThroughLayer } from '../core/layer.js';
 import type { MetaContext, StatusExtent } from '../core/meta-context.js';
 import { NBD_STATE_DIRTY } from '../nbd/wire/constants.js';
 import type { BitmapSet } from '../bitmaps/bitmap-set.js';
@@ -17,59 +18,37 @@ export const DIRTY_BITMAP_CONTEXT_PREFIX = 'qemu:dirty-bitmap:';
 /** Most extents one block-status answer carries (the client asks again from where it stopped). */
 export const MAX_STATUS_EXTENTS = 65536;
 
-export class DirtyTrackingLayer implements Layer {
-  readonly kind = 'dirty-tracking';
+export class DirtyTrackingLayer extends PassThroughLayer {
+  override readonly kind = 'dirty-tracking';
 
   constructor(
-    readonly next: Backend,
+    next: Backend,
     readonly bitmaps: BitmapSet,
-  ) {}
-
-  get size(): number {
-    return this.next.size;
-  }
-
-  get caps(): BackendCaps {
-    return this.next.caps;
-  }
-
-  read(offset: number, length: number): Promise<Buffer> {
-    return this.next.read(offset, length);
+  ) {
+    super(next);
   }
 
   // Writes into granules already marked (the common case) pass straight through, without an
   // extra promise per request.
-  write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
+  override write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
     const durable = this.bitmaps.mark(offset, data.length);
     return durable ? durable.then(() => this.next.write(offset, data, options)) : this.next.write(offset, data, options);
   }
 
-  trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
+  override trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
     const durable = this.bitmaps.mark(offset, length);
     return durable ? durable.then(() => this.next.trim!(offset, length, options)) : this.next.trim!(offset, length, options);
   }
 
-  writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
+  override writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
     const durable = this.bitmaps.mark(offset, length);
     return durable
       ? durable.then(() => this.next.writeZeroes!(offset, length, options))
       : this.next.writeZeroes!(offset, length, options);
   }
 
-  flush(): Promise<void> {
-    return this.next.flush ? this.next.flush() : Promise.resolve();
-  }
-
-  blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return this.next.blockStatus ? this.next.blockStatus(offset, length) : Promise.resolve([{ length, hole: false, zero: false, depth: 1 }]);
-  }
-
-  cache(offset: number, length: number): Promise<void> {
-    return this.next.cache ? this.next.cache(offset, length) : Promise.resolve();
-  }
-
   /** Stores the bitmaps (clean close), then closes the next backend. */
-  async close(): Promise<void> {
+  override async close(): Promise<void> {
     try {
       await this.bitmaps.close();
     } finally {

@@ -5,7 +5,8 @@
  * Latency buckets are powers of two in microseconds: bucket i counts requests that took
  * [2^(i-1), 2^i) µs (bucket 0: under 1 µs); the last bucket also takes everything slower.
  */
-import type { Backend, BackendCaps, Extent, Layer, WriteOptions, ZeroOptions } from '../core/backend.js';
+import type { Backend, Extent, WriteOptions, ZeroOptions } from '../core/backend.js';
+import { PassThroughLayer } from '../core/layer.js';
 import { tryCall } from '../core/try-call.js';
 
 export const STAT_OPS = ['read', 'write', 'trim', 'writeZeroes', 'flush', 'blockStatus', 'cache'] as const;
@@ -36,23 +37,17 @@ export function latencyBucket(us: number): number {
   return Math.min(LATENCY_BUCKETS - 1, Math.floor(Math.log2(us)) + 1);
 }
 
-export class StatsLayer implements Layer {
-  readonly kind = 'stats';
+export class StatsLayer extends PassThroughLayer {
+  override readonly kind = 'stats';
   private ops: StatsSnapshot = StatsLayer.empty();
   readonly since = new Date();
 
-  constructor(readonly next: Backend) {}
+  constructor(next: Backend) {
+    super(next);
+  }
 
   private static empty(): StatsSnapshot {
     return Object.fromEntries(STAT_OPS.map((op) => [op, emptyOp()])) as StatsSnapshot;
-  }
-
-  get size(): number {
-    return this.next.size;
-  }
-
-  get caps(): BackendCaps {
-    return this.next.caps;
   }
 
   /** A deep copy of the counters. */
@@ -89,37 +84,31 @@ export class StatsLayer implements Layer {
     s.latencyUs[latencyBucket(us)]!++;
   }
 
-  read(offset: number, length: number): Promise<Buffer> {
-    return this.measure('read', length, () => this.next.read(offset, length));
+  override read(offset: number, length: number): Promise<Buffer> {
+    return this.measure('read', length, () => super.read(offset, length));
   }
 
-  write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
-    return this.measure('write', data.length, () => this.next.write(offset, data, options));
+  override write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
+    return this.measure('write', data.length, () => super.write(offset, data, options));
   }
 
-  trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
-    return this.measure('trim', length, () => this.next.trim!(offset, length, options));
+  override trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
+    return this.measure('trim', length, () => super.trim(offset, length, options));
   }
 
-  writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
-    return this.measure('writeZeroes', length, () => this.next.writeZeroes!(offset, length, options));
+  override writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
+    return this.measure('writeZeroes', length, () => super.writeZeroes(offset, length, options));
   }
 
-  flush(): Promise<void> {
-    return this.measure('flush', 0, () => (this.next.flush ? this.next.flush() : Promise.resolve()));
+  override flush(): Promise<void> {
+    return this.measure('flush', 0, () => super.flush());
   }
 
-  blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return this.measure('blockStatus', length, () =>
-      this.next.blockStatus ? this.next.blockStatus(offset, length) : Promise.resolve([{ length, hole: false, zero: false, depth: 1 }]),
-    );
+  override blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return this.measure('blockStatus', length, () => super.blockStatus(offset, length));
   }
 
-  cache(offset: number, length: number): Promise<void> {
-    return this.measure('cache', length, () => (this.next.cache ? this.next.cache(offset, length) : Promise.resolve()));
-  }
-
-  close(): Promise<void> {
-    return this.next.close();
+  override cache(offset: number, length: number): Promise<void> {
+    return this.measure('cache', length, () => super.cache(offset, length));
   }
 }

@@ -32,7 +32,7 @@ export class TestBackend implements Backend {
 
   constructor(size: number, caps: Partial<BackendCaps> = {}) {
     this.data = Buffer.alloc(size);
-    this.caps = defaultCaps({ flush: true, trim: true, writeZeroes: true, ...caps });
+    this.caps = defaultCaps({ flush: true, trim: true, writeZeroes: true, blockStatus: true, ...caps });
     this.allocated = new Array(Math.ceil(size / BLOCK)).fill(false);
   }
 

@@ -1,6 +1,5 @@
 import { describe, expect, it } from 'vitest';
 import { BlockQueue } from '../../src/core/queue.js';
-import { ReadOnlyLayer } from '../../src/layers/read-only.js';
 import { LATENCY_BUCKETS, StatsLayer, latencyBucket } from '../../src/layers/stats.js';
 import { TestBackend } from '../helpers/test-backend.js';
 
@@ -34,18 +33,5 @@ describe('StatsLayer', () => {
 
   it('buckets latencies by powers of two in microseconds', () => {
     expect([0.5, 1, 1.9, 2, 3, 1000, 1e12].map(latencyBucket)).toEqual([0, 1, 1, 2, 2, 10, LATENCY_BUCKETS - 1]);
-  });
-});
-
-describe('ReadOnlyLayer', () => {
-  it('refuses writes with EPERM, passes reads, and does not close the shared backend', async () => {
-    const backend = new TestBackend(1 << 16);
-    backend.data[5] = 7;
-    const ro = new ReadOnlyLayer(backend);
-    expect(ro.caps.readOnly).toBe(true);
-    expect((await ro.read(0, 8))[5]).toBe(7);
-    await expect(ro.write()).rejects.toMatchObject({ errno: 1 });
-    await ro.close();
-    expect(backend.closed).toBe(false);
   });
 });

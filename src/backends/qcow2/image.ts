@@ -212,6 +212,7 @@ export class Qcow2Image implements Backend, ImageLayer {
       fua: !readOnly,
       trim: !readOnly,
       writeZeroes: !readOnly,
+      blockStatus: true,
       multiConn: true,
       preferredBlockSize: Math.min(this.cs, 64 * 1024),
     });

@@ -5,7 +5,7 @@
  * it needs `readInto` and `blockStatus` as in `ImageLayer`. Until then every byte of a raw backing
  * file reports as data at depth 1 (no SEEK_DATA probing).
  */
-import type { Extent } from '../../core/backend.js';
+import { allData, type Extent } from '../../core/backend.js';
 import type { FilePort } from '../../io/file-port.js';
 import { openFilePort } from '../../io/open-port.js';
 import type { ImageLayer } from './layer.js';
@@ -38,7 +38,7 @@ export class RawLayer implements ImageLayer {
   }
 
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
-    return [{ length: Math.min(length, this.size - offset), hole: false, zero: false, depth: 1 }];
+    return allData(Math.min(length, this.size - offset));
   }
 
   async close(): Promise<void> {

@@ -32,7 +32,7 @@ export class NbdExport {
     this.name = options.name;
     this.description = options.description ?? '';
     this.queue = options.queue;
-    this.readOnly = !!options.readOnly || options.queue.backend.caps.readOnly;
+    this.readOnly = !!options.readOnly || options.queue.caps.readOnly;
     this.extraContexts = options.extraContexts ?? (() => []);
     const queue = this.queue;
     this.baseContexts = [
@@ -42,19 +42,19 @@ export class NbdExport {
   }
 
   get size(): number {
-    return this.queue.backend.size;
+    return this.queue.size;
   }
 
   get minBlockSize(): number {
-    return this.queue.backend.caps.minBlockSize;
+    return this.queue.caps.minBlockSize;
   }
 
   get preferredBlockSize(): number {
-    return Math.max(this.queue.backend.caps.preferredBlockSize, this.minBlockSize, 512);
+    return Math.max(this.queue.caps.preferredBlockSize, this.minBlockSize, 512);
   }
 
   get maxPayload(): number {
-    return Math.min(this.queue.backend.caps.maxTransfer, LIMITS.maxPayload);
+    return Math.min(this.queue.caps.maxTransfer, LIMITS.maxPayload);
   }
 
   /**
@@ -62,7 +62,7 @@ export class NbdExport {
    * flags are always offered on a writable export: the queue emulates what the backend lacks.
    */
   transmissionFlags(structured: boolean): number {
-    const caps = this.queue.backend.caps;
+    const caps = this.queue.caps;
     let flags = NBD_FLAG.HAS_FLAGS | NBD_FLAG.SEND_FLUSH | NBD_FLAG.SEND_FUA | NBD_FLAG.SEND_CACHE;
     if (this.readOnly) flags |= NBD_FLAG.READ_ONLY;
     else {

@@ -470,7 +470,7 @@ export class NbdSession {
     const fua = (h.flags & NBD_CMD_FLAG.FUA) !== 0;
     switch (h.type) {
       case NBD_CMD.READ:
-        if (h.length > 0 && (!this.structured || h.flags & NBD_CMD_FLAG.DF || h.length < SPARSE_READ_MIN || !q.backend.blockStatus)) {
+        if (h.length > 0 && (!this.structured || h.flags & NBD_CMD_FLAG.DF || h.length < SPARSE_READ_MIN || !q.caps.blockStatus)) {
           // The common read: one queue read, one reply (no async frame on this per-request path).
           return this.track(h, q.read(h.offset, h.length).then((data) => this.sendReadData(h, h.offset, data, true)));
         }
@@ -499,7 +499,7 @@ export class NbdSession {
   private async handleRead(h: RequestHeader): Promise<void> {
     const q = this.export!.queue;
     if (h.length === 0) return this.structured ? this.sendReadData(h, h.offset, EMPTY, true) : this.replyOk(h);
-    if (!this.structured || h.flags & NBD_CMD_FLAG.DF || h.length < SPARSE_READ_MIN || !q.backend.blockStatus) {
+    if (!this.structured || h.flags & NBD_CMD_FLAG.DF || h.length < SPARSE_READ_MIN || !q.caps.blockStatus) {
       const data = await q.read(h.offset, h.length);
       return this.sendReadData(h, h.offset, data, true);
     }

@@ -1,0 +1,58 @@
+/**
+ * The pass-through layer: a backend that forwards everything to `next` unchanged, as nbdkit's
+ * filters fall through to the next layer for every callback they do not define. A layer extends
+ * it and overrides only what it changes (dirty tracking overrides the three write types, stats
+ * wraps every call, copy-before-write the writes and close).
+ *
+ * `caps` and `size` are `next`'s. Optional methods the next backend lacks are only reached when
+ * `caps` says they exist (the queue checks `caps.trim`/`caps.writeZeroes` before calling them),
+ * except `flush`, `blockStatus` and `cache`, which fall back to the core's defaults: nothing to
+ * flush, all data, no prefetch.
+ */
+import { allData, type Backend, type BackendCaps, type Extent, type Layer, type WriteOptions, type ZeroOptions } from './backend.js';
+
+export class PassThroughLayer implements Layer {
+  readonly kind: string = 'pass-through';
+
+  constructor(readonly next: Backend) {}
+
+  get size(): number {
+    return this.next.size;
+  }
+
+  get caps(): BackendCaps {
+    return this.next.caps;
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.next.read(offset, length);
+  }
+
+  write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
+    return this.next.write(offset, data, options);
+  }
+
+  trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
+    return this.next.trim!(offset, length, options);
+  }
+
+  writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
+    return this.next.writeZeroes!(offset, length, options);
+  }
+
+  flush(): Promise<void> {
+    return this.next.flush ? this.next.flush() : Promise.resolve();
+  }
+
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    return this.next.blockStatus ? this.next.blockStatus(offset, length) : Promise.resolve(allData(length));
+  }
+
+  cache(offset: number, length: number): Promise<void> {
+    return this.next.cache ? this.next.cache(offset, length) : Promise.resolve();
+  }
+
+  close(): Promise<void> {
+    return this.next.close();
+  }
+}
