@@ -16,6 +16,7 @@
 import { resolve as resolvePath } from 'node:path';
 import { Errno, NbddError, messageOf } from '../core/errors.js';
 import { logger } from '../core/log.js';
+import { checkName } from '../core/paths.js';
 import type { Format } from '../backends/open.js';
 import { openStack } from '../daemon/stack.js';
 import { NbdExport } from '../nbd/server/export.js';
@@ -55,13 +56,6 @@ export function backendIdFor(name: string): string {
   return `nbdd:${name}`;
 }
 
-/** Only what a udev symlink and a file name can carry. */
-export function checkName(name: string): string {
-  if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(name)) {
-    throw new NbddError(Errno.EINVAL, `device name '${name}' must be 1..64 characters of A-Z a-z 0-9 . _ - (not starting with . _ -)`);
-  }
-  return name;
-}
 
 /** Absolute path for files; other specs (memory:, nbd URIs) as given. */
 export function canonicalImage(image: string): string {

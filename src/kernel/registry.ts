@@ -8,10 +8,8 @@
 import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Errno, NbddError } from '../core/errors.js';
+import { runDir } from '../core/paths.js';
 
-export function runDir(): string {
-  return process.env.NBDD_RUN_DIR ?? '/run/nbdd';
-}
 
 export interface DeviceState {
   index: number;

@@ -16,6 +16,7 @@ import type { BitmapSet } from '../bitmaps/bitmap-set.js';
 import type { DirtyBitmap } from '../bitmaps/dirty-bitmap.js';
 import { Errno, NbddError, messageOf } from '../core/errors.js';
 import { logger } from '../core/log.js';
+import { checkName, sidecarDir } from '../core/paths.js';
 import { BlockQueue } from '../core/queue.js';
 import { ControlServer } from '../control/control-server.js';
 import { DeviceEvents, DirtyCoalescer } from '../control/events.js';
@@ -29,15 +30,12 @@ import type { LayerStack } from './stack.js';
 
 const log = logger('sidecar');
 
-export const DEFAULT_SIDECAR_ROOT = '/run/nbdd';
 export const NBD_SOCKET = 'nbd.sock';
 export const CONTROL_SOCKET = 'control.sock';
-/** Device and export names usable as a directory name. */
-const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
 export interface SidecarOptions {
   name: string;
-  /** The directory (default `/run/nbdd/NAME`). */
+  /** The directory (default `sidecarDir(name)`: `$NBDD_RUN_DIR/NAME`, else /run/nbdd/NAME). */
   dir?: string;
   queue: BlockQueue;
   stack: LayerStack;
@@ -88,10 +86,8 @@ export class Sidecar implements ControlledDevice {
 
   /** Creates the directory and starts both sockets. */
   static async start(options: SidecarOptions): Promise<Sidecar> {
-    if (!NAME_RE.test(options.name)) {
-      throw new NbddError(Errno.EINVAL, `'${options.name}' cannot name a sidecar (letters, digits, '.', '_', '-'; at most 64)`);
-    }
-    const dir = options.dir ?? join(DEFAULT_SIDECAR_ROOT, options.name);
+    checkName(options.name);
+    const dir = options.dir ?? sidecarDir(options.name);
     await preparePrivateDir(dir);
     const sidecar = new Sidecar(options, dir);
     try {

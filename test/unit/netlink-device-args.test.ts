@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { backendIdFor, canonicalImage, checkName } from '../../src/kernel/device.js';
+import { checkName } from '../../src/core/paths.js';
+import { backendIdFor, canonicalImage } from '../../src/kernel/device.js';
 import { parseDeviceArg } from '../../src/kernel/sysfs.js';
 
 describe('device arguments', () => {
