@@ -15,7 +15,7 @@ import { allData, type Backend, type BackendCaps, type Extent, defaultCaps, type
 import { Errno, NbddError } from '../core/errors.js';
 import type { StatusExtent } from '../core/meta-context.js';
 import { NbdClient } from '../nbd/client/client.js';
-import { BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH } from '../nbd/server/export.js';
+import { BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH } from '../nbd/wire/contexts.js';
 import { parseNbdUri } from '../nbd/uri.js';
 import { NBD_FLAG, NBD_STATE_HOLE, NBD_STATE_ZERO } from '../nbd/wire/constants.js';
 

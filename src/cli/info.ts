@@ -16,7 +16,7 @@ import { formatSize } from '../core/units.js';
 import { FORMATS, isMemorySpec, type Format } from '../backends/open.js';
 import { describeQcow2 } from '../backends/qcow2/describe.js';
 import type { NbdClient } from '../nbd/client/client.js';
-import { BASE_ALLOCATION } from '../nbd/server/export.js';
+import { BASE_ALLOCATION } from '../nbd/wire/contexts.js';
 import { formatNbdUri, type NbdUri } from '../nbd/uri.js';
 import { NBD_FLAG, NBD_STATE_HOLE, NBD_STATE_ZERO } from '../nbd/wire/constants.js';
 import { mapStatus, openTarget, type Target } from './map.js';

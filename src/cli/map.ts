@@ -15,7 +15,7 @@ import type { StatusExtent } from '../core/meta-context.js';
 import { NbdBackend } from '../backends/nbd.js';
 import { FORMATS, openImage, type Format } from '../backends/open.js';
 import { NbdClient } from '../nbd/client/client.js';
-import { BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH, allocationFlags, depthOf } from '../nbd/server/export.js';
+import { BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH, allocationFlags, depthOf, isDirtyBitmapContext } from '../nbd/wire/contexts.js';
 import { isNbdUri, parseNbdUri, type NbdUri } from '../nbd/uri.js';
 import { NBD_STATE_HOLE, NBD_STATE_ZERO } from '../nbd/wire/constants.js';
 
@@ -120,7 +120,7 @@ function describe(context: string, type: number): { description?: string } {
     return { description: parts.length ? parts.join(',') : 'data' };
   }
   if (context === QEMU_ALLOCATION_DEPTH) return { description: type === 0 ? 'absent' : type === 1 ? 'local' : `backing depth ${type}` };
-  if (context.startsWith('qemu:dirty-bitmap:')) return { description: type & 1 ? 'dirty' : 'clean' };
+  if (isDirtyBitmapContext(context)) return { description: type & 1 ? 'dirty' : 'clean' };
   return {};
 }
 

@@ -10,11 +10,10 @@
 import type { Backend, WriteOptions, ZeroOptions } from '../core/backend.js';
 import { PassThroughLayer } from '../core/layer.js';
 import type { MetaContext, StatusExtent } from '../core/meta-context.js';
-import { NBD_STATE_DIRTY } from '../nbd/wire/constants.js';
+import { DIRTY_BITMAP_CONTEXT_PREFIX, dirtyFlags } from '../nbd/wire/contexts.js';
 import type { BitmapSet } from '../bitmaps/bitmap-set.js';
 import type { DirtyBitmap } from '../bitmaps/dirty-bitmap.js';
 
-export const DIRTY_BITMAP_CONTEXT_PREFIX = 'qemu:dirty-bitmap:';
 /** Most extents one block-status answer carries (the client asks again from where it stopped). */
 export const MAX_STATUS_EXTENTS = 65536;
 
@@ -72,6 +71,6 @@ export function bitmapContext(name: string, bits: () => DirtyBitmap): MetaContex
     extents: async (offset: number, length: number): Promise<StatusExtent[]> =>
       bits()
         .extents(offset, length, MAX_STATUS_EXTENTS)
-        .map((e) => ({ length: e.length, flags: e.dirty ? NBD_STATE_DIRTY : 0 })),
+        .map((e) => ({ length: e.length, flags: dirtyFlags(e.dirty) })),
   };
 }

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { IHAVEOPT, NBD_INFO, NBD_OPT, NBD_REP, NBD_REPLY_TYPE, errnoFromNbdError, nbdErrorFromErrno } from '../../src/nbd/wire/constants.js';
+import { IHAVEOPT, NBD_CMD_FLAG, NBD_INFO, NBD_OPT, NBD_REP, NBD_REPLY_TYPE, errnoFromNbdError, nbdErrorFromErrno } from '../../src/nbd/wire/constants.js';
 import { Errno } from '../../src/core/errors.js';
 import {
   ProtocolError,
@@ -158,7 +158,11 @@ describe('errno tables', () => {
   it('maps errno to the NBD wire and back', () => {
     expect(nbdErrorFromErrno(Errno.EROFS)).toBe(1);
     expect(nbdErrorFromErrno(Errno.ENOSPC)).toBe(28);
-    expect(nbdErrorFromErrno(Errno.ENOTSUP)).toBe(95);
+    expect(nbdErrorFromErrno(Errno.ENOTSUP, NBD_CMD_FLAG.FAST_ZERO)).toBe(95);
+    // like nbdkit: ENOTSUP is only meaningful to a FAST_ZERO request, EOVERFLOW only to DF
+    expect(nbdErrorFromErrno(Errno.ENOTSUP)).toBe(22);
+    expect(nbdErrorFromErrno(Errno.EOVERFLOW, NBD_CMD_FLAG.DF)).toBe(75);
+    expect(nbdErrorFromErrno(Errno.EOVERFLOW)).toBe(22);
     expect(nbdErrorFromErrno(Errno.ELOOP)).toBe(5);
     expect(errnoFromNbdError(22)).toBe(Errno.EINVAL);
     expect(errnoFromNbdError(9999)).toBe(Errno.EINVAL);

@@ -309,6 +309,21 @@ describe('transmission', () => {
     c.destroy();
   });
 
+  it('answers ENOTSUP only to FAST_ZERO, and EINVAL to an ENOTSUP elsewhere (as nbdkit does)', async () => {
+    await start();
+    const c = await connectGo();
+    backend.failNext.writeZeroes = Errno.ENOTSUP;
+    c.send(request(NBD_CMD.WRITE_ZEROES, 1, 0, 4096, NBD_CMD_FLAG.FAST_ZERO));
+    expect(await c.readReply()).toMatchObject({ kind: 'simple', cookie: 1, error: 95 });
+    backend.failNext.trim = Errno.ENOTSUP;
+    c.send(request(NBD_CMD.TRIM, 2, 0, 4096));
+    expect(await c.readReply()).toMatchObject({ kind: 'simple', cookie: 2, error: 22 });
+    backend.failNext.write = Errno.EROFS;
+    c.send(request(NBD_CMD.WRITE, 3, 0, 4, 0, Buffer.from('abcd')));
+    expect(await c.readReply()).toMatchObject({ kind: 'simple', cookie: 3, error: 1 });
+    c.destroy();
+  });
+
   it('answers large sparse reads with OFFSET_HOLE chunks unless DF is set', async () => {
     await start();
     const c = await connectGo();

@@ -5,10 +5,8 @@
 import type { Extent } from '../../core/backend.js';
 import type { MetaContext, StatusExtent } from '../../core/meta-context.js';
 import type { BlockQueue } from '../../core/queue.js';
-import { LIMITS, NBD_FLAG, NBD_STATE_HOLE, NBD_STATE_ZERO } from '../wire/constants.js';
-
-export const BASE_ALLOCATION = 'base:allocation';
-export const QEMU_ALLOCATION_DEPTH = 'qemu:allocation-depth';
+import { LIMITS, NBD_FLAG } from '../wire/constants.js';
+import { BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH, allocationFlags, depthOf } from '../wire/contexts.js';
 
 export interface ExportOptions {
   name: string;
@@ -78,16 +76,6 @@ export class NbdExport {
   contexts(): MetaContext[] {
     return [...this.baseContexts, ...this.extraContexts()];
   }
-}
-
-/** base:allocation flags of a backend extent. */
-export function allocationFlags(e: Extent): number {
-  return (e.hole ? NBD_STATE_HOLE : 0) | (e.zero ? NBD_STATE_ZERO : 0);
-}
-
-/** qemu:allocation-depth value of a backend extent (0 hole, 1 data, unless the backend says). */
-export function depthOf(e: Extent): number {
-  return e.depth ?? (e.hole ? 0 : 1);
 }
 
 /** Backend extents to context extents, merging neighbours whose flags are equal. */

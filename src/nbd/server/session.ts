@@ -563,7 +563,7 @@ export class NbdSession {
 
   private replyBackendError(h: RequestHeader, err: unknown): void {
     const errno = errnoOf(err);
-    const nbdError = nbdErrorFromErrno(errno);
+    const nbdError = nbdErrorFromErrno(errno, h.flags);
     if (!(err instanceof NbddError) || nbdError === NBD_ERR.EIO) {
       log.warn(`${this.description}: ${nameOfNbdCmd(h.type)} at ${h.offset}+${h.length} failed: ${messageOf(err)}`);
     }

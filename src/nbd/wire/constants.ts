@@ -143,8 +143,13 @@ export const LIMITS = {
   maxExtents: 1 << 20,
 } as const;
 
-/** One table from errno to the NBD wire; anything unknown maps to EINVAL as clients would. */
-export function nbdErrorFromErrno(errno: number): number {
+/**
+ * One table from errno to the NBD wire, aware of the request's flags as nbdkit's is: ENOTSUP
+ * answers NBD_ENOTSUP only to a FAST_ZERO write-zeroes (the client then falls back to writing
+ * zeroes) and EOVERFLOW answers NBD_EOVERFLOW only to a DF read; both are EINVAL otherwise, the
+ * values every client understands. Unknown errnos are EIO: the request failed, not the client.
+ */
+export function nbdErrorFromErrno(errno: number, flags = 0): number {
   switch (errno) {
     case Errno.EPERM:
     case Errno.EROFS:
@@ -159,10 +164,10 @@ export function nbdErrorFromErrno(errno: number): number {
     case Errno.EFBIG:
       return NBD_ERR.ENOSPC;
     case Errno.EOVERFLOW:
-      return NBD_ERR.EOVERFLOW;
+      return flags & NBD_CMD_FLAG.DF ? NBD_ERR.EOVERFLOW : NBD_ERR.EINVAL;
     case Errno.ENOTSUP:
     case Errno.ENOSYS:
-      return NBD_ERR.ENOTSUP;
+      return flags & NBD_CMD_FLAG.FAST_ZERO ? NBD_ERR.ENOTSUP : NBD_ERR.EINVAL;
     case Errno.ESHUTDOWN:
       return NBD_ERR.ESHUTDOWN;
     case Errno.EINVAL:
