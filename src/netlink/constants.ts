@@ -78,7 +78,8 @@ export const NBD_GENL_FAMILY_NAME = 'nbd';
 export const NBD_GENL_VERSION = 1;
 export const NBD_GENL_MCAST_GROUP_NAME = 'nbd_mc_group';
 
-export const NBD_CMD = {
+/** Generic-netlink commands of the kernel nbd family (NBD_CMD_* in linux/nbd-netlink.h; not the wire's NBD_CMD). */
+export const NBD_GENL_CMD = {
   CONNECT: 1,
   DISCONNECT: 2,
   RECONFIGURE: 3,

@@ -7,7 +7,7 @@ import { Errno, NbddError } from '../core/errors.js';
 import { attrValue, findAttr, nla, type GenlMessage, type NlAttr } from './codec.js';
 import {
   NBD_ATTR,
-  NBD_CMD,
+  NBD_GENL_CMD,
   NBD_DEVICE,
   NBD_DEVICE_ITEM,
   NBD_GENL_VERSION,
@@ -108,13 +108,13 @@ export function nbdConnectCommand(family: number, p: NbdConnectParams): GenlComm
   attrs.push(nla.u64(NBD_ATTR.SERVER_FLAGS, p.serverFlags));
   if (p.clientFlags !== undefined) attrs.push(nla.u64(NBD_ATTR.CLIENT_FLAGS, p.clientFlags));
   attrs.push(...timeoutAttrs(p), ...backendIdAttrs(p.backendId), socketsAttr(p.sockets));
-  return command(family, NBD_CMD.CONNECT, attrs);
+  return command(family, NBD_GENL_CMD.CONNECT, attrs);
 }
 
 /** NBD_CMD_RECONFIGURE: INDEX [TIMEOUT] [DEAD_CONN_TIMEOUT] [BACKEND_IDENTIFIER] SOCKETS. */
 export function nbdReconfigureCommand(family: number, p: NbdReconfigureParams): GenlCommand {
   checkIndex(p.index);
-  return command(family, NBD_CMD.RECONFIGURE, [
+  return command(family, NBD_GENL_CMD.RECONFIGURE, [
     nla.u32(NBD_ATTR.INDEX, p.index),
     ...timeoutAttrs(p),
     ...backendIdAttrs(p.backendId),
@@ -125,14 +125,14 @@ export function nbdReconfigureCommand(family: number, p: NbdReconfigureParams): 
 /** NBD_CMD_DISCONNECT: INDEX. */
 export function nbdDisconnectCommand(family: number, index: number): GenlCommand {
   checkIndex(index);
-  return command(family, NBD_CMD.DISCONNECT, [nla.u32(NBD_ATTR.INDEX, index)]);
+  return command(family, NBD_GENL_CMD.DISCONNECT, [nla.u32(NBD_ATTR.INDEX, index)]);
 }
 
 /** NBD_CMD_STATUS: [INDEX]; without an index the reply lists every device. */
 export function nbdStatusCommand(family: number, index?: number): GenlCommand {
-  if (index === undefined) return command(family, NBD_CMD.STATUS, []);
+  if (index === undefined) return command(family, NBD_GENL_CMD.STATUS, []);
   checkIndex(index);
-  return command(family, NBD_CMD.STATUS, [nla.u32(NBD_ATTR.INDEX, index)]);
+  return command(family, NBD_GENL_CMD.STATUS, [nla.u32(NBD_ATTR.INDEX, index)]);
 }
 
 function indexOf(msg: GenlMessage, what: string): number {
@@ -143,7 +143,7 @@ function indexOf(msg: GenlMessage, what: string): number {
 
 /** The CONNECT reply: `cmd = CONNECT`, NBD_ATTR_INDEX u32 = the device the kernel configured. */
 export function decodeConnectReply(msg: GenlMessage): number {
-  if (msg.cmd !== NBD_CMD.CONNECT) throw new NbddError(Errno.EPROTO, `nbd: CONNECT answered with command ${msg.cmd}`);
+  if (msg.cmd !== NBD_GENL_CMD.CONNECT) throw new NbddError(Errno.EPROTO, `nbd: CONNECT answered with command ${msg.cmd}`);
   return indexOf(msg, 'CONNECT reply');
 }
 
@@ -158,7 +158,7 @@ export interface NbdDeviceStatus {
  * NBD_DEVICE_CONNECTED u8 } × n } (the kernel nests without NLA_F_NESTED).
  */
 export function decodeStatusReply(msg: GenlMessage): NbdDeviceStatus[] {
-  if (msg.cmd !== NBD_CMD.STATUS) throw new NbddError(Errno.EPROTO, `nbd: STATUS answered with command ${msg.cmd}`);
+  if (msg.cmd !== NBD_GENL_CMD.STATUS) throw new NbddError(Errno.EPROTO, `nbd: STATUS answered with command ${msg.cmd}`);
   const list = findAttr(msg.attrs, NBD_ATTR.DEVICE_LIST);
   if (!list) return [];
   const out: NbdDeviceStatus[] = [];
@@ -175,6 +175,6 @@ export function decodeStatusReply(msg: GenlMessage): NbdDeviceStatus[] {
 
 /** A multicast LINK_DEAD: `cmd = LINK_DEAD`, NBD_ATTR_INDEX. Returns the index, or null for other commands. */
 export function decodeLinkDead(msg: GenlMessage): number | null {
-  if (msg.cmd !== NBD_CMD.LINK_DEAD) return null;
+  if (msg.cmd !== NBD_GENL_CMD.LINK_DEAD) return null;
   return indexOf(msg, 'LINK_DEAD');
 }

@@ -91,8 +91,8 @@ describe('nbd family replies', () => {
     decodeGenl(decodeMessages(encodeGenlMessage({ family: FAMILY, cmd, version: 1, flags: 0, seq: 7, attrs }))[0]!.payload);
 
   it('CONNECT reply gives the index', () => {
-    expect(decodeConnectReply(reply(K.NBD_CMD.CONNECT, [nla.u32(K.NBD_ATTR.INDEX, 4)]))).toBe(4);
-    expect(() => decodeConnectReply(reply(K.NBD_CMD.CONNECT, []))).toThrow(/without NBD_ATTR_INDEX/);
+    expect(decodeConnectReply(reply(K.NBD_GENL_CMD.CONNECT, [nla.u32(K.NBD_ATTR.INDEX, 4)]))).toBe(4);
+    expect(() => decodeConnectReply(reply(K.NBD_GENL_CMD.CONNECT, []))).toThrow(/without NBD_ATTR_INDEX/);
   });
 
   it('STATUS reply as the kernel nests it (no NLA_F_NESTED)', () => {
@@ -109,8 +109,8 @@ describe('nbd family replies', () => {
   });
 
   it('LINK_DEAD gives the index; other commands give null', () => {
-    expect(decodeLinkDead(reply(K.NBD_CMD.LINK_DEAD, [nla.u32(K.NBD_ATTR.INDEX, 2)]))).toBe(2);
-    expect(decodeLinkDead(reply(K.NBD_CMD.STATUS, []))).toBeNull();
+    expect(decodeLinkDead(reply(K.NBD_GENL_CMD.LINK_DEAD, [nla.u32(K.NBD_ATTR.INDEX, 2)]))).toBe(2);
+    expect(decodeLinkDead(reply(K.NBD_GENL_CMD.STATUS, []))).toBeNull();
   });
 });
 
@@ -141,7 +141,7 @@ describe('constants agree with the installed UAPI headers', () => {
     const attrs = enumValues(header, 'NBD_ATTR_UNSPEC');
     for (const [k, v] of Object.entries(K.NBD_ATTR)) expect(attrs.get(`NBD_ATTR_${k}`), k).toBe(v);
     const cmds = enumValues(header, 'NBD_CMD_UNSPEC');
-    for (const [k, v] of Object.entries(K.NBD_CMD)) expect(cmds.get(`NBD_CMD_${k}`), k).toBe(v);
+    for (const [k, v] of Object.entries(K.NBD_GENL_CMD)) expect(cmds.get(`NBD_CMD_${k}`), k).toBe(v);
     expect(enumValues(header, 'NBD_SOCK_ITEM_UNSPEC').get('NBD_SOCK_ITEM')).toBe(K.NBD_SOCK_ITEM);
     expect(enumValues(header, 'NBD_SOCK_UNSPEC').get('NBD_SOCK_FD')).toBe(K.NBD_SOCK_FD);
     expect(enumValues(header, 'NBD_DEVICE_ITEM_UNSPEC').get('NBD_DEVICE_ITEM')).toBe(K.NBD_DEVICE_ITEM);
