@@ -16,23 +16,15 @@
  *
  * The queue trusts its callers: ranges, flags and read-only were validated by the frontend.
  */
-import { DEFAULT_MAX_TRANSFER, allData, type Backend, type BackendCaps, type Extent } from './backend.js';
+import { DEFAULT_MAX_TRANSFER, allData, type Backend, type BackendCaps, type Extent, type WriteOptions, type ZeroOptions } from './backend.js';
 import { Errno, NbddError, assert } from './errors.js';
 import { tryCall } from './try-call.js';
 
-export interface WriteFlags {
-  fua?: boolean;
-}
-export interface ZeroFlags extends WriteFlags {
-  noHole?: boolean;
-  fastZero?: boolean;
-}
-
 type Entry =
   | { op: 'read'; offset: number; length: number; resolve: (b: Buffer) => void; reject: (e: unknown) => void }
-  | { op: 'write'; offset: number; data: Buffer; flags: WriteFlags; resolve: () => void; reject: (e: unknown) => void }
-  | { op: 'trim'; offset: number; length: number; flags: WriteFlags; resolve: () => void; reject: (e: unknown) => void }
-  | { op: 'writeZeroes'; offset: number; length: number; flags: ZeroFlags; resolve: () => void; reject: (e: unknown) => void }
+  | { op: 'write'; offset: number; data: Buffer; flags: WriteOptions; resolve: () => void; reject: (e: unknown) => void }
+  | { op: 'trim'; offset: number; length: number; flags: WriteOptions; resolve: () => void; reject: (e: unknown) => void }
+  | { op: 'writeZeroes'; offset: number; length: number; flags: ZeroOptions; resolve: () => void; reject: (e: unknown) => void }
   | { op: 'flush'; resolve: () => void; reject: (e: unknown) => void }
   | { op: 'cache'; offset: number; length: number; resolve: () => void; reject: (e: unknown) => void }
   | { op: 'blockStatus'; offset: number; length: number; resolve: (x: Extent[]) => void; reject: (e: unknown) => void };
@@ -88,15 +80,15 @@ export class BlockQueue {
     return new Promise((resolve, reject) => this.enqueue({ op: 'read', offset, length, resolve, reject }, length));
   }
 
-  write(offset: number, data: Buffer, flags: WriteFlags = {}): Promise<void> {
+  write(offset: number, data: Buffer, flags: WriteOptions = {}): Promise<void> {
     return new Promise((resolve, reject) => this.enqueue({ op: 'write', offset, data, flags, resolve, reject }, data.length));
   }
 
-  trim(offset: number, length: number, flags: WriteFlags = {}): Promise<void> {
+  trim(offset: number, length: number, flags: WriteOptions = {}): Promise<void> {
     return new Promise((resolve, reject) => this.enqueue({ op: 'trim', offset, length, flags, resolve, reject }, 0));
   }
 
-  writeZeroes(offset: number, length: number, flags: ZeroFlags = {}): Promise<void> {
+  writeZeroes(offset: number, length: number, flags: ZeroOptions = {}): Promise<void> {
     return new Promise((resolve, reject) => this.enqueue({ op: 'writeZeroes', offset, length, flags, resolve, reject }, 0));
   }
 
@@ -277,7 +269,7 @@ export class BlockQueue {
 
   /* ------------------------------------------------------------ emulation */
 
-  private doWrite(offset: number, data: Buffer, flags: WriteFlags): Promise<void> {
+  private doWrite(offset: number, data: Buffer, flags: WriteOptions): Promise<void> {
     if (!flags.fua) return this.backend.write(offset, data);
     return this.doWriteFua(offset, data);
   }
@@ -288,14 +280,14 @@ export class BlockQueue {
     if (!native) await this.flushBackend();
   }
 
-  private async doTrim(offset: number, length: number, flags: WriteFlags): Promise<void> {
+  private async doTrim(offset: number, length: number, flags: WriteOptions): Promise<void> {
     if (!this.backend.trim || !this.backend.caps.trim) return; // advisory: dropping it is correct
     const native = !!flags.fua && this.backend.caps.fua;
     await this.backend.trim(offset, length, native ? { fua: true } : undefined);
     if (flags.fua && !native) await this.flushBackend();
   }
 
-  private async doWriteZeroes(offset: number, length: number, flags: ZeroFlags): Promise<void> {
+  private async doWriteZeroes(offset: number, length: number, flags: ZeroOptions): Promise<void> {
     const fuaNative = !!flags.fua && this.backend.caps.fua;
     if (this.backend.writeZeroes && this.backend.caps.writeZeroes) {
       await this.backend.writeZeroes(offset, length, { noHole: flags.noHole, fastZero: flags.fastZero, fua: fuaNative });
