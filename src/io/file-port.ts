@@ -35,6 +35,37 @@ export interface FilePort {
 const ZERO_CHUNK = alignedBuffer(1024 * 1024, 4096).fill(0);
 
 /**
+ * How both ports zero a range: FALLOC_FL_ZERO_RANGE (keeps it allocated, costs no data writes)
+ * until the filesystem first refuses it with ENOTSUP or EINVAL, then zero bytes written through
+ * the port's own `write` from then on. Other errors (EIO, ENOSPC) are the request's.
+ */
+export class RangeZeroer {
+  private zeroRangeWorks = true;
+
+  constructor(
+    private readonly zeroRange: (offset: number, length: number) => unknown,
+    private readonly write: (buf: Buffer, offset: number) => Promise<void>,
+  ) {}
+
+  async zero(offset: number, length: number): Promise<void> {
+    if (this.zeroRangeWorks) {
+      try {
+        await this.zeroRange(offset, length);
+        return;
+      } catch (err) {
+        if (!(err instanceof NbddError) || (err.errno !== Errno.ENOTSUP && err.errno !== Errno.EINVAL)) throw err;
+        this.zeroRangeWorks = false;
+      }
+    }
+    for (let done = 0; done < length; ) {
+      const n = Math.min(ZERO_CHUNK.length, length - done);
+      await this.write(ZERO_CHUNK.subarray(0, n), offset + done);
+      done += n;
+    }
+  }
+}
+
+/**
  * Largest read tried inline with RWF_NOWAIT. Small page-cache hits are cheapest on the event-loop
  * thread; a large one is a long memcpy there, which the engine's threads (or the kernel's) do in
  * parallel instead.
@@ -161,7 +192,10 @@ function pwritev(fd: number, bufs: Buffer[], pos: number): Promise<number> {
  */
 export class NodeFilePort implements FilePort {
   private closed = false;
-  private zeroRangeWorks = true;
+  private readonly zeroer = new RangeZeroer(
+    (offset, length) => fallocate(this.fd, FALLOC_FL_ZERO_RANGE, offset, length),
+    (buf, offset) => this.writeAt(buf, offset),
+  );
   /** What runs on the event-loop thread (see InlineIo). */
   private readonly inline: InlineIo;
 
@@ -215,20 +249,7 @@ export class NodeFilePort implements FilePort {
 
   async zeroRange(offset: number, length: number): Promise<void> {
     this.assertWritable();
-    if (this.zeroRangeWorks) {
-      try {
-        fallocate(this.fd, FALLOC_FL_ZERO_RANGE, offset, length);
-        return;
-      } catch (err) {
-        if (!(err instanceof NbddError) || (err.errno !== Errno.ENOTSUP && err.errno !== Errno.EINVAL)) throw err;
-        this.zeroRangeWorks = false;
-      }
-    }
-    for (let done = 0; done < length; ) {
-      const n = Math.min(ZERO_CHUNK.length, length - done);
-      await this.writeAt(ZERO_CHUNK.subarray(0, n), offset + done);
-      done += n;
-    }
+    await this.zeroer.zero(offset, length);
   }
 
   fsync(): Promise<void> {

@@ -14,7 +14,7 @@ import { createRequire } from 'node:module';
 import { constants as osConstants } from 'node:os';
 import { Errno, NbddError, nameOfErrno } from '../core/errors.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../sys/libc.js';
-import { NodeFilePort, inlineIoFor, readFully, writeInline, type FilePort, type InlineIo } from './file-port.js';
+import { NodeFilePort, RangeZeroer, inlineIoFor, readFully, writeInline, type FilePort, type InlineIo } from './file-port.js';
 import { tryCall } from '../core/try-call.js';
 
 /** Submission-queue entries; the completion queue (and the in-flight limit) is twice this. */
@@ -218,7 +218,10 @@ export class UringFilePort implements FilePort {
   private readonly inline: InlineIo;
   /** Buffered writes go to the kernel's workers (IOSQE_ASYNC); O_DIRECT ones are issued inline. */
   private readonly offloadWrites: boolean;
-  private zeroRangeWorks = true;
+  private readonly zeroer = new RangeZeroer(
+    (offset, length) => this.track(this.engine.fallocate(this.fd, FALLOC_FL_ZERO_RANGE, offset, length)),
+    (buf, offset) => this.writeAt(buf, offset),
+  );
 
   private constructor(
     private readonly engine: UringEngine,
@@ -283,17 +286,7 @@ export class UringFilePort implements FilePort {
 
   async zeroRange(offset: number, length: number): Promise<void> {
     this.assertWritable();
-    if (this.zeroRangeWorks) {
-      try {
-        await this.track(this.engine.fallocate(this.fd, FALLOC_FL_ZERO_RANGE, offset, length));
-        return;
-      } catch (err) {
-        if (!(err instanceof NbddError) || (err.errno !== Errno.ENOTSUP && err.errno !== Errno.EINVAL)) throw err;
-        this.zeroRangeWorks = false;
-      }
-    }
-    // The filesystem cannot ZERO_RANGE: NodeFilePort writes zero bytes (rare, slow path).
-    await this.track(this.inner.zeroRange(offset, length));
+    await this.zeroer.zero(offset, length);
   }
 
   async fsync(): Promise<void> {
