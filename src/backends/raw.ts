@@ -25,13 +25,12 @@ import { promisify } from 'node:util';
 import { allData, assertRange, defaultCaps, type Backend, type BackendCaps, type Extent, type ZeroOptions } from '../core/backend.js';
 import { Errno, NbddError, assert, errnoOf, messageOf } from '../core/errors.js';
 import { type FilePort } from '../io/file-port.js';
+import { lockImage } from '../io/image-lock.js';
 import { openFilePort } from '../io/open-port.js';
 import {
   FALLOC_FL_KEEP_SIZE,
   FALLOC_FL_PUNCH_HOLE,
   FALLOC_FL_ZERO_RANGE,
-  LOCK_EX,
-  LOCK_SH,
   SEEK_DATA,
   SEEK_HOLE,
   alignedBuffer,
@@ -39,7 +38,6 @@ import {
   blockDeviceSize,
   fallocate,
   seek,
-  tryFlock,
 } from '../sys/libc.js';
 import { tryCall } from '../core/try-call.js';
 
@@ -121,7 +119,7 @@ export class RawBackend implements Backend {
       throw new NbddError(errnoOf(err), `cannot open raw image: ${messageOf(err)}`, { cause: err });
     }
     try {
-      lockImage(port.fd, path, readOnly);
+      lockImage(port.fd, path, readOnly ? 'read' : 'write');
       if (create !== undefined) await port.truncate(create);
       const st = await fstatAsync(port.fd);
       if (!st.isFile() && !st.isBlockDevice()) {
@@ -267,13 +265,3 @@ function dataExtent(length: number): Extent {
   return allData(length)[0]!;
 }
 
-/** LOCK_EX for a writer, LOCK_SH for a reader; EBUSY naming the file if another process holds it. */
-function lockImage(fd: number, path: string, readOnly: boolean): void {
-  if (tryFlock(fd, readOnly ? LOCK_SH : LOCK_EX)) return;
-  throw new NbddError(
-    Errno.EBUSY,
-    readOnly
-      ? `${path} is in use: another process has it open for writing (it holds an exclusive lock)`
-      : `${path} is in use: another process has it open (it holds a lock); refusing to open it for writing`,
-  );
-}

@@ -9,7 +9,7 @@ import { Command, Option } from 'commander';
 import { Errno, NbddError } from '../core/errors.js';
 import { formatSize, parseSize } from '../core/units.js';
 import { createQcow2 } from '../backends/qcow2/create.js';
-import { LOCK_EX, tryFlock } from '../sys/libc.js';
+import { lockImage } from '../io/image-lock.js';
 
 interface CreateOptions {
   format: 'qcow2' | 'raw';
@@ -31,7 +31,7 @@ async function checkTarget(image: string, force: boolean): Promise<void> {
   if (!fh) return;
   try {
     if (!force) throw new NbddError(Errno.EEXIST, `${image} exists; nbdd create does not overwrite an image unless --force is given`);
-    if (!tryFlock(fh.fd, LOCK_EX)) throw new NbddError(Errno.EBUSY, `${image} is in use by another process (it holds a lock); not overwriting it`);
+    lockImage(fh.fd, image, 'replace');
   } finally {
     await fh.close();
   }

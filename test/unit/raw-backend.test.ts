@@ -9,6 +9,8 @@ import { join } from 'node:path';
 import koffi from 'koffi';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { RAW_DIRECT_ALIGNMENT, RAW_MAX_EXTENTS, RawBackend } from '../../src/backends/raw.js';
+import { openImage as openAny } from '../../src/backends/open.js';
+import { createQcow2 } from '../../src/backends/qcow2/index.js';
 import { Errno } from '../../src/core/errors.js';
 import { expectMatchesModel, fullStatus, runModel } from '../helpers/backend-model.js';
 
@@ -225,6 +227,24 @@ describe('RawBackend: advisory lock', () => {
     const r2 = await openImage(path, true);
     expect(r1.size).toBe(r2.size);
     await expect(RawBackend.open(path)).rejects.toMatchObject({ errno: Errno.EBUSY });
+  });
+
+  it('holds a qcow2 image and a raw one to the same policy, raw and qcow2 mixed', async () => {
+    const path = `${imagePath()}.qcow2`;
+    await createQcow2(path, { size: MiB });
+    const writer = await openAny(path, { format: 'qcow2' });
+    try {
+      await expect(openAny(path, { format: 'qcow2' })).rejects.toMatchObject({ errno: Errno.EBUSY, message: expect.stringContaining(path) });
+      await expect(openAny(path, { format: 'qcow2', readOnly: true })).rejects.toMatchObject({ errno: Errno.EBUSY, message: expect.stringMatching(/another process/) });
+      await expect(RawBackend.open(path, { readOnly: true })).rejects.toMatchObject({ errno: Errno.EBUSY });
+    } finally {
+      await writer.close();
+    }
+    const r1 = await openAny(path, { format: 'qcow2', readOnly: true });
+    const r2 = await RawBackend.open(path, { readOnly: true });
+    await expect(openAny(path, { format: 'qcow2' })).rejects.toMatchObject({ errno: Errno.EBUSY });
+    await r1.close();
+    await r2.close();
   });
 
   it('refuses a writer while another process holds the lock', async () => {

@@ -8,7 +8,7 @@ import { dirname, isAbsolute, resolve } from 'node:path';
 import { Errno, NbddError } from '../../core/errors.js';
 import { NodeFilePort, type FilePort } from '../../io/file-port.js';
 import { openFilePort } from '../../io/open-port.js';
-import { LOCK_EX, LOCK_SH, tryFlock } from '../../sys/libc.js';
+import { lockImage } from '../../io/image-lock.js';
 import { DEFAULT_L2_CACHE_BYTES, Qcow2Image, checkL1, decodeRefcountTable } from './image.js';
 import type { ImageLayer } from './layer.js';
 import {
@@ -131,9 +131,7 @@ async function openInChain(path: string, options: OpenQcow2Options, chain: strin
   let backing: ImageLayer | null = null;
   try {
     // As the raw backend: one writer or several readers per image among nbdd processes.
-    if (!tryFlock(port.fd, options.readOnly ? LOCK_SH : LOCK_EX)) {
-      throw new NbddError(Errno.EBUSY, `${path} is in use by another process (flock held)`);
-    }
+    lockImage(port.fd, path, options.readOnly ? 'read' : 'write');
     const fileLength = await port.length();
     const start = await port.readAt(Buffer.alloc(Math.min(fileLength, 2 ** MAX_CLUSTER_BITS)), 0);
     const header = decodeHeader(start);
