@@ -27,6 +27,10 @@ export interface OpenNbdOptions {
   readOnly?: boolean;
   /** Connections to open when the server allows multi-conn (default 1, at most 16). */
   connections?: number;
+  /** Contexts to select besides base:allocation and qemu:allocation-depth (e.g. a dirty bitmap). */
+  extraContexts?: string[];
+  /** Also fetch the list of contexts the export offers (`primary.info.offeredContexts`). */
+  listContexts?: boolean;
 }
 
 export class NbdBackend implements Backend {
@@ -35,6 +39,11 @@ export class NbdBackend implements Backend {
   readonly caps: BackendCaps;
   private next = 0;
   private closing: Promise<void> | null = null;
+
+  /** The first connection: its negotiated info (contexts, flags) is the backend's. */
+  get primary(): NbdClient {
+    return this.clients[0]!;
+  }
 
   /** Takes ownership of `clients` (all to the same export; the first one's info is used). */
   constructor(
@@ -165,7 +174,8 @@ export function combineStatus(allocation: StatusExtent[], depth: StatusExtent[] 
 export async function openNbd(uri: string, options: OpenNbdOptions = {}): Promise<NbdBackend> {
   const { transport, exportName } = parseNbdUri(uri);
   const wanted = Math.max(1, Math.min(options.connections ?? 1, MAX_NBD_CONNECTIONS));
-  const connect = (): Promise<NbdClient> => NbdClient.connect(transport, { exportName, metaContexts: [BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH] });
+  const metaContexts = [...new Set([BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH, ...(options.extraContexts ?? [])])];
+  const connect = (): Promise<NbdClient> => NbdClient.connect(transport, { exportName, metaContexts, listMetaContexts: options.listContexts });
   const first = await connect();
   const clients = [first];
   if (wanted > 1 && first.has(NBD_FLAG.CAN_MULTI_CONN)) {

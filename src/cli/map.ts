@@ -12,7 +12,7 @@ import { Command, Option } from 'commander';
 import { allData, type Backend, type Extent } from '../core/backend.js';
 import { Errno, NbddError } from '../core/errors.js';
 import type { StatusExtent } from '../core/meta-context.js';
-import { NbdBackend } from '../backends/nbd.js';
+import { openNbd } from '../backends/nbd.js';
 import { FORMATS, openImage, type Format } from '../backends/open.js';
 import { NbdClient } from '../nbd/client/client.js';
 import { BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH, allocationFlags, depthOf, isDirtyBitmapContext } from '../nbd/wire/contexts.js';
@@ -40,15 +40,8 @@ export async function openTarget(target: string, options: { format?: Format; ext
     const backend = await openImage(target, { format: options.format, readOnly: true });
     return { name: target, backend, close: () => backend.close() };
   }
-  const uri = parseNbdUri(target);
-  const contexts = [BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH, ...(options.extraContexts ?? [])];
-  const client = await NbdClient.connect(uri.transport, {
-    exportName: uri.exportName,
-    metaContexts: [...new Set(contexts)],
-    listMetaContexts: options.listContexts,
-  });
-  const backend = new NbdBackend([client], true);
-  return { name: target, backend, client, uri, close: () => backend.close() };
+  const backend = await openNbd(target, { readOnly: true, extraContexts: options.extraContexts, listContexts: options.listContexts });
+  return { name: target, backend, client: backend.primary, uri: parseNbdUri(target), close: () => backend.close() };
 }
 
 /** Reads status for one context from `offset`: consecutive extents, at least one byte. */

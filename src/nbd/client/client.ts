@@ -18,6 +18,7 @@
 import { Errno, NbddError, messageOf } from '../../core/errors.js';
 import { logger } from '../../core/log.js';
 import type { StatusExtent } from '../../core/meta-context.js';
+import type { WriteOptions, ZeroOptions } from '../../core/backend.js';
 import type { NbdTransport } from '../uri.js';
 import { NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, nameOfNbdCmd } from '../wire/constants.js';
 import { ProtocolError } from '../wire/handshake.js';
@@ -48,15 +49,6 @@ export interface NbdClientOptions {
   strict?: boolean;
   /** Milliseconds for connect plus negotiation (default 30 s). */
   timeoutMs?: number;
-}
-
-export interface ClientWriteOptions {
-  fua?: boolean;
-}
-
-export interface ClientZeroOptions extends ClientWriteOptions {
-  noHole?: boolean;
-  fastZero?: boolean;
 }
 
 const DEFAULT_TIMEOUT_MS = 30_000;
@@ -140,7 +132,7 @@ export class NbdClient implements ReplyTarget {
     return out;
   }
 
-  async write(offset: number, data: Buffer, options: ClientWriteOptions = {}): Promise<void> {
+  async write(offset: number, data: Buffer, options: WriteOptions = {}): Promise<void> {
     const flags = options.fua ? NBD_CMD_FLAG.FUA : 0;
     this.check(NBD_CMD.WRITE, flags, offset, data.length);
     if (data.length === 0) return;
@@ -152,13 +144,13 @@ export class NbdClient implements ReplyTarget {
     await this.submit(NBD_CMD.FLUSH, 0, 0, 0);
   }
 
-  async trim(offset: number, length: number, options: ClientWriteOptions = {}): Promise<void> {
+  async trim(offset: number, length: number, options: WriteOptions = {}): Promise<void> {
     const flags = options.fua ? NBD_CMD_FLAG.FUA : 0;
     this.check(NBD_CMD.TRIM, flags, offset, length);
     await this.split(offset, length, this.maxEffectLength, (o, l) => this.submit(NBD_CMD.TRIM, flags, o, l));
   }
 
-  async writeZeroes(offset: number, length: number, options: ClientZeroOptions = {}): Promise<void> {
+  async writeZeroes(offset: number, length: number, options: ZeroOptions = {}): Promise<void> {
     const flags =
       (options.fua ? NBD_CMD_FLAG.FUA : 0) | (options.noHole ? NBD_CMD_FLAG.NO_HOLE : 0) | (options.fastZero ? NBD_CMD_FLAG.FAST_ZERO : 0);
     this.check(NBD_CMD.WRITE_ZEROES, flags, offset, length);
