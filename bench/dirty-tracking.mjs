@@ -23,8 +23,7 @@ import { join } from 'node:path';
 import { RawBackend } from '../dist/backends/raw.js';
 import { BitmapSet } from '../dist/bitmaps/bitmap-set.js';
 import { SidecarFileStore } from '../dist/bitmaps/store-sidecar-file.js';
-import { BlockQueue } from '../dist/core/queue.js';
-import { buildStack } from '../dist/sidecar/stack.js';
+import { buildStack } from '../dist/runtime/stack.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 4096 * MiB;
@@ -51,7 +50,7 @@ async function cell(c, tracking, round) {
   const bitmaps = await BitmapSet.open(SIZE, store);
   if (tracking) await bitmaps.add('b0', { granularity: 65536 });
   if (tracking && c.prefill) await bitmaps.mark(0, SIZE);
-  const queue = new BlockQueue(buildStack(raw, bitmaps).top);
+  const queue = buildStack(raw, bitmaps).queue;
   const data = Buffer.alloc(c.size, 0x5a);
   seed = 777 + round;
   const t0 = performance.now();

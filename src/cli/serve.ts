@@ -9,10 +9,8 @@ import { Command, Option } from 'commander';
 import { logger } from '../core/log.js';
 import { formatSize } from '../core/units.js';
 import { FORMATS, type Format } from '../backends/open.js';
-import { openStack } from '../daemon/stack.js';
-import { Sidecar } from '../sidecar/sidecar.js';
-import { NbdExport } from '../nbd/server/export.js';
-import { NbdServer } from '../nbd/server/server.js';
+import { NbdServerFrontend } from '../nbd/server/frontend.js';
+import { DeviceRuntime } from '../runtime/device.js';
 import { NBD_DEFAULT_PORT } from '../nbd/wire/constants.js';
 import { intArg } from './options.js';
 
@@ -35,66 +33,46 @@ interface ServeOptions {
   bitmapStore?: string;
 }
 
-/** The NBD URI a client uses to reach the export. */
-export function nbdUri(exportName: string, where: { socket: string } | { host: string; port: number }): string {
-  const name = encodeURIComponent(exportName);
-  if ('socket' in where) return `nbd+unix:///${name}?socket=${encodeURIComponent(where.socket)}`;
-  const host = where.host.includes(':') ? `[${where.host}]` : where.host;
-  return `nbd://${host}:${where.port}/${name}`;
-}
-
 async function serve(image: string, opts: ServeOptions): Promise<void> {
   if (opts.socket && opts.port !== undefined) throw new Error('--socket and --port are exclusive');
-  const stack = await openStack(image, { format: opts.format, readOnly: opts.readOnly, direct: opts.direct, bitmapStore: opts.bitmapStore });
-  const server = new NbdServer({ maxConnections: opts.shared, handshakeTimeoutMs: opts.handshakeTimeout * 1000 });
-  server.addExport(new NbdExport({ name: opts.exportName, description: opts.description, queue: stack.queue, readOnly: opts.readOnly }));
-
-  // The sidecar (block status, bitmaps, control, fleecing) when --name or --sidecar asks for one;
-  // started first, so it is ready once the main socket is.
-  let sidecar: Sidecar | undefined;
-  if (opts.name !== undefined || opts.sidecar !== undefined) {
-    try {
-      sidecar = await Sidecar.start({
-        name: opts.name ?? (opts.exportName || basename(opts.sidecar!)),
-        dir: opts.sidecar,
-        queue: stack.queue,
-        stack: stack.layers,
-        bitmaps: stack.bitmaps,
-      });
-    } catch (err) {
-      await server.close();
-      throw err;
-    }
-  }
-
   let tempDir: string | undefined;
-  let uri: string;
   let socketPath = opts.socket;
   if (!socketPath && opts.port === undefined && opts.run) {
     tempDir = mkdtempSync(join(tmpdir(), 'nbdd-'));
     socketPath = join(tempDir, 'nbd.sock');
   }
+  const frontend = new NbdServerFrontend({
+    exportName: opts.exportName,
+    description: opts.description,
+    readOnly: opts.readOnly,
+    maxConnections: opts.shared,
+    handshakeTimeoutMs: opts.handshakeTimeout * 1000,
+    listen: socketPath ? { socket: socketPath } : { host: opts.bind, port: opts.port ?? NBD_DEFAULT_PORT },
+  });
+  // The sidecar (block status, bitmaps, control, fleecing) when --name or --sidecar asks for one;
+  // the runtime starts it before the frontend, so it is ready once the main socket is.
+  const wantSidecar = opts.name !== undefined || opts.sidecar !== undefined;
+  let runtime: DeviceRuntime;
   try {
-    if (socketPath) {
-      await server.listenUnix(socketPath);
-      uri = nbdUri(opts.exportName, { socket: socketPath });
-    } else {
-      const port = await server.listenTcp(opts.port ?? NBD_DEFAULT_PORT, opts.bind);
-      uri = nbdUri(opts.exportName, { host: opts.bind, port });
-    }
+    runtime = await DeviceRuntime.start({
+      image,
+      stack: { format: opts.format, readOnly: opts.readOnly, direct: opts.direct, bitmapStore: opts.bitmapStore },
+      frontend,
+      sidecar: wantSidecar ? { name: opts.name ?? (opts.exportName || basename(opts.sidecar!)), dir: opts.sidecar } : undefined,
+    });
   } catch (err) {
-    await sidecar?.close();
-    await server.close();
+    if (tempDir) rmSync(tempDir, { recursive: true, force: true });
     throw err;
   }
-  log.info(`serving ${image} (${stack.image.kind}, ${formatSize(stack.image.size)}${stack.queue.caps.readOnly || opts.readOnly ? ', read-only' : ''}) at ${uri}`);
+  const { image: info, queue } = runtime.stack;
+  const uri = frontend.uri;
+  log.info(`serving ${image} (${info.kind}, ${formatSize(info.size)}${queue.caps.readOnly || opts.readOnly ? ', read-only' : ''}) at ${uri}`);
 
   let stopping = false;
   const stop = async (code: number): Promise<void> => {
     if (stopping) return;
     stopping = true;
-    await sidecar?.close();
-    await server.close();
+    await runtime.stop();
     if (tempDir) rmSync(tempDir, { recursive: true, force: true });
     process.exit(code);
   };

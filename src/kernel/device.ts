@@ -1,5 +1,6 @@
 /**
- * One /dev/nbdN served by this process: the image's request stack, one socketpair per connection
+ * One /dev/nbdN served by this process, as a frontend of the device runtime (src/runtime/device.ts,
+ * which owns the stack and the sidecar): one socketpair per connection
  * (our end served by the NBD server's transmission-phase sessions, the other end handed to the
  * kernel), the netlink CONNECT or RECONFIGURE that binds them, and what keeps the device alive:
  *
@@ -18,10 +19,9 @@ import { Errno, NbddError, messageOf } from '../core/errors.js';
 import { logger } from '../core/log.js';
 import { checkName } from '../core/paths.js';
 import type { Format } from '../backends/open.js';
-import { openStack } from '../daemon/stack.js';
 import { NbdExport } from '../nbd/server/export.js';
-import { Sidecar } from '../sidecar/sidecar.js';
 import { NbdServer } from '../nbd/server/server.js';
+import { DeviceRuntime, type Frontend, type FrontendContext } from '../runtime/device.js';
 import type { NbdSession } from '../nbd/server/session.js';
 import { NBD_FLAG } from '../nbd/wire/constants.js';
 import { closeFd, socketPair } from '../sys/libc.js';
@@ -82,45 +82,65 @@ function checkExplicitDevice(control: NbdControl, opts: AttachOptions): DeviceSt
   return prior;
 }
 
-export class KernelDevice {
+/**
+ * The kernel NBD driver as a frontend. `prepare` runs before the stack opens (it decides, from a
+ * device being re-attached, whether the image opens read-only); `start` CONNECTs or RECONFIGUREs;
+ * `stop` DISCONNECTs (unless the device is already gone), lets the sessions finish, and forgets
+ * the device. The queue is the runtime's, closed after this.
+ */
+export class KernelFrontend implements Frontend {
+  readonly kind = 'kernel-nbd';
   private readonly sessions = new Set<NbdSession>();
-  private detaching: Promise<void> | null = null;
+  private server: NbdServer | null = null;
+  private state: DeviceState | null = null;
+  private stopping: Promise<void> | null = null;
+  private disconnected = false;
   private recheck: NodeJS.Timeout | null = null;
   private listener: LinkDeadListener | null = null;
-  /** Block status, bitmaps, control and fleecing for backup tools (/run/nbdd/NAME). */
-  private sidecar: Sidecar | null = null;
-  private doneResolve!: () => void;
-  /** Resolves once the device is detached and the image closed. */
-  readonly done: Promise<void> = new Promise((r) => (this.doneResolve = r));
+  private ctx: FrontendContext | null = null;
 
   private constructor(
     private readonly control: NbdControl,
-    private readonly server: NbdServer,
-    private readonly state: DeviceState,
+    private readonly opts: AttachOptions,
+    /** The state of the device being re-attached, if any. */
+    private readonly prior: DeviceState | undefined,
   ) {}
 
-  get index(): number {
-    return this.state.index;
-  }
-
-  /**
-   * CONNECTs a new device, or RECONFIGUREs `opts.index` when it is still connected to the same
-   * image under the same name and its daemon is gone. Throws NbddError with advice on failure
-   * (module missing, not root, device busy, image missing or locked); nothing stays open then.
-   */
-  static async attach(opts: AttachOptions): Promise<{ device: KernelDevice; reattached: boolean }> {
+  /** Checks the name, privileges and an explicit device (free, or ours to re-attach). */
+  static prepare(opts: AttachOptions): KernelFrontend {
     checkName(opts.name);
     requireSysAdmin();
     const control = NbdControl.open();
-    let server: NbdServer | undefined;
-    let sidecar: Sidecar | undefined;
-    let device: KernelDevice | undefined;
     try {
       const prior = opts.index === undefined ? undefined : checkExplicitDevice(control, opts);
-      const readOnly = prior ? prior.readOnly : opts.readOnly;
-      const stack = await openStack(opts.image, { format: opts.format, readOnly });
-      server = new NbdServer();
-      const exp = new NbdExport({ name: opts.name, queue: stack.queue, readOnly });
+      return new KernelFrontend(control, opts, prior);
+    } catch (err) {
+      control.close();
+      throw err;
+    }
+  }
+
+  get reattached(): boolean {
+    return !!this.prior;
+  }
+
+  /** A re-attached device keeps the read-only setting it was made with. */
+  get readOnly(): boolean {
+    return this.prior ? this.prior.readOnly : this.opts.readOnly;
+  }
+
+  get index(): number {
+    return this.state?.index ?? -1;
+  }
+
+  async start(ctx: FrontendContext): Promise<void> {
+    const { opts, prior, control } = this;
+    const stack = ctx.stack;
+    this.ctx = ctx;
+    const server = new NbdServer();
+    this.server = server;
+    try {
+      const exp = new NbdExport({ name: opts.name, queue: stack.queue, readOnly: this.readOnly, ownsQueue: false });
       server.addExport(exp);
       const serverFlags = exp.transmissionFlags(false);
       const connections = prior ? prior.connections : opts.connections;
@@ -148,18 +168,9 @@ export class KernelDevice {
             deadConnTimeoutS: opts.deadConnTimeoutS,
             attachedAt: new Date().toISOString(),
           };
-      device = new KernelDevice(control, server, state);
-      const attaching = device;
-      sidecar = await Sidecar.start({
-        name: state.name,
-        queue: stack.queue,
-        stack: stack.layers,
-        bitmaps: stack.bitmaps,
-        frontendStatus: () => ({ device: devicePath(attaching.index), connections: attaching.sessions.size, configured: state.connections }),
-      });
-      device.sidecar = sidecar;
-      state.sidecar = sidecar.dir;
-      const kernelFds = device.openConnections(connections);
+      if (ctx.sidecarDir) state.sidecar = ctx.sidecarDir;
+      this.state = state;
+      const kernelFds = this.openConnections(connections);
       try {
         if (prior) {
           control.reconfigure({ index: prior.index, backendId: prior.backendId, sockets: kernelFds, timeoutS: prior.timeoutS, deadConnTimeoutS: prior.deadConnTimeoutS });
@@ -180,23 +191,54 @@ export class KernelDevice {
         for (const fd of kernelFds) closeFd(fd);
       }
       saveState(state);
-      const attached = device;
-      device.listener = LinkDeadListener.forControl(control, (index) => {
-        if (index !== attached.index) return;
+      this.listener = LinkDeadListener.forControl(control, (index) => {
+        if (index !== this.index) return;
         log.warn(`${devicePath(index)}: the kernel reports a dead connection`);
-        attached.sidecar?.events.publish('link-dead', { device: devicePath(index) });
-        attached.scheduleCheck();
+        ctx.publish('link-dead', { device: devicePath(index) });
+        this.scheduleCheck();
       });
       log.info(`${devicePath(state.index)}: ${prior ? 're-attached' : 'attached'} ${state.image} as '${state.name}' over ${connections} connection(s)`);
-      return { device, reattached: !!prior };
     } catch (err) {
       // Closing our ends below must not look like dead connections to replace.
-      if (device) device.detaching = Promise.resolve();
-      await sidecar?.close().catch(() => undefined);
-      await server?.close().catch(() => undefined);
+      this.stopping = Promise.resolve();
+      await server.close().catch(() => undefined);
       control.close();
       throw err;
     }
+  }
+
+  status(): Record<string, unknown> {
+    return { device: devicePath(this.index), connections: this.sessions.size, configured: this.state?.connections ?? 0 };
+  }
+
+  /** DISCONNECT; errors (other than the device being gone already) are the caller's. */
+  disconnect(): void {
+    if (this.disconnected || this.index < 0) return;
+    try {
+      this.control.disconnect(this.index);
+    } catch (err) {
+      if (!(err instanceof NbddError && err.errno === Errno.ENODEV)) throw err;
+    }
+    this.disconnected = true;
+  }
+
+  /** DISCONNECT if still connected, wait for the kernel to close the connections, forget the device. Idempotent. */
+  stop(): Promise<void> {
+    this.stopping ??= (async () => {
+      if (this.recheck) clearTimeout(this.recheck);
+      this.listener?.close();
+      try {
+        this.disconnect();
+      } finally {
+        await this.server?.close();
+        this.control.close();
+        if (this.index >= 0) {
+          removeState(this.index);
+          log.info(`${devicePath(this.index)}: detached; ${this.state!.image} closed`);
+        }
+      }
+    })();
+    return this.stopping;
   }
 
   /** Makes `n` socketpairs, serves our ends, returns the kernel's ends (the caller closes them). */
@@ -205,68 +247,88 @@ export class KernelDevice {
     for (let i = 0; i < n; i++) {
       const [kernelEnd, ourEnd] = socketPair();
       kernelFds.push(kernelEnd);
-      const session = this.server.serveTransmission(ourEnd, this.state.name);
+      const session = this.server!.serveTransmission(ourEnd, this.opts.name);
       this.sessions.add(session);
       void session.closed.then(() => {
         this.sessions.delete(session);
-        if (!this.detaching) this.scheduleCheck();
+        if (!this.stopping) this.scheduleCheck();
       });
     }
     return kernelFds;
   }
 
   private scheduleCheck(): void {
-    if (this.detaching || this.recheck) return;
+    if (this.stopping || this.recheck) return;
     this.recheck = setTimeout(() => {
       this.recheck = null;
       this.checkConnections().catch((err) => log.error(`${devicePath(this.index)}: ${messageOf(err)}`));
     }, RECHECK_MS);
   }
 
-  /** Replaces dead connections, or closes when the device lost its configuration. */
+  /** Replaces dead connections, or ends the runtime when the device lost its configuration. */
   private async checkConnections(): Promise<void> {
-    if (this.detaching) return;
+    if (this.stopping) return;
     const status = this.control.status(this.index)[0];
     if (!status?.connected) {
       log.warn(`${devicePath(this.index)} was disconnected from outside nbdd; closing the image`);
-      await this.close();
+      this.disconnected = true;
+      this.ctx!.ended();
       return;
     }
-    const missing = this.state.connections - this.sessions.size;
+    const missing = this.state!.connections - this.sessions.size;
     if (missing <= 0) return;
     const fds = this.openConnections(missing);
     try {
-      this.control.reconfigure({ index: this.index, backendId: this.state.backendId, sockets: fds });
+      this.control.reconfigure({ index: this.index, backendId: this.state!.backendId, sockets: fds });
       log.info(`${devicePath(this.index)}: replaced ${missing} dead connection(s)`);
-      this.sidecar?.events.publish('reconnected', { device: devicePath(this.index), connections: missing });
+      this.ctx!.publish('reconnected', { device: devicePath(this.index), connections: missing });
     } finally {
       for (const fd of fds) closeFd(fd);
     }
   }
+}
 
-  /** DISCONNECT, wait for the kernel to close the connections, flush and close the image. Idempotent. */
-  detach(): Promise<void> {
-    this.detaching ??= (async () => {
-      if (this.recheck) clearTimeout(this.recheck);
-      try {
-        this.control.disconnect(this.index);
-      } catch (err) {
-        if (!(err instanceof NbddError && err.errno === Errno.ENODEV)) throw err;
-      }
-      await this.close();
-    })();
-    return this.detaching;
+/** An attached /dev/nbdN: the kernel frontend in a device runtime with its sidecar. */
+export class KernelDevice {
+  private constructor(
+    private readonly runtime: DeviceRuntime,
+    private readonly frontend: KernelFrontend,
+  ) {}
+
+  get index(): number {
+    return this.frontend.index;
   }
 
-  private async close(): Promise<void> {
-    this.detaching ??= Promise.resolve();
-    this.listener?.close();
-    // The sidecar shares the device's queue; it goes first, then the server closes the queue.
-    await this.sidecar?.close();
-    await this.server.close();
-    this.control.close();
-    removeState(this.index);
-    log.info(`${devicePath(this.index)}: detached; ${this.state.image} closed`);
-    this.doneResolve();
+  /** Resolves once the device is detached and the image closed. */
+  get done(): Promise<void> {
+    return this.runtime.done;
+  }
+
+  /**
+   * CONNECTs a new device, or RECONFIGUREs `opts.index` when it is still connected to the same
+   * image under the same name and its daemon is gone. Throws NbddError with advice on failure
+   * (module missing, not root, device busy, image missing or locked); nothing stays open then.
+   */
+  static async attach(opts: AttachOptions): Promise<{ device: KernelDevice; reattached: boolean }> {
+    const frontend = KernelFrontend.prepare(opts);
+    let runtime: DeviceRuntime;
+    try {
+      runtime = await DeviceRuntime.start({
+        image: opts.image,
+        stack: { format: opts.format, readOnly: frontend.readOnly },
+        frontend,
+        sidecar: { name: opts.name },
+      });
+    } catch (err) {
+      await frontend.stop().catch(() => undefined);
+      throw err;
+    }
+    return { device: new KernelDevice(runtime, frontend), reattached: frontend.reattached };
+  }
+
+  /** DISCONNECT (its failure is thrown), then the runtime's stop: sessions finish, the image flushes and closes. */
+  async detach(): Promise<void> {
+    this.frontend.disconnect();
+    await this.runtime.stop();
   }
 }

@@ -42,8 +42,18 @@ export interface BackupStats {
   broken: string | null;
 }
 
+/** What a device offers backup tools: one point-in-time view at a time. */
+export interface Fleecing {
+  /** Starts a backup (EBUSY if one runs); see CopyBeforeWriteLayer.begin. */
+  begin(options?: BackupOptions): FleecingView;
+  /** Ends the running backup and drops its scratch data. */
+  end(): Promise<void>;
+  on(event: 'backup-error', listener: (message: string) => void): this;
+  off(event: 'backup-error', listener: (message: string) => void): this;
+}
+
 /** Events: `backup-error` (message: string) when the backup breaks. */
-export class CopyBeforeWriteLayer extends PassThroughLayer {
+export class CopyBeforeWriteLayer extends PassThroughLayer implements Fleecing {
   override readonly kind = 'copy-before-write';
   private view: FleecingView | null = null;
   private readonly events = new EventEmitter();

@@ -37,7 +37,13 @@ export function latencyBucket(us: number): number {
   return Math.min(LATENCY_BUCKETS - 1, Math.floor(Math.log2(us)) + 1);
 }
 
-export class StatsLayer extends PassThroughLayer {
+/** Per-operation counters since a moment. */
+export interface StatsSource {
+  readonly since: Date;
+  snapshot(): StatsSnapshot;
+}
+
+export class StatsLayer extends PassThroughLayer implements StatsSource {
   override readonly kind = 'stats';
   private ops: StatsSnapshot = StatsLayer.empty();
   readonly since = new Date();

@@ -26,7 +26,7 @@ import type { FleecingView } from '../layers/copy-before-write.js';
 import { NbdExport } from '../nbd/server/export.js';
 import { NbdServer } from '../nbd/server/server.js';
 import { getEuid } from '../sys/libc.js';
-import type { LayerStack } from './stack.js';
+import type { DeviceStack } from '../runtime/stack.js';
 
 const log = logger('sidecar');
 
@@ -37,9 +37,8 @@ export interface SidecarOptions {
   name: string;
   /** The directory (default `sidecarDir(name)`: `$NBDD_RUN_DIR/NAME`, else /run/nbdd/NAME). */
   dir?: string;
-  queue: BlockQueue;
-  stack: LayerStack;
-  bitmaps: BitmapSet;
+  /** The device's stack: its queue becomes the live export, its bitmaps and fleecing the rest. */
+  stack: DeviceStack;
   /** Offer the live export writable on nbd.sock (default read-only). */
   writable?: boolean;
   /** Peer uids allowed on control.sock besides root (default the daemon's euid). */
@@ -72,7 +71,7 @@ export class Sidecar implements ControlledDevice {
     this.options = options;
     this.name = options.name;
     this.dir = dir;
-    this.bitmaps = options.bitmaps;
+    this.bitmaps = options.stack.bitmaps;
     this.control = new ControlServer(deviceMethods(this), { allowedUids: options.allowedUids });
   }
 
@@ -100,14 +99,16 @@ export class Sidecar implements ControlledDevice {
   }
 
   private async listen(): Promise<void> {
-    const { queue, stack, bitmaps } = this.options;
+    const { stack } = this.options;
+    const bitmaps = stack.bitmaps;
     this.nbd.addExport(
       new NbdExport({
         name: this.name,
-        description: `nbdd ${this.name} (${stack.backend.kind})`,
-        queue,
+        description: `nbdd ${this.name} (${stack.image.kind})`,
+        queue: stack.queue,
         readOnly: !this.options.writable,
-        extraContexts: () => stack.tracking.metaContexts(),
+        ownsQueue: false,
+        extraContexts: () => stack.metaContexts(),
       }),
     );
     const coalescer = new DirtyCoalescer((extents) => this.events.publish('dirty', { extents }));
@@ -118,11 +119,11 @@ export class Sidecar implements ControlledDevice {
     const onBackupError = (message: string): void => this.events.publish('backup-error', { message });
     bitmaps.on('dirty', onDirty);
     bitmaps.on('persist-error', onPersistError);
-    stack.cbw.on('backup-error', onBackupError);
+    stack.fleecing.on('backup-error', onBackupError);
     this.detach.push(
       () => bitmaps.off('dirty', onDirty),
       () => bitmaps.off('persist-error', onPersistError),
-      () => stack.cbw.off('backup-error', onBackupError),
+      () => stack.fleecing.off('backup-error', onBackupError),
     );
     await this.nbd.listenUnix(this.nbdSocket);
     await fsp.chmod(this.nbdSocket, 0o600);
@@ -133,12 +134,13 @@ export class Sidecar implements ControlledDevice {
   /* ------------------------------------------------------------ ControlledDevice */
 
   status(): Record<string, unknown> {
-    const { stack, queue, bitmaps } = this.options;
+    const { stack } = this.options;
+    const { queue, bitmaps } = stack;
     return {
       name: this.name,
-      size: stack.backend.size,
-      backend: stack.backend.kind,
-      readOnly: stack.backend.caps.readOnly,
+      size: stack.image.size,
+      backend: stack.image.kind,
+      readOnly: stack.image.caps.readOnly,
       sidecar: { dir: this.dir, nbdSocket: this.nbdSocket, controlSocket: this.controlSocket, nbdConnections: this.nbd.connectionCount },
       exports: this.nbd.listExports().map((e) => ({ name: e.name, readOnly: e.readOnly })),
       bitmapStore: bitmaps.store ? { kind: bitmaps.store.kind, location: bitmaps.store.location } : null,
@@ -152,8 +154,8 @@ export class Sidecar implements ControlledDevice {
   }
 
   stats(): Record<string, unknown> {
-    const { stack, queue } = this.options;
-    return { since: stack.stats.since.toISOString(), queueDepth: queue.depth, ops: stack.stats.snapshot() };
+    const { stack } = this.options;
+    return { since: stack.stats.since.toISOString(), queueDepth: stack.queue.depth, ops: stack.stats.snapshot() };
   }
 
   /**
@@ -163,11 +165,12 @@ export class Sidecar implements ControlledDevice {
    */
   async backupBegin(params: BackupBeginParams): Promise<Record<string, unknown>> {
     if (this.backup) throw new NbddError(Errno.EBUSY, `a backup of '${this.name}' is running (export '${this.backup.exportName}')`);
-    const { stack, bitmaps } = this.options;
+    const { stack } = this.options;
+    const bitmaps = stack.bitmaps;
     if (params.bitmap !== undefined && !bitmaps.has(params.bitmap)) throw new NbddError(Errno.ENOENT, `no bitmap named '${params.bitmap}'`);
     // Everything below runs in one synchronous stretch: the view and the frozen bitmap describe
     // the same instant (no write can complete in between).
-    const view = stack.cbw.begin({
+    const view = stack.fleecing.begin({
       granularity: params.granularity,
       onLimit: params.onLimit,
       scratch: {
@@ -189,7 +192,7 @@ export class Sidecar implements ControlledDevice {
     );
     this.backup = { exportName, bitmap: bitmapName, view, queue, frozen, started: new Date().toISOString() };
     log.info(`backup of '${this.name}' started: export '${exportName}'${bitmapName ? `, bitmap '${bitmapName}'` : ''}`);
-    return { export: exportName, bitmap: bitmapName, size: stack.backend.size, granularity: view.granularity };
+    return { export: exportName, bitmap: bitmapName, size: stack.image.size, granularity: view.granularity };
   }
 
   async backupEnd(): Promise<void> {
@@ -197,8 +200,8 @@ export class Sidecar implements ControlledDevice {
     if (!b) throw new NbddError(Errno.ENOENT, `no backup of '${this.name}' is running`);
     this.backup = null;
     this.nbd.removeExport(b.exportName);
-    if (b.bitmap !== null) this.options.bitmaps.release(b.bitmap);
-    await this.options.stack.cbw.end();
+    if (b.bitmap !== null) this.options.stack.bitmaps.release(b.bitmap);
+    await this.options.stack.fleecing.end();
     await b.queue.close().catch((err) => log.warn(`closing the backup export: ${messageOf(err)}`));
     log.info(`backup of '${this.name}' ended`);
   }
@@ -208,9 +211,7 @@ export class Sidecar implements ControlledDevice {
     if (this.backup) await this.backupEnd();
     for (const d of this.detach.splice(0)) d();
     await this.control.close();
-    // NbdServer.close closes its exports' queues; the live queue belongs to the device, so take
-    // the export out first.
-    this.nbd.removeExport(this.name);
+    // The live export does not own the device's queue; the backup export owns its own.
     await this.nbd.close();
     await fsp.rmdir(this.dir).catch(() => undefined);
   }

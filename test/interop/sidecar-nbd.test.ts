@@ -11,7 +11,7 @@ import { BitmapSet } from '../../src/bitmaps/bitmap-set.js';
 import { BlockQueue } from '../../src/core/queue.js';
 import { ControlClient } from '../../src/control/control-client.js';
 import { Sidecar } from '../../src/sidecar/sidecar.js';
-import { buildStack } from '../../src/sidecar/stack.js';
+import { buildStack } from '../../src/runtime/stack.js';
 import { prng } from '../helpers/prng.js';
 import { runAsync as run, runAsyncOk as runOk } from '../helpers/run-async.js';
 import { requireTool } from '../helpers/tools.js';
@@ -45,8 +45,8 @@ describe('sidecar nbd.sock and control.sock with real NBD tools', () => {
     await backend.write(0, pattern); // written, so block status calls it data
     bitmaps = await BitmapSet.open(backend.size, null);
     const stack = buildStack(backend, bitmaps);
-    queue = new BlockQueue(stack.top);
-    sidecar = await Sidecar.start({ name: 'disk0', dir: join(dir, 'disk0'), queue, stack, bitmaps });
+    queue = stack.queue;
+    sidecar = await Sidecar.start({ name: 'disk0', dir: join(dir, 'disk0'), stack });
   });
   afterEach(async () => {
     await sidecar.close();

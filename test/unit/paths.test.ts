@@ -9,11 +9,10 @@ import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { BitmapSet } from '../../src/bitmaps/bitmap-set.js';
 import { checkName, runDir, sidecarDir } from '../../src/core/paths.js';
-import { BlockQueue } from '../../src/core/queue.js';
 import { ControlClient } from '../../src/control/control-client.js';
 import { controlSocketOf } from '../../src/sidecar/locate.js';
 import { Sidecar } from '../../src/sidecar/sidecar.js';
-import { buildStack } from '../../src/sidecar/stack.js';
+import { buildStack } from '../../src/runtime/stack.js';
 import { listStates, logPath, saveState } from '../../src/kernel/registry.js';
 import { TestBackend } from '../helpers/test-backend.js';
 
@@ -49,8 +48,8 @@ describe('run directory', () => {
     const backend = new TestBackend(1 << 20);
     const bitmaps = await BitmapSet.open(backend.size, null);
     const stack = buildStack(backend, bitmaps);
-    const queue = new BlockQueue(stack.top);
-    const sidecar = await Sidecar.start({ name: 'disk0', queue, stack, bitmaps });
+    const queue = stack.queue;
+    const sidecar = await Sidecar.start({ name: 'disk0', stack });
     try {
       expect(sidecar.dir).toBe(join(dir, 'disk0'));
       expect(existsSync(join(dir, 'disk0', 'control.sock'))).toBe(true);

@@ -16,6 +16,11 @@ export interface ExportOptions {
   readOnly?: boolean;
   /** More contexts (e.g. dirty bitmaps); asked again at every negotiation, so it may change. */
   extraContexts?: () => MetaContext[];
+  /**
+   * The server closes the queue when it closes (default true). A device runtime passes false:
+   * the queue is the device's, shared with the sidecar, and closed last by the runtime.
+   */
+  ownsQueue?: boolean;
 }
 
 export class NbdExport {
@@ -23,6 +28,7 @@ export class NbdExport {
   readonly description: string;
   readonly queue: BlockQueue;
   readonly readOnly: boolean;
+  readonly ownsQueue: boolean;
   private readonly extraContexts: () => MetaContext[];
   private readonly baseContexts: MetaContext[];
 
@@ -32,6 +38,7 @@ export class NbdExport {
     this.queue = options.queue;
     this.readOnly = !!options.readOnly || options.queue.caps.readOnly;
     this.extraContexts = options.extraContexts ?? (() => []);
+    this.ownsQueue = options.ownsQueue ?? true;
     const queue = this.queue;
     this.baseContexts = [
       { name: BASE_ALLOCATION, extents: async (o, l) => mapExtents(await queue.blockStatus(o, l), allocationFlags) },

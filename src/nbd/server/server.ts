@@ -129,7 +129,7 @@ export class NbdServer implements SessionHost {
 
   /**
    * Stops listening, lets every session answer what it has in flight, then flushes and closes
-   * every export's backend. Idempotent.
+   * the queue of every export that owns its queue. Idempotent.
    */
   close(): Promise<void> {
     this.closing ??= this.doClose();
@@ -144,6 +144,7 @@ export class NbdServer implements SessionHost {
     await Promise.all([...this.sessions].map((s) => s.shutdown()));
     await listenersClosed;
     for (const exp of this.exports.values()) {
+      if (!exp.ownsQueue) continue;
       try {
         await exp.queue.close();
       } catch (err) {

@@ -1,0 +1,62 @@
+/**
+ * The NBD server as a device frontend (`nbdd serve`): one export over the device's queue, on a
+ * unix socket or TCP.
+ */
+import type { Frontend, FrontendContext } from '../../runtime/device.js';
+import { NbdExport } from './export.js';
+import { NbdServer } from './server.js';
+
+export type Listen = { socket: string } | { host: string; port: number };
+
+export interface NbdServerFrontendOptions {
+  exportName: string;
+  description?: string;
+  readOnly?: boolean;
+  maxConnections?: number;
+  handshakeTimeoutMs?: number;
+  listen: Listen;
+}
+
+/** The NBD URI a client uses to reach `exportName` at `where`. */
+export function nbdUri(exportName: string, where: Listen): string {
+  const name = encodeURIComponent(exportName);
+  if ('socket' in where) return `nbd+unix:///${name}?socket=${encodeURIComponent(where.socket)}`;
+  const host = where.host.includes(':') ? `[${where.host}]` : where.host;
+  return `nbd://${host}:${where.port}/${name}`;
+}
+
+export class NbdServerFrontend implements Frontend {
+  readonly kind = 'nbd-server';
+  private server: NbdServer | null = null;
+  /** Where clients reach the export, once started (TCP port 0 resolved). */
+  uri = '';
+
+  constructor(private readonly options: NbdServerFrontendOptions) {}
+
+  async start(ctx: FrontendContext): Promise<void> {
+    const o = this.options;
+    const server = new NbdServer({ maxConnections: o.maxConnections, handshakeTimeoutMs: o.handshakeTimeoutMs });
+    server.addExport(new NbdExport({ name: o.exportName, description: o.description, queue: ctx.stack.queue, readOnly: o.readOnly, ownsQueue: false }));
+    try {
+      if ('socket' in o.listen) {
+        await server.listenUnix(o.listen.socket);
+        this.uri = nbdUri(o.exportName, o.listen);
+      } else {
+        const port = await server.listenTcp(o.listen.port, o.listen.host);
+        this.uri = nbdUri(o.exportName, { host: o.listen.host, port });
+      }
+    } catch (err) {
+      await server.close();
+      throw err;
+    }
+    this.server = server;
+  }
+
+  async stop(): Promise<void> {
+    await this.server?.close();
+  }
+
+  status(): Record<string, unknown> {
+    return { frontend: this.kind, uri: this.uri, connections: this.server?.connectionCount ?? 0 };
+  }
+}
