@@ -14,6 +14,7 @@
  *
  * The set is the only writer of the in-memory bits; the store only reads them.
  */
+import { afterBatch } from '../core/batch.js';
 import { EventEmitter } from 'node:events';
 import { Errno, NbddError } from '../core/errors.js';
 import { logger } from '../core/log.js';
@@ -149,7 +150,8 @@ export class BitmapSet extends EventEmitter {
   /** Schedules the pending changes to be written after the current turn and the running store op. */
   private schedulePending(): Promise<void> {
     if (this.pendingDurable) return this.pendingDurable;
-    const p = new Promise<void>((resolve) => queueMicrotask(resolve)).then(() => {
+    // Once the batch is issued: every first-touch write of the batch is in `pendingChanges` then.
+    const p = new Promise<void>((resolve) => afterBatch(resolve)).then(() => {
       const changes = this.pendingChanges;
       this.pendingChanges = new Map();
       this.pendingDurable = null;

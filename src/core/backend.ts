@@ -9,8 +9,14 @@
  * - every range is validated before it reaches a backend: `offset + length <= size`, `length > 0`
  *   for data commands, lengths within `caps.maxTransfer`; backends may assert this;
  * - writes are never sent to a backend whose `caps.readOnly` is true;
- * - all requests of one batch are issued in the same event-loop turn, so a backend may gather the
- *   metadata work of a batch and commit it once (qcow2 does);
+ * - requests come in batches (src/core/batch.ts): the queue issues a batch inside `runBatch`, and
+ *   every layer calls `next` for a request synchronously within its own call (a layer that must
+ *   wait first — dirty tracking waiting for its bits — chains `next` on that promise, never on a
+ *   timer). So a backend (or a layer) sees a batch's calls in one synchronous stretch, in arrival
+ *   order, and may register per-batch work with `afterBatch`: it runs after the batch's last call
+ *   and before any of its requests completes. Write-intent bitmaps rely on this: the bits of a
+ *   batch's first-touch writes are persisted once, and those writes reach the next layer only
+ *   after that (test/unit/write-intent.test.ts);
  * - `flush()` is called only after every write it must cover has completed;
  * - buffers passed to `write` belong to the backend until the promise settles; buffers returned by
  *   `read` belong to the caller.

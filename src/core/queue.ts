@@ -2,8 +2,9 @@
  * BlockQueue: the one path from every frontend to a backend stack (layers + backend).
  *
  * - Submissions are gathered and dispatched once per event-loop turn (`setImmediate`, i.e. after
- *   every socket read of the current poll phase), so a backend sees a whole batch issued in one turn
- *   and can commit its metadata once for it (see the contract in `backend.ts`).
+ *   every socket read of the current poll phase) as one batch (`runBatch`, src/core/batch.ts), so
+ *   a backend sees the whole batch issued at once and can do per-batch work once for it (see the
+ *   contract in `backend.ts`).
  * - Adjacent reads of a batch (contiguous ranges, in arrival order) are coalesced into one backend
  *   read and answered with views of it.
  * - FLUSH is exact: it starts only after every write-type request received before it has
@@ -17,6 +18,7 @@
  * The queue trusts its callers: ranges, flags and read-only were validated by the frontend.
  */
 import { DEFAULT_MAX_TRANSFER, allData, type Backend, type BackendCaps, type Extent, type WriteOptions, type ZeroOptions } from './backend.js';
+import { runBatch } from './batch.js';
 import { Errno, NbddError, assert } from './errors.js';
 import { tryCall } from './try-call.js';
 
@@ -155,6 +157,11 @@ export class BlockQueue {
     const batch = this.pending;
     this.pending = [];
     this.inFlight += batch.length;
+    runBatch(() => this.issue(batch));
+  };
+
+  /** Calls the backend for every entry of `batch`, in order (contiguous reads as one). */
+  private issue(batch: Entry[]): void {
     for (let i = 0; i < batch.length; ) {
       const entry = batch[i]!;
       if (entry.op === 'read') {
@@ -164,7 +171,7 @@ export class BlockQueue {
       this.start(entry);
       i++;
     }
-  };
+  }
 
   /** Starts the run of contiguous reads beginning at `batch[i]` as one backend read. */
   private startReads(batch: Entry[], i: number): number {
