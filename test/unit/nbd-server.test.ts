@@ -200,7 +200,7 @@ describe('the whole conversation split at every byte', () => {
 
   it('gives the same replies however the client stream is cut', async () => {
     const data = pattern(1000, 3);
-    const script = Buffer.concat([
+    const frames = [
       clientFlags(),
       optStructured(),
       optSetMeta(['base:allocation'], 'disk'),
@@ -213,7 +213,8 @@ describe('the whole conversation split at every byte', () => {
       request(NBD_CMD.WRITE_ZEROES, 5, 32768, 4096, NBD_CMD_FLAG.NO_HOLE),
       request(NBD_CMD.TRIM, 6, 49152, 4096),
       request(NBD_CMD.DISC, 7, 0, 0),
-    ]);
+    ];
+    const script = Buffer.concat(frames);
     const run = async (cuts: number[]): Promise<Reply[]> => {
       backend.reset();
       const c = await ScriptClient.connect(sock);
@@ -233,7 +234,15 @@ describe('the whole conversation split at every byte', () => {
     expect(expected[2]).toMatchObject({ kind: 'chunk', chunk: { type: NBD_REPLY_TYPE.OFFSET_DATA, offset: 4096, data } });
     expect(expected[3]).toMatchObject({ kind: 'chunk', chunk: { type: NBD_REPLY_TYPE.BLOCK_STATUS, contextId: 0, extents: [4096, 3, 4096, 0, 8192, 3] } });
     expect(backend.data.subarray(4096, 5096).equals(data)).toBe(true);
-    for (let cut = 1; cut < script.length; cut++) {
+    // Every byte position is covered socketlessly (nbd-negotiation.test.ts); over the socket, cut
+    // at and around each frame boundary and inside each frame.
+    const cuts = new Set<number>();
+    let at = 0;
+    for (const f of frames) {
+      for (const c of [at - 1, at, at + 1, at + Math.floor(f.length / 2)]) if (c > 0 && c < script.length) cuts.add(c);
+      at += f.length;
+    }
+    for (const cut of [...cuts].sort((x, y) => x - y)) {
       expect(await run([cut]), `cut at ${cut}`).toEqual(expected);
     }
     expect(await run(Array.from({ length: script.length - 1 }, (_, i) => i + 1))).toEqual(expected);

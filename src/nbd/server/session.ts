@@ -13,39 +13,8 @@ import net, { type Socket } from 'node:net';
 import { NbddError, errnoOf, messageOf } from '../../core/errors.js';
 import type { MetaContext } from '../../core/meta-context.js';
 import { logger } from '../../core/log.js';
-import {
-  LIMITS,
-  NBD_CMD,
-  NBD_CMD_FLAG,
-  NBD_ERR,
-  NBD_FLAG_C_FIXED_NEWSTYLE,
-  NBD_FLAG_C_NO_ZEROES,
-  NBD_FLAG_FIXED_NEWSTYLE,
-  NBD_FLAG_NO_ZEROES,
-  NBD_INFO,
-  NBD_OPT,
-  NBD_REP,
-  nameOfNbdCmd,
-  nameOfNbdOpt,
-  nbdErrorFromErrno,
-} from '../wire/constants.js';
-import {
-  CLIENT_FLAGS_LENGTH,
-  OPTION_HEADER_LENGTH,
-  ProtocolError,
-  decodeInfoRequest,
-  decodeMetaContextRequest,
-  decodeOptionHeader,
-  encodeExportNameReply,
-  encodeGreeting,
-  encodeInfoBlockSize,
-  encodeInfoExport,
-  encodeInfoString,
-  encodeOptionError,
-  encodeOptionReply,
-  encodeRepMetaContext,
-  encodeRepServer,
-} from '../wire/handshake.js';
+import { LIMITS, NBD_CMD, NBD_CMD_FLAG, NBD_ERR, NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES, nameOfNbdCmd, nbdErrorFromErrno } from '../wire/constants.js';
+import { ProtocolError, encodeGreeting } from '../wire/handshake.js';
 import { TurnWriter } from '../turn-writer.js';
 import { ChunkReader } from '../wire/reader.js';
 import {
@@ -58,15 +27,15 @@ import {
   encodeSimpleReply,
   type RequestHeader,
 } from '../wire/transmission.js';
-import { matchContexts, type NbdExport } from './export.js';
+import type { NbdExport } from './export.js';
+import { Negotiation, type ExportDirectory } from './negotiation.js';
+import { clip, planSparseRead, readsSparsely, validateRequest } from './requests.js';
 import { ReadSlab } from './read-slab.js';
 
 const log = logger('nbd');
 
 /** What the server lends a session: export lookup and its own bookkeeping. */
-export interface SessionHost {
-  findExport(name: string): NbdExport | undefined;
-  listExports(): NbdExport[];
+export interface SessionHost extends ExportDirectory {
   /** Called once when the session has fully closed. */
   sessionClosed(session: NbdSession): void;
 }
@@ -81,10 +50,8 @@ export interface SessionOptions {
 type Phase = 'handshake' | 'transmission' | 'draining' | 'closed';
 
 type Wait =
-  | { kind: 'clientFlags' }
-  | { kind: 'optionHeader' }
-  | { kind: 'optionData'; option: number; length: number }
-  | { kind: 'optionSkip'; option: number; remaining: number }
+  /** Negotiating: the bytes go to `negotiation`. */
+  | { kind: 'negotiation' }
   | { kind: 'request' }
   /** `buf`: a large payload's own buffer, filled as bytes arrive (else a view of the input). */
   | { kind: 'payload'; header: RequestHeader; error: number; buf: Buffer | null; filled: number };
@@ -95,33 +62,18 @@ type Wait =
  * of the received bytes.
  */
 const OWN_PAYLOAD_MIN = 64 * 1024;
-/** Reads at least this long, without DF, are answered sparsely (holes as OFFSET_HOLE chunks). */
-const SPARSE_READ_MIN = 64 * 1024;
-/** Flags valid per command (before checking what the export negotiated). */
-const VALID_FLAGS: Record<number, number> = {
-  [NBD_CMD.READ]: NBD_CMD_FLAG.FUA | NBD_CMD_FLAG.DF,
-  [NBD_CMD.WRITE]: NBD_CMD_FLAG.FUA,
-  [NBD_CMD.DISC]: 0,
-  [NBD_CMD.FLUSH]: NBD_CMD_FLAG.FUA,
-  [NBD_CMD.TRIM]: NBD_CMD_FLAG.FUA,
-  [NBD_CMD.CACHE]: NBD_CMD_FLAG.FUA,
-  [NBD_CMD.WRITE_ZEROES]: NBD_CMD_FLAG.FUA | NBD_CMD_FLAG.NO_HOLE | NBD_CMD_FLAG.FAST_ZERO,
-  [NBD_CMD.BLOCK_STATUS]: NBD_CMD_FLAG.FUA | NBD_CMD_FLAG.REQ_ONE,
-};
-
 let nextSessionId = 1;
 
 export class NbdSession {
   readonly id = nextSessionId++;
   private phase: Phase = 'handshake';
-  private wait: Wait = { kind: 'clientFlags' };
+  private wait: Wait = { kind: 'negotiation' };
   private readonly reader = new ChunkReader();
   private readonly out: TurnWriter;
-  private noZeroes = false;
+  private readonly negotiation: Negotiation;
   private structured = false;
-  private optionCount = 0;
-  /** Contexts chosen by SET_META_CONTEXT, with the export they were chosen for. */
-  private selected: { exportName: string; contexts: MetaContext[] } | null = null;
+  /** Contexts selected for the export (SET_META_CONTEXT), in context-id order. */
+  private contexts: MetaContext[] = [];
   private export: NbdExport | null = null;
   private inFlight = 0;
   private blocked = false;
@@ -143,6 +95,7 @@ export class NbdSession {
     slab: ReadSlab | null = null,
   ) {
     this.out = new TurnWriter(socket);
+    this.negotiation = new Negotiation(host, (frame) => this.send(frame), `session ${this.id}`);
     this.slab = slab;
     socket.setNoDelay?.(true);
     if (!slab) socket.on('data', this.onData);
@@ -263,35 +216,20 @@ export class NbdSession {
     const r = this.reader;
     const w = this.wait;
     switch (w.kind) {
-      case 'clientFlags': {
-        if (r.length < CLIENT_FLAGS_LENGTH) return false;
-        const flags = r.consume(CLIENT_FLAGS_LENGTH).readUInt32BE(0);
-        if ((flags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)) !== 0) {
-          throw new ProtocolError(`unknown client flags 0x${flags.toString(16)}`);
+      case 'negotiation': {
+        const end = this.negotiation.advance(r);
+        if (!end) return false;
+        if (end.kind === 'close') {
+          if (end.graceful) this.close();
+          else {
+            log.warn(`${this.description}: ${end.reason}; closing`);
+            this.terminate();
+          }
+          return false;
         }
-        this.noZeroes = (flags & NBD_FLAG_C_NO_ZEROES) !== 0;
-        this.wait = { kind: 'optionHeader' };
-        return true;
-      }
-      case 'optionHeader': {
-        if (r.length < OPTION_HEADER_LENGTH) return false;
-        const { option, length } = decodeOptionHeader(r.consume(OPTION_HEADER_LENGTH));
-        if (++this.optionCount > LIMITS.maxOptions) throw new ProtocolError(`more than ${LIMITS.maxOptions} options`);
-        this.wait = length > LIMITS.maxOptionLength ? { kind: 'optionSkip', option, remaining: length } : { kind: 'optionData', option, length };
-        return true;
-      }
-      case 'optionSkip': {
-        w.remaining -= r.skip(w.remaining);
-        if (w.remaining > 0) return false;
-        this.wait = { kind: 'optionHeader' };
-        this.replyOptionError(w.option, NBD_REP.ERR_TOO_BIG, 'option data too long');
-        return true;
-      }
-      case 'optionData': {
-        if (r.length < w.length) return false;
-        const data = r.consume(w.length);
-        this.wait = { kind: 'optionHeader' };
-        this.handleOption(w.option, data);
+        this.structured = end.structured;
+        this.contexts = end.contexts;
+        this.enterTransmission(end.export);
         return true;
       }
       case 'request': {
@@ -319,133 +257,28 @@ export class NbdSession {
     }
   }
 
-  /* ------------------------------------------------------------ negotiation */
-
-  private handleOption(option: number, data: Buffer): void {
-    log.debug(`${this.description}: ${nameOfNbdOpt(option)} (${data.length} bytes)`);
-    try {
-      switch (option) {
-        case NBD_OPT.EXPORT_NAME:
-          return this.handleOptExportName(data);
-        case NBD_OPT.ABORT:
-          this.send(encodeOptionReply(option, NBD_REP.ACK));
-          return this.close();
-        case NBD_OPT.LIST:
-          return this.handleOptList(data);
-        case NBD_OPT.INFO:
-        case NBD_OPT.GO:
-          return this.handleOptInfoGo(option, data);
-        case NBD_OPT.STRUCTURED_REPLY:
-          if (data.length !== 0) return this.replyOptionError(option, NBD_REP.ERR_INVALID, 'STRUCTURED_REPLY takes no data');
-          this.structured = true;
-          return this.send(encodeOptionReply(option, NBD_REP.ACK));
-        case NBD_OPT.LIST_META_CONTEXT:
-        case NBD_OPT.SET_META_CONTEXT:
-          return this.handleOptMetaContext(option, data);
-        default:
-          return this.replyOptionError(option, NBD_REP.ERR_UNSUP, `${nameOfNbdOpt(option)} is not supported`);
-      }
-    } catch (err) {
-      if (!(err instanceof ProtocolError)) throw err;
-      this.replyOptionError(option, NBD_REP.ERR_INVALID, err.message);
-    }
-  }
-
-  private handleOptExportName(data: Buffer): void {
-    const name = data.toString('utf8');
-    const exp = this.host.findExport(name);
-    if (!exp) {
-      log.warn(`${this.description}: client asked for unknown export '${name}'; closing`);
-      return this.close();
-    }
-    this.send(encodeExportNameReply(exp.size, exp.transmissionFlags(this.structured), this.noZeroes));
-    this.enterTransmission(exp);
-  }
-
-  private handleOptList(data: Buffer): void {
-    if (data.length !== 0) return this.replyOptionError(NBD_OPT.LIST, NBD_REP.ERR_INVALID, 'LIST takes no data');
-    for (const exp of this.host.listExports()) {
-      this.send(encodeOptionReply(NBD_OPT.LIST, NBD_REP.SERVER, encodeRepServer(exp.name, exp.description)));
-    }
-    this.send(encodeOptionReply(NBD_OPT.LIST, NBD_REP.ACK));
-  }
-
-  private handleOptInfoGo(option: number, data: Buffer): void {
-    const req = decodeInfoRequest(data);
-    const exp = this.host.findExport(req.exportName);
-    if (!exp) return this.replyOptionError(option, NBD_REP.ERR_UNKNOWN, `no export named '${req.exportName}'`);
-    const reply = (info: Buffer): void => this.send(encodeOptionReply(option, NBD_REP.INFO, info));
-    reply(encodeInfoExport(exp.size, exp.transmissionFlags(this.structured)));
-    if (req.infos.includes(NBD_INFO.NAME)) reply(encodeInfoString(NBD_INFO.NAME, exp.name));
-    if (req.infos.includes(NBD_INFO.DESCRIPTION) && exp.description) reply(encodeInfoString(NBD_INFO.DESCRIPTION, exp.description));
-    reply(encodeInfoBlockSize(exp.minBlockSize, exp.preferredBlockSize, exp.maxPayload));
-    this.send(encodeOptionReply(option, NBD_REP.ACK));
-    if (option === NBD_OPT.GO) this.enterTransmission(exp);
-  }
-
-  private handleOptMetaContext(option: number, data: Buffer): void {
-    const list = option === NBD_OPT.LIST_META_CONTEXT;
-    if (!this.structured) {
-      if (!list) this.selected = null;
-      return this.replyOptionError(option, NBD_REP.ERR_INVALID, 'meta contexts need structured replies first');
-    }
-    const req = decodeMetaContextRequest(data);
-    const exp = this.host.findExport(req.exportName);
-    if (!exp) {
-      if (!list) this.selected = null;
-      return this.replyOptionError(option, NBD_REP.ERR_UNKNOWN, `no export named '${req.exportName}'`);
-    }
-    const available = exp.contexts();
-    let chosen: MetaContext[];
-    if (list && req.queries.length === 0) chosen = available;
-    else {
-      chosen = [];
-      for (const q of req.queries) {
-        for (const c of matchContexts(available, q, list)) if (!chosen.includes(c)) chosen.push(c);
-      }
-    }
-    chosen.forEach((c, i) => this.send(encodeOptionReply(option, NBD_REP.META_CONTEXT, encodeRepMetaContext(list ? 0 : i, c.name))));
-    if (!list) this.selected = { exportName: exp.name, contexts: chosen };
-    this.send(encodeOptionReply(option, NBD_REP.ACK));
-  }
-
-  private replyOptionError(option: number, type: number, message: string): void {
-    log.debug(`${this.description}: ${nameOfNbdOpt(option)} refused: ${message}`);
-    this.send(encodeOptionError(option, type, message));
-  }
+  /* ------------------------------------------------------------ transmission */
 
   private enterTransmission(exp: NbdExport): void {
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.handshakeTimer = null;
     this.export = exp;
-    if (this.selected && this.selected.exportName !== exp.name) this.selected = null;
     this.phase = 'transmission';
     this.wait = { kind: 'request' };
     this.unsubscribeDrain = exp.queue.onDrain(this.onQueueDrain);
     log.debug(`${this.description}: transmission (structured=${this.structured})`);
   }
 
-  /* ------------------------------------------------------------ transmission */
-
-  /** Checks a request against the export; an NBD error value, or 0 when it may proceed. */
+  /** Checks a request against the export and this connection (see requests.ts). */
   private validate(h: RequestHeader, exp: NbdExport): number {
-    const valid = VALID_FLAGS[h.type];
-    if (valid === undefined) return NBD_ERR.EINVAL;
-    if ((h.flags & ~valid) !== 0) return NBD_ERR.EINVAL;
-    if (h.flags & NBD_CMD_FLAG.DF && !this.structured) return NBD_ERR.EINVAL;
-    const isWrite = h.type === NBD_CMD.WRITE || h.type === NBD_CMD.TRIM || h.type === NBD_CMD.WRITE_ZEROES;
-    if (isWrite && exp.readOnly) return NBD_ERR.EPERM;
-    if (h.type === NBD_CMD.FLUSH || h.type === NBD_CMD.DISC) return 0;
-    if (h.offset + h.length > exp.size) return isWrite ? NBD_ERR.ENOSPC : NBD_ERR.EINVAL;
-    const min = exp.minBlockSize;
-    if (min > 1 && (h.offset % min !== 0 || h.length % min !== 0)) return NBD_ERR.EINVAL;
-    if (h.type === NBD_CMD.READ && h.length > exp.maxPayload) {
-      return h.flags & NBD_CMD_FLAG.DF ? NBD_ERR.EOVERFLOW : NBD_ERR.EINVAL;
-    }
-    if (h.type === NBD_CMD.BLOCK_STATUS && (h.length === 0 || !this.selected || this.selected.contexts.length === 0)) {
-      return NBD_ERR.EINVAL;
-    }
-    return 0;
+    return validateRequest(h, {
+      size: exp.size,
+      readOnly: exp.readOnly,
+      minBlockSize: exp.minBlockSize,
+      maxPayload: exp.maxPayload,
+      structured: this.structured,
+      contexts: this.contexts.length,
+    });
   }
 
   private handleRequestHeader(h: RequestHeader): void {
@@ -470,7 +303,7 @@ export class NbdSession {
     const fua = (h.flags & NBD_CMD_FLAG.FUA) !== 0;
     switch (h.type) {
       case NBD_CMD.READ:
-        if (h.length > 0 && (!this.structured || h.flags & NBD_CMD_FLAG.DF || h.length < SPARSE_READ_MIN || !q.caps.blockStatus)) {
+        if (h.length > 0 && !readsSparsely(h, this.structured, q.caps)) {
           // The common read: one queue read, one reply (no async frame on this per-request path).
           return this.track(h, q.read(h.offset, h.length).then((data) => this.sendReadData(h, h.offset, data, true)));
         }
@@ -499,27 +332,21 @@ export class NbdSession {
   private async handleRead(h: RequestHeader): Promise<void> {
     const q = this.export!.queue;
     if (h.length === 0) return this.structured ? this.sendReadData(h, h.offset, EMPTY, true) : this.replyOk(h);
-    if (!this.structured || h.flags & NBD_CMD_FLAG.DF || h.length < SPARSE_READ_MIN || !q.caps.blockStatus) {
+    if (!readsSparsely(h, this.structured, q.caps)) {
       const data = await q.read(h.offset, h.length);
       return this.sendReadData(h, h.offset, data, true);
     }
     // Sparse read: holes and zero extents become OFFSET_HOLE chunks, data is read per extent.
-    const extents = clip(await q.blockStatus(h.offset, h.length), h.length);
-    if (extents.length === 1 && !extents[0]!.zero) {
+    const parts = planSparseRead(await q.blockStatus(h.offset, h.length), h.offset, h.length);
+    if (parts.length === 1 && !parts[0]!.hole) {
       return this.sendReadData(h, h.offset, await q.read(h.offset, h.length), true);
     }
-    let at = h.offset;
-    const parts = extents.map((e) => {
-      const start = at;
-      at += e.length;
-      return { start, length: e.length, data: e.zero ? null : q.read(start, e.length) };
-    });
-    const buffers = await Promise.all(parts.map((p) => p.data));
+    const buffers = await Promise.all(parts.map((p) => (p.hole ? null : q.read(p.offset, p.length))));
     if (this.phase === 'closed') return;
     parts.forEach((p, i) => {
       const done = i === parts.length - 1;
-      if (p.data) this.sendReadData(h, p.start, buffers[i]!, done);
-      else this.send(encodeChunkOffsetHole(h.cookieHi, h.cookieLo, done, p.start, p.length));
+      if (p.hole) this.send(encodeChunkOffsetHole(h.cookieHi, h.cookieLo, done, p.offset, p.length));
+      else this.sendReadData(h, p.offset, buffers[i]!, done);
     });
   }
 
@@ -531,7 +358,7 @@ export class NbdSession {
   }
 
   private async handleBlockStatus(h: RequestHeader): Promise<void> {
-    const contexts = this.selected!.contexts;
+    const contexts = this.contexts;
     const reqOne = (h.flags & NBD_CMD_FLAG.REQ_ONE) !== 0;
     const results = await Promise.all(contexts.map((c) => c.extents(h.offset, h.length)));
     if (this.phase === 'closed') return;
@@ -652,17 +479,3 @@ export class NbdSession {
 }
 
 const EMPTY = Buffer.alloc(0);
-
-/** Keeps extents within `length` bytes (and at most `max` of them); extents are consecutive. */
-function clip<T extends { length: number }>(extents: T[], length: number, max = Infinity): T[] {
-  const out: T[] = [];
-  let covered = 0;
-  for (const e of extents) {
-    if (covered >= length || out.length >= max) break;
-    const take = Math.min(e.length, length - covered);
-    out.push(take === e.length ? e : { ...e, length: take });
-    covered += take;
-  }
-  return out;
-}
-
