@@ -144,61 +144,38 @@ export const LIMITS = {
 } as const;
 
 /**
- * One table from errno to the NBD wire, aware of the request's flags as nbdkit's is: ENOTSUP
- * answers NBD_ENOTSUP only to a FAST_ZERO write-zeroes (the client then falls back to writing
- * zeroes) and EOVERFLOW answers NBD_EOVERFLOW only to a DF read; both are EINVAL otherwise, the
- * values every client understands. Unknown errnos are EIO: the request failed, not the client.
+ * The one table between errno and the NBD wire. Each NBD error is listed with the errnos that
+ * map to it; the first is what our client turns it back into. Unknown NBD errors read as EINVAL
+ * (the spec's rule); unknown errnos are sent as EIO: the request failed, not the client.
+ */
+const ERRNO_OF_NBD_ERR: readonly (readonly [nbdError: number, errnos: readonly number[]])[] = [
+  [NBD_ERR.EPERM, [Errno.EPERM, Errno.EROFS, Errno.EACCES]],
+  [NBD_ERR.EIO, [Errno.EIO, Errno.EUCLEAN]],
+  [NBD_ERR.ENOMEM, [Errno.ENOMEM]],
+  [NBD_ERR.EINVAL, [Errno.EINVAL]],
+  [NBD_ERR.ENOSPC, [Errno.ENOSPC, Errno.EFBIG]],
+  [NBD_ERR.EOVERFLOW, [Errno.EOVERFLOW]],
+  [NBD_ERR.ENOTSUP, [Errno.ENOTSUP, Errno.ENOSYS]],
+  [NBD_ERR.ESHUTDOWN, [Errno.ESHUTDOWN]],
+];
+const NBD_ERR_BY_ERRNO = new Map(ERRNO_OF_NBD_ERR.flatMap(([nbd, errnos]) => errnos.map((e) => [e, nbd] as const)));
+const ERRNO_BY_NBD_ERR = new Map(ERRNO_OF_NBD_ERR.map(([nbd, errnos]) => [nbd, errnos[0]!] as const));
+
+/**
+ * errno → NBD error, aware of the request's flags as nbdkit's table is: NBD_ENOTSUP answers only
+ * a FAST_ZERO write-zeroes (the client then falls back to writing zeroes) and NBD_EOVERFLOW only
+ * a DF read; both are EINVAL otherwise, the value every client understands.
  */
 export function nbdErrorFromErrno(errno: number, flags = 0): number {
-  switch (errno) {
-    case Errno.EPERM:
-    case Errno.EROFS:
-    case Errno.EACCES:
-      return NBD_ERR.EPERM;
-    case Errno.EIO:
-    case Errno.EUCLEAN:
-      return NBD_ERR.EIO;
-    case Errno.ENOMEM:
-      return NBD_ERR.ENOMEM;
-    case Errno.ENOSPC:
-    case Errno.EFBIG:
-      return NBD_ERR.ENOSPC;
-    case Errno.EOVERFLOW:
-      return flags & NBD_CMD_FLAG.DF ? NBD_ERR.EOVERFLOW : NBD_ERR.EINVAL;
-    case Errno.ENOTSUP:
-    case Errno.ENOSYS:
-      return flags & NBD_CMD_FLAG.FAST_ZERO ? NBD_ERR.ENOTSUP : NBD_ERR.EINVAL;
-    case Errno.ESHUTDOWN:
-      return NBD_ERR.ESHUTDOWN;
-    case Errno.EINVAL:
-      return NBD_ERR.EINVAL;
-    default:
-      return NBD_ERR.EIO;
-  }
+  const error = NBD_ERR_BY_ERRNO.get(errno) ?? NBD_ERR.EIO;
+  if (error === NBD_ERR.ENOTSUP && !(flags & NBD_CMD_FLAG.FAST_ZERO)) return NBD_ERR.EINVAL;
+  if (error === NBD_ERR.EOVERFLOW && !(flags & NBD_CMD_FLAG.DF)) return NBD_ERR.EINVAL;
+  return error;
 }
 
 /** The reverse, for our client: NBD error value to errno (unknown ⇒ EINVAL per the spec). */
 export function errnoFromNbdError(error: number): number {
-  switch (error) {
-    case NBD_ERR.EPERM:
-      return Errno.EPERM;
-    case NBD_ERR.EIO:
-      return Errno.EIO;
-    case NBD_ERR.ENOMEM:
-      return Errno.ENOMEM;
-    case NBD_ERR.EINVAL:
-      return Errno.EINVAL;
-    case NBD_ERR.ENOSPC:
-      return Errno.ENOSPC;
-    case NBD_ERR.EOVERFLOW:
-      return Errno.EOVERFLOW;
-    case NBD_ERR.ENOTSUP:
-      return Errno.ENOTSUP;
-    case NBD_ERR.ESHUTDOWN:
-      return Errno.ESHUTDOWN;
-    default:
-      return Errno.EINVAL;
-  }
+  return ERRNO_BY_NBD_ERR.get(error) ?? Errno.EINVAL;
 }
 
 function nameTable(table: Record<string, number>, prefix: string): (value: number) => string {

@@ -87,6 +87,26 @@ export function encodeOption(option: number, data: Buffer = EMPTY): Buffer {
 
 const EMPTY = Buffer.alloc(0);
 
+/**
+ * Both INFO/GO and META_CONTEXT data open with the export name: u32 length n, n bytes. Decodes
+ * it, making sure at least `rest` bytes follow; returns the name and where the rest starts.
+ */
+function decodeExportNamePrefix(d: Buffer, rest: number, what: string): { exportName: string; at: number } {
+  if (d.length < 4 + rest) throw new ProtocolError(`${what} data shorter than ${4 + rest} bytes`);
+  const n = d.readUInt32BE(0);
+  if (n > d.length - 4 - rest) throw new ProtocolError(`${what} export name runs past the option`);
+  return { exportName: decodeString(d.subarray(4, 4 + n), 'export name'), at: 4 + n };
+}
+
+/** A buffer of `4 + name + rest` bytes holding the export-name prefix; returns it and where the rest starts. */
+function encodeExportNamePrefix(exportName: string, rest: number): { b: Buffer; at: number } {
+  const name = Buffer.from(exportName, 'utf8');
+  const b = Buffer.allocUnsafe(4 + name.length + rest);
+  b.writeUInt32BE(name.length, 0);
+  name.copy(b, 4);
+  return { b, at: 4 + name.length };
+}
+
 export interface InfoRequest {
   exportName: string;
   infos: number[];
@@ -97,24 +117,18 @@ export interface InfoRequest {
  *   0 u32 name length n | 4 name (n bytes) | 4+n u16 count k | 6+n k × u16 info type
  */
 export function decodeInfoRequest(d: Buffer): InfoRequest {
-  if (d.length < 6) throw new ProtocolError('INFO/GO data shorter than 6 bytes');
-  const n = d.readUInt32BE(0);
-  if (n > d.length - 6) throw new ProtocolError('INFO/GO export name runs past the option');
-  const exportName = decodeString(d.subarray(4, 4 + n), 'export name');
-  const k = d.readUInt16BE(4 + n);
-  if (d.length !== 6 + n + 2 * k) throw new ProtocolError('INFO/GO length does not match its info count');
+  const { exportName, at } = decodeExportNamePrefix(d, 2, 'INFO/GO');
+  const k = d.readUInt16BE(at);
+  if (d.length !== at + 2 + 2 * k) throw new ProtocolError('INFO/GO length does not match its info count');
   const infos: number[] = [];
-  for (let i = 0; i < k; i++) infos.push(d.readUInt16BE(6 + n + 2 * i));
+  for (let i = 0; i < k; i++) infos.push(d.readUInt16BE(at + 2 + 2 * i));
   return { exportName, infos };
 }
 
 export function encodeInfoRequest(req: InfoRequest): Buffer {
-  const name = Buffer.from(req.exportName, 'utf8');
-  const b = Buffer.allocUnsafe(6 + name.length + 2 * req.infos.length);
-  b.writeUInt32BE(name.length, 0);
-  name.copy(b, 4);
-  b.writeUInt16BE(req.infos.length, 4 + name.length);
-  req.infos.forEach((t, i) => b.writeUInt16BE(t, 6 + name.length + 2 * i));
+  const { b, at } = encodeExportNamePrefix(req.exportName, 2 + 2 * req.infos.length);
+  b.writeUInt16BE(req.infos.length, at);
+  req.infos.forEach((t, i) => b.writeUInt16BE(t, at + 2 + 2 * i));
   return b;
 }
 
@@ -128,11 +142,8 @@ export interface MetaContextRequest {
  *   0 u32 export name length n | 4 name | 4+n u32 query count k | k × (u32 length m, m bytes query)
  */
 export function decodeMetaContextRequest(d: Buffer): MetaContextRequest {
-  if (d.length < 8) throw new ProtocolError('META_CONTEXT data shorter than 8 bytes');
-  const n = d.readUInt32BE(0);
-  if (n > d.length - 8) throw new ProtocolError('META_CONTEXT export name runs past the option');
-  const exportName = decodeString(d.subarray(4, 4 + n), 'export name');
-  let at = 4 + n;
+  const prefix = decodeExportNamePrefix(d, 4, 'META_CONTEXT');
+  let at = prefix.at;
   const k = d.readUInt32BE(at);
   at += 4;
   if (k > LIMITS.maxMetaQueries) throw new ProtocolError(`${k} meta-context queries (limit ${LIMITS.maxMetaQueries})`);
@@ -146,16 +157,14 @@ export function decodeMetaContextRequest(d: Buffer): MetaContextRequest {
     at += m;
   }
   if (at !== d.length) throw new ProtocolError('META_CONTEXT option has trailing bytes');
-  return { exportName, queries };
+  return { exportName: prefix.exportName, queries };
 }
 
 export function encodeMetaContextRequest(req: MetaContextRequest): Buffer {
-  const name = Buffer.from(req.exportName, 'utf8');
   const qs = req.queries.map((q) => Buffer.from(q, 'utf8'));
-  const b = Buffer.allocUnsafe(8 + name.length + qs.reduce((s, q) => s + 4 + q.length, 0));
-  b.writeUInt32BE(name.length, 0);
-  name.copy(b, 4);
-  let at = 4 + name.length;
+  const prefix = encodeExportNamePrefix(req.exportName, 4 + qs.reduce((s, q) => s + 4 + q.length, 0));
+  const b = prefix.b;
+  let at = prefix.at;
   b.writeUInt32BE(qs.length, at);
   at += 4;
   for (const q of qs) {
