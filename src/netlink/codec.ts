@@ -159,23 +159,39 @@ export interface NlMessage {
  * header and fit in what is left; messages start 4-byte aligned. Throws EPROTO otherwise.
  */
 export function decodeMessages(datagram: Buffer): NlMessage[] {
-  const out: NlMessage[] = [];
+  return splitRecords(datagram, NLMSG_HDRLEN, (at) => datagram.readUInt32LE(at), 'message', 'trailing bytes after the last message', (at, len) => ({
+    type: datagram.readUInt16LE(at + 4),
+    flags: datagram.readUInt16LE(at + 6),
+    seq: datagram.readUInt32LE(at + 8),
+    pid: datagram.readUInt32LE(at + 12),
+    payload: datagram.subarray(at + NLMSG_HDRLEN, at + len),
+  }));
+}
+
+/**
+ * Netlink messages and attributes share one framing: records that start 4-byte aligned, each
+ * with a length covering its own header and fitting in what is left. Throws EPROTO otherwise,
+ * and for bytes left over that cannot start a record.
+ */
+function splitRecords<T>(
+  buf: Buffer,
+  headerLength: number,
+  lengthAt: (offset: number) => number,
+  what: string,
+  leftover: string,
+  make: (offset: number, length: number) => T,
+): T[] {
+  const out: T[] = [];
   let offset = 0;
-  while (offset + NLMSG_HDRLEN <= datagram.length) {
-    const len = datagram.readUInt32LE(offset);
-    if (len < NLMSG_HDRLEN || len > datagram.length - offset) {
-      throw protocolError(`message length ${len} at offset ${offset} does not fit a ${datagram.length}-byte datagram`);
+  while (offset + headerLength <= buf.length) {
+    const len = lengthAt(offset);
+    if (len < headerLength || len > buf.length - offset) {
+      throw protocolError(`${what} length ${len} at offset ${offset} does not fit ${buf.length} bytes`);
     }
-    out.push({
-      type: datagram.readUInt16LE(offset + 4),
-      flags: datagram.readUInt16LE(offset + 6),
-      seq: datagram.readUInt32LE(offset + 8),
-      pid: datagram.readUInt32LE(offset + 12),
-      payload: datagram.subarray(offset + NLMSG_HDRLEN, offset + len),
-    });
+    out.push(make(offset, len));
     offset += nlAlign(len);
   }
-  if (offset < datagram.length) throw protocolError(`${datagram.length - offset} trailing bytes after the last message`);
+  if (offset < buf.length) throw protocolError(`${buf.length - offset} ${leftover}`);
   return out;
 }
 
@@ -205,20 +221,11 @@ export interface ParsedAttr {
  * when an attribute's length is below its header or runs past the buffer.
  */
 export function parseAttrs(buf: Buffer): ParsedAttr[] {
-  const out: ParsedAttr[] = [];
-  let offset = 0;
-  while (offset + NLA_HDRLEN <= buf.length) {
-    const len = buf.readUInt16LE(offset);
-    const rawType = buf.readUInt16LE(offset + 2);
-    if (len < NLA_HDRLEN || len > buf.length - offset) {
-      throw protocolError(`attribute length ${len} at offset ${offset} does not fit ${buf.length} bytes`);
-    }
-    out.push({ type: rawType & NLA_TYPE_MASK, nested: (rawType & NLA_F_NESTED) !== 0, payload: buf.subarray(offset + NLA_HDRLEN, offset + len) });
-    offset += nlAlign(len);
-  }
   // The last attribute's padding may be cut off by the sender; anything else is garbage.
-  if (offset < buf.length) throw protocolError(`${buf.length - offset} stray bytes after the attributes`);
-  return out;
+  return splitRecords(buf, NLA_HDRLEN, (at) => buf.readUInt16LE(at), 'attribute', 'stray bytes after the attributes', (at, len) => {
+    const rawType = buf.readUInt16LE(at + 2);
+    return { type: rawType & NLA_TYPE_MASK, nested: (rawType & NLA_F_NESTED) !== 0, payload: buf.subarray(at + NLA_HDRLEN, at + len) };
+  });
 }
 
 /** The first attribute of that type, or undefined. */
