@@ -32,7 +32,7 @@ import {
   type BitmapsExtension,
   type Qcow2BitmapEntry,
   type TableEntry,
-} from './qcow2-bitmaps-codec.js';
+} from '../backends/qcow2/format/bitmaps.js';
 import { OpChain, type BitmapMeta, type BitmapStore, type BitsChange, type StoredBitmap } from './store.js';
 
 const log = logger('bitmaps');

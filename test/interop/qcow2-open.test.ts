@@ -9,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Errno, NbddError } from '../../src/core/errors.js';
 import { openQcow2 } from '../../src/backends/qcow2/open.js';
 import { describeQcow2 } from '../../src/backends/qcow2/describe.js';
-import { decodeHeader } from '../../src/backends/qcow2/layout.js';
+import { decodeHeader } from '../../src/backends/qcow2/format/index.js';
 import { qemuCheck, qemuCreate, qemuIo, qemuRaw, requireQemu } from '../helpers/qemu.js';
 import { run, runStatus, tempDir } from '../helpers/tools.js';
 

@@ -170,7 +170,7 @@ describe('qcow2 reads match qemu-img convert', () => {
     try {
       await img.read(0, 512); // loads the L2 table
       // The port is whichever I/O engine is in use (io_uring or node:fs); watch that object's reads.
-      const port = (img as unknown as { port: Pick<FilePort, 'readAt'> }).port;
+      const port = (img as unknown as { st: { port: Pick<FilePort, 'readAt'> } }).st.port;
       const spy = vi.spyOn(port, 'readAt');
       const data = await img.read(4096, 4 * MiB + 1000); // 65 clusters, unaligned at both ends
       expect(spy).toHaveBeenCalledTimes(1);

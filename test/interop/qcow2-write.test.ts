@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { describeQcow2 } from '../../src/backends/qcow2/describe.js';
 import { openQcow2 } from '../../src/backends/qcow2/open.js';
-import { decodeHeader } from '../../src/backends/qcow2/layout.js';
+import { decodeHeader } from '../../src/backends/qcow2/format/index.js';
 import { qemuCheck, qemuCreate, qemuIo, qemuMap, qemuRaw, requireQemu } from '../helpers/qemu.js';
 import { NBDD, run, runStatus, tempDir } from '../helpers/tools.js';
 import { readFileSync } from 'node:fs';

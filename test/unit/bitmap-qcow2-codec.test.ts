@@ -20,7 +20,7 @@ import {
   encodeBitmapsExtension,
   loadBitmapData,
   tableSizeFor,
-} from '../../src/bitmaps/qcow2-bitmaps-codec.js';
+} from '../../src/backends/qcow2/format/bitmaps.js';
 import { requireTool } from '../helpers/tools.js';
 
 const MiB = 1024 * 1024;

@@ -8,7 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { DirtyBitmap } from '../../src/bitmaps/dirty-bitmap.js';
-import { BITMAP_AUTO, BITMAP_IN_USE, decodeBitmapDirectory, decodeBitmapTable, type BitmapsExtension } from '../../src/bitmaps/qcow2-bitmaps-codec.js';
+import { BITMAP_AUTO, BITMAP_IN_USE, decodeBitmapDirectory, decodeBitmapTable, type BitmapsExtension } from '../../src/backends/qcow2/format/bitmaps.js';
 import { Qcow2BitmapStore, type Qcow2BitmapHost } from '../../src/bitmaps/store-qcow2.js';
 import { NodeFilePort } from '../../src/io/file-port.js';
 

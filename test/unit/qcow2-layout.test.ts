@@ -23,7 +23,7 @@ import {
   setRefcount,
   writeEntry,
   type Qcow2Header,
-} from '../../src/backends/qcow2/layout.js';
+} from '../../src/backends/qcow2/format/index.js';
 
 function header(overrides: Partial<Qcow2Header> = {}): Qcow2Header {
   return {

@@ -1,7 +1,7 @@
 /** The in-memory refcount allocator: no double allocation, self-counting blocks, table growth. */
 import { describe, expect, it } from 'vitest';
 import { Refcounts } from '../../src/backends/qcow2/refcounts.js';
-import { geometryOf, getRefcount, setRefcount, V3_HEADER_LENGTH, type Qcow2Header } from '../../src/backends/qcow2/layout.js';
+import { geometryOf, getRefcount, setRefcount, V3_HEADER_LENGTH, type Qcow2Header } from '../../src/backends/qcow2/format/index.js';
 
 const CS = 512;
 

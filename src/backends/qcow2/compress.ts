@@ -7,7 +7,7 @@
 import { inflateRaw, constants as zlibConstants } from 'node:zlib';
 import { decompress as zstdDecompress } from 'fzstd';
 import { Errno, NbddError } from '../../core/errors.js';
-import { COMPRESSION_DEFLATE } from './layout.js';
+import { COMPRESSION_DEFLATE } from './format/index.js';
 
 const ZSTD_MAGIC = 0xfd2fb528; // little-endian on disk: 28 b5 2f fd
 

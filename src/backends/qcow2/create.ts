@@ -20,7 +20,7 @@ import {
   encodeHeader,
   setRefcount,
   writeU64,
-} from './layout.js';
+} from './format/index.js';
 import { openQcow2, probeFormat } from './open.js';
 
 export const DEFAULT_CLUSTER_SIZE = 64 * 1024;

@@ -10,7 +10,7 @@ import {
   COMPRESSION_ZSTD,
   INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
-} from './layout.js';
+} from './format/index.js';
 import type { ImageLayer } from './layer.js';
 import { openQcow2 } from './open.js';
 

@@ -12,10 +12,22 @@
  * only once it may reach the disk (its data written, and synced when its absence would show).
  */
 import type { FilePort } from '../../io/file-port.js';
-import type { L2Table } from './l2-cache.js';
+import type { L2Table } from './l2-tables.js';
 
 /** Entries of one table closer than this many bytes are written together. */
 const MERGE_GAP = 4096;
+
+/** Each table's writer, made on first use (kept beside the table, not in it: no import cycle). */
+const writers = new WeakMap<L2Table, TableWriter>();
+
+function writerOf(table: L2Table, port: FilePort): TableWriter {
+  let w = writers.get(table);
+  if (!w) {
+    w = new TableWriter(table, port);
+    writers.set(table, w);
+  }
+  return w;
+}
 
 export class TableWriter {
   private ranges: [number, number][] = [];
@@ -63,7 +75,7 @@ export class EntryWrites {
 
   constructor(
     private readonly entrySize: number,
-    private readonly writerOf: (table: L2Table) => TableWriter,
+    private readonly port: FilePort,
   ) {}
 
   get empty(): boolean {
@@ -88,7 +100,7 @@ export class EntryWrites {
     const writes: Promise<void>[] = [];
     for (const [table, entries] of touched) {
       entries.sort((x, y) => x - y);
-      const writer = this.writerOf(table);
+      const writer = writerOf(table, this.port);
       for (let i = 0; i < entries.length; ) {
         let j = i + 1;
         while (j < entries.length && entries[j]! <= entries[j - 1]! + this.entrySize) j++;

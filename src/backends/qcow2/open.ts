@@ -9,7 +9,7 @@ import { Errno, NbddError } from '../../core/errors.js';
 import { NodeFilePort, type FilePort } from '../../io/file-port.js';
 import { openFilePort } from '../../io/open-port.js';
 import { lockImage } from '../../io/image-lock.js';
-import { DEFAULT_L2_CACHE_BYTES, Qcow2Image, checkL1, decodeRefcountTable } from './image.js';
+import { DEFAULT_L2_CACHE_BYTES, Qcow2Image } from './image.js';
 import type { ImageLayer } from './layer.js';
 import {
   INCOMPAT_CORRUPT,
@@ -17,12 +17,14 @@ import {
   MAX_CLUSTER_BITS,
   QCOW2_MAGIC,
   checkFeatures,
+  checkL1,
+  decodeRefcountTable,
   decodeExtensions,
   decodeHeader,
   geometryOf,
   type Geometry,
   type Qcow2Header,
-} from './layout.js';
+} from './format/index.js';
 import { RawLayer } from './raw-layer.js';
 import { Refcounts } from './refcounts.js';
 
@@ -70,7 +72,7 @@ function checkWritable(path: string, h: Qcow2Header): void {
     throw new NbddError(Errno.EROFS, `${path}: image has the dirty bit set (lazy refcounts not written back); repair it with 'qemu-img check -r all' before opening it for writing`);
   }
   if (h.nbSnapshots > 0) {
-    throw new NbddError(Errno.ENOTSUP, `${path}: image has ${h.nbSnapshots} internal snapshot(s); nbdd opens such images read-only`);
+    throw new NbddError(Errno.EPERM, `${path}: image has ${h.nbSnapshots} internal snapshot(s); nbdd opens such images read-only`);
   }
 }
 

@@ -11,7 +11,7 @@
  * larger one at the end of the file, and the old one is freed after the header points at the new.
  */
 import { Errno, NbddError } from '../../core/errors.js';
-import { MAX_REFCOUNT_TABLE_BYTES, getRefcount, maxRefcount, setRefcount, writeU64, type Geometry } from './layout.js';
+import { MAX_REFCOUNT_TABLE_BYTES, getRefcount, maxRefcount, setRefcount, writeU64, type Geometry } from './format/index.js';
 
 export interface RefcountSnapshot {
   /** Refcount blocks to write (copies), each at its own offset. */

@@ -1,13 +1,15 @@
 /**
- * The qcow2 bitmaps extension as pure encode/decode functions (qemu docs/interop/qcow2.rst,
- * "Bitmaps extension"; QEMU block/qcow2-bitmap.c for the limits). No I/O: callers read the
- * directory, tables and data clusters and hand the bytes in. All integers are big-endian.
+ * The one codec of the qcow2 bitmaps extension (qemu docs/interop/qcow2.rst, "Bitmaps
+ * extension"; QEMU block/qcow2.c and block/qcow2-bitmap.c for the limits): the extension data,
+ * the bitmap directory, bitmap tables and data clusters. No I/O: callers read the bytes and hand
+ * them in. All integers are big-endian.
  *
- * Used by the qcow2 bitmap store (in-image persistence) and by tests that read images made by
- * `qemu-img bitmap`.
+ * Used at open (the extension), by `nbdd info` (the directory as it is), and by the in-image
+ * bitmap store src/bitmaps/store-qcow2.ts (the directory checked as QEMU checks it before trusting
+ * it, tables, data).
  */
-import { Errno, NbddError } from '../core/errors.js';
-import { DirtyBitmap, MAX_GRANULARITY_BITS, MIN_GRANULARITY_BITS } from './dirty-bitmap.js';
+import { DirtyBitmap, MAX_GRANULARITY_BITS, MIN_GRANULARITY_BITS } from '../../../bitmaps/dirty-bitmap.js';
+import { corrupt, readU64 } from './header.js';
 
 export const QCOW2_EXT_BITMAPS = 0x23852875;
 export const BITMAPS_EXT_LENGTH = 24;
@@ -17,20 +19,16 @@ export const BITMAP_AUTO = 1 << 1;
 export const BITMAP_KNOWN_FLAGS = BITMAP_IN_USE | BITMAP_AUTO;
 export const BITMAP_TYPE_DIRTY_TRACKING = 1;
 export const DIR_ENTRY_FIXED = 24;
-/** QEMU limits (BME_MAX_*). */
+/** QEMU limits (BME_MAX_*, QCOW2_MAX_BITMAPS, QCOW2_MAX_BITMAP_DIRECTORY_SIZE). */
 export const MAX_BITMAP_NAME = 1023;
 export const MAX_BITMAPS = 65535;
 export const MAX_TABLE_ENTRIES = 0x8000000;
 export const MAX_BITMAP_DATA = 0x20000000;
-export const MAX_DIRECTORY_BYTES = 64 * 1024 * 1024;
+export const MAX_DIRECTORY_BYTES = 1024 * MAX_BITMAPS;
 
 /* Bitmap table entry: bits 9-55 data cluster offset; with offset 0, bit 0 = all ones. */
 const TABLE_OFFSET_MASK = 0x00fffffffffffe00n;
 const TABLE_RESERVED_MASK = 0xff000000000001fen;
-
-function corrupt(what: string): NbddError {
-  return new NbddError(Errno.EUCLEAN, `qcow2 bitmaps: ${what}`);
-}
 
 /**
  * Bitmaps extension data (24 bytes):
@@ -55,12 +53,12 @@ export function encodeBitmapsExtension(e: BitmapsExtension): Buffer {
 }
 
 export function decodeBitmapsExtension(b: Buffer, clusterSize: number): BitmapsExtension {
-  if (b.length !== BITMAPS_EXT_LENGTH) throw corrupt(`extension of ${b.length} bytes`);
-  const e = { nbBitmaps: b.readUInt32BE(0), directorySize: Number(b.readBigUInt64BE(8)), directoryOffset: Number(b.readBigUInt64BE(16)) };
-  if (b.readUInt32BE(4) !== 0) throw corrupt('reserved field is not zero');
-  if (e.nbBitmaps === 0 || e.nbBitmaps > MAX_BITMAPS) throw corrupt(`nb_bitmaps ${e.nbBitmaps}`);
-  if (e.directorySize > MAX_DIRECTORY_BYTES || e.directorySize < e.nbBitmaps * DIR_ENTRY_FIXED) throw corrupt(`directory size ${e.directorySize}`);
-  if (!Number.isSafeInteger(e.directoryOffset) || e.directoryOffset % clusterSize !== 0) throw corrupt(`directory offset ${e.directoryOffset}`);
+  if (b.length !== BITMAPS_EXT_LENGTH) throw corrupt(`bitmaps extension of ${b.length} bytes (expected ${BITMAPS_EXT_LENGTH})`);
+  const e = { nbBitmaps: b.readUInt32BE(0), directorySize: readU64(b, 8, 'bitmap_directory_size'), directoryOffset: readU64(b, 16, 'bitmap_directory_offset') };
+  if (b.readUInt32BE(4) !== 0) throw corrupt('bitmaps extension reserved field is not zero');
+  if (e.nbBitmaps === 0 || e.nbBitmaps > MAX_BITMAPS) throw corrupt(`bitmaps extension with nb_bitmaps ${e.nbBitmaps} (1..${MAX_BITMAPS})`);
+  if (e.directorySize > MAX_DIRECTORY_BYTES || e.directorySize < e.nbBitmaps * DIR_ENTRY_FIXED) throw corrupt(`bitmap directory size ${e.directorySize}`);
+  if (e.directoryOffset % clusterSize !== 0) throw corrupt(`bitmap directory offset ${e.directoryOffset} is not cluster aligned`);
   return e;
 }
 
@@ -84,41 +82,67 @@ export interface Qcow2BitmapEntry {
   name: string;
 }
 
+/** An entry as stored, before it is trusted (type and extra data included). */
+export interface BitmapDirectoryEntry extends Qcow2BitmapEntry {
+  type: number;
+  extraDataSize: number;
+}
+
+/** What the directory is checked against before its bitmaps are trusted. */
+export interface DirectoryChecks {
+  diskSize: number;
+  clusterSize: number;
+  fileLength: number;
+}
+
 /**
- * Decodes `count` entries and checks each as QEMU does before trusting it: type 1, known flags,
- * no extra data, granularity in range, table size matching the disk, table inside the file,
- * names unique. Throws EUCLEAN.
+ * Decodes `count` entries. With `checks`, checks each as QEMU does before trusting it — type 1,
+ * known flags, no extra data, granularity in range, table size matching the disk, table inside
+ * the file, names unique — as the bitmap store needs; without, only the framing (for `nbdd info`,
+ * which shows what is there). Throws EUCLEAN.
  */
-export function decodeBitmapDirectory(dir: Buffer, count: number, geometry: { diskSize: number; clusterSize: number; fileLength: number }): Qcow2BitmapEntry[] {
-  const out: Qcow2BitmapEntry[] = [];
+export function decodeBitmapDirectory(dir: Buffer, count: number, checks?: DirectoryChecks): BitmapDirectoryEntry[] {
+  const out: BitmapDirectoryEntry[] = [];
   const names = new Set<string>();
   let at = 0;
   for (let i = 0; i < count; i++) {
-    if (at + DIR_ENTRY_FIXED > dir.length) throw corrupt(`directory entry ${i} truncated`);
-    const tableOffset = Number(dir.readBigUInt64BE(at));
-    const tableSize = dir.readUInt32BE(at + 8);
-    const flags = dir.readUInt32BE(at + 12);
-    const type = dir[at + 16]!;
-    const granularityBits = dir[at + 17]!;
+    if (at + DIR_ENTRY_FIXED > dir.length) throw corrupt(`bitmap directory truncated at entry ${i}`);
     const nameSize = dir.readUInt16BE(at + 18);
-    const extra = dir.readUInt32BE(at + 20);
-    if (extra !== 0) throw corrupt(`bitmap ${i} has ${extra} bytes of extra data`);
+    const extraDataSize = dir.readUInt32BE(at + 20);
+    // A trusted entry has no extra data (QEMU refuses it), so it cannot move the name either.
+    if (checks && extraDataSize !== 0) throw corrupt(`bitmap ${i} has ${extraDataSize} bytes of extra data`);
     if (nameSize === 0 || nameSize > MAX_BITMAP_NAME) throw corrupt(`bitmap ${i} name size ${nameSize}`);
-    if (at + DIR_ENTRY_FIXED + nameSize > dir.length) throw corrupt(`bitmap ${i} runs past the directory`);
-    const name = dir.subarray(at + DIR_ENTRY_FIXED, at + DIR_ENTRY_FIXED + nameSize).toString('utf8');
-    if (type !== BITMAP_TYPE_DIRTY_TRACKING) throw corrupt(`bitmap '${name}' has type ${type}`);
-    if (flags & ~BITMAP_KNOWN_FLAGS) throw corrupt(`bitmap '${name}' has unknown flags 0x${flags.toString(16)}`);
-    if (granularityBits < MIN_GRANULARITY_BITS || granularityBits > MAX_GRANULARITY_BITS) throw corrupt(`bitmap '${name}' granularity_bits ${granularityBits}`);
-    if (tableSize !== tableSizeFor(geometry.diskSize, 2 ** granularityBits, geometry.clusterSize)) throw corrupt(`bitmap '${name}' table size ${tableSize} does not match the disk`);
-    if (tableSize > MAX_TABLE_ENTRIES || tableOffset % geometry.clusterSize !== 0 || tableOffset + tableSize * 8 > geometry.fileLength) {
-      throw corrupt(`bitmap '${name}' table at ${tableOffset} (${tableSize} entries) is misplaced`);
+    const nameStart = at + DIR_ENTRY_FIXED + extraDataSize;
+    if (nameStart + nameSize > dir.length) throw corrupt(`bitmap directory entry ${i} runs past the directory`);
+    const e: BitmapDirectoryEntry = {
+      tableOffset: readU64(dir, at, 'bitmap_table_offset'),
+      tableSize: dir.readUInt32BE(at + 8),
+      flags: dir.readUInt32BE(at + 12),
+      type: dir[at + 16]!,
+      granularityBits: dir[at + 17]!,
+      extraDataSize,
+      name: dir.subarray(nameStart, nameStart + nameSize).toString('utf8'),
+    };
+    if (checks) {
+      checkEntry(e, checks);
+      if (names.has(e.name)) throw corrupt(`bitmap '${e.name}' appears twice`);
+      names.add(e.name);
     }
-    if (names.has(name)) throw corrupt(`bitmap '${name}' appears twice`);
-    names.add(name);
-    out.push({ tableOffset, tableSize, flags, granularityBits, name });
-    at = Math.ceil((at + DIR_ENTRY_FIXED + nameSize) / 8) * 8;
+    out.push(e);
+    at = Math.ceil((nameStart + nameSize) / 8) * 8;
   }
   return out;
+}
+
+function checkEntry(e: BitmapDirectoryEntry, g: DirectoryChecks): void {
+  const { name, type, flags, granularityBits, tableSize, tableOffset } = e;
+  if (type !== BITMAP_TYPE_DIRTY_TRACKING) throw corrupt(`bitmap '${name}' has type ${type}`);
+  if (flags & ~BITMAP_KNOWN_FLAGS) throw corrupt(`bitmap '${name}' has unknown flags 0x${flags.toString(16)}`);
+  if (granularityBits < MIN_GRANULARITY_BITS || granularityBits > MAX_GRANULARITY_BITS) throw corrupt(`bitmap '${name}' granularity_bits ${granularityBits}`);
+  if (tableSize !== tableSizeFor(g.diskSize, 2 ** granularityBits, g.clusterSize)) throw corrupt(`bitmap '${name}' table size ${tableSize} does not match the disk`);
+  if (tableSize > MAX_TABLE_ENTRIES || tableOffset % g.clusterSize !== 0 || tableOffset + tableSize * 8 > g.fileLength) {
+    throw corrupt(`bitmap '${name}' table at ${tableOffset} (${tableSize} entries) is misplaced`);
+  }
 }
 
 export function encodeBitmapDirectory(entries: Qcow2BitmapEntry[]): Buffer {

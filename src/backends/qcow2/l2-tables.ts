@@ -1,0 +1,147 @@
+/**
+ * L2 tables: a bounded least-recently-used cache of them, keyed by L1 index, and the one place
+ * that loads a table, or creates and links a new one. Tables are kept as the raw big-endian
+ * cluster (`data`), read with `readUInt32BE` on lookup, so the hot path builds no BigInt and
+ * copies nothing. Changed entries are written by the request that changed them (entry-writes.ts);
+ * a pinned table (a request is changing it, or its entry writes are in flight) is never evicted,
+ * so the cache may exceed its capacity until they finish.
+ */
+import { Errno, NbddError } from '../../core/errors.js';
+import type { Allocator } from './allocator.js';
+import { ENTRY_COPIED_HI, hex, writeEntry } from './format/index.js';
+import type { ImageState } from './state.js';
+
+export interface L2Table {
+  /** Host offset of the table. */
+  readonly offset: number;
+  /** The table's cluster; owned by the cache, changed in place by writers. */
+  readonly data: Buffer;
+  pins: number;
+  /** Set while a new table is being written and linked into L1; entry writers wait for it. */
+  ready?: Promise<void>;
+}
+
+export class L2Cache {
+  private readonly tables = new Map<number, L2Table>();
+
+  constructor(readonly capacity: number) {}
+
+  /** The table for `l1Index` if cached; marks it most recently used. */
+  get(l1Index: number): L2Table | undefined {
+    const t = this.tables.get(l1Index);
+    if (t) {
+      this.tables.delete(l1Index);
+      this.tables.set(l1Index, t);
+    }
+    return t;
+  }
+
+  insert(l1Index: number, table: L2Table): void {
+    this.tables.set(l1Index, table);
+    if (this.tables.size <= this.capacity) return;
+    for (const [key, t] of this.tables) {
+      if (this.tables.size <= this.capacity) break;
+      if (t.pins === 0) this.tables.delete(key);
+    }
+  }
+}
+
+export class L2Tables {
+  private readonly cache: L2Cache;
+  private readonly loading = new Map<number, Promise<L2Table>>();
+
+  constructor(
+    private readonly st: ImageState,
+    private readonly alloc: Allocator,
+    cacheBytes: number,
+  ) {
+    this.cache = new L2Cache(Math.max(4, Math.floor(cacheBytes / st.cs)));
+  }
+
+  /** The L2 table of `l1i`, or null when the L1 entry is empty. Loads share one read. */
+  get(l1i: number): L2Table | null | Promise<L2Table> {
+    const cached = this.cache.get(l1i);
+    if (cached) return cached;
+    const offset = this.st.l1Offset(l1i);
+    if (offset === 0) return null;
+    let pending = this.loading.get(l1i);
+    if (!pending) {
+      pending = this.load(l1i, offset);
+      this.loading.set(l1i, pending);
+    }
+    return pending;
+  }
+
+  private async load(l1i: number, offset: number): Promise<L2Table> {
+    try {
+      const data = await this.st.port.readAt(Buffer.allocUnsafe(this.st.cs), offset);
+      const table: L2Table = { offset, data, pins: 0 };
+      this.cache.insert(l1i, table);
+      return table;
+    } finally {
+      this.loading.delete(l1i);
+    }
+  }
+
+  /** The L2 table of `l1i`, allocating an empty one when the L1 entry is empty. */
+  async forWrite(l1i: number): Promise<L2Table> {
+    const st = this.st;
+    for (;;) {
+      const found = await this.get(l1i);
+      if (found) {
+        if (found.ready) await found.ready;
+        const hi = st.l1.readUInt32BE(l1i * 8);
+        if ((hi & ENTRY_COPIED_HI) === 0) {
+          if (st.refs!.get(found.offset / st.cs) !== 1) throw new NbddError(Errno.EPERM, `${st.path}: L2 table at ${hex(found.offset)} is shared (snapshots); writing is not supported`);
+          writeEntry(st.l1, l1i * 8, found.offset, true, false);
+          await this.writeL1(l1i);
+        }
+        return found;
+      }
+      // Another request may have created the table while this one waited: look again.
+      if (st.l1Offset(l1i) !== 0) continue;
+      if (this.alloc.available === 0) {
+        await this.alloc.reserve(1);
+        continue;
+      }
+      return this.create(l1i); // synchronous up to its first await: no other request interleaves
+    }
+  }
+
+  /**
+   * Takes a cluster from the pool for a new, empty L2 table of `l1i` and links it: the table is
+   * written and made durable before the L1 entry naming it is written, so the file never names a
+   * table whose cluster still holds old bytes. Writers of the table wait for that (`ready`);
+   * readers see the empty table in memory at once.
+   */
+  private async create(l1i: number): Promise<L2Table> {
+    const st = this.st;
+    const { offset } = this.alloc.take(1);
+    st.metadataClusters.add(offset / st.cs);
+    this.alloc.unpunch(offset / st.cs);
+    const table: L2Table = { offset, data: Buffer.alloc(st.cs), pins: 1 };
+    this.cache.insert(l1i, table);
+    writeEntry(st.l1, l1i * 8, offset, true, false);
+    const link = async (): Promise<void> => {
+      await st.port.writeAt(table.data, offset); // still empty: writers wait for `ready`
+      await st.port.fsync();
+      await this.writeL1(l1i);
+    };
+    table.ready = link();
+    try {
+      await table.ready;
+    } catch (err) {
+      throw st.failed('writing a new L2 table', err);
+    } finally {
+      table.pins--;
+      table.ready = undefined;
+    }
+    return table;
+  }
+
+  private async writeL1(l1i: number): Promise<void> {
+    const st = this.st;
+    await st.port.writeAt(Buffer.from(st.l1.subarray(l1i * 8, l1i * 8 + 8)), st.header.l1TableOffset + l1i * 8);
+    st.unsyncedData = true;
+  }
+}

@@ -1,0 +1,115 @@
+/**
+ * What every part of the qcow2 engine shares about one open image: the file, the header and its
+ * geometry, the L1 table and refcounts in memory, and the few counters the crash-safe order
+ * needs. The parts (tables, allocator, read, write, discard, commit, bitmap host) each hold this
+ * and change it only in synchronous code, so two requests of one batch never interleave there.
+ */
+import { Errno, NbddError, messageOf } from '../../core/errors.js';
+import type { FilePort } from '../../io/file-port.js';
+import { corrupt, decodeCompressed, entryOffset, ENTRY_COPIED_HI, hex, type Geometry, type HeaderExtensions, type Qcow2Header } from './format/index.js';
+import type { ImageLayer } from './layer.js';
+import type { Refcounts } from './refcounts.js';
+
+/** What open hands the engine (see open.ts). */
+export interface Qcow2Parts {
+  path: string;
+  port: FilePort;
+  header: Qcow2Header;
+  extensions: HeaderExtensions;
+  geometry: Geometry;
+  l1: Buffer;
+  /** Loaded for writable images only. */
+  refcounts: Refcounts | null;
+  /** Cluster indices holding fixed metadata (header, L1, refcount table and blocks, L2 tables). */
+  metadataClusters: Set<number>;
+  fileLength: number;
+  backing: ImageLayer | null;
+  backingName: string | null;
+  l2CacheBytes: number;
+}
+
+export class ImageState {
+  readonly path: string;
+  readonly port: FilePort;
+  readonly header: Qcow2Header;
+  readonly extensions: HeaderExtensions;
+  readonly g: Geometry;
+  /** Cluster size. */
+  readonly cs: number;
+  readonly v3: boolean;
+  /** Virtual size. */
+  readonly size: number;
+  readonly l1: Buffer;
+  /** Null on a read-only open. */
+  readonly refs: Refcounts | null;
+  readonly metadataClusters: Set<number>;
+  readonly backing: ImageLayer | null;
+  fileLength: number;
+  readonly openLength: number;
+  /** Data or entries written since the last fdatasync. */
+  unsyncedData = false;
+  /** Host clusters released by requests whose entries are in the file: a commit frees them. */
+  pendingFrees: number[] = [];
+  /** The first metadata write that failed: memory and file may disagree, so writes stop. */
+  commitError: unknown = null;
+  /** Set when close begins. */
+  closed = false;
+  /** Autoclear bit 0 as found at open, before `prepareForWriting` cleared it. */
+  bitmapsConsistentAtOpen = false;
+
+  constructor(parts: Qcow2Parts) {
+    this.path = parts.path;
+    this.port = parts.port;
+    this.header = parts.header;
+    this.extensions = parts.extensions;
+    this.g = parts.geometry;
+    this.cs = parts.geometry.clusterSize;
+    this.v3 = parts.header.version === 3;
+    this.size = parts.header.size;
+    this.l1 = parts.l1;
+    this.refs = parts.refcounts;
+    this.metadataClusters = parts.metadataClusters;
+    this.backing = parts.backing;
+    this.fileLength = this.openLength = parts.fileLength;
+  }
+
+  /** Records the first metadata failure; the EIO to throw for it. */
+  failed(what: string, err: unknown): NbddError {
+    this.commitError ??= err;
+    return new NbddError(Errno.EIO, `${this.path}: ${what} failed: ${messageOf(err)}`);
+  }
+
+  assertWritable(): void {
+    if (!this.refs) throw new NbddError(Errno.EROFS, `${this.path} is open read-only`);
+    if (this.commitError) throw new NbddError(Errno.EIO, `${this.path}: an earlier metadata commit failed: ${messageOf(this.commitError)}`);
+  }
+
+  /** The L2 table offset L1 entry `l1i` names (0: none). */
+  l1Offset(l1i: number): number {
+    return entryOffset(this.l1.readUInt32BE(l1i * 8), this.l1.readUInt32BE(l1i * 8 + 4));
+  }
+
+  /**
+   * Validates a data cluster offset read from an L2 entry. With subclusters the file may end inside
+   * the last data cluster, so only its start must lie inside the file.
+   */
+  checkDataHost(host: number, ci: number): void {
+    if (host % this.cs !== 0) throw corrupt(`L2 entry of guest offset ${hex(ci * this.cs)} has unaligned host offset ${hex(host)}`);
+    if (host >= Math.max(this.fileLength, this.refs?.hostEnd ?? 0)) {
+      throw corrupt(`L2 entry of guest offset ${hex(ci * this.cs)} points at ${hex(host)}, past the end of the file (${this.fileLength} bytes)`);
+    }
+  }
+
+  /** The entry's host cluster is ours alone (COPIED, or a refcount of 1). */
+  isExclusive(hi: number, host: number): boolean {
+    return (hi & ENTRY_COPIED_HI) !== 0 || this.refs!.get(host / this.cs) === 1;
+  }
+
+  /** Host cluster indices a compressed descriptor occupies (each holds one reference). */
+  compressedClusters(hi: number, lo: number): number[] {
+    const { offset, length } = decodeCompressed(hi, lo, this.g.clusterBits);
+    const out: number[] = [];
+    for (let c = Math.floor(offset / this.cs); c <= Math.floor((offset + length - 1) / this.cs); c++) out.push(c);
+    return out;
+  }
+}
