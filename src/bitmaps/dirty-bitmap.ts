@@ -32,6 +32,12 @@ export interface BitmapExtent {
 export const MIN_GRANULARITY_BITS = 9;
 export const MAX_GRANULARITY_BITS = 31;
 export const DEFAULT_GRANULARITY = 64 * 1024;
+/**
+ * What a persistent bitmap keeps wherever it is stored — a qcow2 image or nbdd's sidecar file —
+ * so one moves between them unchanged: QEMU's limits (BME_MAX_NAME_SIZE, QCOW2_MAX_BITMAPS,
+ * BME_MAX_PHYS_SIZE for the serialized bits of one bitmap).
+ */
+export const BITMAP_LIMITS = { maxNameBytes: 1023, maxBitmaps: 65535, maxDataBytes: 512 * 1024 * 1024 } as const;
 
 /** Throws EINVAL unless `g` is a power of two in the qcow2 range; returns log2(g). */
 export function granularityBits(g: number): number {

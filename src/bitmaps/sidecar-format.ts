@@ -32,7 +32,7 @@
  */
 import { crc32 } from 'node:zlib';
 import { Errno, NbddError } from '../core/errors.js';
-import { MAX_GRANULARITY_BITS, MIN_GRANULARITY_BITS } from './dirty-bitmap.js';
+import { BITMAP_LIMITS, MAX_GRANULARITY_BITS, MIN_GRANULARITY_BITS } from './dirty-bitmap.js';
 import type { BitmapMeta } from './store.js';
 
 export const SIDECAR_MAGIC = Buffer.from('NBDDBMAP', 'latin1');
@@ -41,10 +41,10 @@ export const HEADER_LENGTH = 64;
 export const DIR_ENTRY_FIXED = 24;
 /** Bit data areas start on 4 KiB boundaries so in-place writes stay within their own sectors. */
 export const DATA_ALIGN = 4096;
-export const MAX_NAME_BYTES = 1023;
-export const MAX_BITMAPS = 65535;
-/** Largest bit data of one bitmap (QEMU's BME_MAX_PHYS_SIZE). */
-export const MAX_DATA_LENGTH = 512 * 1024 * 1024;
+export const MAX_NAME_BYTES = BITMAP_LIMITS.maxNameBytes;
+export const MAX_BITMAPS = BITMAP_LIMITS.maxBitmaps;
+/** Largest bit data of one bitmap. */
+export const MAX_DATA_LENGTH = BITMAP_LIMITS.maxDataBytes;
 export const MAX_DIRECTORY_LENGTH = MAX_BITMAPS * (DIR_ENTRY_FIXED + MAX_NAME_BYTES + 8);
 
 const FLAG_ENABLED = 1;

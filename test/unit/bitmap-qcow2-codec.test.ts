@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DirtyBitmap } from '../../src/bitmaps/dirty-bitmap.js';
 import {
   BITMAP_AUTO,
-  QCOW2_EXT_BITMAPS,
+  EXT_BITMAPS as QCOW2_EXT_BITMAPS,
   bitmapDataCluster,
   decodeBitmapDirectory,
   decodeBitmapTable,
@@ -20,7 +20,7 @@ import {
   encodeBitmapsExtension,
   loadBitmapData,
   tableSizeFor,
-} from '../../src/backends/qcow2/format/bitmaps.js';
+} from '../../src/backends/qcow2/format/index.js';
 import { requireTool } from '../helpers/tools.js';
 
 const MiB = 1024 * 1024;

@@ -5,7 +5,7 @@
  */
 import type { EntryWrites } from './entry-writes.js';
 import { ALL_UNITS, ENTRY_COMPRESSED_HI, entryOffset, L2_ALLOC_BITS, L2_ZERO_BITS, unitMask, writeEntry } from './format/index.js';
-import type { L2Tables } from './l2-tables.js';
+import type { L2Table, L2Tables } from './l2-tables.js';
 import type { ImageState } from './state.js';
 import type { Writer } from './write.js';
 
@@ -41,12 +41,9 @@ export class Discarder {
       } else if (!whole || (!st.v3 && (st.backing !== null || noHole))) {
         partial.push([clusterStart + a, b - a]);
       } else {
-        const l1i = Math.floor(ci / g.l2Entries);
-        if (st.l1Offset(l1i) === 0 && !st.backing) continue;
-        const table = await this.tables.forWrite(l1i);
-        const e = (ci - l1i * g.l2Entries) * 8;
-        const hi = table.data.readUInt32BE(e);
-        const lo = table.data.readUInt32BE(e + 4);
+        const found = await this.entryFor(ci);
+        if (!found) continue;
+        const { table, e, hi, lo } = found;
         const keep = st.v3 && noHole && (hi & ENTRY_COMPRESSED_HI) === 0 && entryOffset(hi, lo) !== 0 && st.isExclusive(hi, entryOffset(hi, lo));
         if (keep) {
           writeEntry(table.data, e, entryOffset(hi, lo), true, true);
@@ -74,12 +71,9 @@ export class Discarder {
     }
     if (a < su * u) partial.push([clusterStart + a, su * u - a]);
     if (eu * u < b) partial.push([clusterStart + eu * u, Math.min(b, st.size - clusterStart) - eu * u]);
-    const l1i = Math.floor(ci / g.l2Entries);
-    if (st.l1Offset(l1i) === 0 && !st.backing) return;
-    const table = await this.tables.forWrite(l1i);
-    const e = (ci - l1i * g.l2Entries) * 16;
-    const hi = table.data.readUInt32BE(e);
-    const lo = table.data.readUInt32BE(e + 4);
+    const found = await this.entryFor(ci);
+    if (!found) return;
+    const { table, e, hi, lo } = found;
     const mask = unitMask(su, eu);
     if ((hi & ENTRY_COMPRESSED_HI) !== 0 || (mask === ALL_UNITS && !noHole)) {
       if ((hi & ENTRY_COMPRESSED_HI) !== 0 && mask !== ALL_UNITS) {
@@ -112,11 +106,10 @@ export class Discarder {
     for (let ci = Math.ceil(offset / cs); ci * cs < end; ci++) {
       const clusterStart = ci * cs;
       if (clusterStart + cs > end && end < st.size) break;
-      const l1i = Math.floor(ci / g.l2Entries);
-      if (st.l1Offset(l1i) === 0 && !st.backing) continue;
-      const table = await this.tables.forWrite(l1i);
-      const e = (ci - l1i * g.l2Entries) * g.l2EntrySize;
-      this.release(table.data.readUInt32BE(e), table.data.readUInt32BE(e + 4), w);
+      const found = await this.entryFor(ci);
+      if (!found) continue;
+      const { table, e } = found;
+      this.release(found.hi, found.lo, w);
       if (g.extendedL2) {
         writeEntry(table.data, e, 0, false, false);
         table.data.writeUInt32BE(st.backing ? ALL_UNITS : 0, e + L2_ZERO_BITS);
@@ -126,6 +119,19 @@ export class Discarder {
       }
       w.touch(table, e);
     }
+  }
+
+  /**
+   * The L2 entry of guest cluster `ci`, its table loaded (or created) for writing; null when there
+   * is no table and no backing file, so the cluster already reads as zeroes and stays unmapped.
+   */
+  private async entryFor(ci: number): Promise<{ table: L2Table; e: number; hi: number; lo: number } | null> {
+    const { st } = this;
+    const l1i = Math.floor(ci / st.g.l2Entries);
+    if (st.l1Offset(l1i) === 0 && !st.backing) return null;
+    const table = await this.tables.forWrite(l1i);
+    const e = (ci - l1i * st.g.l2Entries) * st.g.l2EntrySize;
+    return { table, e, hi: table.data.readUInt32BE(e), lo: table.data.readUInt32BE(e + 4) };
   }
 
   /** Records the host clusters an entry holds (normal or compressed), to free once it is rewritten. */

@@ -105,6 +105,7 @@ export const NBD_REPLY_TYPE = {
   OFFSET_HOLE: 2,
   BLOCK_STATUS: 5,
   BLOCK_STATUS_EXT: 6,
+  /** Error chunks have bit 15 set: 0x8001, 0x8002. */
   ERROR: 32769,
   ERROR_OFFSET: 32770,
 } as const;

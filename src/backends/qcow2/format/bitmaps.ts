@@ -8,10 +8,9 @@
  * bitmap store src/bitmaps/store-qcow2.ts (the directory checked as QEMU checks it before trusting
  * it, tables, data).
  */
-import { DirtyBitmap, MAX_GRANULARITY_BITS, MIN_GRANULARITY_BITS } from '../../../bitmaps/dirty-bitmap.js';
+import { BITMAP_LIMITS, DirtyBitmap, MAX_GRANULARITY_BITS, MIN_GRANULARITY_BITS } from '../../../bitmaps/dirty-bitmap.js';
 import { corrupt, readU64 } from './header.js';
 
-export const QCOW2_EXT_BITMAPS = 0x23852875;
 export const BITMAPS_EXT_LENGTH = 24;
 export const BITMAP_IN_USE = 1 << 0;
 export const BITMAP_AUTO = 1 << 1;
@@ -19,11 +18,10 @@ export const BITMAP_AUTO = 1 << 1;
 export const BITMAP_KNOWN_FLAGS = BITMAP_IN_USE | BITMAP_AUTO;
 export const BITMAP_TYPE_DIRTY_TRACKING = 1;
 export const DIR_ENTRY_FIXED = 24;
-/** QEMU limits (BME_MAX_*, QCOW2_MAX_BITMAPS, QCOW2_MAX_BITMAP_DIRECTORY_SIZE). */
-export const MAX_BITMAP_NAME = 1023;
-export const MAX_BITMAPS = 65535;
+/** QEMU limits (see BITMAP_LIMITS; BME_MAX_TABLE_SIZE, QCOW2_MAX_BITMAP_DIRECTORY_SIZE). */
+export const MAX_BITMAP_NAME = BITMAP_LIMITS.maxNameBytes;
+export const MAX_BITMAPS = BITMAP_LIMITS.maxBitmaps;
 export const MAX_TABLE_ENTRIES = 0x8000000;
-export const MAX_BITMAP_DATA = 0x20000000;
 export const MAX_DIRECTORY_BYTES = 1024 * MAX_BITMAPS;
 
 /* Bitmap table entry: bits 9-55 data cluster offset; with offset 0, bit 0 = all ones. */

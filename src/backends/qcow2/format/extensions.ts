@@ -11,11 +11,17 @@
 import { decodeBitmapsExtension, encodeBitmapsExtension, type BitmapsExtension } from './bitmaps.js';
 import { corrupt, readU64, type FeatureName, type Qcow2Header } from './header.js';
 
+/** Extension types (the spec's magic numbers). End of the area: */
 export const EXT_END = 0x00000000;
+/** The backing file's format name (e.g. `raw`, `qcow2`). */
 export const EXT_BACKING_FORMAT = 0xe2792aca;
+/** Names for feature bits, shown in messages about them. */
 export const EXT_FEATURE_NAMES = 0x6803f857;
+/** Where the persistent bitmaps' directory is (./bitmaps.ts). */
 export const EXT_BITMAPS = 0x23852875;
+/** Full disk encryption header pointer (nbdd refuses encrypted images). */
 export const EXT_FDE = 0x0537be77;
+/** External data file name (nbdd refuses those images). */
 export const EXT_DATA_FILE = 0x44415441;
 
 const FEATURE_NAME_ENTRY = 48;

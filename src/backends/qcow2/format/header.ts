@@ -50,6 +50,16 @@ export const HEADER = {
   compressionType: 104, // u8, v3 with header_length > 104
 } as const;
 
+/** The fields every version has, by width (version itself, the v3 fields and magic aside). */
+const U32_FIELDS = ['backingFileSize', 'clusterBits', 'cryptMethod', 'l1Size', 'refcountTableClusters', 'nbSnapshots'] as const;
+const U64_FIELDS = ['backingFileOffset', 'size', 'l1TableOffset', 'refcountTableOffset', 'snapshotsOffset'] as const;
+const FEATURE_FIELDS = ['incompatibleFeatures', 'compatibleFeatures', 'autoclearFeatures'] as const;
+
+/** The spec's name of a field, for messages: `l1TableOffset` → `l1_table_offset`. */
+function specName(field: string): string {
+  return field.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+}
+
 export const INCOMPAT_DIRTY = 1n << 0n;
 export const INCOMPAT_CORRUPT = 1n << 1n;
 export const INCOMPAT_DATA_FILE = 1n << 2n;
@@ -177,26 +187,9 @@ export function decodeHeader(buf: Buffer): Qcow2Header {
     if (buf.length < headerLength) throw corrupt(`truncated header (${buf.length} bytes, header_length ${headerLength})`);
     if (headerLength > H.compressionType) compressionType = buf[H.compressionType]!;
   }
-  const header: Qcow2Header = {
-    version,
-    backingFileOffset: readU64(buf, H.backingFileOffset, 'backing_file_offset'),
-    backingFileSize: buf.readUInt32BE(H.backingFileSize),
-    clusterBits: buf.readUInt32BE(H.clusterBits),
-    size: readU64(buf, H.size, 'size'),
-    cryptMethod: buf.readUInt32BE(H.cryptMethod),
-    l1Size: buf.readUInt32BE(H.l1Size),
-    l1TableOffset: readU64(buf, H.l1TableOffset, 'l1_table_offset'),
-    refcountTableOffset: readU64(buf, H.refcountTableOffset, 'refcount_table_offset'),
-    refcountTableClusters: buf.readUInt32BE(H.refcountTableClusters),
-    nbSnapshots: buf.readUInt32BE(H.nbSnapshots),
-    snapshotsOffset: readU64(buf, H.snapshotsOffset, 'snapshots_offset'),
-    incompatibleFeatures,
-    compatibleFeatures,
-    autoclearFeatures,
-    refcountOrder,
-    headerLength,
-    compressionType,
-  };
+  const header = { version, incompatibleFeatures, compatibleFeatures, autoclearFeatures, refcountOrder, headerLength, compressionType } as Qcow2Header;
+  for (const f of U32_FIELDS) header[f] = buf.readUInt32BE(H[f]);
+  for (const f of U64_FIELDS) header[f] = readU64(buf, H[f], specName(f));
   checkHeaderFields(header);
   return header;
 }
@@ -243,20 +236,9 @@ export function encodeHeader(h: Qcow2Header): Buffer {
   const buf = Buffer.alloc(V3_HEADER_LENGTH);
   buf.writeUInt32BE(QCOW2_MAGIC, H.magic);
   buf.writeUInt32BE(h.version, H.version);
-  writeU64(buf, H.backingFileOffset, h.backingFileOffset);
-  buf.writeUInt32BE(h.backingFileSize, H.backingFileSize);
-  buf.writeUInt32BE(h.clusterBits, H.clusterBits);
-  writeU64(buf, H.size, h.size);
-  buf.writeUInt32BE(h.cryptMethod, H.cryptMethod);
-  buf.writeUInt32BE(h.l1Size, H.l1Size);
-  writeU64(buf, H.l1TableOffset, h.l1TableOffset);
-  writeU64(buf, H.refcountTableOffset, h.refcountTableOffset);
-  buf.writeUInt32BE(h.refcountTableClusters, H.refcountTableClusters);
-  buf.writeUInt32BE(h.nbSnapshots, H.nbSnapshots);
-  writeU64(buf, H.snapshotsOffset, h.snapshotsOffset);
-  buf.writeBigUInt64BE(h.incompatibleFeatures, H.incompatibleFeatures);
-  buf.writeBigUInt64BE(h.compatibleFeatures, H.compatibleFeatures);
-  buf.writeBigUInt64BE(h.autoclearFeatures, H.autoclearFeatures);
+  for (const f of U32_FIELDS) buf.writeUInt32BE(h[f], H[f]);
+  for (const f of U64_FIELDS) writeU64(buf, H[f], h[f]);
+  for (const f of FEATURE_FIELDS) buf.writeBigUInt64BE(h[f], H[f]);
   buf.writeUInt32BE(h.refcountOrder, H.refcountOrder);
   buf.writeUInt32BE(V3_HEADER_LENGTH, H.headerLength);
   buf[H.compressionType] = h.compressionType;

@@ -52,6 +52,14 @@ export function decodeCompressed(hi: number, lo: number, clusterBits: number): {
   return { offset, length: (sectors + 1) * 512 - (offset % 512) };
 }
 
+/** Where entry `index` of a sub-byte width (orders 0..2: 1, 2 or 4 bits) sits: LSB first within its byte. */
+function subByte(index: number, order: number): { byte: number; shift: number; mask: number } {
+  const bits = 1 << order;
+  const perByte = 8 >> order;
+  const shift = (index % perByte) * bits;
+  return { byte: Math.floor(index / perByte), shift, mask: ((1 << bits) - 1) << shift };
+}
+
 /**
  * Refcount block entries are `1 << order` bits wide: sub-byte widths pack LSB first within a byte,
  * wider ones are big-endian. 64-bit values above 2^53 are reported as MAX_SAFE_INTEGER.
@@ -61,9 +69,8 @@ export function getRefcount(block: Buffer, index: number, order: number): number
     case 0:
     case 1:
     case 2: {
-      const bits = 1 << order;
-      const perByte = 8 >> order;
-      return (block[Math.floor(index / perByte)]! >> ((index % perByte) * bits)) & ((1 << bits) - 1);
+      const { byte, shift, mask } = subByte(index, order);
+      return (block[byte]! & mask) >> shift;
     }
     case 3:
       return block[index]!;
@@ -83,11 +90,7 @@ export function setRefcount(block: Buffer, index: number, order: number, value: 
     case 0:
     case 1:
     case 2: {
-      const bits = 1 << order;
-      const perByte = 8 >> order;
-      const byte = Math.floor(index / perByte);
-      const shift = (index % perByte) * bits;
-      const mask = ((1 << bits) - 1) << shift;
+      const { byte, shift, mask } = subByte(index, order);
       block[byte] = (block[byte]! & ~mask) | ((value << shift) & mask);
       return;
     }
