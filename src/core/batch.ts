@@ -42,3 +42,24 @@ export function afterBatch(fn: () => void): void {
   if (current) current.push(fn);
   else queueMicrotask(fn);
 }
+
+/**
+ * Completion-side work — what requests do after their first await (reply bytes, a data sync, L2
+ * entry writes, a commit) — cannot join the batch that issued them. It is grouped per event-loop
+ * turn instead: `turnEnd()` is one promise for everyone who asks during a turn, resolved once,
+ * after that turn's I/O callbacks (`setImmediate`). A user keeps its own "pending" state and
+ * joins the turn's group when it has work:
+ *
+ *   this.sync ??= turnEnd().then(() => { this.sync = null; return fsync(); });
+ */
+let turn: Promise<void> | null = null;
+
+export function turnEnd(): Promise<void> {
+  turn ??= new Promise<void>((resolve) =>
+    setImmediate(() => {
+      turn = null;
+      resolve();
+    }),
+  );
+  return turn;
+}

@@ -1,11 +1,12 @@
 /**
  * Writes to a socket batched per event-loop turn: the first write of a turn corks the socket and
- * the turn's end (`setImmediate`) uncorks it, so everything queued in one turn leaves in one
- * writev. Used by both ends of the NBD protocol (server sessions, the client stream).
+ * the turn's end (`turnEnd`, src/core/batch.ts) uncorks it, so everything queued in one turn
+ * leaves in one writev. Used by both ends of the NBD protocol (server sessions, the client stream).
  *
  * Ownership: a buffer passed to `write` must not change until the socket has written it.
  */
 import type { Socket } from 'node:net';
+import { turnEnd } from '../core/batch.js';
 
 export class TurnWriter {
   private corked = false;
@@ -16,7 +17,7 @@ export class TurnWriter {
     if (!this.corked) {
       this.corked = true;
       this.socket.cork();
-      setImmediate(this.uncork);
+      void turnEnd().then(this.uncork);
     }
     this.socket.write(buf);
   }

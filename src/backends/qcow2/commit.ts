@@ -12,6 +12,7 @@
  * flush, a FUA request, close, a reservation, and (one turn later) any request that freed some.
  */
 import type { WriteOptions } from '../../core/backend.js';
+import { turnEnd } from '../../core/batch.js';
 import { Errno, NbddError, messageOf } from '../../core/errors.js';
 import { logger } from '../../core/log.js';
 import type { Allocator } from './allocator.js';
@@ -73,7 +74,7 @@ export class Committer {
   private schedule(): void {
     if (this.scheduled) return;
     this.scheduled = true;
-    setImmediate(() => {
+    void turnEnd().then(() => {
       this.scheduled = false;
       if (this.st.closed) return; // close commits everything itself, before the file closes
       this.commit().catch((err) => log.error(`${this.st.path}: metadata commit failed: ${messageOf(err)}`));

@@ -11,6 +11,7 @@
  * write may carry entries of other requests; that is safe because an entry is changed in memory
  * only once it may reach the disk (its data written, and synced when its absence would show).
  */
+import { turnEnd } from '../../core/batch.js';
 import type { FilePort } from '../../io/file-port.js';
 import type { L2Table } from './l2-tables.js';
 
@@ -45,7 +46,7 @@ export class TableWriter {
     // After the running write, and one turn later, so the other requests of this turn join in.
     this.next ??= this.running
       .catch(() => undefined)
-      .then(() => new Promise<void>((resolve) => setImmediate(resolve)))
+      .then(turnEnd)
       .then(() => this.issue());
     return this.next;
   }

@@ -4,6 +4,7 @@
  * data, then the L2 entries — in the order that keeps a power loss from showing the guest bytes
  * it never wrote (see `writeLocked`).
  */
+import { turnEnd } from '../../core/batch.js';
 import type { Allocator } from './allocator.js';
 import type { EntryWrites } from './entry-writes.js';
 import { ALL_UNITS, corrupt, ENTRY_COMPRESSED_HI, ENTRY_COPIED_HI, ENTRY_ZERO_LO, entryOffset, hex, L2_ALLOC_BITS, L2_ZERO_BITS, unitMask, writeEntry } from './format/index.js';
@@ -260,7 +261,7 @@ export class Writer {
    * written before it joined, is covered.
    */
   private syncData(): Promise<void> {
-    this.dataSync ??= new Promise<void>((resolve) => setImmediate(resolve)).then(() => {
+    this.dataSync ??= turnEnd().then(() => {
       this.dataSync = null;
       return this.st.port.fsync();
     });
