@@ -65,7 +65,7 @@ export function statusSource(t: Target, context: string): StatusSource {
 }
 
 async function backendExtents(b: Backend, offset: number, length: number): Promise<Extent[]> {
-  if (!b.blockStatus) return allData(length);
+  if (!b.caps.blockStatus || !b.blockStatus) return allData(length);
   return b.blockStatus(offset, length);
 }
 
