@@ -2,7 +2,7 @@
   "targets": [
     {
       "target_name": "nbdd_uring",
-      "sources": ["uring.c"],
+      "sources": ["uring.c", "ublk.c"],
       "cflags": ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"]
     }
   ]

@@ -619,6 +619,8 @@ static napi_value js_in_flight(napi_env env, napi_callback_info info) {
   return out;
 }
 
+napi_value nbdd_ublk_init(napi_env env, napi_value exports); /* ublk.c */
+
 static napi_value init(napi_env env, napi_value exports) {
   const struct {
     const char *name;
@@ -633,7 +635,7 @@ static napi_value init(napi_env env, napi_value exports) {
     CHECK(napi_create_function(env, fns[i].name, NAPI_AUTO_LENGTH, fns[i].fn, NULL, &f));
     CHECK(napi_set_named_property(env, exports, fns[i].name, f));
   }
-  return exports;
+  return nbdd_ublk_init(env, exports);
 }
 
 NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

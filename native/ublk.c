@@ -1,0 +1,725 @@
+/*
+ * nbdd ublk shim: the two things JavaScript cannot do for a ublk server (docs/kernel.md, "ublk").
+ *
+ *   - ctrl(): one control command on /dev/ublk-control. The driver wants an io_uring set up with
+ *     IORING_SETUP_SQE128, and commands may block for a long time (START_DEV waits for every
+ *     queue's FETCH commands and then scans partitions, which reads the new disk), so each command
+ *     runs on a libuv pool thread (napi_async_work): open, ring, submit, wait, close. The event
+ *     loop stays free to serve the I/O a command causes. Encoding of the command (opcode numbers,
+ *     the 32-byte header's fields and the payload buffer) is JavaScript's (src/ublk/control.ts).
+ *   - queueStart(): one pthread per hardware queue that owns its io_uring for the queue's whole
+ *     life (≤ 6.15 the kernel accepts a queue's FETCH/COMMIT commands only from one task). The
+ *     thread mmaps the queue's I/O descriptors, issues FETCH_REQ for every tag and then loops:
+ *     one blocking io_uring_enter, reap every CQE, hand all new requests to JavaScript as ONE
+ *     threadsafe-function call, and turn the completions JavaScript returned (complete(): pairs
+ *     of tag and result, pushed under a mutex, then one eventfd write) into COMMIT_AND_FETCH_REQ
+ *     commands submitted by the next io_uring_enter. The eventfd is read by the ring itself, so
+ *     one blocking enter waits for both the kernel and JavaScript.
+ *
+ * Nothing here interprets a request: JavaScript reads and writes the data, and chooses results.
+ *
+ * Safety (buffer ownership):
+ *   - ctrl(buffer): the kernel reads and writes `buffer` while the command runs on the pool thread.
+ *     A strong napi_ref holds it from the call until the promise settles; JavaScript must not
+ *     detach it meanwhile.
+ *   - queueStart(buffer): `buffer` holds depth × maxIo bytes, the I/O buffer of tag t at t × maxIo.
+ *     The kernel copies WRITE data into a tag's buffer before the request reaches JavaScript and
+ *     copies READ data out of it when the COMMIT is processed. So a tag's buffer belongs to
+ *     JavaScript from the moment its request is delivered until complete() is called for the tag,
+ *     and to the kernel otherwise: JavaScript must not touch it after complete(). A strong
+ *     napi_ref holds the buffer until the queue thread has exited and its ring (with every
+ *     command that names the buffer) is closed.
+ *   - The descriptors are mapped read-only; the thread copies each into the batch it delivers, so
+ *     JavaScript never sees the mapping.
+ *   - The queue object stays allocated until both JavaScript's handle is collected and the thread
+ *     has been joined (a reference count of two), so complete()/stop() on a finished queue are
+ *     harmless no-ops.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <linux/io_uring.h>
+#include <node_api.h>
+
+#ifndef PR_SET_IO_FLUSHER
+#define PR_SET_IO_FLUSHER 57
+#endif
+#ifndef IORING_SETUP_COOP_TASKRUN
+#define IORING_SETUP_COOP_TASKRUN (1U << 8)
+#endif
+
+/* Layouts from include/uapi/linux/ublk_cmd.h (6.12), checked by size. */
+struct nbdd_ublk_ctrl_cmd {
+  uint32_t dev_id;
+  uint16_t queue_id;
+  uint16_t len;
+  uint64_t addr;
+  uint64_t data[1];
+  uint16_t dev_path_len;
+  uint16_t pad;
+  uint32_t reserved;
+};
+struct nbdd_ublk_io_cmd {
+  uint16_t q_id;
+  uint16_t tag;
+  int32_t result;
+  uint64_t addr;
+};
+struct nbdd_ublk_iod {
+  uint32_t op_flags;
+  uint32_t nr_sectors;
+  uint64_t start_sector;
+  uint64_t addr;
+};
+_Static_assert(sizeof(struct nbdd_ublk_ctrl_cmd) == 32, "ublksrv_ctrl_cmd is 32 bytes");
+_Static_assert(sizeof(struct nbdd_ublk_io_cmd) == 16, "ublksrv_io_cmd is 16 bytes");
+_Static_assert(sizeof(struct nbdd_ublk_iod) == 24, "ublksrv_io_desc is 24 bytes");
+
+#define UBLK_MAX_QUEUE_DEPTH 4096
+#define UBLK_IO_RES_ABORT (-ENODEV)
+#define EFD_USER_DATA 0xffffffffull
+/* Words per request record delivered to JavaScript: tag, op_flags, nr_sectors, sector lo, hi. */
+#define REC_WORDS 5
+
+#define CHECK(call)                                                            \
+  do {                                                                         \
+    if ((call) != napi_ok) {                                                   \
+      napi_throw_error(env, NULL, "nbdd_ublk: " #call " failed");             \
+      return NULL;                                                             \
+    }                                                                          \
+  } while (0)
+
+/* ---- a minimal io_uring for one thread ------------------------------------------------------ */
+
+typedef struct {
+  int fd;
+  unsigned *sq_head, *sq_tail, *sq_array, sq_mask, sq_entries;
+  unsigned *cq_head, *cq_tail, cq_mask;
+  struct io_uring_cqe *cqes;
+  uint8_t *sqes;
+  size_t sqe_size;
+  void *sq_map, *cq_map, *sqe_map;
+  size_t sq_len, cq_len, sqe_len;
+  unsigned queued;
+} mini_ring_t;
+
+static int mini_ring_setup(mini_ring_t *r, unsigned entries, unsigned flags) {
+  struct io_uring_params p;
+  memset(r, 0, sizeof *r);
+  memset(&p, 0, sizeof p);
+  p.flags = flags;
+  r->fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+  if (r->fd < 0 && errno == EINVAL && (flags & IORING_SETUP_COOP_TASKRUN)) {
+    memset(&p, 0, sizeof p);
+    p.flags = flags & ~IORING_SETUP_COOP_TASKRUN;
+    r->fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+  }
+  if (r->fd < 0) return -errno;
+  r->sqe_size = (p.flags & IORING_SETUP_SQE128) ? 128 : 64;
+  r->sq_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+  r->cq_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+  int single = !!(p.features & IORING_FEAT_SINGLE_MMAP);
+  if (single && r->cq_len > r->sq_len) r->sq_len = r->cq_len;
+  r->sq_map = mmap(NULL, r->sq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, IORING_OFF_SQ_RING);
+  if (r->sq_map == MAP_FAILED) goto fail;
+  r->cq_map = single ? r->sq_map
+                     : mmap(NULL, r->cq_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, IORING_OFF_CQ_RING);
+  if (r->cq_map == MAP_FAILED) goto fail;
+  r->sqe_len = p.sq_entries * r->sqe_size;
+  r->sqe_map = mmap(NULL, r->sqe_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, IORING_OFF_SQES);
+  if (r->sqe_map == MAP_FAILED) goto fail;
+  uint8_t *sq = r->sq_map, *cq = r->cq_map;
+  r->sq_head = (unsigned *)(sq + p.sq_off.head);
+  r->sq_tail = (unsigned *)(sq + p.sq_off.tail);
+  r->sq_mask = *(unsigned *)(sq + p.sq_off.ring_mask);
+  r->sq_entries = p.sq_entries;
+  r->sq_array = (unsigned *)(sq + p.sq_off.array);
+  r->cq_head = (unsigned *)(cq + p.cq_off.head);
+  r->cq_tail = (unsigned *)(cq + p.cq_off.tail);
+  r->cq_mask = *(unsigned *)(cq + p.cq_off.ring_mask);
+  r->cqes = (struct io_uring_cqe *)(cq + p.cq_off.cqes);
+  r->sqes = r->sqe_map;
+  return 0;
+fail: {
+  int err = -errno;
+  if (r->sq_map && r->sq_map != MAP_FAILED) munmap(r->sq_map, r->sq_len);
+  if (r->cq_map && r->cq_map != MAP_FAILED && r->cq_map != r->sq_map) munmap(r->cq_map, r->cq_len);
+  close(r->fd);
+  return err;
+}
+}
+
+static void mini_ring_close(mini_ring_t *r) {
+  if (r->sqe_map && r->sqe_map != MAP_FAILED) munmap(r->sqe_map, r->sqe_len);
+  if (r->cq_map && r->cq_map != MAP_FAILED && r->cq_map != r->sq_map) munmap(r->cq_map, r->cq_len);
+  if (r->sq_map && r->sq_map != MAP_FAILED) munmap(r->sq_map, r->sq_len);
+  if (r->fd >= 0) close(r->fd);
+  r->fd = -1;
+}
+
+/* A zeroed SQE at the tail, published with the next mini_ring_enter; NULL when the SQ is full. */
+static struct io_uring_sqe *mini_ring_sqe(mini_ring_t *r) {
+  unsigned tail = *r->sq_tail + r->queued;
+  unsigned head = __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
+  if (tail - head >= r->sq_entries) return NULL;
+  unsigned idx = tail & r->sq_mask;
+  struct io_uring_sqe *sqe = (struct io_uring_sqe *)(r->sqes + idx * r->sqe_size);
+  memset(sqe, 0, r->sqe_size);
+  r->sq_array[idx] = idx;
+  r->queued++;
+  return sqe;
+}
+
+/* Submits what is queued and waits for at least `wait` completions (EINTR retried). */
+static int mini_ring_enter(mini_ring_t *r, unsigned wait) {
+  unsigned n = r->queued;
+  __atomic_store_n(r->sq_tail, *r->sq_tail + n, __ATOMIC_RELEASE);
+  r->queued = 0;
+  for (;;) {
+    int rc = (int)syscall(__NR_io_uring_enter, r->fd, n, wait, wait ? IORING_ENTER_GETEVENTS : 0, NULL, 0);
+    if (rc >= 0) {
+      if ((unsigned)rc >= n) return 0;
+      n -= (unsigned)rc; /* not all consumed (a transient shortage): enter again */
+      continue;
+    }
+    if (errno == EINTR) {
+      n = 0; /* submission happened before the wait was interrupted */
+      continue;
+    }
+    if (errno == EAGAIN || errno == EBUSY) {
+      n = 0;
+      continue;
+    }
+    return -errno;
+  }
+}
+
+static void uring_cmd_sqe(struct io_uring_sqe *sqe, int fd, uint32_t cmd_op, uint64_t user_data) {
+  sqe->opcode = IORING_OP_URING_CMD;
+  sqe->fd = fd;
+  /* cmd_op overlays `off` at offset 8 (with a zero pad after it). */
+  memcpy((uint8_t *)sqe + 8, &cmd_op, sizeof cmd_op);
+  sqe->user_data = user_data;
+}
+
+static void *sqe_cmd(struct io_uring_sqe *sqe) { return (uint8_t *)sqe + 48; }
+
+/* ---- control commands ---------------------------------------------------------------------- */
+
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  napi_ref buf_ref;
+  uint32_t cmd_op;
+  struct nbdd_ublk_ctrl_cmd cmd;
+  int result;   /* cqe->res */
+  int sys_err;  /* errno of a failed open/setup/enter, 0 if the command ran */
+  const char *stage;
+} ctrl_job_t;
+
+static void ctrl_execute(napi_env env, void *data) {
+  (void)env;
+  ctrl_job_t *j = data;
+  int fd = open("/dev/ublk-control", O_RDWR | O_CLOEXEC);
+  if (fd < 0) {
+    j->sys_err = errno;
+    j->stage = "open /dev/ublk-control";
+    return;
+  }
+  mini_ring_t r;
+  int err = mini_ring_setup(&r, 4, IORING_SETUP_SQE128);
+  if (err) {
+    close(fd);
+    j->sys_err = -err;
+    j->stage = "io_uring_setup(SQE128)";
+    return;
+  }
+  struct io_uring_sqe *sqe = mini_ring_sqe(&r);
+  uring_cmd_sqe(sqe, fd, j->cmd_op, 1);
+  memcpy(sqe_cmd(sqe), &j->cmd, sizeof j->cmd);
+  err = mini_ring_enter(&r, 1);
+  if (err) {
+    j->sys_err = -err;
+    j->stage = "io_uring_enter";
+  } else {
+    unsigned head = *r.cq_head;
+    j->result = r.cqes[head & r.cq_mask].res;
+    __atomic_store_n(r.cq_head, head + 1, __ATOMIC_RELEASE);
+  }
+  mini_ring_close(&r);
+  close(fd);
+}
+
+static void ctrl_complete(napi_env env, napi_status status, void *data) {
+  ctrl_job_t *j = data;
+  napi_value v;
+  if (status != napi_ok) {
+    napi_value m;
+    napi_create_string_utf8(env, "nbdd_ublk: control command cancelled", NAPI_AUTO_LENGTH, &m);
+    napi_create_error(env, NULL, m, &v);
+    napi_reject_deferred(env, j->deferred, v);
+  } else if (j->sys_err) {
+    char msg[160];
+    snprintf(msg, sizeof msg, "%s: %s", j->stage, strerror(j->sys_err));
+    napi_value m, n;
+    napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &m);
+    napi_create_error(env, NULL, m, &v);
+    napi_create_int32(env, j->sys_err, &n);
+    napi_set_named_property(env, v, "errno", n);
+    napi_reject_deferred(env, j->deferred, v);
+  } else {
+    napi_create_int32(env, j->result, &v);
+    napi_resolve_deferred(env, j->deferred, v);
+  }
+  if (j->buf_ref) napi_delete_reference(env, j->buf_ref);
+  napi_delete_async_work(env, j->work);
+  free(j);
+}
+
+/*
+ * ctrl(cmdOp, devId, queueId, buffer|null, data0, devPathLen) -> Promise<cqe.res>
+ * `buffer` becomes the header's addr/len. Rejects (Error with errno) only when the command could
+ * not be issued at all: ENOENT from open means ublk_drv is not loaded.
+ */
+static napi_value js_ctrl(napi_env env, napi_callback_info info) {
+  size_t argc = 6;
+  napi_value argv[6];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 6) {
+    napi_throw_type_error(env, NULL, "nbdd_ublk.ctrl: 6 arguments");
+    return NULL;
+  }
+  ctrl_job_t *j = calloc(1, sizeof *j);
+  if (!j) {
+    napi_throw_error(env, NULL, "nbdd_ublk.ctrl: out of memory");
+    return NULL;
+  }
+  uint32_t queue_id, path_len;
+  double data0;
+  CHECK(napi_get_value_uint32(env, argv[0], &j->cmd_op));
+  CHECK(napi_get_value_uint32(env, argv[1], &j->cmd.dev_id));
+  CHECK(napi_get_value_uint32(env, argv[2], &queue_id));
+  CHECK(napi_get_value_double(env, argv[4], &data0));
+  CHECK(napi_get_value_uint32(env, argv[5], &path_len));
+  j->cmd.queue_id = (uint16_t)queue_id;
+  j->cmd.data[0] = (uint64_t)data0;
+  j->cmd.dev_path_len = (uint16_t)path_len;
+  napi_valuetype t;
+  CHECK(napi_typeof(env, argv[3], &t));
+  if (t != napi_null && t != napi_undefined) {
+    void *p;
+    size_t len;
+    if (napi_get_buffer_info(env, argv[3], &p, &len) != napi_ok || len > 0xffff) {
+      free(j);
+      napi_throw_type_error(env, NULL, "nbdd_ublk.ctrl: buffer must be a Buffer of at most 65535 bytes");
+      return NULL;
+    }
+    j->cmd.addr = (uint64_t)(uintptr_t)p;
+    j->cmd.len = (uint16_t)len;
+    CHECK(napi_create_reference(env, argv[3], 1, &j->buf_ref));
+  }
+  napi_value promise, name;
+  CHECK(napi_create_promise(env, &j->deferred, &promise));
+  CHECK(napi_create_string_utf8(env, "nbdd:ublk-ctrl", NAPI_AUTO_LENGTH, &name));
+  CHECK(napi_create_async_work(env, NULL, name, ctrl_execute, ctrl_complete, j, &j->work));
+  CHECK(napi_queue_async_work(env, j->work));
+  return promise;
+}
+
+/* ---- queue threads ------------------------------------------------------------------------- */
+
+enum { TAG_KERNEL = 0, TAG_USER = 1, TAG_DONE = 2 };
+enum { MSG_READY = 0, MSG_REQUESTS = 1, MSG_EXITED = 2 };
+
+typedef struct {
+  int kind;
+  int code;   /* READY: 0 or -errno; EXITED: 0 (device stopped), 1 (stop()), or -errno */
+  int extra;  /* READY: errno of PR_SET_IO_FLUSHER (0 = set) */
+  uint32_t n; /* records */
+  uint32_t recs[];
+} msg_t;
+
+typedef struct {
+  int refs; /* JavaScript's handle + the thread (dropped at join); guarded by mu */
+  pthread_mutex_t mu;
+  pthread_t thread;
+  int thread_started;
+
+  int cdev_fd, efd;
+  uint16_t qid;
+  uint32_t depth, max_io, fetch_op, commit_op;
+  uint8_t *buf;
+  napi_ref buf_ref;
+  napi_threadsafe_function tsfn;
+
+  /* Guarded by mu: completions from JavaScript, as (tag, result) pairs. */
+  uint32_t *pending;
+  uint32_t npending;
+  int quit, exited;
+} queue_t;
+
+static void queue_unref(queue_t *q) {
+  pthread_mutex_lock(&q->mu);
+  int left = --q->refs;
+  pthread_mutex_unlock(&q->mu);
+  if (left) return;
+  pthread_mutex_destroy(&q->mu);
+  if (q->efd >= 0) close(q->efd);
+  free(q->pending);
+  free(q);
+}
+
+static void post(queue_t *q, int kind, int code, int extra, const uint32_t *recs, uint32_t n) {
+  msg_t *m = malloc(sizeof *m + (size_t)n * REC_WORDS * sizeof(uint32_t));
+  if (!m) return; /* the requests stay with the thread, unanswered; see queue_main */
+  m->kind = kind;
+  m->code = code;
+  m->extra = extra;
+  m->n = n;
+  if (n) memcpy(m->recs, recs, (size_t)n * REC_WORDS * sizeof(uint32_t));
+  if (napi_call_threadsafe_function(q->tsfn, m, napi_tsfn_blocking) != napi_ok) free(m);
+}
+
+static void *queue_main(void *arg) {
+  queue_t *q = arg;
+  int flusher_err = prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) == 0 ? 0 : errno;
+  long page = sysconf(_SC_PAGESIZE);
+  size_t iod_len = ((size_t)q->depth * sizeof(struct nbdd_ublk_iod) + page - 1) / page * page;
+  off_t iod_off = (off_t)q->qid * (off_t)(((size_t)UBLK_MAX_QUEUE_DEPTH * sizeof(struct nbdd_ublk_iod) + page - 1) / page * page);
+  uint8_t *state = calloc(q->depth, 1);
+  uint32_t *recs = malloc((size_t)q->depth * REC_WORDS * sizeof(uint32_t));
+  uint32_t *taken = malloc((size_t)q->depth * 2 * sizeof(uint32_t));
+  mini_ring_t r = {.fd = -1};
+  const struct nbdd_ublk_iod *iods = MAP_FAILED;
+  int code = 0;
+  if (!state || !recs || !taken) {
+    code = -ENOMEM;
+    goto out;
+  }
+  iods = mmap(NULL, iod_len, PROT_READ, MAP_SHARED | MAP_POPULATE, q->cdev_fd, iod_off);
+  if (iods == MAP_FAILED) {
+    code = -errno;
+    goto out;
+  }
+  int err = mini_ring_setup(&r, q->depth + 1, IORING_SETUP_COOP_TASKRUN);
+  if (err) {
+    code = err;
+    goto out;
+  }
+  uint64_t efd_val;
+  struct io_uring_sqe *sqe = mini_ring_sqe(&r);
+  sqe->opcode = IORING_OP_READ;
+  sqe->fd = q->efd;
+  sqe->addr = (uint64_t)(uintptr_t)&efd_val;
+  sqe->len = sizeof efd_val;
+  sqe->user_data = EFD_USER_DATA;
+  for (uint32_t tag = 0; tag < q->depth; tag++) {
+    sqe = mini_ring_sqe(&r);
+    uring_cmd_sqe(sqe, q->cdev_fd, q->fetch_op, tag);
+    struct nbdd_ublk_io_cmd c = {.q_id = q->qid, .tag = (uint16_t)tag, .result = 0, .addr = (uint64_t)(uintptr_t)(q->buf + (size_t)tag * q->max_io)};
+    memcpy(sqe_cmd(sqe), &c, sizeof c);
+  }
+  err = mini_ring_enter(&r, 0);
+  if (err) {
+    code = err;
+    goto out;
+  }
+  post(q, MSG_READY, 0, flusher_err, NULL, 0);
+
+  uint32_t done = 0;
+  for (;;) {
+    err = mini_ring_enter(&r, 1);
+    if (err) {
+      code = err;
+      break;
+    }
+    uint32_t nrec = 0;
+    int woken = 0;
+    unsigned head = *r.cq_head, tail = __atomic_load_n(r.cq_tail, __ATOMIC_ACQUIRE);
+    for (; head != tail; head++) {
+      const struct io_uring_cqe *cqe = &r.cqes[head & r.cq_mask];
+      if (cqe->user_data == EFD_USER_DATA) {
+        woken = 1;
+        continue;
+      }
+      uint32_t tag = (uint32_t)cqe->user_data;
+      if (tag >= q->depth) continue;
+      if (cqe->res == 0) {
+        const struct nbdd_ublk_iod *d = &iods[tag];
+        uint32_t *rec = &recs[nrec++ * REC_WORDS];
+        rec[0] = tag;
+        rec[1] = __atomic_load_n(&d->op_flags, __ATOMIC_ACQUIRE);
+        rec[2] = d->nr_sectors;
+        rec[3] = (uint32_t)d->start_sector;
+        rec[4] = (uint32_t)(d->start_sector >> 32);
+        state[tag] = TAG_USER;
+      } else if (state[tag] != TAG_DONE) {
+        /* UBLK_IO_RES_ABORT: the device is stopping; anything else is misuse. Either way the tag
+         * has no command in the kernel any more. */
+        if (cqe->res != UBLK_IO_RES_ABORT) fprintf(stderr, "nbdd ublk q%u tag %u: command failed: %s\n", q->qid, tag, strerror(-cqe->res));
+        state[tag] = TAG_DONE;
+        done++;
+      }
+    }
+    __atomic_store_n(r.cq_head, head, __ATOMIC_RELEASE);
+    if (nrec) post(q, MSG_REQUESTS, 0, 0, recs, nrec);
+
+    if (woken) {
+      pthread_mutex_lock(&q->mu);
+      uint32_t n = q->npending;
+      int quit = q->quit;
+      if (n > q->depth) n = q->depth; /* JavaScript never has more than depth requests */
+      memcpy(taken, q->pending, (size_t)n * 2 * sizeof(uint32_t));
+      q->npending = 0;
+      pthread_mutex_unlock(&q->mu);
+      if (quit) {
+        code = 1;
+        break;
+      }
+      for (uint32_t i = 0; i < n; i++) {
+        uint32_t tag = taken[2 * i];
+        if (tag >= q->depth || state[tag] != TAG_USER) continue;
+        sqe = mini_ring_sqe(&r);
+        if (!sqe) break; /* cannot happen: depth + 1 SQEs, one command per tag plus the eventfd read */
+        uring_cmd_sqe(sqe, q->cdev_fd, q->commit_op, tag);
+        struct nbdd_ublk_io_cmd c = {.q_id = q->qid, .tag = (uint16_t)tag, .result = (int32_t)taken[2 * i + 1], .addr = (uint64_t)(uintptr_t)(q->buf + (size_t)tag * q->max_io)};
+        memcpy(sqe_cmd(sqe), &c, sizeof c);
+        state[tag] = TAG_KERNEL;
+      }
+      sqe = mini_ring_sqe(&r);
+      sqe->opcode = IORING_OP_READ;
+      sqe->fd = q->efd;
+      sqe->addr = (uint64_t)(uintptr_t)&efd_val;
+      sqe->len = sizeof efd_val;
+      sqe->user_data = EFD_USER_DATA;
+    }
+    if (done == q->depth) break; /* every tag aborted: the device stopped */
+  }
+out:
+  /* Closing the ring cancels the commands still in it (the kernel's ublk cancel callback). */
+  if (r.fd >= 0) mini_ring_close(&r);
+  if (iods != MAP_FAILED) munmap((void *)iods, iod_len);
+  free(state);
+  free(recs);
+  free(taken);
+  pthread_mutex_lock(&q->mu);
+  q->exited = 1;
+  pthread_mutex_unlock(&q->mu);
+  post(q, MSG_EXITED, code, flusher_err, NULL, 0);
+  napi_release_threadsafe_function(q->tsfn, napi_tsfn_release);
+  return NULL;
+}
+
+/* Runs on the event-loop thread: one JavaScript call per message. */
+static void queue_call_js(napi_env env, napi_value cb, void *context, void *data) {
+  (void)context;
+  msg_t *m = data;
+  if (env && cb) {
+    napi_value argv[4], undef, ab;
+    void *p;
+    napi_create_int32(env, m->kind, &argv[0]);
+    napi_create_int32(env, m->code, &argv[1]);
+    napi_create_int32(env, m->extra, &argv[2]);
+    if (m->n && napi_create_arraybuffer(env, (size_t)m->n * REC_WORDS * 4, &p, &ab) == napi_ok) {
+      memcpy(p, m->recs, (size_t)m->n * REC_WORDS * 4);
+      napi_create_typedarray(env, napi_uint32_array, (size_t)m->n * REC_WORDS, ab, 0, &argv[3]);
+    } else {
+      napi_get_null(env, &argv[3]);
+    }
+    napi_get_undefined(env, &undef);
+    napi_value result;
+    if (napi_call_function(env, undef, cb, 4, argv, &result) == napi_pending_exception) {
+      napi_value exc;
+      napi_get_and_clear_last_exception(env, &exc);
+      napi_fatal_exception(env, exc);
+    }
+  }
+  free(m);
+}
+
+/* The thread released the function: join it, release the buffer, drop the thread's reference. */
+static void queue_tsfn_finalize(napi_env env, void *data, void *hint) {
+  (void)hint;
+  queue_t *q = data;
+  if (q->thread_started) pthread_join(q->thread, NULL);
+  if (q->buf_ref) napi_delete_reference(env, q->buf_ref);
+  q->buf_ref = NULL;
+  queue_unref(q);
+}
+
+static void queue_handle_finalize(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  queue_unref(data);
+}
+
+/*
+ * queueStart(cdevFd, qid, depth, maxIo, buffer, fetchOp, commitOp, onEvent) -> handle
+ * onEvent(kind, code, extra, records|null): READY once every FETCH is queued (extra = errno of
+ * PR_SET_IO_FLUSHER, 0 when set); REQUESTS with Uint32Array records of 5 words (tag, op_flags,
+ * nr_sectors, start sector low, high); EXITED last (code 0 device stopped, 1 stop(), <0 -errno).
+ */
+static napi_value js_queue_start(napi_env env, napi_callback_info info) {
+  size_t argc = 8;
+  napi_value argv[8];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 8) {
+    napi_throw_type_error(env, NULL, "nbdd_ublk.queueStart: 8 arguments");
+    return NULL;
+  }
+  int32_t fd;
+  uint32_t qid, depth, max_io, fetch_op, commit_op;
+  CHECK(napi_get_value_int32(env, argv[0], &fd));
+  CHECK(napi_get_value_uint32(env, argv[1], &qid));
+  CHECK(napi_get_value_uint32(env, argv[2], &depth));
+  CHECK(napi_get_value_uint32(env, argv[3], &max_io));
+  CHECK(napi_get_value_uint32(env, argv[5], &fetch_op));
+  CHECK(napi_get_value_uint32(env, argv[6], &commit_op));
+  void *buf;
+  size_t buf_len;
+  if (napi_get_buffer_info(env, argv[4], &buf, &buf_len) != napi_ok || depth == 0 || depth > UBLK_MAX_QUEUE_DEPTH ||
+      max_io == 0 || buf_len < (size_t)depth * max_io || qid > 0xffff) {
+    napi_throw_range_error(env, NULL, "nbdd_ublk.queueStart: need 1 <= depth <= 4096 and a Buffer of depth * maxIo bytes");
+    return NULL;
+  }
+  queue_t *q = calloc(1, sizeof *q);
+  if (!q) {
+    napi_throw_error(env, NULL, "nbdd_ublk: out of memory");
+    return NULL;
+  }
+  q->pending = malloc((size_t)depth * 2 * sizeof(uint32_t));
+  q->efd = eventfd(0, EFD_CLOEXEC);
+  if (!q->pending || q->efd < 0) {
+    if (q->efd >= 0) close(q->efd);
+    free(q->pending);
+    free(q);
+    napi_throw_error(env, NULL, "nbdd_ublk: eventfd or memory");
+    return NULL;
+  }
+  pthread_mutex_init(&q->mu, NULL);
+  q->refs = 2;
+  q->cdev_fd = fd;
+  q->qid = (uint16_t)qid;
+  q->depth = depth;
+  q->max_io = max_io;
+  q->fetch_op = fetch_op;
+  q->commit_op = commit_op;
+  q->buf = buf;
+  CHECK(napi_create_reference(env, argv[4], 1, &q->buf_ref));
+  napi_value name, handle;
+  CHECK(napi_create_string_utf8(env, "nbdd:ublk-queue", NAPI_AUTO_LENGTH, &name));
+  CHECK(napi_create_threadsafe_function(env, argv[7], NULL, name, 0, 1, q, queue_tsfn_finalize, NULL, queue_call_js, &q->tsfn));
+  CHECK(napi_create_external(env, q, queue_handle_finalize, NULL, &handle));
+  if (pthread_create(&q->thread, NULL, queue_main, q) != 0) {
+    /* The finalizer of the function drops the thread's reference and the buffer. */
+    napi_release_threadsafe_function(q->tsfn, napi_tsfn_abort);
+    napi_throw_error(env, NULL, "nbdd_ublk: pthread_create failed");
+    return NULL;
+  }
+  q->thread_started = 1;
+  return handle;
+}
+
+static queue_t *get_queue(napi_env env, napi_value v) {
+  void *p;
+  if (napi_get_value_external(env, v, &p) != napi_ok) {
+    napi_throw_type_error(env, NULL, "nbdd_ublk: expected a queue handle");
+    return NULL;
+  }
+  return p;
+}
+
+static void wake(queue_t *q) {
+  uint64_t one = 1;
+  ssize_t rc;
+  do rc = write(q->efd, &one, sizeof one);
+  while (rc < 0 && errno == EINTR);
+}
+
+/* complete(handle, Uint32Array [tag, result, ...]): results for delivered requests (result as i32). */
+static napi_value js_complete(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  queue_t *q = get_queue(env, argv[0]);
+  if (!q) return NULL;
+  napi_typedarray_type type;
+  size_t len, off;
+  void *data;
+  napi_value ab;
+  if (napi_get_typedarray_info(env, argv[1], &type, &len, &data, &ab, &off) != napi_ok || type != napi_uint32_array) {
+    napi_throw_type_error(env, NULL, "nbdd_ublk.complete: expected a Uint32Array");
+    return NULL;
+  }
+  uint32_t count = 0;
+  if (argc >= 3) CHECK(napi_get_value_uint32(env, argv[2], &count));
+  else count = (uint32_t)(len / 2);
+  if ((size_t)count * 2 > len) count = (uint32_t)(len / 2);
+  const uint32_t *pairs = data;
+  pthread_mutex_lock(&q->mu);
+  int live = !q->exited;
+  if (live) {
+    for (uint32_t i = 0; i < count && q->npending < q->depth; i++) {
+      q->pending[2 * q->npending] = pairs[2 * i];
+      q->pending[2 * q->npending + 1] = pairs[2 * i + 1];
+      q->npending++;
+    }
+  }
+  pthread_mutex_unlock(&q->mu);
+  if (live) wake(q);
+  return NULL;
+}
+
+/* stop(handle): the thread leaves its loop at the next wakeup and closes its ring. */
+static napi_value js_queue_stop(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  queue_t *q = get_queue(env, argv[0]);
+  if (!q) return NULL;
+  pthread_mutex_lock(&q->mu);
+  q->quit = 1;
+  int live = !q->exited;
+  pthread_mutex_unlock(&q->mu);
+  if (live) wake(q);
+  return NULL;
+}
+
+/* setIoFlusher() -> 0 or errno: PR_SET_IO_FLUSHER for the calling (event-loop) thread. */
+static napi_value js_set_io_flusher(napi_env env, napi_callback_info info) {
+  (void)info;
+  napi_value out;
+  int err = prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) == 0 ? 0 : errno;
+  CHECK(napi_create_int32(env, err, &out));
+  return out;
+}
+
+napi_value nbdd_ublk_init(napi_env env, napi_value exports) {
+  const struct {
+    const char *name;
+    napi_callback fn;
+  } fns[] = {
+    {"ublkCtrl", js_ctrl},
+    {"ublkQueueStart", js_queue_start},
+    {"ublkComplete", js_complete},
+    {"ublkQueueStop", js_queue_stop},
+    {"setIoFlusher", js_set_io_flusher},
+  };
+  for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
+    napi_value f;
+    CHECK(napi_create_function(env, fns[i].name, NAPI_AUTO_LENGTH, fns[i].fn, NULL, &f));
+    CHECK(napi_set_named_property(env, exports, fns[i].name, f));
+  }
+  return exports;
+}
