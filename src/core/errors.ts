@@ -9,6 +9,7 @@ import { constants as osConstants } from 'node:os';
 export const Errno = {
   EPERM: osConstants.errno.EPERM,
   ENOENT: osConstants.errno.ENOENT,
+  ENXIO: osConstants.errno.ENXIO,
   EIO: osConstants.errno.EIO,
   EBADF: osConstants.errno.EBADF,
   EAGAIN: osConstants.errno.EAGAIN,

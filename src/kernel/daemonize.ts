@@ -12,7 +12,7 @@ import { Errno, NbddError } from '../core/errors.js';
 export const READY_FD = 3;
 
 export type Readiness =
-  | { ok: true; device: string; index: number; name: string; pid: number; reattached: boolean }
+  | { ok: true; device: string; index: number; name: string; pid: number; reattached: boolean; driver: 'nbd' | 'ublk' }
   | { ok: false; errno: number; message: string };
 
 /** Child side: reports readiness once on `fd` and closes it. */
@@ -22,14 +22,17 @@ export function reportReadiness(fd: number, message: Readiness): Promise<void> {
 }
 
 /**
- * Parent side: starts `args` (the CLI arguments for the foreground child) detached, with stdout
+ * Parent side: starts `args` (the CLI arguments for the foreground child) detached, under
+ * `wrapper` (a command that execs the rest, e.g. `unshare --mount --`) when given, with stdout
  * and stderr appended to `logFile`, and waits for its readiness line. Throws NbddError with the
  * child's own error, or with the log's tail when the child died without reporting.
  */
-export async function spawnDaemon(args: string[], logFile: string): Promise<Readiness & { ok: true }> {
+export async function spawnDaemon(args: string[], logFile: string, wrapper: string[] = []): Promise<Readiness & { ok: true }> {
   mkdirSync(dirname(logFile), { recursive: true });
   const log = openSync(logFile, 'a');
-  const child = spawn(process.execPath, [...process.execArgv, process.argv[1]!, ...args], {
+  const argv = [process.execPath, ...process.execArgv, process.argv[1]!, ...args];
+  const [cmd, ...rest] = [...wrapper, ...argv];
+  const child = spawn(cmd!, rest, {
     detached: true,
     stdio: ['ignore', log, log, 'pipe'],
     env: process.env,

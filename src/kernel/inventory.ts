@@ -1,10 +1,13 @@
 /**
- * Everything nbdd can say about nbd devices, from the kernel (netlink STATUS, sysfs) and the
- * state files: what `nbdd list` prints and what `nbdd detach` looks up.
+ * Everything nbdd can say about its kernel devices — nbd ones from netlink STATUS and sysfs, ublk
+ * ones from GET_DEV_INFO (src/ublk/inventory.ts) — with the state files: what `nbdd list` prints
+ * and what `nbdd detach` looks up.
  */
 import { Errno, NbddError } from '../core/errors.js';
+import { ublkInventory } from '../ublk/inventory.js';
+import { parseUblkDevice, ublkDevicePath } from '../ublk/uapi.js';
 import { NbdControl, devicePath } from './nbd-control.js';
-import { listStates, processAlive, type DeviceState } from './registry.js';
+import { listStates, processAlive, type DeviceState, type Driver } from './registry.js';
 import { parseDeviceArg, readSysfs, sysfsIndexes } from './sysfs.js';
 
 /**
@@ -16,6 +19,7 @@ import { parseDeviceArg, readSysfs, sysfsIndexes } from './sysfs.js';
 export type DeviceCondition = 'idle' | 'connected' | 'daemon-dead';
 
 export interface DeviceReport {
+  driver: Driver;
   device: string;
   index: number;
   state: DeviceCondition;
@@ -30,6 +34,10 @@ export interface DeviceReport {
   timeoutS: number | null;
   deadConnTimeoutS: number | null;
   sidecar: string | null;
+  /** ublk: hardware queues, tags per queue, and the driver's own state (live, quiesced, dead). */
+  queues: number | null;
+  depth: number | null;
+  kernelState: string | null;
 }
 
 function report(index: number, connected: boolean, state: DeviceState | undefined): DeviceReport {
@@ -38,6 +46,7 @@ function report(index: number, connected: boolean, state: DeviceState | undefine
   const ours = connected && state && (sys?.backend ?? '') === state.backendId ? state : undefined;
   const alive = ours ? processAlive(ours.pid) : false;
   return {
+    driver: 'nbd',
     device: devicePath(index),
     index,
     state: !connected ? 'idle' : ours && !alive ? 'daemon-dead' : 'connected',
@@ -52,11 +61,14 @@ function report(index: number, connected: boolean, state: DeviceState | undefine
     timeoutS: ours?.timeoutS ?? null,
     deadConnTimeoutS: ours?.deadConnTimeoutS ?? null,
     sidecar: ours && alive ? (ours.sidecar ?? null) : null,
+    queues: null,
+    depth: null,
+    kernelState: null,
   };
 }
 
 /** Every nbd device the kernel knows (STATUS), plus any sysfs-only ones, in index order. */
-export function inventory(): DeviceReport[] {
+export function nbdInventory(): DeviceReport[] {
   const control = NbdControl.open();
   let status;
   try {
@@ -70,11 +82,34 @@ export function inventory(): DeviceReport[] {
   return [...connected.entries()].sort((a, b) => a[0] - b[0]).map(([i, c]) => report(i, c, states.get(i)));
 }
 
-/** The device `arg` names: /dev/nbdN, nbdN, N, or a device name from `nbdd attach --name`. */
-export function findDevice(arg: string): DeviceReport {
-  const all = inventory();
+/**
+ * nbd devices, then ublk devices. A machine with only one of the two drivers lists that one; with
+ * neither, the nbd error (modprobe advice) is thrown.
+ */
+export async function inventory(): Promise<DeviceReport[]> {
+  let nbd: DeviceReport[] = [];
+  let nbdError: unknown = null;
+  try {
+    nbd = nbdInventory();
+  } catch (err) {
+    nbdError = err;
+  }
+  const ublk = await ublkInventory();
+  if (nbdError && !ublk.available) throw nbdError;
+  return [...nbd, ...ublk.devices];
+}
+
+/** The device `arg` names: /dev/nbdN, nbdN, N, /dev/ublkbN, ublkbN, or a name from `attach --name`. */
+export async function findDevice(arg: string): Promise<DeviceReport> {
+  const all = await inventory();
+  const ublkId = parseUblkDevice(arg);
+  if (ublkId !== undefined) {
+    const found = all.find((d) => d.driver === 'ublk' && d.index === ublkId);
+    if (!found) throw new NbddError(Errno.ENODEV, `no ublk device ${ublkDevicePath(ublkId)}`);
+    return found;
+  }
   const index = parseDeviceArg(arg);
-  const found = index !== undefined ? all.find((d) => d.index === index) : all.find((d) => d.name === arg);
+  const found = index !== undefined ? all.find((d) => d.driver === 'nbd' && d.index === index) : all.find((d) => d.name === arg);
   if (!found) throw new NbddError(Errno.ENODEV, `no nbd device ${index !== undefined ? devicePath(index) : `named '${arg}'`}`);
   return found;
 }

@@ -11,7 +11,12 @@ import { Errno, NbddError } from '../core/errors.js';
 import { runDir } from '../core/paths.js';
 
 
+/** Which kernel driver a device belongs to; state files are `<driver><index>.json`. */
+export type Driver = 'nbd' | 'ublk';
+
 export interface DeviceState {
+  /** Absent in files written before ublk existed: nbd. */
+  driver?: Driver;
   index: number;
   /** The user's name for the device; also the udev symlink /dev/disk/by-nbdd/NAME. */
   name: string;
@@ -34,18 +39,21 @@ export interface DeviceState {
   reattachedAt?: string;
   /** The sidecar directory (nbd.sock, control.sock) of the daemon serving the device. */
   sidecar?: string;
+  /** ublk: hardware queues and tags per queue. */
+  queues?: number;
+  depth?: number;
 }
 
-function statePath(index: number): string {
-  return join(runDir(), `nbd${index}.json`);
+function statePath(index: number, driver: Driver = 'nbd'): string {
+  return join(runDir(), `${driver}${index}.json`);
 }
 
 /** Writes (or replaces) the state of a device atomically. */
 export function saveState(state: DeviceState): void {
   mkdirSync(runDir(), { recursive: true, mode: 0o755 });
-  const tmp = `${statePath(state.index)}.${process.pid}.tmp`;
+  const tmp = `${statePath(state.index, state.driver)}.${process.pid}.tmp`;
   writeFileSync(tmp, `${JSON.stringify(state, null, 2)}\n`, { mode: 0o644 });
-  renameSync(tmp, statePath(state.index));
+  renameSync(tmp, statePath(state.index, state.driver));
 }
 
 function parseState(path: string): DeviceState {
@@ -62,17 +70,17 @@ function parseState(path: string): DeviceState {
   return s as DeviceState;
 }
 
-export function loadState(index: number): DeviceState | undefined {
-  const path = statePath(index);
+export function loadState(index: number, driver: Driver = 'nbd'): DeviceState | undefined {
+  const path = statePath(index, driver);
   return existsSync(path) ? parseState(path) : undefined;
 }
 
 /** Every state file; unreadable ones are skipped (a half-written file never has the final name). */
-export function listStates(): DeviceState[] {
+export function listStates(driver: Driver = 'nbd'): DeviceState[] {
   if (!existsSync(runDir())) return [];
   const out: DeviceState[] = [];
   for (const f of readdirSync(runDir())) {
-    if (!/^nbd\d+\.json$/.test(f)) continue;
+    if (!new RegExp(`^${driver}\\d+\\.json$`).test(f)) continue;
     try {
       out.push(parseState(join(runDir(), f)));
     } catch {
@@ -82,8 +90,8 @@ export function listStates(): DeviceState[] {
   return out.sort((a, b) => a.index - b.index);
 }
 
-export function removeState(index: number): void {
-  rmSync(statePath(index), { force: true });
+export function removeState(index: number, driver: Driver = 'nbd'): void {
+  rmSync(statePath(index, driver), { force: true });
 }
 
 /** The file a daemon's stdout and stderr go to: `<runDir>/NAME.log`. */
