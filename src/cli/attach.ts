@@ -1,5 +1,6 @@
 /**
- * `nbdd attach IMAGE`: serve an image as /dev/nbdN through the kernel NBD driver (netlink).
+ * `nbdd attach IMAGE`: serve an image as /dev/nbdN through the kernel NBD driver (netlink), or as
+ * /dev/ublkbN through ublk (`--driver ublk`).
  * By default the command returns once the device is usable and a daemon keeps serving it;
  * `--foreground` keeps serving in this process (for systemd). See docs/kernel.md.
  */
@@ -14,13 +15,18 @@ import { READY_FD, reportReadiness, spawnDaemon, type Readiness } from '../kerne
 import { checkName } from '../core/paths.js';
 import { KernelDevice } from '../kernel/device.js';
 import { devicePath } from '../kernel/nbd-control.js';
-import { logPath, loadState } from '../kernel/registry.js';
+import { logPath, loadState, type Driver } from '../kernel/registry.js';
 import { parseDeviceArg } from '../kernel/sysfs.js';
+import { UblkDevice, ublkAvailable } from '../ublk/frontend.js';
+import { parseUblkDevice, ublkDevicePath } from '../ublk/uapi.js';
 import { intArg, sizeArg } from './options.js';
 
 const log = logger('attach');
 
 interface AttachCliOptions {
+  driver: Driver | 'auto';
+  queues: number;
+  depth: number;
   device?: string;
   readOnly?: boolean;
   format: Format;
@@ -35,9 +41,9 @@ interface AttachCliOptions {
 }
 
 /** The device name: --name, the name a re-attached device already has, or the image's base name. */
-function resolveName(image: string, index: number | undefined, name: string | undefined): string {
+function resolveName(image: string, driver: Driver, index: number | undefined, name: string | undefined): string {
   if (name) return checkName(name);
-  const prior = index === undefined ? undefined : loadState(index);
+  const prior = index === undefined ? undefined : loadState(index, driver);
   if (prior) return prior.name;
   const base = isMemorySpec(image) ? 'memory' : basename(image).replace(/\.(qcow2|raw|img)$/i, '');
   const cleaned = base.replace(/[^A-Za-z0-9._-]/g, '_').replace(/^[._-]+/, '').slice(0, 64);
@@ -58,8 +64,9 @@ function printReady(r: Readiness & { ok: true }, json: boolean | undefined): voi
 }
 
 /** The child's arguments: everything resolved, plus --foreground and the readiness fd. */
-function childArgs(image: string, name: string, opts: AttachCliOptions): string[] {
+function childArgs(image: string, name: string, driver: Driver, opts: AttachCliOptions): string[] {
   const args = ['attach', image, '--name', name, '--format', opts.format, '--connections', String(opts.connections)];
+  args.push('--driver', driver, '--queues', String(opts.queues), '--depth', String(opts.depth));
   args.push('--timeout', String(opts.timeout), '--dead-conn-timeout', String(opts.deadConnTimeout));
   if (opts.device) args.push('--device', opts.device);
   if (opts.readOnly) args.push('--read-only');
@@ -85,7 +92,7 @@ async function serveForeground(image: string, name: string, index: number | unde
     throw err;
   }
   const { device, reattached } = attached;
-  const ready: Readiness & { ok: true } = { ok: true, device: devicePath(device.index), index: device.index, name, pid: process.pid, reattached };
+  const ready: Readiness & { ok: true } = { ok: true, device: devicePath(device.index), index: device.index, name, pid: process.pid, reattached, driver: 'nbd' };
   if (opts.readyFd !== undefined) await reportReadiness(opts.readyFd, ready);
   else printReady(ready, opts.json);
 
@@ -102,27 +109,67 @@ async function serveForeground(image: string, name: string, index: number | unde
   await device.done;
 }
 
+/** `--driver ublk` in the foreground: the same readiness and signals as the NBD path. */
+async function serveUblkForeground(image: string, name: string, id: number | undefined, opts: AttachCliOptions): Promise<void> {
+  let attached: Awaited<ReturnType<typeof UblkDevice.attach>>;
+  try {
+    attached = await UblkDevice.attach({ image, name, id, format: opts.format, readOnly: !!opts.readOnly, queues: opts.queues, depth: opts.depth });
+  } catch (err) {
+    if (opts.readyFd !== undefined) await reportReadiness(opts.readyFd, { ok: false, errno: errnoOf(err), message: messageOf(err) });
+    throw err;
+  }
+  const { device, recovered } = attached;
+  const ready: Readiness & { ok: true } = { ok: true, device: ublkDevicePath(device.id), index: device.id, name, pid: process.pid, reattached: recovered, driver: 'ublk' };
+  if (opts.readyFd !== undefined) await reportReadiness(opts.readyFd, ready);
+  else printReady(ready, opts.json);
+  for (const sig of ['SIGTERM', 'SIGINT'] as const) {
+    process.on(sig, () => {
+      log.info(`${sig}: detaching ${ublkDevicePath(device.id)}`);
+      device.detach().catch((err) => {
+        log.error(messageOf(err));
+        process.exit(1);
+      });
+    });
+  }
+  process.on('SIGHUP', () => log.info('SIGHUP ignored'));
+  await device.done;
+}
+
+/** The driver: --driver, else what --device names; `auto` is ublk where the driver is loaded. */
+function resolveDriver(opts: AttachCliOptions): Driver {
+  if (opts.device !== undefined && opts.driver === 'auto') return parseUblkDevice(opts.device) !== undefined ? 'ublk' : 'nbd';
+  if (opts.driver === 'auto') return ublkAvailable() ? 'ublk' : 'nbd';
+  return opts.driver;
+}
+
 async function attach(image: string, opts: AttachCliOptions): Promise<void> {
+  const driver = resolveDriver(opts);
   let index: number | undefined;
   if (opts.device !== undefined) {
-    index = parseDeviceArg(opts.device);
-    if (index === undefined) throw new NbddError(Errno.EINVAL, `--device '${opts.device}' is not /dev/nbdN`);
+    index = driver === 'ublk' ? parseUblkDevice(opts.device) : parseDeviceArg(opts.device);
+    if (index === undefined) throw new NbddError(Errno.EINVAL, `--device '${opts.device}' is not ${driver === 'ublk' ? '/dev/ublkbN' : '/dev/nbdN'}`);
   }
   if (opts.create !== undefined) await createIfMissing(image, opts.create, opts.format);
   if (!isMemorySpec(image) && !/^[a-z][a-z0-9+.-]*:\/\//i.test(image) && !existsSync(image)) {
     throw new NbddError(Errno.ENOENT, `${image} does not exist (use --create SIZE to make a new qcow2 image)`);
   }
-  const name = resolveName(image, index, opts.name);
-  if (opts.foreground) return serveForeground(image, name, index, opts);
-  printReady(await spawnDaemon(childArgs(image, name, opts), logPath(name)), opts.json);
+  const name = resolveName(image, driver, index, opts.name);
+  if (opts.foreground) return driver === 'ublk' ? serveUblkForeground(image, name, index, opts) : serveForeground(image, name, index, opts);
+  // A ublk daemon gets its own mount namespace (docs/kernel.md, "ublk traps"): it must never be
+  // the last holder of a mount of its own device.
+  const wrap = driver === 'ublk' ? ['unshare', '--mount', '--propagation', 'slave', '--'] : [];
+  printReady(await spawnDaemon(childArgs(image, name, driver, opts), logPath(name), wrap), opts.json);
 }
 
 export function register(program: Command): void {
   program
     .command('attach')
-    .description('attach an image as /dev/nbdN through the kernel NBD driver; prints the device once usable')
+    .description('attach an image as /dev/nbdN (kernel NBD) or /dev/ublkbN (ublk); prints the device once usable')
     .argument('<image>', 'image file, block device, or memory:SIZE')
-    .option('-d, --device <dev>', '/dev/nbdN to use (default: the kernel picks); a device this image still owns is re-attached')
+    .addOption(new Option('--driver <driver>', 'kernel driver: nbd, ublk, or auto (ublk where ublk_drv is loaded)').choices(['nbd', 'ublk', 'auto']).default('nbd'))
+    .option('-d, --device <dev>', '/dev/nbdN or /dev/ublkbN to use (default: the kernel picks); a device this image still owns is re-attached / recovered')
+    .option('-q, --queues <n>', 'ublk: hardware queues (one thread each)', intArg(1, 64), 1)
+    .option('--depth <n>', 'ublk: requests in flight per queue', intArg(1, 4096), 128)
     .option('-r, --read-only', 'attach read-only')
     .addOption(new Option('-f, --format <format>', 'image format').choices([...FORMATS]).default('auto'))
     .option('-c, --connections <n>', 'connections (kernel hardware queues); >1 needs a multi-conn backend', intArg(1, 64), 1)

@@ -7,6 +7,7 @@ import { Errno, NbddError } from '../core/errors.js';
 import { logger } from '../core/log.js';
 import { findDevice } from '../kernel/inventory.js';
 import { NbdControl } from '../kernel/nbd-control.js';
+import { deleteDevice, stopDevice } from '../ublk/control.js';
 import { processAlive, removeState } from '../kernel/registry.js';
 
 const log = logger('detach');
@@ -21,7 +22,7 @@ async function waitForExit(pid: number, ms: number): Promise<boolean> {
 }
 
 async function detach(target: string, opts: { timeout: number }): Promise<void> {
-  const dev = findDevice(target);
+  const dev = await findDevice(target);
   if (dev.state === 'idle') throw new NbddError(Errno.ENODEV, `${dev.device} is not connected`);
   if (dev.daemonPid !== null) {
     process.kill(dev.daemonPid, 'SIGTERM');
@@ -31,6 +32,14 @@ async function detach(target: string, opts: { timeout: number }): Promise<void> 
     return;
   }
   // No daemon: a dead nbdd's device, or one another tool connected.
+  if (dev.driver === 'ublk') {
+    // A quiesced device holds its I/O for a new daemon; STOP_DEV fails it, DEL_DEV removes it.
+    await stopDevice(dev.index).catch(() => undefined);
+    await deleteDevice(dev.index);
+    removeState(dev.index, 'ublk');
+    log.info(`${dev.device} stopped and deleted (no daemon was serving it)`);
+    return;
+  }
   const control = NbdControl.open();
   try {
     control.disconnect(dev.index);
@@ -44,8 +53,8 @@ async function detach(target: string, opts: { timeout: number }): Promise<void> 
 export function register(program: Command): void {
   program
     .command('detach')
-    .description('disconnect /dev/nbdN (or the device of that --name); the daemon flushes, closes the image and exits')
-    .argument('<device>', '/dev/nbdN, nbdN, or a device name')
+    .description('disconnect /dev/nbdN or /dev/ublkbN (or the device of that --name); the daemon flushes, closes the image and exits')
+    .argument('<device>', '/dev/nbdN, nbdN, /dev/ublkbN, or a device name')
     .option('--timeout <s>', 'seconds to wait for the daemon to finish', (v) => Number(v), 60)
     .action((target: string, opts: { timeout: number }) => detach(target, opts));
 }
