@@ -26,8 +26,8 @@ export const VM_WORK = '/vmwork';
 
 const INSTALL_HINT = 'install the VM tools with: bash scripts/install-test-deps.sh (qemu-system-x86 busybox-static xz-utils cpio)';
 
-/** Modules loaded at boot, in dependency order (the recipe's list plus nbd). */
-const MODULES = ['crc32c_generic', 'crc16', 'mbcache', 'jbd2', 'ext4', 'netfs', '9pnet', '9pnet_virtio', '9p', 'overlay', 'nbd'];
+/** Modules loaded at boot, in dependency order (the recipe's list plus nbd and ublk_drv). */
+const MODULES = ['crc32c_generic', 'crc16', 'mbcache', 'jbd2', 'ext4', 'netfs', '9pnet', '9pnet_virtio', '9p', 'overlay', 'nbd', 'ublk_drv'];
 const MODULE_ARGS: Record<string, string> = { nbd: 'nbds_max=4' };
 
 export interface VmKernel {
@@ -144,7 +144,8 @@ export function ensureKernel(): VmKernel {
     throw new Error(`/bin/busybox must be the static build; ${INSTALL_HINT}`);
   }
   const pkg = kernelPackage();
-  const dir = join(CACHE_ROOT, pkg, 'kernel');
+  // Keyed by the module list too, so adding a module never finds a cache without it.
+  const dir = join(CACHE_ROOT, pkg, `kernel-${createHash('sha256').update(MODULES.join(' ')).digest('hex').slice(0, 8)}`);
   buildOnce(dir, (tmp) => {
     const unpack = join(tmp, 'pkg');
     mkdirSync(join(tmp, 'modules'), { recursive: true });

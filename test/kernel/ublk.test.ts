@@ -1,0 +1,205 @@
+/**
+ * ublk in the VM (one boot): a filesystem round trip on qcow2 and raw through /dev/ublkbN (mkfs,
+ * mount, write, fstrim, sync, unmount, detach; qemu-img check; a read-only re-attach reads the
+ * same checksums and refuses writes), fio --verify over 2 queues and 2 jobs, blkdiscard and
+ * blkdiscard -z reaching the raw backend as punch-hole / zero-range, `nbdd list --json`, and the
+ * error paths: missing image, device id in use, not root, ublk_drv not loaded — each with a clear
+ * message and no device left behind.
+ */
+import { beforeAll, describe, expect, it } from 'vitest';
+import { Scenario } from './scenario.js';
+
+let s: Scenario;
+
+interface Listed {
+  driver: string;
+  device: string;
+  state: string;
+  name: string | null;
+  daemonPid: number | null;
+  queues: number | null;
+  depth: number | null;
+  sizeBytes: number;
+  readOnly: boolean;
+  image: string | null;
+}
+
+beforeAll(async () => {
+  s = await Scenario.run(`
+udevs() { ls /sys/class/ublk-char 2>/dev/null | wc -l; }
+roundtrip() {
+  local tag=$1 img=$2; shift 2
+  local out dev
+  out=$(nbdd attach "$img" --driver ublk --name "$tag" --json "$@") || return 1
+  echo "$out" > $WORK/$tag.attach.json
+  dev=$(echo "$out" | sed 's/.*"device":"\\([^"]*\\)".*/\\1/')
+  cat /sys/block/\${dev#/dev/}/queue/discard_max_bytes > $WORK/$tag.discard_max
+  cat /sys/block/\${dev#/dev/}/queue/write_zeroes_max_bytes > $WORK/$tag.write_zeroes_max
+  cat /sys/block/\${dev#/dev/}/queue/write_cache > $WORK/$tag.write_cache
+  cat /sys/block/\${dev#/dev/}/queue/fua > $WORK/$tag.fua
+  mkfs.ext4 -q "$dev" && mkdir -p /mnt/$tag && mount "$dev" /mnt/$tag || return 1
+  head -c 3M /dev/urandom > /mnt/$tag/random; seq 1 200000 > /mnt/$tag/numbers
+  head -c 2M /dev/urandom > /mnt/$tag/gone
+  sync; rm /mnt/$tag/gone
+  fstrim -v /mnt/$tag > $WORK/$tag.fstrim 2>&1; echo $? > $WORK/$tag.fstrim.rc
+  (cd /mnt/$tag && sha256sum random numbers) > $WORK/$tag.sums-written
+  sync && umount /mnt/$tag || return 1
+  nbdd list --json > $WORK/$tag.list.json
+  nbdd status "$tag" --json > $WORK/$tag.status.json 2>&1
+  nbdd detach "$tag"; echo $? > $WORK/$tag.detach.rc
+  ls /run/nbdd/ > $WORK/$tag.run-after-detach
+  udevs > $WORK/$tag.devices-after-detach
+  cp /run/nbdd/$tag.log $WORK/$tag.daemon.log
+  if [ "\${img##*.}" = qcow2 ]; then qemu-img check --output=json "$img" > $WORK/$tag.check.json; echo $? > $WORK/$tag.check.rc; fi
+  dev=$(nbdd attach "$img" --driver ublk --name "$tag" --read-only) || return 1
+  blockdev --getro $dev > $WORK/$tag.getro
+  record $tag-ro-dd dd if=/dev/zero of=$dev bs=4k count=1 oflag=direct
+  mount -o ro "$dev" /mnt/$tag || return 1
+  (cd /mnt/$tag && sha256sum random numbers) > $WORK/$tag.sums-read
+  umount /mnt/$tag && nbdd detach "$tag"
+}
+roundtrip qcow2 /tmp/disk.qcow2 --create 64M; echo $? > $WORK/qcow2.rc
+truncate -s 64M /tmp/disk.raw
+roundtrip raw /tmp/disk.raw --queues 2; echo $? > $WORK/raw.rc
+
+# --- fio --verify with 2 queues and 2 jobs
+truncate -s 64M fio.img
+dev=$(nbdd attach fio.img --driver ublk --queues 2 --depth 64 --name fio)
+ls /sys/block/\${dev#/dev/}/mq | wc -l > $WORK/fio.hwqueues
+fio --name=v --filename=$dev --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --rw=randwrite --numjobs=2 \\
+  --size=16M --offset_increment=32M --verify=crc32c --verify_fatal=1 --group_reporting --output-format=json --output=$WORK/fio.json
+echo $? > $WORK/fio.rc
+fio --name=big --filename=$dev --direct=1 --ioengine=libaio --iodepth=4 --bs=1M --rw=write --size=32M \\
+  --verify=crc32c --verify_fatal=1 --output-format=json --output=$WORK/fio-big.json
+echo $? > $WORK/fio-big.rc
+nbdd detach fio
+
+# --- discard and write-zeroes reach the raw backend (thread-pool engine: fallocate visible to strace)
+truncate -s 32M d.img
+dev=$(NBDD_IO_ENGINE=threads nbdd attach d.img --driver ublk --name d)
+dd if=/dev/urandom of=$dev bs=1M count=16 oflag=direct status=none
+sync; stat -c %b d.img > $WORK/d.blocks-written
+strace -f -qq -e trace=fallocate -o $WORK/d.strace -p $(daemon_pid ublk\${dev#/dev/ublkb}) & st=$!
+sleep 3
+blkdiscard -o 0 -l 4M $dev; echo $? > $WORK/d.discard.rc
+blkdiscard -z -o 8M -l 4M $dev; echo $? > $WORK/d.zero.rc
+sleep 2; kill $st; wait $st
+stat -c %b d.img > $WORK/d.blocks-after
+cmp -n 4194304 $dev /dev/zero && echo zero > $WORK/d.trimmed-reads
+cmp -n 4194304 -i 8388608:0 $dev /dev/zero && echo zero > $WORK/d.zeroed-reads
+nbdd detach d
+
+# --- error paths: clear messages, nothing left behind
+truncate -s 16M busy.img other.img user.img; chmod 666 user.img
+udevs > $WORK/devices-before-errors
+record u-missing nbdd attach /tmp/no-such.img --driver ublk
+udevs > $WORK/devices-after-missing
+nbdd attach busy.img --driver ublk --device /dev/ublkb5 --name busy > $WORK/busy.dev
+record u-busy nbdd attach other.img --driver ublk --device /dev/ublkb5
+udevs > $WORK/devices-after-busy
+nbdd detach busy
+record u-notroot setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-set=-all node $REPO/bin/nbdd attach /tmp/user.img --driver ublk --foreground
+udevs > $WORK/devices-after-notroot
+rmmod ublk_drv; echo $? > $WORK/rmmod.rc
+record u-nodriver nbdd attach /tmp/user.img --driver ublk
+record final-list nbdd list --json
+`);
+}, 1_800_000); // may wait for other VM runs (one at a time)
+
+describe.each(['qcow2', 'raw'])('%s image through /dev/ublkbN', (tag) => {
+  it('attaches, prints the device as JSON, lists it with driver ublk and its daemon pid', () => {
+    expect(s.text(`${tag}.rc`).trim(), s.log).toBe('0');
+    const a = s.json<{ device: string; index: number; name: string; pid: number; driver: string }>(`${tag}.attach.json`);
+    expect(a).toMatchObject({ device: `/dev/ublkb${a.index}`, name: tag, driver: 'ublk' });
+    const listed = s.json<Listed[]>(`${tag}.list.json`).find((d) => d.device === a.device);
+    expect(listed).toMatchObject({ driver: 'ublk', state: 'connected', daemonPid: a.pid, sizeBytes: 64 << 20, image: `/tmp/disk.${tag}`, queues: tag === 'raw' ? 2 : 1, depth: 128 });
+  });
+
+  it('offers discard, write zeroes, a volatile cache and FUA to the kernel', () => {
+    expect(Number(s.text(`${tag}.discard_max`))).toBeGreaterThan(0);
+    expect(Number(s.text(`${tag}.write_zeroes_max`))).toBeGreaterThan(0);
+    expect(s.text(`${tag}.write_cache`).trim()).toBe('write back');
+    expect(s.text(`${tag}.fua`).trim()).toBe('1');
+  });
+
+  it('fstrim trims through the device; the sidecar reports the ops', () => {
+    expect(s.text(`${tag}.fstrim.rc`).trim(), s.text(`${tag}.fstrim`)).toBe('0');
+    expect(s.text(`${tag}.fstrim`)).toMatch(/trimmed/);
+    const status = s.text(`${tag}.status.json`);
+    expect(status).toContain('"driver": "ublk"');
+    expect(status).toMatch(/"trim"/);
+  });
+
+  it('detaches: exit 0, state file and device gone, the daemon logged the close', () => {
+    expect(s.text(`${tag}.detach.rc`).trim()).toBe('0');
+    expect(s.text(`${tag}.run-after-detach`)).not.toMatch(/\.json/);
+    expect(s.text(`${tag}.devices-after-detach`).trim()).toBe('0');
+    expect(s.text(`${tag}.daemon.log`)).toMatch(/detached; \/tmp\/disk\.\w+ closed/);
+  });
+
+  it('a read-only re-attach reads the same checksums and refuses writes', () => {
+    expect(s.text(`${tag}.getro`).trim()).toBe('1');
+    expect(s.status(`${tag}-ro-dd`)).not.toBe(0);
+    expect(s.text(`${tag}-ro-dd.err`)).toMatch(/Operation not permitted|Read-only file system/);
+    const written = s.text(`${tag}.sums-written`);
+    expect(written.split('\n').filter(Boolean)).toHaveLength(2);
+    expect(s.text(`${tag}.sums-read`)).toBe(written);
+  });
+});
+
+it('qcow2 image passes qemu-img check after detach', () => {
+  expect(s.text('qcow2.check.rc').trim(), s.text('qcow2.check.json')).toBe('0');
+  const check = s.json<{ 'check-errors': number; corruptions?: number; leaks?: number }>('qcow2.check.json');
+  expect(check['check-errors']).toBe(0);
+  expect(check.corruptions ?? 0).toBe(0);
+  expect(check.leaks ?? 0).toBe(0);
+});
+
+describe('fio --verify=crc32c', () => {
+  it('2 queues (2 blk-mq hardware queues), 2 jobs of 4 KiB random writes: no errors, everything verified', () => {
+    expect(s.text('fio.hwqueues').trim(), s.log).toBe('2');
+    expect(s.text('fio.rc').trim(), s.text('fio.json')).toBe('0');
+    const job = s.json<{ jobs: { error: number; write: { io_bytes: number }; read: { io_bytes: number } }[] }>('fio.json').jobs[0]!;
+    expect(job.error).toBe(0);
+    expect(job.write.io_bytes).toBe(32 << 20);
+    expect(job.read.io_bytes).toBe(32 << 20);
+  });
+  it('1 MiB writes (split by max_sectors into 512 KiB requests): no errors', () => {
+    expect(s.text('fio-big.rc').trim(), s.text('fio-big.json')).toBe('0');
+  });
+});
+
+it('blkdiscard arrives as punch hole and blkdiscard -z as zero range (or punch), both read as zeroes', () => {
+  expect(s.text('d.discard.rc').trim(), s.log).toBe('0');
+  expect(s.text('d.zero.rc').trim()).toBe('0');
+  const calls = s.text('d.strace').split('\n').filter((l) => l.includes('fallocate('));
+  expect(calls.some((l) => /PUNCH_HOLE, 0, 4194304\)/.test(l)), calls.join('\n')).toBe(true);
+  expect(calls.some((l) => /fallocate\(\d+, (FALLOC_FL_ZERO_RANGE|FALLOC_FL_KEEP_SIZE\|FALLOC_FL_PUNCH_HOLE), 8388608, 4194304\)/.test(l)), calls.join('\n')).toBe(true);
+  expect(Number(s.text('d.blocks-after'))).toBeLessThan(Number(s.text('d.blocks-written')));
+  expect(s.text('d.trimmed-reads').trim()).toBe('zero');
+  expect(s.text('d.zeroed-reads').trim()).toBe('zero');
+});
+
+describe('error paths: a clear message, a non-zero exit, no device left behind', () => {
+  it.each([
+    ['u-missing', /\/tmp\/no-such\.img does not exist/, 'devices-after-missing'],
+    ['u-busy', /\/dev\/ublkb5 is in use: served by pid \d+/, 'devices-after-busy'],
+    ['u-notroot', /ublk devices need root|needs root or CAP_SYS_ADMIN/, 'devices-after-notroot'],
+  ])('%s', (name, message, after) => {
+    expect(s.status(name), s.log).not.toBe(0);
+    expect(s.text(`${name}.err`)).toMatch(message);
+    expect(s.text(`${name}.err`)).toMatch(/^nbdd: /m);
+    const before = Number(s.text('devices-before-errors'));
+    // u-busy runs while busy.img holds /dev/ublkb5: one device more, not two.
+    expect(Number(s.text(after))).toBe(name === 'u-busy' ? before + 1 : before);
+  });
+  it('ublk_drv not loaded: says to modprobe it', () => {
+    expect(s.text('rmmod.rc').trim(), s.log).toBe('0');
+    expect(s.status('u-nodriver')).not.toBe(0);
+    expect(s.text('u-nodriver.err')).toMatch(/modprobe ublk_drv/);
+  });
+  it('lists nothing connected at the end', () => {
+    expect(s.status('final-list'), s.text('final-list.err')).toBe(0);
+    expect(s.json<Listed[]>('final-list.out').filter((d) => d.state !== 'idle')).toEqual([]);
+  });
+});
