@@ -24,7 +24,8 @@ import { intArg, sizeArg } from './options.js';
 const log = logger('attach');
 
 interface AttachCliOptions {
-  driver: Driver | 'auto';
+  /** Unset: what --device names, else nbd. */
+  driver?: Driver | 'auto';
   queues: number;
   depth: number;
   device?: string;
@@ -135,10 +136,11 @@ async function serveUblkForeground(image: string, name: string, id: number | und
   await device.done;
 }
 
-/** The driver: --driver, else what --device names; `auto` is ublk where the driver is loaded. */
+/** The driver: --driver, else what --device names, else nbd; `auto` is ublk where the driver is loaded. */
 function resolveDriver(opts: AttachCliOptions): Driver {
-  if (opts.device !== undefined && opts.driver === 'auto') return parseUblkDevice(opts.device) !== undefined ? 'ublk' : 'nbd';
-  if (opts.driver === 'auto') return ublkAvailable() ? 'ublk' : 'nbd';
+  const named = opts.device === undefined ? undefined : parseUblkDevice(opts.device) !== undefined ? 'ublk' : 'nbd';
+  if (opts.driver === undefined) return named ?? 'nbd';
+  if (opts.driver === 'auto') return named ?? (ublkAvailable() ? 'ublk' : 'nbd');
   return opts.driver;
 }
 
@@ -166,7 +168,7 @@ export function register(program: Command): void {
     .command('attach')
     .description('attach an image as /dev/nbdN (kernel NBD) or /dev/ublkbN (ublk); prints the device once usable')
     .argument('<image>', 'image file, block device, or memory:SIZE')
-    .addOption(new Option('--driver <driver>', 'kernel driver: nbd, ublk, or auto (ublk where ublk_drv is loaded)').choices(['nbd', 'ublk', 'auto']).default('nbd'))
+    .addOption(new Option('--driver <driver>', 'kernel driver: nbd, ublk, or auto (ublk where ublk_drv is loaded); default: what --device names, else nbd').choices(['nbd', 'ublk', 'auto']))
     .option('-d, --device <dev>', '/dev/nbdN or /dev/ublkbN to use (default: the kernel picks); a device this image still owns is re-attached / recovered')
     .option('-q, --queues <n>', 'ublk: hardware queues (one thread each)', intArg(1, 64), 1)
     .option('--depth <n>', 'ublk: requests in flight per queue', intArg(1, 4096), 128)

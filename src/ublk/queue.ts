@@ -14,7 +14,7 @@ import { logger } from '../core/log.js';
 import type { BlockQueue } from '../core/queue.js';
 import { turnEnd } from '../core/batch.js';
 import { QUEUE_EVENT, ublkAddon, type QueueHandle } from './addon.js';
-import { REC_WORDS, SECTOR_SHIFT, UBLK_IO, UBLK_IO_F, UBLK_OP } from './uapi.js';
+import { REC_WORDS, requestInBounds, SECTOR_SHIFT, UBLK_IO, UBLK_IO_F, UBLK_OP } from './uapi.js';
 
 const log = logger('ublk');
 
@@ -97,10 +97,10 @@ export class UblkQueue {
   private handle1(tag: number, opFlags: number, sectors: number, sector: number): void {
     const { queue, maxIo } = this.cfg;
     const offset = sector * (1 << SECTOR_SHIFT);
-    const length = sectors << SECTOR_SHIFT;
+    const length = sectors * (1 << SECTOR_SHIFT);
     const op = opFlags & 0xff;
     this.inUser++;
-    if (offset + length > queue.size || length > maxIo) {
+    if (!requestInBounds(op, offset, length, queue.size, maxIo)) {
       this.finish(tag, -Errno.EIO);
       return;
     }

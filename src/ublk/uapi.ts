@@ -155,6 +155,18 @@ export function encodeParams(p: DeviceParams): Buffer {
   return b;
 }
 
+/**
+ * Whether a request's range is one nbdd may serve: inside the device, and — for READ and WRITE,
+ * the ops that move data through the tag's buffer — no larger than that buffer. A FLUSH carries
+ * no range (the kernel leaves its sector at -1, blk_rq_init); DISCARD and WRITE_ZEROES are
+ * bounded by the discard limits, not by the buffer.
+ */
+export function requestInBounds(op: number, offset: number, length: number, size: number, maxIo: number): boolean {
+  if (op === UBLK_OP.FLUSH) return true;
+  if (offset + length > size) return false;
+  return (op !== UBLK_OP.READ && op !== UBLK_OP.WRITE) || length <= maxIo;
+}
+
 /** One request as the queue thread delivers it (5 words: tag, op_flags, nr_sectors, sector lo, hi). */
 export const REC_WORDS = 5;
 

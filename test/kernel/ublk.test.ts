@@ -2,7 +2,8 @@
  * ublk in the VM (one boot): a filesystem round trip on qcow2 and raw through /dev/ublkbN (mkfs,
  * mount, write, fstrim, sync, unmount, detach; qemu-img check; a read-only re-attach reads the
  * same checksums and refuses writes), fio --verify over 2 queues and 2 jobs, blkdiscard and
- * blkdiscard -z reaching the raw backend as punch-hole / zero-range, `nbdd list --json`, and the
+ * blkdiscard -z reaching the raw backend as punch-hole / zero-range, recovery after the daemon is
+ * killed mid-job (raw and qcow2), `nbdd list --json`, and the
  * error paths: missing image, device id in use, not root, ublk_drv not loaded — each with a clear
  * message and no device left behind.
  */
@@ -45,7 +46,11 @@ roundtrip() {
   (cd /mnt/$tag && sha256sum random numbers) > $WORK/$tag.sums-written
   sync && umount /mnt/$tag || return 1
   nbdd list --json > $WORK/$tag.list.json
-  nbdd status "$tag" --json > $WORK/$tag.status.json 2>&1
+  nbdd status "$tag" --json > $WORK/$tag.status.json
+  node --input-type=module -e "
+    const { controlCall } = await import('$REPO/dist/cli/control-call.js');
+    console.log(JSON.stringify(await controlCall('$tag', 'stats')));
+  " > $WORK/$tag.stats.json 2>&1
   nbdd detach "$tag"; echo $? > $WORK/$tag.detach.rc
   ls /run/nbdd/ > $WORK/$tag.run-after-detach
   udevs > $WORK/$tag.devices-after-detach
@@ -89,6 +94,28 @@ cmp -n 4194304 $dev /dev/zero && echo zero > $WORK/d.trimmed-reads
 cmp -n 4194304 -i 8388608:0 $dev /dev/zero && echo zero > $WORK/d.zeroed-reads
 nbdd detach d
 
+# --- the daemon killed (SIGKILL) in the middle of a verified write job: the kernel holds the I/O
+# (USER_RECOVERY_REISSUE), a new daemon recovers the device, and fio finishes without errors
+FIO="fio --direct=1 --ioengine=libaio --iodepth=16 --bs=4k --rw=randwrite --verify=crc32c --verify_fatal=1 --output-format=json"
+recover() {
+  local tag=$1 img=$2 dev=$3; shift 3
+  nbdd attach $img --driver ublk --device $dev --name $tag "$@" > /dev/null || return 1
+  $FIO --name=$tag --filename=$dev --size=24M --rate_iops=1000 --output=$WORK/$tag.fio.json & local fio=$!
+  sleep 4
+  kill -0 $fio && echo running > $WORK/$tag.running-at-kill
+  kill -9 $(daemon_pid ublk\${dev#/dev/ublkb})
+  sleep 1
+  nbdd list --json > $WORK/$tag.list-after-kill.json
+  nbdd attach $img --device $dev --json > $WORK/$tag.reattach.json; echo $? > $WORK/$tag.reattach.rc
+  wait $fio; echo $? > $WORK/$tag.fio.rc
+  nbdd detach $tag; echo $? > $WORK/$tag.detach.rc
+  cp /run/nbdd/$tag.log $WORK/$tag.log
+}
+truncate -s 32M rk.img
+recover rk-raw /tmp/rk.img /dev/ublkb3
+recover rk-qcow2 /tmp/rk.qcow2 /dev/ublkb4 --create 32M
+qemu-img check --output=json /tmp/rk.qcow2 > $WORK/rk-qcow2.check.json; echo $? > $WORK/rk-qcow2.check.rc
+
 # --- error paths: clear messages, nothing left behind
 truncate -s 16M busy.img other.img user.img; chmod 666 user.img
 udevs > $WORK/devices-before-errors
@@ -100,7 +127,7 @@ udevs > $WORK/devices-after-busy
 nbdd detach busy
 record u-notroot setpriv --reuid=65534 --regid=65534 --clear-groups --inh-caps=-all --bounding-set=-all node $REPO/bin/nbdd attach /tmp/user.img --driver ublk --foreground
 udevs > $WORK/devices-after-notroot
-rmmod ublk_drv; echo $? > $WORK/rmmod.rc
+busybox rmmod ublk_drv; echo $? > $WORK/rmmod.rc
 record u-nodriver nbdd attach /tmp/user.img --driver ublk
 record final-list nbdd list --json
 `);
@@ -122,12 +149,15 @@ describe.each(['qcow2', 'raw'])('%s image through /dev/ublkbN', (tag) => {
     expect(s.text(`${tag}.fua`).trim()).toBe('1');
   });
 
-  it('fstrim trims through the device; the sidecar reports the ops', () => {
+  it('fstrim trims through the device; the control socket reports the device and its ops', () => {
     expect(s.text(`${tag}.fstrim.rc`).trim(), s.text(`${tag}.fstrim`)).toBe('0');
     expect(s.text(`${tag}.fstrim`)).toMatch(/trimmed/);
-    const status = s.text(`${tag}.status.json`);
-    expect(status).toContain('"driver": "ublk"');
-    expect(status).toMatch(/"trim"/);
+    expect(s.json(`${tag}.status.json`)).toMatchObject({ device: expect.stringMatching(/^\/dev\/ublkb\d+$/), driver: 'ublk', queues: tag === 'raw' ? 2 : 1, depth: 128, inFlight: 0 });
+    const stats = s.json<{ ops: Record<string, { count: number; errors: number; bytes: number }> }>(`${tag}.stats.json`).ops;
+    expect(stats.trim!.count).toBeGreaterThan(0);
+    expect(stats.flush!.count).toBeGreaterThan(0);
+    expect(stats.write!.bytes).toBeGreaterThan(5 << 20);
+    for (const op of ['read', 'write', 'trim', 'flush', 'writeZeroes']) expect(stats[op]!.errors, op).toBe(0);
   });
 
   it('detaches: exit 0, state file and device gone, the daemon logged the close', () => {
@@ -155,11 +185,17 @@ it('qcow2 image passes qemu-img check after detach', () => {
   expect(check.leaks ?? 0).toBe(0);
 });
 
+/** fio's JSON report; fio writes warnings (e.g. "multiple writers may overwrite blocks") before it. */
+function fioJson<T>(name: string): T {
+  const text = s.text(name);
+  return JSON.parse(text.slice(text.indexOf('{'))) as T;
+}
+
 describe('fio --verify=crc32c', () => {
   it('2 queues (2 blk-mq hardware queues), 2 jobs of 4 KiB random writes: no errors, everything verified', () => {
     expect(s.text('fio.hwqueues').trim(), s.log).toBe('2');
     expect(s.text('fio.rc').trim(), s.text('fio.json')).toBe('0');
-    const job = s.json<{ jobs: { error: number; write: { io_bytes: number }; read: { io_bytes: number } }[] }>('fio.json').jobs[0]!;
+    const job = fioJson<{ jobs: { error: number; write: { io_bytes: number }; read: { io_bytes: number } }[] }>('fio.json').jobs[0]!;
     expect(job.error).toBe(0);
     expect(job.write.io_bytes).toBe(32 << 20);
     expect(job.read.io_bytes).toBe(32 << 20);
@@ -178,6 +214,35 @@ it('blkdiscard arrives as punch hole and blkdiscard -z as zero range (or punch),
   expect(Number(s.text('d.blocks-after'))).toBeLessThan(Number(s.text('d.blocks-written')));
   expect(s.text('d.trimmed-reads').trim()).toBe('zero');
   expect(s.text('d.zeroed-reads').trim()).toBe('zero');
+});
+
+describe.each([
+  ['rk-raw', '/dev/ublkb3'],
+  ['rk-qcow2', '/dev/ublkb4'],
+])('%s: SIGKILL of the daemon mid-job', (tag, dev) => {
+  it('lists the device as daemon-dead; `nbdd attach IMAGE --device DEV` recovers it', () => {
+    expect(s.text(`${tag}.running-at-kill`).trim(), s.log).toBe('running');
+    const dead = s.json<Listed[]>(`${tag}.list-after-kill.json`).find((d) => d.device === dev);
+    expect(dead).toMatchObject({ driver: 'ublk', state: 'daemon-dead', daemonPid: null });
+    expect(s.text(`${tag}.reattach.rc`).trim()).toBe('0');
+    expect(s.json(`${tag}.reattach.json`)).toMatchObject({ device: dev, name: tag, reattached: true, driver: 'ublk' });
+    expect(s.text(`${tag}.log`)).toMatch(new RegExp(`${dev}: recovered`));
+  });
+  it('fio --verify finishes with no errors: every write the dead daemon held was reissued', () => {
+    expect(s.text(`${tag}.fio.rc`).trim(), s.text(`${tag}.fio.json`)).toBe('0');
+    const job = fioJson<{ jobs: { error: number; write: { io_bytes: number }; read: { io_bytes: number } }[] }>(`${tag}.fio.json`).jobs[0]!;
+    expect(job.error).toBe(0);
+    expect(job.write.io_bytes).toBe(24 << 20);
+    expect(job.read.io_bytes).toBe(24 << 20);
+    expect(s.text(`${tag}.detach.rc`).trim()).toBe('0');
+  });
+});
+
+it('the recovered qcow2 image has no corruption (the dead daemon\'s allocation pool shows as leaks only)', () => {
+  const check = s.json<{ 'check-errors': number; corruptions?: number }>('rk-qcow2.check.json');
+  expect(['0', '3'], s.text('rk-qcow2.check.json')).toContain(s.text('rk-qcow2.check.rc').trim());
+  expect(check['check-errors']).toBe(0);
+  expect(check.corruptions ?? 0).toBe(0);
 });
 
 describe('error paths: a clear message, a non-zero exit, no device left behind', () => {
