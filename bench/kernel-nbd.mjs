@@ -1,24 +1,27 @@
 #!/usr/bin/env node
 /**
- * Kernel NBD benchmark (not a test): /dev/nbdN served by `nbdd attach` against `qemu-nbd --connect`,
- * each on its own copy of the same raw image, in the same VM run (the test/kernel harness: Debian
+ * Kernel block-device benchmark (not a test): /dev/nbdN served by `nbdd attach`, /dev/ublkbN served
+ * by `nbdd attach --driver ublk`, and /dev/nbdN served by `qemu-nbd --connect`, each on its own copy
+ * of the same raw image, in the same VM run (the test/kernel harness: Debian
  * 6.12 under qemu TCG). fio (libaio, direct) runs 4 KiB random read and write at depth 16 and 1 MiB
  * sequential read and write at depth 4, each for BENCH_RUNTIME seconds. Both devices stay attached
  * and the servers alternate job by job, round after round, so a change in the host's load hits both
- * alike; the table gives each server's best round, and the ratio nbdd / qemu-nbd. Absolute figures
+ * alike; the table gives each server's best round, and the ratios nbdd / qemu-nbd (both over kernel
+ * NBD), ublk / qemu-nbd and ublk / nbdd's own NBD device (what the driver choice is worth). Absolute figures
  * under TCG mean little; the ratio is the point. Both servers use the page cache of the VM (nbdd:
  * raw backend; qemu-nbd: --cache=writeback); the images live on the VM's /tmp (tmpfs).
  *
  * Environment: BENCH_RUNTIME (5) seconds per job, BENCH_SIZE (256M) image size, BENCH_CONNECTIONS
- * (1) nbdd connections (qemu-nbd --connect always uses one), BENCH_ROUNDS (2). Flags: --json prints
+ * (1) nbdd connections (qemu-nbd --connect always uses one), BENCH_UBLK_QUEUES (1) ublk queues,
+ * BENCH_ROUNDS (2). Flags: --json prints
  * the raw figures. Needs the kernel tier's tools (scripts/install-test-deps.sh).
  *
  * The CPU columns say where the VM's two vCPUs go: each server's CPU time per request (all its
  * threads, and its main thread alone, from /proc) and the whole VM's busy time per request.
  *
  * Looking inside nbdd (these change what is measured; use them to find hot spots, not for ratios):
- * BENCH_JOBS (a regular expression on job names) runs only some jobs; BENCH_SERVERS=nbdd skips
- * qemu-nbd. BENCH_PROFILE=1 starts the daemon under `node --cpu-prof` (sampling every
+ * BENCH_JOBS (a regular expression on job names) runs only some jobs; BENCH_SERVERS (a comma list
+ * of nbdd, ublk, qemu-nbd) runs only some servers. BENCH_PROFILE=1 starts the daemon under `node --cpu-prof` (sampling every
  * BENCH_PROFILE_INTERVAL µs, default 5000: sampling is costly under TCG) and writes its profile to
  * bench/profiles/ with the jobs' start times (`marks`); summarise one job with
  * `node bench/profile-top.mjs bench/profiles/CPU*.cpuprofile --marks bench/profiles/marks --job nbdd-JOB-1`.
@@ -37,7 +40,8 @@ const rounds = Number(process.env.BENCH_ROUNDS ?? 2);
 const profile = process.env.BENCH_PROFILE === '1';
 const strace = process.env.BENCH_STRACE === '1';
 const threads = process.env.BENCH_THREADS === '1';
-const SERVERS = ['nbdd', 'qemu-nbd'].filter((s) => (process.env.BENCH_SERVERS ?? 'nbdd,qemu-nbd').split(',').includes(s));
+const ublkQueues = Number(process.env.BENCH_UBLK_QUEUES ?? 1);
+const SERVERS = ['nbdd', 'ublk', 'qemu-nbd'].filter((s) => (process.env.BENCH_SERVERS ?? 'nbdd,ublk,qemu-nbd').split(',').includes(s));
 const jobFilter = new RegExp(process.env.BENCH_JOBS ?? '.');
 
 const ALL_JOBS = [
@@ -86,6 +90,14 @@ pid_nbdd=$(sed 's/.*"pid":\\([0-9]*\\).*/\\1/' attach.json)`
     : ''
 }
 ${
+  SERVERS.includes('ublk')
+    ? `cp nbdd.img ublk.img
+node $REPO/bin/nbdd attach ublk.img --driver ublk --name bench-ublk --queues ${ublkQueues} --json > attach-ublk.json
+dev_ublk=$(sed 's/.*"device":"\\([^"]*\\)".*/\\1/' attach-ublk.json)
+pid_ublk=$(sed 's/.*"pid":\\([0-9]*\\).*/\\1/' attach-ublk.json)`
+    : ''
+}
+${
   SERVERS.includes('qemu-nbd')
     ? `dev_qemu_nbd=/dev/nbd3
 qemu-nbd --connect=$dev_qemu_nbd --format=raw --cache=writeback qemu-nbd.img
@@ -95,6 +107,7 @@ pid_qemu_nbd=$(pgrep -n qemu-nbd)`
 }
 ${Array.from({ length: rounds }, (_, round) => JOBS.map((j) => SERVERS.map((s) => fio(s, j, round + 1)).join('\n')).join('\n')).join('\n')}
 ${SERVERS.includes('qemu-nbd') ? 'qemu-nbd --disconnect $dev_qemu_nbd' : ''}
+${SERVERS.includes('ublk') ? 'node $REPO/bin/nbdd detach bench-ublk' : ''}
 ${
   SERVERS.includes('nbdd')
     ? `node $REPO/bin/nbdd detach bench
@@ -134,8 +147,18 @@ const best = (s, job) => {
 const none = { figure: NaN, cpuUs: { all: NaN, main: NaN, vm: NaN }, rounds: [] };
 const rows = JOBS.map((job) => {
   const nbdd = SERVERS.includes('nbdd') ? best('nbdd', job) : none;
+  const ublk = SERVERS.includes('ublk') ? best('ublk', job) : none;
   const qemu = SERVERS.includes('qemu-nbd') ? best('qemu-nbd', job) : none;
-  return { job: job.name, unit: job.unit, nbdd, 'qemu-nbd': qemu, ratio: nbdd.figure / qemu.figure };
+  return {
+    job: job.name,
+    unit: job.unit,
+    nbdd,
+    ublk,
+    'qemu-nbd': qemu,
+    ratio: nbdd.figure / qemu.figure,
+    ublkRatio: ublk.figure / qemu.figure,
+    ublkVsNbd: ublk.figure / nbdd.figure,
+  };
 });
 
 const saved = [...r.files.keys()].filter((f) => f.endsWith('.cpuprofile') || f.startsWith('strace-') || f.startsWith('threads-') || (profile && f === 'marks'));
@@ -151,15 +174,16 @@ if (process.argv.includes('--json')) {
 } else {
   const num = (v, w) => (Number.isFinite(v) ? v.toFixed(0) : '-').padStart(w);
   const cpu = (c) => `${num(c.all, 6)} /${num(c.main, 6)} /${num(c.vm, 6)}`;
+  const ratio = (v) => (Number.isFinite(v) ? v.toFixed(2) : '-').padStart(7);
   process.stdout.write(
-    `/dev/nbdN in a TCG VM, ${size} raw image, ${runtime} s per job, best of ${rounds} round(s), nbdd ${connections} connection(s)\n` +
-      `${'job'.padEnd(20)}${'unit'.padEnd(7)}${'nbdd'.padStart(8)}${'qemu-nbd'.padStart(10)}${'ratio'.padStart(7)}` +
-      `   CPU µs/request (server all threads / main thread / whole VM): nbdd | qemu-nbd\n`,
+    `kernel devices in a TCG VM, ${size} raw image, ${runtime} s per job, best of ${rounds} round(s), nbdd ${connections} connection(s), ublk ${ublkQueues} queue(s)\n` +
+      `${'job'.padEnd(20)}${'unit'.padEnd(7)}${'nbdd'.padStart(8)}${'ublk'.padStart(8)}${'qemu-nbd'.padStart(10)}${'nbd/q'.padStart(7)}${'ublk/q'.padStart(7)}${'ublk/nbd'.padStart(9)}` +
+      `   CPU µs/request (server all threads / main thread / whole VM): nbdd | ublk | qemu-nbd\n`,
   );
   for (const row of rows) {
     process.stdout.write(
-      `${row.job.padEnd(20)}${row.unit.padEnd(7)}${num(row.nbdd.figure, 8)}${num(row['qemu-nbd'].figure, 10)}${row.ratio.toFixed(2).padStart(7)}` +
-        `   ${cpu(row.nbdd.cpuUs)} | ${cpu(row['qemu-nbd'].cpuUs)}\n`,
+      `${row.job.padEnd(20)}${row.unit.padEnd(7)}${num(row.nbdd.figure, 8)}${num(row.ublk.figure, 8)}${num(row['qemu-nbd'].figure, 10)}${ratio(row.ratio)}${ratio(row.ublkRatio)}${ratio(row.ublkVsNbd).padStart(9)}` +
+        `   ${cpu(row.nbdd.cpuUs)} | ${cpu(row.ublk.cpuUs)} | ${cpu(row['qemu-nbd'].cpuUs)}\n`,
     );
   }
 }
