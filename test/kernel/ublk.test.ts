@@ -1,6 +1,7 @@
 /**
  * ublk in the VM (one boot): a filesystem round trip on qcow2 and raw through /dev/ublkbN (mkfs,
- * mount, write, fstrim, sync, unmount, detach; qemu-img check; a read-only re-attach reads the
+ * mount, write, fstrim, sync, unmount, the sidecar's dirty bitmap and block status, detach;
+ * qemu-img check; a read-only re-attach reads the
  * same checksums and refuses writes), fio --verify over 2 queues and 2 jobs, blkdiscard and
  * blkdiscard -z reaching the raw backend as punch-hole / zero-range, recovery after the daemon is
  * killed mid-job (raw and qcow2), `nbdd list --json`, and the
@@ -38,6 +39,7 @@ roundtrip() {
   cat /sys/block/\${dev#/dev/}/queue/write_zeroes_max_bytes > $WORK/$tag.write_zeroes_max
   cat /sys/block/\${dev#/dev/}/queue/write_cache > $WORK/$tag.write_cache
   cat /sys/block/\${dev#/dev/}/queue/fua > $WORK/$tag.fua
+  nbdd bitmap add "$tag" b0 > $WORK/$tag.bitmap-add 2> $WORK/$tag.bitmap-add.err
   mkfs.ext4 -q "$dev" && mkdir -p /mnt/$tag && mount "$dev" /mnt/$tag || return 1
   head -c 3M /dev/urandom > /mnt/$tag/random; seq 1 200000 > /mnt/$tag/numbers
   head -c 2M /dev/urandom > /mnt/$tag/gone
@@ -45,6 +47,9 @@ roundtrip() {
   fstrim -v /mnt/$tag > $WORK/$tag.fstrim 2>&1; echo $? > $WORK/$tag.fstrim.rc
   (cd /mnt/$tag && sha256sum random numbers) > $WORK/$tag.sums-written
   sync && umount /mnt/$tag || return 1
+  # The sidecar of a ublk device: the dirty bitmap and block status, as backup tools read them.
+  nbdinfo --map=qemu:dirty-bitmap:b0 --totals "nbd+unix:///$tag?socket=/run/nbdd/$tag/nbd.sock" > $WORK/$tag.dirty-totals 2> $WORK/$tag.dirty-totals.err
+  nbdinfo --map --totals "nbd+unix:///$tag?socket=/run/nbdd/$tag/nbd.sock" > $WORK/$tag.alloc-totals 2>&1
   nbdd list --json > $WORK/$tag.list.json
   nbdd status "$tag" --json > $WORK/$tag.status.json
   node --input-type=module -e "
@@ -158,6 +163,16 @@ describe.each(['qcow2', 'raw'])('%s image through /dev/ublkbN', (tag) => {
     expect(stats.flush!.count).toBeGreaterThan(0);
     expect(stats.write!.bytes).toBeGreaterThan(5 << 20);
     for (const op of ['read', 'write', 'trim', 'flush', 'writeZeroes']) expect(stats[op]!.errors, op).toBe(0);
+  });
+
+  it('the sidecar serves the dirty bitmap and block status of the ublk device (nbdinfo)', () => {
+    expect(s.text(`${tag}.bitmap-add.err`)).not.toMatch(/nbdd: /);
+    // nbdinfo --totals: "bytes percent type description" per flag value; mkfs and the files dirtied some.
+    const dirty = s.text(`${tag}.dirty-totals`).split('\n').find((l) => /\bdirty\b/.test(l) && !/clean/.test(l));
+    expect(dirty, s.text(`${tag}.dirty-totals`) + s.text(`${tag}.dirty-totals.err`)).toBeDefined();
+    expect(Number(dirty!.trim().split(/\s+/)[0])).toBeGreaterThan(3 << 20);
+    expect(s.text(`${tag}.alloc-totals`)).toMatch(/\bdata\b/);
+    expect(s.json<{ name: string; sidecar: string | null }[]>(`${tag}.list.json`).find((d) => d.name === tag)?.sidecar).toBe(`/run/nbdd/${tag}`);
   });
 
   it('detaches: exit 0, state file and device gone, the daemon logged the close', () => {
