@@ -101,13 +101,16 @@ export async function inventory(): Promise<DeviceReport[]> {
 
 /** The device `arg` names: /dev/nbdN, nbdN, N, /dev/ublkbN, ublkbN, or a name from `attach --name`. */
 export async function findDevice(arg: string): Promise<DeviceReport> {
-  const all = await inventory();
   const ublkId = parseUblkDevice(arg);
   if (ublkId !== undefined) {
-    const found = all.find((d) => d.driver === 'ublk' && d.index === ublkId);
+    // A ublk path needs only the ublk driver; without it the nbd driver's advice would mislead.
+    const ublk = await ublkInventory();
+    if (!ublk.available) throw new NbddError(Errno.ENODEV, `no ublk device ${ublkDevicePath(ublkId)}: the ublk driver is not loaded (modprobe ublk_drv)`);
+    const found = ublk.devices.find((d) => d.index === ublkId);
     if (!found) throw new NbddError(Errno.ENODEV, `no ublk device ${ublkDevicePath(ublkId)}`);
     return found;
   }
+  const all = await inventory();
   const index = parseDeviceArg(arg);
   const found = index !== undefined ? all.find((d) => d.driver === 'nbd' && d.index === index) : all.find((d) => d.name === arg);
   if (!found) throw new NbddError(Errno.ENODEV, `no nbd device ${index !== undefined ? devicePath(index) : `named '${arg}'`}`);

@@ -1,6 +1,7 @@
 /**
- * On the host, whose kernel has no nbd module: every command that needs the driver says so with
- * the fix (modprobe nbd) and exits non-zero. (The VM tests cover the driver itself.)
+ * On the host, whose kernel has neither the nbd module nor ublk_drv: every command that needs a
+ * driver says so with the fix (modprobe nbd / modprobe ublk_drv) and exits non-zero, and bad
+ * ublk arguments are refused before anything is touched. (The VM tests cover the drivers.)
  */
 import { existsSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
@@ -34,6 +35,33 @@ describe('without the nbd kernel module', () => {
     ['detach', ['detach', '/dev/nbd0']],
   ])('%s names modprobe nbd', (_name, args) => {
     const r = runStatus(NBDD, args);
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toContain('nbdd: the nbd kernel module is not loaded: modprobe nbd');
+  });
+});
+
+describe('without ublk_drv', () => {
+  it('the host really lacks it', () => {
+    expect(existsSync('/dev/ublk-control'), 'the host has ublk_drv loaded; run these checks on a host without it').toBe(false);
+  });
+
+  it.each([
+    ['attach --driver ublk (foreground)', ['attach', 'memory:16M', '--driver', 'ublk', '--foreground'], 'nbdd: the ublk driver is not loaded: /dev/ublk-control is missing (modprobe ublk_drv'],
+    ['attach --driver ublk (daemon)', ['attach', 'memory:16M', '--driver', 'ublk'], 'nbdd: the ublk driver is not loaded: /dev/ublk-control is missing (modprobe ublk_drv'],
+    ['attach --device /dev/ublkb0 (driver from the path)', ['attach', 'memory:16M', '--device', '/dev/ublkb0', '--foreground'], 'modprobe ublk_drv'],
+    ['detach /dev/ublkb0', ['detach', '/dev/ublkb0'], 'nbdd: no ublk device /dev/ublkb0: the ublk driver is not loaded (modprobe ublk_drv)'],
+    ['attach --driver ublk --device /dev/sda', ['attach', 'memory:16M', '--driver', 'ublk', '--device', '/dev/sda'], "nbdd: --device '/dev/sda' is not /dev/ublkbN"],
+    ['--depth 0', ['attach', 'memory:16M', '--driver', 'ublk', '--depth', '0'], "'0' is invalid. 0 is not between 1 and 4096"],
+    ['--queues 65', ['attach', 'memory:16M', '--driver', 'ublk', '--queues', '65'], "'65' is invalid. 65 is not between 1 and 64"],
+    ['--driver bogus', ['attach', 'memory:16M', '--driver', 'bogus'], 'Allowed choices are nbd, ublk, auto'],
+  ])('%s', (_name, args, message) => {
+    const r = runStatus(NBDD, args);
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toContain(message);
+  });
+
+  it('--driver auto falls back to nbd (and so names modprobe nbd)', () => {
+    const r = runStatus(NBDD, ['attach', 'memory:16M', '--driver', 'auto', '--foreground']);
     expect(r.status).not.toBe(0);
     expect(r.stderr).toContain('nbdd: the nbd kernel module is not loaded: modprobe nbd');
   });
