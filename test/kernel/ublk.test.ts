@@ -135,7 +135,7 @@ udevs > $WORK/devices-after-notroot
 busybox rmmod ublk_drv; echo $? > $WORK/rmmod.rc
 record u-nodriver nbdd attach /tmp/user.img --driver ublk
 record final-list nbdd list --json
-`);
+`, { timeoutMs: 1_200_000 }); // about 6 min alone under TCG, more beside the interop tier
 }, 1_800_000); // may wait for other VM runs (one at a time)
 
 describe.each(['qcow2', 'raw'])('%s image through /dev/ublkbN', (tag) => {
