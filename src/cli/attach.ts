@@ -93,13 +93,16 @@ async function serveForeground(image: string, name: string, index: number | unde
     throw err;
   }
   const { device, reattached } = attached;
-  const ready: Readiness & { ok: true } = { ok: true, device: devicePath(device.index), index: device.index, name, pid: process.pid, reattached, driver: 'nbd' };
+  await serveUntilDetached({ ok: true, device: devicePath(device.index), index: device.index, name, pid: process.pid, reattached, driver: 'nbd' }, device, opts);
+}
+
+/** Reports readiness (pipe or stdout), detaches on SIGTERM/SIGINT, and returns when the device is gone. */
+async function serveUntilDetached(ready: Readiness & { ok: true }, device: { detach(): Promise<void>; done: Promise<void> }, opts: AttachCliOptions): Promise<void> {
   if (opts.readyFd !== undefined) await reportReadiness(opts.readyFd, ready);
   else printReady(ready, opts.json);
-
   for (const sig of ['SIGTERM', 'SIGINT'] as const) {
     process.on(sig, () => {
-      log.info(`${sig}: detaching ${devicePath(device.index)}`);
+      log.info(`${sig}: detaching ${ready.device}`);
       device.detach().catch((err) => {
         log.error(messageOf(err));
         process.exit(1);
@@ -120,20 +123,7 @@ async function serveUblkForeground(image: string, name: string, id: number | und
     throw err;
   }
   const { device, recovered } = attached;
-  const ready: Readiness & { ok: true } = { ok: true, device: ublkDevicePath(device.id), index: device.id, name, pid: process.pid, reattached: recovered, driver: 'ublk' };
-  if (opts.readyFd !== undefined) await reportReadiness(opts.readyFd, ready);
-  else printReady(ready, opts.json);
-  for (const sig of ['SIGTERM', 'SIGINT'] as const) {
-    process.on(sig, () => {
-      log.info(`${sig}: detaching ${ublkDevicePath(device.id)}`);
-      device.detach().catch((err) => {
-        log.error(messageOf(err));
-        process.exit(1);
-      });
-    });
-  }
-  process.on('SIGHUP', () => log.info('SIGHUP ignored'));
-  await device.done;
+  await serveUntilDetached({ ok: true, device: ublkDevicePath(device.id), index: device.id, name, pid: process.pid, reattached: recovered, driver: 'ublk' }, device, opts);
 }
 
 /** The driver: --driver, else what --device names, else nbd; `auto` is ublk where the driver is loaded. */
