@@ -80,11 +80,18 @@ export class BitmapSet extends EventEmitter {
     this.store = store;
   }
 
-  /** A set over `store` (or transient only, when null), with the stored bitmaps loaded. */
-  static async open(size: number, store: BitmapStore | null): Promise<BitmapSet> {
+  /**
+   * A set over `store` (or transient only, when null), with the stored bitmaps loaded, plus
+   * `transient` bitmaps to start with (a read-only image's, which nothing stores).
+   */
+  static async open(size: number, store: BitmapStore | null, transient: StoredBitmap[] = []): Promise<BitmapSet> {
     const set = new BitmapSet(size, store);
     for (const b of store ? await store.load() : []) {
       set.entries.set(b.name, { name: b.name, bits: b.bits, enabled: b.enabled, persistent: true, busy: false });
+    }
+    for (const b of transient) {
+      if (set.entries.has(b.name)) throw new NbddError(Errno.EEXIST, `bitmap '${b.name}' is stored twice`);
+      set.entries.set(b.name, { name: b.name, bits: b.bits, enabled: b.enabled, persistent: false, busy: false });
     }
     return set;
   }

@@ -37,8 +37,8 @@ import { OpChain, type BitmapMeta, type BitmapStore, type BitsChange, type Store
 
 const log = logger('bitmaps');
 
-/** What the store needs from a writable qcow2 image (Qcow2Image.bitmapHost()). */
-export interface Qcow2BitmapHost {
+/** Where a qcow2 image's stored bitmaps are read from (Qcow2Image.bitmapSource(), also read-only). */
+export interface Qcow2BitmapSource {
   readonly path: string;
   readonly port: FilePort;
   readonly clusterSize: number;
@@ -47,6 +47,10 @@ export interface Qcow2BitmapHost {
   readonly bitmapsExtension: BitmapsExtension | null;
   /** The bitmaps autoclear bit as found at open (false: a program without bitmap support wrote the image). */
   readonly bitmapsConsistentAtOpen: boolean;
+}
+
+/** What the store needs from a writable qcow2 image (Qcow2Image.bitmapHost()). */
+export interface Qcow2BitmapHost extends Qcow2BitmapSource {
   /** `n` contiguous clusters with refcount 1 (in memory until `commitMetadata`); host offset. */
   allocateClusters(n: number): number;
   /** Drops one reference to each of `n` clusters at `offset` at the next commit. */
@@ -55,6 +59,45 @@ export interface Qcow2BitmapHost {
   commitMetadata(): Promise<void>;
   /** Points the header at `ext` (or removes it) and sets the autoclear bit to match; durable. */
   writeBitmapsExtension(ext: BitmapsExtension | null): Promise<void>;
+}
+
+/** One bitmap as read from the image: where its table is, and its bits when it is consistent. */
+interface ReadBitmap {
+  entry: Qcow2BitmapEntry;
+  table: TableEntry[];
+  /** Null for an inconsistent bitmap (in_use, or the autoclear bit was clear): it may miss writes. */
+  bits: DirtyBitmap | null;
+}
+
+/** Reads the bitmap directory, every table, and the bits of every consistent bitmap (warning about the others). */
+async function readBitmaps(src: Qcow2BitmapSource): Promise<ReadBitmap[]> {
+  const ext = src.bitmapsExtension;
+  if (!ext) return [];
+  const cs = src.clusterSize;
+  const fileLength = await src.port.length();
+  const dir = await src.port.readAt(Buffer.alloc(ext.directorySize), ext.directoryOffset);
+  const out: ReadBitmap[] = [];
+  for (const entry of decodeBitmapDirectory(dir, ext.nbBitmaps, { diskSize: src.diskSize, clusterSize: cs, fileLength })) {
+    const table = decodeBitmapTable(await src.port.readAt(Buffer.alloc(entry.tableSize * 8), entry.tableOffset), entry.tableSize, cs, fileLength);
+    if (!src.bitmapsConsistentAtOpen || entry.flags & BITMAP_IN_USE) {
+      log.warn(`${src.path}: bitmap '${entry.name}' is inconsistent (${entry.flags & BITMAP_IN_USE ? 'in_use' : 'written without bitmap support'}); dropping it`);
+      out.push({ entry, table, bits: null });
+      continue;
+    }
+    const bits = new DirtyBitmap(src.diskSize, 2 ** entry.granularityBits);
+    await loadBitmapData(bits, table, cs, (off) => src.port.readAt(Buffer.alloc(cs), off));
+    out.push({ entry, table, bits });
+  }
+  return out;
+}
+
+/**
+ * The consistent bitmaps of an image open read-only, as they are stored: nothing is written (no
+ * `in_use`, no autoclear change), so a quiesced image can be exported with its bitmaps the way
+ * `qemu-nbd -r -B NAME` does.
+ */
+export async function readStoredBitmaps(src: Qcow2BitmapSource): Promise<StoredBitmap[]> {
+  return (await readBitmaps(src)).flatMap(({ entry, bits }) => (bits ? [{ ...metaOf(entry), bits }] : []));
 }
 
 interface Placed {
@@ -89,21 +132,12 @@ export class Qcow2BitmapStore implements BitmapStore {
       const ext = this.host.bitmapsExtension;
       const out: StoredBitmap[] = [];
       if (ext) {
-        const fileLength = await this.host.port.length();
-        const dir = await this.host.port.readAt(Buffer.alloc(ext.directorySize), ext.directoryOffset);
-        const entries = decodeBitmapDirectory(dir, ext.nbBitmaps, { diskSize: this.host.diskSize, clusterSize: this.cs, fileLength });
         this.directory = { offset: ext.directoryOffset, size: ext.directorySize };
-        for (const e of entries) {
-          const table = decodeBitmapTable(await this.host.port.readAt(Buffer.alloc(e.tableSize * 8), e.tableOffset), e.tableSize, this.cs, fileLength);
-          this.placed.set(e.name, { meta: metaOf(e), tableOffset: e.tableOffset, table });
-          if (!this.host.bitmapsConsistentAtOpen || e.flags & BITMAP_IN_USE) {
-            log.warn(`${this.host.path}: bitmap '${e.name}' is inconsistent (${e.flags & BITMAP_IN_USE ? 'in_use' : 'written without bitmap support'}); dropping it`);
-            continue;
-          }
-          const bits = new DirtyBitmap(this.host.diskSize, 2 ** e.granularityBits);
-          await loadBitmapData(bits, table, this.cs, (off) => this.host.port.readAt(Buffer.alloc(this.cs), off));
-          this.bits.set(e.name, bits);
-          out.push({ ...metaOf(e), bits });
+        for (const { entry, table, bits } of await readBitmaps(this.host)) {
+          this.placed.set(entry.name, { meta: metaOf(entry), tableOffset: entry.tableOffset, table });
+          if (!bits) continue;
+          this.bits.set(entry.name, bits);
+          out.push({ ...metaOf(entry), bits });
         }
         await this.rewrite(out.map(({ name, granularity, enabled }) => ({ name, granularity, enabled })));
       }

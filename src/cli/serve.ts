@@ -31,6 +31,7 @@ interface ServeOptions {
   name?: string;
   sidecar?: string;
   bitmapStore?: string;
+  bitmap: string[];
 }
 
 async function serve(image: string, opts: ServeOptions): Promise<void> {
@@ -48,6 +49,7 @@ async function serve(image: string, opts: ServeOptions): Promise<void> {
     maxConnections: opts.shared,
     handshakeTimeoutMs: opts.handshakeTimeout * 1000,
     listen: socketPath ? { socket: socketPath } : { host: opts.bind, port: opts.port ?? NBD_DEFAULT_PORT },
+    bitmaps: opts.bitmap,
   });
   // The sidecar (block status, bitmaps, control, fleecing) when --name or --sidecar asks for one;
   // the runtime starts it before the frontend, so it is ready once the main socket is.
@@ -114,6 +116,7 @@ export function register(program: Command): void {
     .option('--direct', 'open raw images with O_DIRECT (bypass the page cache)')
     .option('-n, --name <name>', 'device name: starts the sidecar in /run/nbdd/NAME (nbd.sock, control.sock)')
     .option('--sidecar <dir>', 'start the sidecar in this directory (mode 0700)')
+    .option('-B, --bitmap <name>', 'publish dirty bitmap NAME on the export as qemu:dirty-bitmap:NAME (repeatable)', (v: string, all: string[]) => [...all, v], [] as string[])
     .option('--bitmap-store <path>', 'keep persistent dirty bitmaps in this file (default IMAGE.nbdd-bitmaps)')
     .option('--run <command>', 'run COMMAND with $uri set, then stop the server and exit with its status')
     .action((image: string, opts: ServeOptions) => serve(image, opts));

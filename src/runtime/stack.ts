@@ -21,7 +21,7 @@ import { BitmapSet } from '../bitmaps/bitmap-set.js';
 import { CopyBeforeWriteLayer, type Fleecing } from '../layers/copy-before-write.js';
 import { DirtyTrackingLayer } from '../layers/dirty-tracking.js';
 import { StatsLayer, type StatsSource } from '../layers/stats.js';
-import { openBitmapStore } from './bitmap-store-select.js';
+import { openBitmapStore, readOnlyBitmaps } from './bitmap-store-select.js';
 
 export interface StackOptions extends OpenOptions {
   queue?: QueueOptions;
@@ -67,7 +67,8 @@ export async function openStack(image: string, options: StackOptions = {}): Prom
   const backend = await openImage(image, options);
   let bitmaps: BitmapSet;
   try {
-    bitmaps = await BitmapSet.open(backend.size, await openBitmapStore(image, backend, { path: options.bitmapStore }));
+    const store = await openBitmapStore(image, backend, { path: options.bitmapStore });
+    bitmaps = await BitmapSet.open(backend.size, store, store ? [] : await readOnlyBitmaps(backend));
   } catch (err) {
     await backend.close();
     throw err;

@@ -7,7 +7,7 @@
  */
 import { Errno, NbddError } from '../../core/errors.js';
 import { logger } from '../../core/log.js';
-import type { Qcow2BitmapHost } from '../../bitmaps/store-qcow2.js';
+import type { Qcow2BitmapHost, Qcow2BitmapSource } from '../../bitmaps/store-qcow2.js';
 import type { Allocator } from './allocator.js';
 import type { Committer } from './commit.js';
 import {
@@ -36,7 +36,6 @@ const log = logger('qcow2');
  */
 export async function prepareForWriting(st: ImageState): Promise<void> {
   const h = st.header;
-  st.bitmapsConsistentAtOpen = (h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n;
   const clear = h.autoclearFeatures & ~SUPPORTED_AUTOCLEAR;
   if (clear === 0n) return;
   // The in-image bitmap store sets it again once it has taken the bitmaps over; without one they
@@ -47,9 +46,9 @@ export async function prepareForWriting(st: ImageState): Promise<void> {
   await st.port.fsync();
 }
 
-/** The host for the bitmap store; null for read-only and v2 images (no autoclear field to trust). */
-export function bitmapHost(st: ImageState, alloc: Allocator, committer: Committer): Qcow2BitmapHost | null {
-  if (!st.refs || !st.v3) return null;
+/** Where the stored bitmaps are read from; null for v2 images (no autoclear field to trust). */
+export function bitmapSource(st: ImageState): Qcow2BitmapSource | null {
+  if (!st.v3) return null;
   return {
     path: st.path,
     port: st.port,
@@ -57,6 +56,15 @@ export function bitmapHost(st: ImageState, alloc: Allocator, committer: Committe
     diskSize: st.size,
     bitmapsExtension: st.extensions.bitmaps ?? null,
     bitmapsConsistentAtOpen: st.bitmapsConsistentAtOpen,
+  };
+}
+
+/** The host for the bitmap store; null for read-only and v2 images. */
+export function bitmapHost(st: ImageState, alloc: Allocator, committer: Committer): Qcow2BitmapHost | null {
+  const source = bitmapSource(st);
+  if (!st.refs || !source) return null;
+  return {
+    ...source,
     allocateClusters: (n) => alloc.contiguous(n),
     freeClusters: (offset, n) => {
       for (let k = 0; k < n; k++) st.pendingFrees.push(offset / st.cs + k);

@@ -25,9 +25,9 @@
 import type { Backend, BackendCaps, Extent, WriteOptions, ZeroOptions } from '../../core/backend.js';
 import { defaultCaps } from '../../core/backend.js';
 import { Errno, NbddError } from '../../core/errors.js';
-import type { Qcow2BitmapHost } from '../../bitmaps/store-qcow2.js';
+import type { Qcow2BitmapHost, Qcow2BitmapSource } from '../../bitmaps/store-qcow2.js';
 import { Allocator } from './allocator.js';
-import { bitmapHost, prepareForWriting, readBitmapDirectory } from './bitmap-host.js';
+import { bitmapHost, bitmapSource, prepareForWriting, readBitmapDirectory } from './bitmap-host.js';
 import { Committer } from './commit.js';
 import { Discarder } from './discard.js';
 import { EntryWrites } from './entry-writes.js';
@@ -157,6 +157,11 @@ export class Qcow2Image implements Backend, ImageLayer {
       await st.port.close();
       await this.backing?.close();
     }
+  }
+
+  /** Where the image's bitmaps are read from (bitmap-host.ts), also when read-only; null for v2 images. */
+  bitmapSource(): Qcow2BitmapSource | null {
+    return bitmapSource(this.st);
   }
 
   /** What the in-image bitmap store needs (bitmap-host.ts); null for read-only and v2 images. */

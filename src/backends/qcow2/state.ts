@@ -6,7 +6,7 @@
  */
 import { Errno, NbddError, messageOf } from '../../core/errors.js';
 import type { FilePort } from '../../io/file-port.js';
-import { corrupt, decodeCompressed, entryOffset, ENTRY_COPIED_HI, hex, type Geometry, type HeaderExtensions, type Qcow2Header } from './format/index.js';
+import { AUTOCLEAR_BITMAPS, corrupt, decodeCompressed, entryOffset, ENTRY_COPIED_HI, hex, type Geometry, type HeaderExtensions, type Qcow2Header } from './format/index.js';
 import type { ImageLayer } from './layer.js';
 import type { Refcounts } from './refcounts.js';
 
@@ -55,7 +55,7 @@ export class ImageState {
   /** Set when close begins. */
   closed = false;
   /** Autoclear bit 0 as found at open, before `prepareForWriting` cleared it. */
-  bitmapsConsistentAtOpen = false;
+  readonly bitmapsConsistentAtOpen: boolean;
 
   constructor(parts: Qcow2Parts) {
     this.path = parts.path;
@@ -71,6 +71,7 @@ export class ImageState {
     this.metadataClusters = parts.metadataClusters;
     this.backing = parts.backing;
     this.fileLength = this.openLength = parts.fileLength;
+    this.bitmapsConsistentAtOpen = (parts.header.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n;
   }
 
   /** Records the first metadata failure; the EIO to throw for it. */

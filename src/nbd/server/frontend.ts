@@ -2,7 +2,9 @@
  * The NBD server as a device frontend (`nbdd serve`): one export over the device's queue, on a
  * unix socket or TCP.
  */
+import { Errno, NbddError } from '../../core/errors.js';
 import type { Frontend, FrontendContext } from '../../runtime/device.js';
+import { DIRTY_BITMAP_CONTEXT_PREFIX } from '../wire/contexts.js';
 import { NbdExport } from './export.js';
 import { NbdServer } from './server.js';
 
@@ -15,6 +17,8 @@ export interface NbdServerFrontendOptions {
   maxConnections?: number;
   handshakeTimeoutMs?: number;
   listen: Listen;
+  /** Dirty bitmaps published on the export as `qemu:dirty-bitmap:NAME` (qemu-nbd's -B); each must exist. */
+  bitmaps?: readonly string[];
 }
 
 /** The NBD URI a client uses to reach `exportName` at `where`. */
@@ -35,8 +39,24 @@ export class NbdServerFrontend implements Frontend {
 
   async start(ctx: FrontendContext): Promise<void> {
     const o = this.options;
+    const { bitmaps, queue } = ctx.stack;
+    const missing = (o.bitmaps ?? []).filter((b) => !bitmaps.has(b));
+    if (missing.length > 0) {
+      const known = bitmaps.list().map((b) => b.name);
+      throw new NbddError(Errno.ENOENT, `bitmap '${missing[0]}' not found (the image has ${known.length ? known.map((n) => `'${n}'`).join(', ') : 'no bitmaps'})`);
+    }
+    const published = new Set((o.bitmaps ?? []).map((b) => DIRTY_BITMAP_CONTEXT_PREFIX + b));
     const server = new NbdServer({ maxConnections: o.maxConnections, handshakeTimeoutMs: o.handshakeTimeoutMs });
-    server.addExport(new NbdExport({ name: o.exportName, description: o.description, queue: ctx.stack.queue, readOnly: o.readOnly, ownsQueue: false }));
+    server.addExport(
+      new NbdExport({
+        name: o.exportName,
+        description: o.description,
+        queue,
+        readOnly: o.readOnly,
+        ownsQueue: false,
+        extraContexts: () => ctx.stack.metaContexts().filter((c) => published.has(c.name)),
+      }),
+    );
     try {
       if ('socket' in o.listen) {
         await server.listenUnix(o.listen.socket);
