@@ -19,7 +19,8 @@ import { logPath, loadState, type Driver } from '../kernel/registry.js';
 import { parseDeviceArg } from '../kernel/sysfs.js';
 import { UblkDevice, ublkAvailable } from '../ublk/frontend.js';
 import { parseUblkDevice, ublkDevicePath } from '../ublk/uapi.js';
-import { intArg, sizeArg } from './options.js';
+import type { MetricsListen } from '../runtime/metrics.js';
+import { intArg, METRICS_HELP, metricsArg, sizeArg } from './options.js';
 
 const log = logger('attach');
 
@@ -39,6 +40,7 @@ interface AttachCliOptions {
   create?: number;
   json?: boolean;
   readyFd?: number;
+  metrics?: MetricsListen;
 }
 
 /** The device name: --name, the name a re-attached device already has, or the image's base name. */
@@ -71,6 +73,7 @@ function childArgs(image: string, name: string, driver: Driver, opts: AttachCliO
   args.push('--timeout', String(opts.timeout), '--dead-conn-timeout', String(opts.deadConnTimeout));
   if (opts.device) args.push('--device', opts.device);
   if (opts.readOnly) args.push('--read-only');
+  if (opts.metrics) args.push('--metrics', `${opts.metrics.host.includes(':') ? `[${opts.metrics.host}]` : opts.metrics.host}:${opts.metrics.port}`);
   args.push('--foreground', '--ready-fd', String(READY_FD));
   return args;
 }
@@ -87,13 +90,15 @@ async function serveForeground(image: string, name: string, index: number | unde
       connections: opts.connections,
       timeoutS: opts.timeout,
       deadConnTimeoutS: opts.deadConnTimeout,
+      metrics: opts.metrics,
     });
   } catch (err) {
     if (opts.readyFd !== undefined) await reportReadiness(opts.readyFd, { ok: false, errno: errnoOf(err), message: messageOf(err) });
     throw err;
   }
   const { device, reattached } = attached;
-  await serveUntilDetached({ ok: true, device: devicePath(device.index), index: device.index, name, pid: process.pid, reattached, driver: 'nbd' }, device, opts);
+  const ready = { ok: true, device: devicePath(device.index), index: device.index, name, pid: process.pid, reattached, driver: 'nbd' } as const;
+  await serveUntilDetached({ ...ready, ...(device.metricsUrl ? { metrics: device.metricsUrl } : {}) }, device, opts);
 }
 
 /** Reports readiness (pipe or stdout), detaches on SIGTERM/SIGINT, and returns when the device is gone. */
@@ -117,13 +122,14 @@ async function serveUntilDetached(ready: Readiness & { ok: true }, device: { det
 async function serveUblkForeground(image: string, name: string, id: number | undefined, opts: AttachCliOptions): Promise<void> {
   let attached: Awaited<ReturnType<typeof UblkDevice.attach>>;
   try {
-    attached = await UblkDevice.attach({ image, name, id, format: opts.format, readOnly: !!opts.readOnly, queues: opts.queues, depth: opts.depth });
+    attached = await UblkDevice.attach({ image, name, id, format: opts.format, readOnly: !!opts.readOnly, queues: opts.queues, depth: opts.depth, metrics: opts.metrics });
   } catch (err) {
     if (opts.readyFd !== undefined) await reportReadiness(opts.readyFd, { ok: false, errno: errnoOf(err), message: messageOf(err) });
     throw err;
   }
   const { device, recovered } = attached;
-  await serveUntilDetached({ ok: true, device: ublkDevicePath(device.id), index: device.id, name, pid: process.pid, reattached: recovered, driver: 'ublk' }, device, opts);
+  const ready = { ok: true, device: ublkDevicePath(device.id), index: device.id, name, pid: process.pid, reattached: recovered, driver: 'ublk' } as const;
+  await serveUntilDetached({ ...ready, ...(device.metricsUrl ? { metrics: device.metricsUrl } : {}) }, device, opts);
 }
 
 /** The driver: --driver, else what --device names, else nbd; `auto` is ublk where the driver is loaded. */
@@ -170,6 +176,7 @@ export function register(program: Command): void {
     .option('-n, --name <name>', 'device name (the /dev/disk/by-nbdd/NAME link); default: the image file name')
     .option('--foreground', 'serve in this process instead of a daemon (for systemd)')
     .option('--create <size>', 'create a qcow2 image of this size when IMAGE does not exist', sizeArg)
+    .option('--metrics <addr:port>', METRICS_HELP, metricsArg)
     .option('--json', 'print the device as a JSON object')
     .addOption(new Option('--ready-fd <fd>', 'internal: report readiness on this fd').argParser(intArg(3, 1023)).hideHelp())
     .action((image: string, opts: AttachCliOptions) => attach(image, opts));

@@ -2,6 +2,7 @@
 import { InvalidArgumentError } from 'commander';
 import { messageOf } from '../core/errors.js';
 import { parseSize } from '../core/units.js';
+import { parseMetricsAddress, type MetricsListen } from '../runtime/metrics.js';
 
 export function sizeArg(value: string): number {
   try {
@@ -19,3 +20,14 @@ export function intArg(min: number, max: number): (value: string) => number {
     return n;
   };
 }
+
+/** `--metrics ADDR:PORT`. */
+export function metricsArg(value: string): MetricsListen {
+  try {
+    return parseMetricsAddress(value);
+  } catch (err) {
+    throw new InvalidArgumentError(messageOf(err));
+  }
+}
+
+export const METRICS_HELP = 'serve Prometheus metrics at http://ADDR:PORT/metrics (PORT alone: 127.0.0.1; :PORT: every address)';

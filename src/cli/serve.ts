@@ -12,7 +12,8 @@ import { FORMATS, type Format } from '../backends/open.js';
 import { NbdServerFrontend } from '../nbd/server/frontend.js';
 import { DeviceRuntime } from '../runtime/device.js';
 import { NBD_DEFAULT_PORT } from '../nbd/wire/constants.js';
-import { intArg } from './options.js';
+import type { MetricsListen } from '../runtime/metrics.js';
+import { intArg, METRICS_HELP, metricsArg } from './options.js';
 
 const log = logger('serve');
 
@@ -32,6 +33,7 @@ interface ServeOptions {
   sidecar?: string;
   bitmapStore?: string;
   bitmap: string[];
+  metrics?: MetricsListen;
 }
 
 async function serve(image: string, opts: ServeOptions): Promise<void> {
@@ -60,6 +62,7 @@ async function serve(image: string, opts: ServeOptions): Promise<void> {
       image,
       stack: { format: opts.format, readOnly: opts.readOnly, direct: opts.direct, bitmapStore: opts.bitmapStore },
       frontend,
+      metrics: opts.metrics && { listen: opts.metrics, name: opts.name ?? (opts.exportName || basename(image)) },
       sidecar: wantSidecar ? { name: opts.name ?? (opts.exportName || basename(opts.sidecar!)), dir: opts.sidecar } : undefined,
     });
   } catch (err) {
@@ -118,6 +121,7 @@ export function register(program: Command): void {
     .option('--sidecar <dir>', 'start the sidecar in this directory (mode 0700)')
     .option('-B, --bitmap <name>', 'publish dirty bitmap NAME on the export as qemu:dirty-bitmap:NAME (repeatable)', (v: string, all: string[]) => [...all, v], [] as string[])
     .option('--bitmap-store <path>', 'keep persistent dirty bitmaps in this file (default IMAGE.nbdd-bitmaps)')
+    .option('--metrics <addr:port>', METRICS_HELP, metricsArg)
     .option('--run <command>', 'run COMMAND with $uri set, then stop the server and exit with its status')
     .action((image: string, opts: ServeOptions) => serve(image, opts));
 }

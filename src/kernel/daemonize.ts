@@ -12,7 +12,7 @@ import { Errno, NbddError } from '../core/errors.js';
 export const READY_FD = 3;
 
 export type Readiness =
-  | { ok: true; device: string; index: number; name: string; pid: number; reattached: boolean; driver: 'nbd' | 'ublk' }
+  | { ok: true; device: string; index: number; name: string; pid: number; reattached: boolean; driver: 'nbd' | 'ublk'; metrics?: string }
   | { ok: false; errno: number; message: string };
 
 /** Child side: reports readiness once on `fd` and closes it. */

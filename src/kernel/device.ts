@@ -21,6 +21,7 @@ import { checkName } from '../core/paths.js';
 import type { Format } from '../backends/open.js';
 import { NbdExport } from '../nbd/server/export.js';
 import { NbdServer } from '../nbd/server/server.js';
+import type { MetricsListen } from '../runtime/metrics.js';
 import { DeviceRuntime, type Frontend, type FrontendContext } from '../runtime/device.js';
 import type { NbdSession } from '../nbd/server/session.js';
 import { NBD_FLAG } from '../nbd/wire/constants.js';
@@ -42,6 +43,8 @@ export interface AttachOptions {
   connections: number;
   timeoutS: number;
   deadConnTimeoutS: number;
+  /** Serve Prometheus metrics here (src/runtime/metrics.ts). */
+  metrics?: MetricsListen;
 }
 
 /** Device block size we announce: 512-byte sectors unless the image needs more. */
@@ -299,6 +302,11 @@ export class KernelDevice {
     return this.frontend.index;
   }
 
+  /** Where the metrics are served, when they are. */
+  get metricsUrl(): string | null {
+    return this.runtime.metricsUrl;
+  }
+
   /** Resolves once the device is detached and the image closed. */
   get done(): Promise<void> {
     return this.runtime.done;
@@ -318,6 +326,7 @@ export class KernelDevice {
         stack: { format: opts.format, readOnly: frontend.readOnly },
         frontend,
         sidecar: { name: opts.name },
+        metrics: opts.metrics && { listen: opts.metrics, name: opts.name },
       });
     } catch (err) {
       await frontend.stop().catch(() => undefined);

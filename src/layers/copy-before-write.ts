@@ -48,6 +48,8 @@ export interface Fleecing {
   begin(options?: BackupOptions): FleecingView;
   /** Ends the running backup and drops its scratch data. */
   end(): Promise<void>;
+  /** The running backup's view, if any. */
+  readonly active: FleecingView | null;
   on(event: 'backup-error', listener: (message: string) => void): this;
   off(event: 'backup-error', listener: (message: string) => void): this;
 }

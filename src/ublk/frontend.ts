@@ -18,6 +18,7 @@ import { Errno, NbddError, messageOf } from '../core/errors.js';
 import { logger } from '../core/log.js';
 import { checkName } from '../core/paths.js';
 import type { Format } from '../backends/open.js';
+import type { MetricsListen } from '../runtime/metrics.js';
 import { DeviceRuntime, type Frontend, type FrontendContext } from '../runtime/device.js';
 import { canonicalImage } from '../kernel/device.js';
 import { requireSysAdmin } from '../kernel/nbd-control.js';
@@ -38,6 +39,8 @@ export interface UblkAttachOptions {
   readOnly: boolean;
   queues: number;
   depth: number;
+  /** Serve Prometheus metrics here (src/runtime/metrics.ts). */
+  metrics?: MetricsListen;
 }
 
 /** Per-tag buffer, and so the largest request (max_sectors = 1024). */
@@ -298,6 +301,11 @@ export class UblkDevice {
     return this.frontend.id;
   }
 
+  /** Where the metrics are served, when they are. */
+  get metricsUrl(): string | null {
+    return this.runtime.metricsUrl;
+  }
+
   get done(): Promise<void> {
     return this.runtime.done;
   }
@@ -309,6 +317,7 @@ export class UblkDevice {
       stack: { format: opts.format, readOnly: frontend.readOnly },
       frontend,
       sidecar: { name: opts.name },
+      metrics: opts.metrics && { listen: opts.metrics, name: opts.name },
     });
     return { device: new UblkDevice(runtime, frontend), recovered: frontend.recovered };
   }
