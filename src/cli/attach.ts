@@ -17,6 +17,7 @@ import { KernelDevice } from '../kernel/device.js';
 import { devicePath } from '../kernel/nbd-control.js';
 import { logPath, loadState, type Driver } from '../kernel/registry.js';
 import { parseDeviceArg } from '../kernel/sysfs.js';
+import { sdNotify } from '../sys/systemd.js';
 import { UblkDevice, ublkAvailable } from '../ublk/frontend.js';
 import { parseUblkDevice, ublkDevicePath } from '../ublk/uapi.js';
 import type { MetricsListen } from '../runtime/metrics.js';
@@ -105,9 +106,11 @@ async function serveForeground(image: string, name: string, index: number | unde
 async function serveUntilDetached(ready: Readiness & { ok: true }, device: { detach(): Promise<void>; done: Promise<void> }, opts: AttachCliOptions): Promise<void> {
   if (opts.readyFd !== undefined) await reportReadiness(opts.readyFd, ready);
   else printReady(ready, opts.json);
+  sdNotify({ READY: 1, STATUS: `serving ${ready.device} (${ready.name})`, MAINPID: process.pid });
   for (const sig of ['SIGTERM', 'SIGINT'] as const) {
     process.on(sig, () => {
       log.info(`${sig}: detaching ${ready.device}`);
+      sdNotify({ STOPPING: 1, STATUS: `detaching ${ready.device}` });
       device.detach().catch((err) => {
         log.error(messageOf(err));
         process.exit(1);

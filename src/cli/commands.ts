@@ -6,6 +6,7 @@ import { register as create } from './create.js';
 import { register as detach } from './detach.js';
 import { register as events } from './events.js';
 import { register as info } from './info.js';
+import { register as installSystemd } from './install-systemd.js';
 import { register as installUdev } from './install-udev.js';
 import { register as list } from './list.js';
 import { register as map } from './map.js';
@@ -14,4 +15,4 @@ import { register as status } from './status.js';
 
 export type RegisterCommand = (program: Command) => void;
 
-export const commands: RegisterCommand[] = [serve, attach, detach, list, create, installUdev, info, map, status, bitmap, events];
+export const commands: RegisterCommand[] = [serve, attach, detach, list, create, installUdev, installSystemd, info, map, status, bitmap, events];

@@ -9,7 +9,9 @@ import { Command, Option } from 'commander';
 import { logger } from '../core/log.js';
 import { formatSize } from '../core/units.js';
 import { FORMATS, type Format } from '../backends/open.js';
-import { NbdServerFrontend } from '../nbd/server/frontend.js';
+import { NbdServerFrontend, type Listen } from '../nbd/server/frontend.js';
+import { Errno, NbddError } from '../core/errors.js';
+import { listenFds, sdNotify } from '../sys/systemd.js';
 import { DeviceRuntime } from '../runtime/device.js';
 import { NBD_DEFAULT_PORT } from '../nbd/wire/constants.js';
 import type { MetricsListen } from '../runtime/metrics.js';
@@ -36,8 +38,18 @@ interface ServeOptions {
   metrics?: MetricsListen;
 }
 
+/** Where to listen: --socket, --port, a socket systemd passed (socket activation), or the NBD port. */
+function listenOn(opts: ServeOptions, socketPath: string | undefined): Listen {
+  if (socketPath) return { socket: socketPath };
+  if (opts.port !== undefined) return { host: opts.bind, port: opts.port };
+  const passed = listenFds();
+  if (passed.length > 1) log.warn(`systemd passed ${passed.length} sockets; serving on the first`);
+  if (passed.length > 0) return { fd: passed[0]! };
+  return { host: opts.bind, port: NBD_DEFAULT_PORT };
+}
+
 async function serve(image: string, opts: ServeOptions): Promise<void> {
-  if (opts.socket && opts.port !== undefined) throw new Error('--socket and --port are exclusive');
+  if (opts.socket && opts.port !== undefined) throw new NbddError(Errno.EINVAL, '--socket and --port are exclusive');
   let tempDir: string | undefined;
   let socketPath = opts.socket;
   if (!socketPath && opts.port === undefined && opts.run) {
@@ -50,7 +62,7 @@ async function serve(image: string, opts: ServeOptions): Promise<void> {
     readOnly: opts.readOnly,
     maxConnections: opts.shared,
     handshakeTimeoutMs: opts.handshakeTimeout * 1000,
-    listen: socketPath ? { socket: socketPath } : { host: opts.bind, port: opts.port ?? NBD_DEFAULT_PORT },
+    listen: listenOn(opts, socketPath),
     bitmaps: opts.bitmap,
   });
   // The sidecar (block status, bitmaps, control, fleecing) when --name or --sidecar asks for one;
@@ -72,11 +84,13 @@ async function serve(image: string, opts: ServeOptions): Promise<void> {
   const { image: info, queue } = runtime.stack;
   const uri = frontend.uri;
   log.info(`serving ${image} (${info.kind}, ${formatSize(info.size)}${queue.caps.readOnly || opts.readOnly ? ', read-only' : ''}) at ${uri}`);
+  sdNotify({ READY: 1, STATUS: `serving ${image} at ${uri}`, MAINPID: process.pid });
 
   let stopping = false;
   const stop = async (code: number): Promise<void> => {
     if (stopping) return;
     stopping = true;
+    sdNotify({ STOPPING: 1 });
     await runtime.stop();
     if (tempDir) rmSync(tempDir, { recursive: true, force: true });
     process.exit(code);
@@ -108,7 +122,7 @@ export function register(program: Command): void {
     .description('serve an image over the NBD protocol (unix socket or TCP)')
     .argument('<image>', 'image file, block device, or memory:SIZE')
     .option('-k, --socket <path>', 'listen on this unix socket')
-    .option('-p, --port <port>', `listen on this TCP port (default ${NBD_DEFAULT_PORT} unless --socket)`, intArg(0, 65535))
+    .option('-p, --port <port>', `listen on this TCP port (default: a socket systemd passed, else ${NBD_DEFAULT_PORT})`, intArg(0, 65535))
     .option('-b, --bind <addr>', 'TCP address to bind', '127.0.0.1')
     .addOption(new Option('-f, --format <format>', 'image format').choices([...FORMATS]).default('auto'))
     .option('-r, --read-only', 'refuse writes')

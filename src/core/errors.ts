@@ -28,6 +28,7 @@ export const Errno = {
   ELOOP: osConstants.errno.ELOOP,
   EOVERFLOW: osConstants.errno.EOVERFLOW,
   ENOTSUP: osConstants.errno.ENOTSUP,
+  ENAMETOOLONG: osConstants.errno.ENAMETOOLONG,
   ESHUTDOWN: 108, // Linux value; not in os.constants.errno
   ETIMEDOUT: osConstants.errno.ETIMEDOUT,
   ECONNRESET: osConstants.errno.ECONNRESET,

@@ -6,7 +6,7 @@
  * (lseek on SEEK_DATA/SEEK_HOLE, fallocate, flock with LOCK_NB, ioctl, socketpair).
  */
 import koffi from 'koffi';
-import { NbddError, nameOfErrno } from '../core/errors.js';
+import { Errno, NbddError, nameOfErrno } from '../core/errors.js';
 
 const lib = koffi.load('libc.so.6');
 
@@ -25,6 +25,10 @@ const c = {
   preadv2: lib.func('int64_t preadv2(int fd, const nbdd_iovec *iov, int iovcnt, int64_t offset, int flags)'),
   getuid: lib.func('uint32_t getuid()'),
   geteuid: lib.func('uint32_t geteuid()'),
+  socket: lib.func('int socket(int domain, int type, int protocol)'),
+  sendto: lib.func('int64_t sendto(int fd, const void *buf, size_t len, int flags, const void *addr, uint32_t addrlen)'),
+  getsockname: lib.func('int getsockname(int fd, _Out_ void *addr, _Inout_ uint32_t *addrlen)'),
+  ioctlNone: lib.func('int ioctl(int fd, unsigned long request, unsigned long arg)'),
   getsockopt: lib.func('int getsockopt(int fd, int level, int optname, void *optval, _Inout_ uint32_t *optlen)'),
 };
 
@@ -138,7 +142,48 @@ export function alignedBuffer(length: number, alignment: number): Buffer {
 
 export const AF_UNIX = 1;
 export const SOCK_STREAM = 1;
+export const SOCK_DGRAM = 2;
 export const SOCK_CLOEXEC = 0o2000000;
+const MSG_NOSIGNAL = 0x4000;
+
+/** `struct sockaddr_un` for `path`; a leading '@' names an abstract socket (Linux). */
+export function unixAddress(path: string): Buffer {
+  const name = Buffer.from(path.startsWith('@') ? `\0${path.slice(1)}` : path);
+  if (name.length > 107) throw new NbddError(Errno.ENAMETOOLONG, `unix socket path '${path}' is longer than 107 bytes`);
+  const addr = Buffer.alloc(2 + name.length + (path.startsWith('@') ? 0 : 1));
+  addr.writeUInt16LE(AF_UNIX, 0);
+  name.copy(addr, 2);
+  return addr;
+}
+
+/** Sends one datagram to the AF_UNIX datagram socket at `path` (connectionless, not waiting). */
+export function sendUnixDatagram(path: string, data: Buffer): void {
+  const addr = unixAddress(path);
+  const fd = c.socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0) as number;
+  if (fd < 0) throw sysError('socket', lastErrno());
+  try {
+    if ((c.sendto(fd, data, data.length, MSG_NOSIGNAL, addr, addr.length) as number) < 0) throw sysError('sendto', lastErrno(), path);
+  } finally {
+    c.close(fd);
+  }
+}
+
+/** The path an AF_UNIX socket is bound to (`@name` for an abstract one); null for other sockets. */
+export function unixSocketPath(fd: number): string | null {
+  const addr = Buffer.alloc(110);
+  const len = [addr.length];
+  if (c.getsockname(fd, addr, len) !== 0) throw sysError('getsockname', lastErrno());
+  if (addr.readUInt16LE(0) !== AF_UNIX) return null;
+  const name = addr.subarray(2, len[0]);
+  if (name[0] === 0) return `@${name.subarray(1).toString()}`;
+  const nul = name.indexOf(0);
+  return name.subarray(0, nul < 0 ? name.length : nul).toString();
+}
+
+/** An ioctl that takes no argument (e.g. BLKRRPART). */
+export function ioctlNoArg(fd: number, request: number, what: string): void {
+  if (c.ioctlNone(fd, request, 0) !== 0) throw sysError(what, lastErrno());
+}
 
 /** A connected AF_UNIX stream socket pair, close-on-exec. */
 export function socketPair(): [number, number] {

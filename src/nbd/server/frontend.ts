@@ -8,7 +8,8 @@ import { DIRTY_BITMAP_CONTEXT_PREFIX } from '../wire/contexts.js';
 import { NbdExport } from './export.js';
 import { NbdServer } from './server.js';
 
-export type Listen = { socket: string } | { host: string; port: number };
+/** A unix socket path, a TCP address, or a listening socket handed over (systemd socket activation). */
+export type Listen = { socket: string } | { host: string; port: number } | { fd: number };
 
 export interface NbdServerFrontendOptions {
   exportName: string;
@@ -22,7 +23,7 @@ export interface NbdServerFrontendOptions {
 }
 
 /** The NBD URI a client uses to reach `exportName` at `where`. */
-export function nbdUri(exportName: string, where: Listen): string {
+export function nbdUri(exportName: string, where: Exclude<Listen, { fd: number }>): string {
   const name = encodeURIComponent(exportName);
   if ('socket' in where) return `nbd+unix:///${name}?socket=${encodeURIComponent(where.socket)}`;
   const host = where.host.includes(':') ? `[${where.host}]` : where.host;
@@ -61,6 +62,9 @@ export class NbdServerFrontend implements Frontend {
       if ('socket' in o.listen) {
         await server.listenUnix(o.listen.socket);
         this.uri = nbdUri(o.exportName, o.listen);
+      } else if ('fd' in o.listen) {
+        const address = await server.listenFd(o.listen.fd);
+        this.uri = nbdUri(o.exportName, typeof address === 'string' ? { socket: address } : { host: address.address, port: address.port });
       } else {
         const port = await server.listenTcp(o.listen.port, o.listen.host);
         this.uri = nbdUri(o.exportName, { host: o.listen.host, port });

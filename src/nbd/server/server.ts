@@ -6,6 +6,7 @@ import net from 'node:net';
 import { promises as fsp } from 'node:fs';
 import { Errno, NbddError } from '../../core/errors.js';
 import { logger } from '../../core/log.js';
+import { unixSocketPath } from '../../sys/libc.js';
 import { NbdExport } from './export.js';
 import { NbdSession, type SessionHost } from './session.js';
 
@@ -68,6 +69,13 @@ export class NbdServer implements SessionHost {
   async listenTcp(port: number, host = '127.0.0.1'): Promise<number> {
     const srv = await this.listen(`${host}:${port}`, (s) => s.listen(port, host));
     return (srv.address() as net.AddressInfo).port;
+  }
+
+  /** Listens on an inherited listening socket (systemd socket activation); returns its address. */
+  async listenFd(fd: number): Promise<string | net.AddressInfo> {
+    const srv = await this.listen(`fd ${fd}`, (s) => s.listen({ fd }));
+    // Node knows a TCP socket's address; a unix one taken over by fd it leaves unnamed.
+    return srv.address() || (unixSocketPath(fd) ?? `fd ${fd}`);
   }
 
   private listen(what: string, start: (srv: net.Server) => void): Promise<net.Server> {
