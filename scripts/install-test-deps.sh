@@ -3,7 +3,7 @@
 # only those that are missing. Needs root (or sudo) on Debian 12.
 set -euo pipefail
 pkgs=(qemu-utils libnbd-bin nbdkit nbd-server nbd-client fio qemu-system-x86 busybox-static
-      xz-utils cpio e2fsprogs util-linux udev strace curl prometheus systemd)
+      xz-utils cpio e2fsprogs util-linux udev strace curl prometheus systemd fdisk)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

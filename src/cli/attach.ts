@@ -14,6 +14,7 @@ import { createQcow2 } from '../backends/qcow2/create.js';
 import { READY_FD, reportReadiness, spawnDaemon, type Readiness } from '../kernel/daemonize.js';
 import { checkName } from '../core/paths.js';
 import { KernelDevice } from '../kernel/device.js';
+import { inventory } from '../kernel/inventory.js';
 import { devicePath } from '../kernel/nbd-control.js';
 import { logPath, loadState, type Driver } from '../kernel/registry.js';
 import { parseDeviceArg } from '../kernel/sysfs.js';
@@ -42,6 +43,8 @@ interface AttachCliOptions {
   json?: boolean;
   readyFd?: number;
   metrics?: MetricsListen;
+  /** false with --no-partitions. */
+  partitions: boolean;
 }
 
 /** The device name: --name, the name a re-attached device already has, or the image's base name. */
@@ -74,6 +77,7 @@ function childArgs(image: string, name: string, driver: Driver, opts: AttachCliO
   args.push('--timeout', String(opts.timeout), '--dead-conn-timeout', String(opts.deadConnTimeout));
   if (opts.device) args.push('--device', opts.device);
   if (opts.readOnly) args.push('--read-only');
+  if (!opts.partitions) args.push('--no-partitions');
   if (opts.metrics) args.push('--metrics', `${opts.metrics.host.includes(':') ? `[${opts.metrics.host}]` : opts.metrics.host}:${opts.metrics.port}`);
   args.push('--foreground', '--ready-fd', String(READY_FD));
   return args;
@@ -92,6 +96,7 @@ async function serveForeground(image: string, name: string, index: number | unde
       timeoutS: opts.timeout,
       deadConnTimeoutS: opts.deadConnTimeout,
       metrics: opts.metrics,
+      partitions: opts.partitions,
     });
   } catch (err) {
     if (opts.readyFd !== undefined) await reportReadiness(opts.readyFd, { ok: false, errno: errnoOf(err), message: messageOf(err) });
@@ -135,6 +140,21 @@ async function serveUblkForeground(image: string, name: string, id: number | und
   await serveUntilDetached({ ...ready, ...(device.metricsUrl ? { metrics: device.metricsUrl } : {}) }, device, opts);
 }
 
+/**
+ * The device `name` still has when no daemon serves it any more (the daemon crashed, or systemd
+ * restarts the unit): attach re-attaches it, so I/O the kernel holds resumes on the same device.
+ * A device of that name with a live daemon is refused.
+ */
+async function orphanedDevice(name: string, driver: Driver): Promise<number | undefined> {
+  const all = await inventory().catch(() => []);
+  const mine = all.filter((d) => d.driver === driver && d.name === name);
+  const live = mine.find((d) => d.daemonPid !== null);
+  if (live) throw new NbddError(Errno.EBUSY, `'${name}' is already attached as ${live.device} (nbdd pid ${live.daemonPid})`);
+  const orphan = mine.find((d) => d.state === 'daemon-dead');
+  if (orphan) log.info(`${orphan.device} ('${name}') has no daemon; re-attaching it`);
+  return orphan?.index;
+}
+
 /** The driver: --driver, else what --device names, else nbd; `auto` is ublk where the driver is loaded. */
 function resolveDriver(opts: AttachCliOptions): Driver {
   const named = opts.device === undefined ? undefined : parseUblkDevice(opts.device) !== undefined ? 'ublk' : 'nbd';
@@ -154,6 +174,7 @@ async function attach(image: string, opts: AttachCliOptions): Promise<void> {
   if (!isMemorySpec(image) && !/^[a-z][a-z0-9+.-]*:\/\//i.test(image) && !existsSync(image)) {
     throw new NbddError(Errno.ENOENT, `${image} does not exist (use --create SIZE to make a new qcow2 image)`);
   }
+  if (index === undefined && opts.name !== undefined) index = await orphanedDevice(checkName(opts.name), driver);
   const name = resolveName(image, driver, index, opts.name);
   if (opts.foreground) return driver === 'ublk' ? serveUblkForeground(image, name, index, opts) : serveForeground(image, name, index, opts);
   // A ublk daemon gets its own mount namespace (docs/kernel.md, "ublk traps"): it must never be
@@ -179,6 +200,7 @@ export function register(program: Command): void {
     .option('-n, --name <name>', 'device name (the /dev/disk/by-nbdd/NAME link); default: the image file name')
     .option('--foreground', 'serve in this process instead of a daemon (for systemd)')
     .option('--create <size>', 'create a qcow2 image of this size when IMAGE does not exist', sizeArg)
+    .option('--no-partitions', 'nbd: do not have the kernel read the partition table at attach (ublk devices are scanned by the kernel itself)')
     .option('--metrics <addr:port>', METRICS_HELP, metricsArg)
     .option('--json', 'print the device as a JSON object')
     .addOption(new Option('--ready-fd <fd>', 'internal: report readiness on this fd').argParser(intArg(3, 1023)).hideHelp())

@@ -5,6 +5,7 @@
 import { Command } from 'commander';
 import { Errno, NbddError } from '../core/errors.js';
 import { logger } from '../core/log.js';
+import { deviceUsers } from '../kernel/holders.js';
 import { findDevice } from '../kernel/inventory.js';
 import { NbdControl } from '../kernel/nbd-control.js';
 import { deleteDevice, stopDevice } from '../ublk/control.js';
@@ -21,9 +22,20 @@ async function waitForExit(pid: number, ms: number): Promise<boolean> {
   return false;
 }
 
-async function detach(target: string, opts: { timeout: number }): Promise<void> {
+interface DetachOptions {
+  timeout: number;
+  force?: boolean;
+}
+
+async function detach(target: string, opts: DetachOptions): Promise<void> {
   const dev = await findDevice(target);
   if (dev.state === 'idle') throw new NbddError(Errno.ENODEV, `${dev.device} is not connected`);
+  if (!opts.force) {
+    const users = deviceUsers(dev.device.replace(/^\/dev\//, ''), undefined, dev.daemonPid === null ? [] : [dev.daemonPid]);
+    if (users.length > 0) {
+      throw new NbddError(Errno.EBUSY, `${dev.device} is in use: ${users.join('; ')}. Unmount or close it first, or use --force (its users then get I/O errors)`);
+    }
+  }
   if (dev.daemonPid !== null) {
     process.kill(dev.daemonPid, 'SIGTERM');
     if (!(await waitForExit(dev.daemonPid, opts.timeout * 1000))) {
@@ -56,5 +68,6 @@ export function register(program: Command): void {
     .description('disconnect /dev/nbdN or /dev/ublkbN (or the device of that --name); the daemon flushes, closes the image and exits')
     .argument('<device>', '/dev/nbdN, nbdN, /dev/ublkbN, or a device name')
     .option('--timeout <s>', 'seconds to wait for the daemon to finish', (v) => Number(v), 60)
-    .action((target: string, opts: { timeout: number }) => detach(target, opts));
+    .option('--force', 'detach even if the device is mounted, held or open (its users get I/O errors)')
+    .action((target: string, opts: DetachOptions) => detach(target, opts));
 }

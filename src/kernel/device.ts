@@ -22,6 +22,7 @@ import type { Format } from '../backends/open.js';
 import { NbdExport } from '../nbd/server/export.js';
 import { NbdServer } from '../nbd/server/server.js';
 import type { MetricsListen } from '../runtime/metrics.js';
+import { scanPartitions } from './partitions.js';
 import { DeviceRuntime, type Frontend, type FrontendContext } from '../runtime/device.js';
 import type { NbdSession } from '../nbd/server/session.js';
 import { NBD_FLAG } from '../nbd/wire/constants.js';
@@ -45,6 +46,8 @@ export interface AttachOptions {
   deadConnTimeoutS: number;
   /** Serve Prometheus metrics here (src/runtime/metrics.ts). */
   metrics?: MetricsListen;
+  /** Have the kernel read the partition table before the device is reported ready (default true). */
+  partitions?: boolean;
 }
 
 /** Device block size we announce: 512-byte sectors unless the image needs more. */
@@ -201,6 +204,8 @@ export class KernelFrontend implements Frontend {
         this.scheduleCheck();
       });
       log.info(`${devicePath(state.index)}: ${prior ? 're-attached' : 'attached'} ${state.image} as '${state.name}' over ${connections} connection(s)`);
+      // A re-attached device has its partitions (perhaps mounted: a rescan would fail with EBUSY).
+      if (!prior && opts.partitions !== false) await scanPartitions(`nbd${state.index}`);
     } catch (err) {
       // Closing our ends below must not look like dead connections to replace.
       this.stopping = Promise.resolve();

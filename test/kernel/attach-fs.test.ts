@@ -1,6 +1,9 @@
 /**
  * nbdd attach in the VM: a filesystem round trip on a qcow2 and a raw image (mkfs, mount, write,
- * sync, unmount, detach; the image checks clean; a second attach reads the files back).
+ * sync, unmount, detach; the image checks clean; a second attach reads the files back); then a
+ * partitioned image (partitions there when attach returns, unless --no-partitions), detach
+ * refused while a partition is mounted or open (and done with --force), and READY=1 from
+ * `attach --foreground` sent only once the device and its partitions are usable.
  */
 import { beforeAll, describe, expect, it } from 'vitest';
 import { Scenario } from './scenario.js';
@@ -38,6 +41,33 @@ roundtrip() {
 roundtrip qcow2 /tmp/disk.qcow2 --create 64M; echo $? > $WORK/qcow2.rc
 truncate -s 64M /tmp/disk.raw
 roundtrip raw /tmp/disk.raw --connections 2; echo $? > $WORK/raw.rc
+
+# Partitions on attach, detach that refuses while in use, and READY=1 (sd_notify) from --foreground.
+truncate -s 64M /tmp/parts.raw
+printf 'label: gpt\n,24M\n,\n' | sfdisk -q /tmp/parts.raw > $WORK/sfdisk.out 2>&1
+qemu-img convert -O qcow2 /tmp/parts.raw /tmp/parts.qcow2
+dev=$(nbdd attach /tmp/parts.qcow2 --name parts --no-partitions)
+ls /dev | grep "^\${dev#/dev/}p" > $WORK/parts.noscan
+nbdd detach parts
+dev=$(nbdd attach /tmp/parts.qcow2 --name parts)
+ls /dev | grep "^\${dev#/dev/}p" > $WORK/parts.scan
+mkfs.ext4 -q \${dev}p1 && mkdir -p /mnt/p1 && mount \${dev}p1 /mnt/p1 && echo part-data > /mnt/p1/f
+record detach-mounted nbdd detach parts
+cat /mnt/p1/f > $WORK/parts.still-readable
+umount /mnt/p1
+exec 7< \${dev}p2
+record detach-open nbdd detach parts
+exec 7<&-
+echo $$ > $WORK/parts.shell-pid
+mount \${dev}p1 /mnt/p1
+record detach-force nbdd detach parts --force
+umount -l /mnt/p1
+ls /run/nbdd > $WORK/parts.run-after-force
+node $REPO/test/kernel/notify-listen.mjs /tmp/notify.sock $WORK/notify.json & lp=$!
+for i in $(seq 100); do [ -e $WORK/notify.json.bound ] && break; sleep 0.1; done
+NOTIFY_SOCKET=/tmp/notify.sock nbdd attach /tmp/parts.qcow2 --name sd --foreground > $WORK/sd.out 2> $WORK/sd.err & ap=$!
+wait $lp
+nbdd detach sd; wait $ap; echo $? > $WORK/sd.rc
 `);
 }, 1_800_000); // may wait for other VM runs (one at a time)
 
@@ -83,4 +113,37 @@ it('qcow2 image passes qemu-img check after detach', () => {
   expect(check['check-errors']).toBe(0);
   expect(check.corruptions ?? 0).toBe(0);
   expect(check.leaks ?? 0).toBe(0);
+});
+
+describe('a partitioned image', () => {
+  it('shows its partitions as soon as attach returns, and none with --no-partitions', () => {
+    expect(s.text('sfdisk.out')).toBe('');
+    expect(s.text('parts.scan').trim().split('\n')).toEqual([expect.stringMatching(/^nbd\d+p1$/), expect.stringMatching(/^nbd\d+p2$/)]);
+    expect(s.text('parts.noscan').trim()).toBe('');
+  });
+
+  it('refuses to detach while a partition is mounted or open, naming the holder', () => {
+    expect(s.status('detach-mounted')).not.toBe(0);
+    expect(s.text('detach-mounted.err')).toMatch(/\/dev\/nbd\d+ is in use: \/dev\/nbd\d+p1 is mounted on \/mnt\/p1\. .*--force/);
+    expect(s.text('parts.still-readable')).toBe('part-data\n');
+    expect(s.status('detach-open')).not.toBe(0);
+    const shell = s.text('parts.shell-pid').trim();
+    expect(s.text('detach-open.err')).toMatch(new RegExp(`/dev/nbd\\d+p2 is open in pid ${shell} \\(bash\\)`));
+  });
+
+  it('detaches a mounted device with --force', () => {
+    expect(s.status('detach-force'), s.text('detach-force.err')).toBe(0);
+    expect(s.text('parts.run-after-force')).not.toMatch(/parts/);
+  });
+
+  it('sends READY=1 from attach --foreground only once the device and its partitions are usable', () => {
+    const msgs = s.json<{ fields: Record<string, string>; device?: string; sizeSectors?: number; partitions?: string[]; nodes?: string[] }[]>('notify.json');
+    const ready = msgs.find((m) => m.fields.READY === '1');
+    expect(ready, JSON.stringify(msgs) + s.text('sd.err')).toBeDefined();
+    expect(ready!.fields.STATUS).toMatch(/^serving \/dev\/nbd\d+ \(sd\)$/);
+    expect(Number(ready!.fields.MAINPID)).toBeGreaterThan(1);
+    expect(ready!.sizeSectors).toBe((64 << 20) / 512);
+    expect(ready!.nodes).toEqual([`${ready!.device}p1`, `${ready!.device}p2`]);
+    expect(s.text('sd.rc').trim()).toBe('0');
+  });
 });

@@ -5,6 +5,7 @@
  * same checksums and refuses writes), fio --verify over 2 queues and 2 jobs, blkdiscard and
  * blkdiscard -z reaching the raw backend as punch-hole / zero-range, recovery after the daemon is
  * killed mid-job (raw and qcow2), `nbdd list --json`, and the
+ * partitions of a GPT image there when attach returns, detach refused while one is mounted, the
  * error paths: missing image, device id in use, not root, ublk_drv not loaded — each with a clear
  * message and no device left behind.
  */
@@ -120,6 +121,16 @@ truncate -s 32M rk.img
 recover rk-raw /tmp/rk.img /dev/ublkb3
 recover rk-qcow2 /tmp/rk.qcow2 /dev/ublkb4 --create 32M
 qemu-img check --output=json /tmp/rk.qcow2 > $WORK/rk-qcow2.check.json; echo $? > $WORK/rk-qcow2.check.rc
+
+# --- a partitioned image: partitions there when attach returns; detach refused while one is mounted
+truncate -s 32M /tmp/up.raw
+printf 'label: gpt\n,12M\n,\n' | sfdisk -q /tmp/up.raw
+dev=$(nbdd attach /tmp/up.raw --driver ublk --name up)
+ls /dev | grep "^\${dev#/dev/}p" > $WORK/up.parts
+mkfs.ext4 -q \${dev}p1 && mkdir -p /mnt/up && mount \${dev}p1 /mnt/up
+record up-detach-mounted nbdd detach up
+umount /mnt/up
+nbdd detach up; echo $? > $WORK/up.detach.rc
 
 # --- error paths: clear messages, nothing left behind
 truncate -s 16M busy.img other.img user.img; chmod 666 user.img
@@ -281,5 +292,14 @@ describe('error paths: a clear message, a non-zero exit, no device left behind',
   it('lists nothing connected at the end', () => {
     expect(s.status('final-list'), s.text('final-list.err')).toBe(0);
     expect(s.json<Listed[]>('final-list.out').filter((d) => d.state !== 'idle')).toEqual([]);
+  });
+});
+
+describe('a partitioned image on ublk', () => {
+  it('shows its partitions when attach returns, and detach refuses while one is mounted', () => {
+    expect(s.text('up.parts').trim().split('\n')).toEqual([expect.stringMatching(/^ublkb\d+p1$/), expect.stringMatching(/^ublkb\d+p2$/)]);
+    expect(s.status('up-detach-mounted')).not.toBe(0);
+    expect(s.text('up-detach-mounted.err')).toMatch(/\/dev\/ublkb\d+ is in use: \/dev\/ublkb\d+p1 is mounted on \/mnt\/up/);
+    expect(s.text('up.detach.rc').trim()).toBe('0');
   });
 });
