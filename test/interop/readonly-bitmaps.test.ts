@@ -5,11 +5,11 @@
  * file keeps every byte.
  */
 import { execFileSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runAsyncOk } from '../helpers/run-async.js';
-import { requireTool, run, runStatus, serveNbdd, tempDir } from '../helpers/tools.js';
+import { NBDD, requireTool, run, runStatus, serveNbdd, tempDir } from '../helpers/tools.js';
 
 let dir: ReturnType<typeof tempDir>;
 let img: string;
@@ -69,7 +69,7 @@ describe('bitmaps on a read-only export', () => {
 
   it('refuses -B of a bitmap the image does not have, naming it and the ones it has', () => {
     const before = readFileSync(img);
-    const r = runStatus('node', [join(import.meta.dirname, '../../bin/nbdd'), 'serve', img, '--read-only', '--socket', join(dir.path, 'x.sock'), '-B', 'nope']);
+    const r = runStatus(NBDD, ['serve', img, '--read-only', '--socket', join(dir.path, 'x.sock'), '-B', 'nope']);
     expect(r.status).not.toBe(0);
     expect(r.stderr).toMatch(/bitmap 'nope' not found \(the image has 'b0', 'b1'\)/);
     expect(r.stderr).not.toMatch(/\n\s+at /); // no stack trace
@@ -93,5 +93,29 @@ describe('bitmaps on a read-only export', () => {
       await srv.stop();
     }
     expect(readFileSync(used).equals(before)).toBe(true);
+  });
+
+  it('refuses, as qemu-nbd does, an image whose bitmap table is misplaced — with nbdd\'s message and no byte changed', () => {
+    const bad = join(dir.path, 'bad.qcow2');
+    execFileSync('cp', [img, bad]);
+    const bytes = readFileSync(bad);
+    // The bitmaps extension (0x23852875) names the directory; its first entry starts with the table offset.
+    let at = bytes.readUInt32BE(100);
+    let directory = -1;
+    while (at < 65536) {
+      const [type, len] = [bytes.readUInt32BE(at), bytes.readUInt32BE(at + 4)];
+      if (type === 0x23852875) directory = Number(bytes.readBigUInt64BE(at + 24));
+      if (type === 0 || directory >= 0) break;
+      at += 8 + ((len + 7) & ~7);
+    }
+    expect(directory).toBeGreaterThan(0);
+    bytes.writeBigUInt64BE(12345n * 512n, directory);
+    writeFileSync(bad, bytes);
+    const r = runStatus(NBDD, ['serve', bad, '--read-only', '--socket', join(dir.path, 'bad.sock')]);
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toMatch(/corrupt qcow2 image: bitmap 'b0' table at \d+ \(1 entries\) is misplaced/);
+    expect(r.stderr).not.toMatch(/\n\s+at /);
+    expect(readFileSync(bad).equals(bytes)).toBe(true);
+    expect(runStatus('qemu-nbd', ['-r', '-f', 'qcow2', '-k', join(dir.path, 'q.sock'), bad]).stderr).toMatch(/doesn't satisfy the constraints/);
   });
 });

@@ -6,6 +6,7 @@
  * `attach --foreground` sent only once the device and its partitions are usable.
  */
 import { beforeAll, describe, expect, it } from 'vitest';
+import { runStatus } from '../helpers/tools.js';
 import { Scenario } from './scenario.js';
 
 let s: Scenario;
@@ -28,6 +29,8 @@ roundtrip() {
   nbdd status "$tag" --json > $WORK/$tag.status.json 2> $WORK/$tag.status.err
   nbdinfo --map=qemu:dirty-bitmap:b0 --totals "nbd+unix:///$tag?socket=/run/nbdd/$tag/nbd.sock" > $WORK/$tag.dirty-totals 2> $WORK/$tag.dirty-totals.err
   nbdd list --json > $WORK/$tag.list.json
+  local metrics; metrics=$(sed -n 's/.*"metrics":"\\([^"]*\\)".*/\\1/p' $WORK/$tag.attach1.json)
+  [ -n "$metrics" ] && curl -sS "$metrics" > $WORK/$tag.metrics 2>&1
   nbdd detach "$tag"; echo $? > $WORK/$tag.detach.rc
   ls /run/nbdd/ > $WORK/$tag.run-after-detach
   cat /sys/block/\${dev#/dev/}/size > $WORK/$tag.size-after-detach
@@ -38,7 +41,7 @@ roundtrip() {
   (cd /mnt/$tag && sha256sum random numbers dir/greeting) > $WORK/$tag.sums-read
   umount /mnt/$tag && nbdd detach "$tag"
 }
-roundtrip qcow2 /tmp/disk.qcow2 --create 64M; echo $? > $WORK/qcow2.rc
+roundtrip qcow2 /tmp/disk.qcow2 --create 64M --metrics 127.0.0.1:0; echo $? > $WORK/qcow2.rc
 truncate -s 64M /tmp/disk.raw
 roundtrip raw /tmp/disk.raw --connections 2; echo $? > $WORK/raw.rc
 
@@ -105,6 +108,19 @@ describe.each(['qcow2', 'raw'])('%s image through /dev/nbdN', (tag) => {
     expect(written.split('\n').filter(Boolean)).toHaveLength(3);
     expect(s.text(`${tag}.sums-read`)).toBe(written);
   });
+});
+
+it('attach --metrics serves Prometheus metrics of the device that promtool accepts', () => {
+  const attached = s.json<{ metrics?: string }>('qcow2.attach1.json');
+  expect(attached.metrics).toMatch(/^http:\/\/127\.0\.0\.1:\d+\/metrics$/);
+  const text = s.text('qcow2.metrics');
+  const writes = /^nbdd_requests_total\{op="write",device="qcow2"\} (\d+)$/m.exec(text);
+  expect(writes, text.slice(0, 2000)).not.toBeNull();
+  expect(Number(writes![1])).toBeGreaterThan(10); // mkfs and 3 MiB of files
+  expect(text).toMatch(/^nbdd_device_info\{frontend="kernel-nbd",kind="qcow2",path="\/dev\/nbd\d+",read_only="false",device="qcow2"\} 1$/m);
+  expect(text).toMatch(/^nbdd_bitmap_dirty_bytes\{bitmap="b0",device="qcow2"\} [1-9]\d*$/m);
+  const lint = runStatus('promtool', ['check', 'metrics'], { input: text });
+  expect(lint.status, lint.stdout + lint.stderr).toBe(0);
 });
 
 it('qcow2 image passes qemu-img check after detach', () => {

@@ -1,7 +1,8 @@
 /**
  * Data integrity under load: fio --verify=crc32c on a raw image over several connections, and the
  * daemon killed with SIGKILL in the middle of a verified write job, then re-attached: the kernel
- * holds the I/O, the new daemon RECONFIGUREs the device, and the job finishes without errors.
+ * holds the I/O, the new daemon (started by --name alone, as systemd's Restart= does) RECONFIGUREs
+ * the device, and the job finishes without errors.
  */
 import { beforeAll, expect, it } from 'vitest';
 import { Scenario } from './scenario.js';
@@ -47,8 +48,10 @@ kill -0 $fio && echo running > $WORK/fio-running-at-kill
 old=$(daemon_pid nbd1); kill -9 $old
 sleep 1
 nbdd list --json > $WORK/list-after-kill.json
-nbdd attach kill.img --device /dev/nbd1 --json > $WORK/reattach.json; echo $? > $WORK/reattach.rc
+# By name only, as systemd's Restart= runs it: the device 'kill' that has no daemon is re-attached.
+nbdd attach kill.img --name kill --json > $WORK/reattach.json; echo $? > $WORK/reattach.rc
 cat /sys/block/nbd1/backend > $WORK/backend-after
+record dup-name nbdd attach kill.img --name kill
 wait $fio; echo $? > $WORK/kill.fio.rc
 nbdd detach kill; echo $? > $WORK/kill.detach.rc
 kill $listener
@@ -85,6 +88,13 @@ it('survives SIGKILL of the daemon mid-job: re-attach by RECONFIGURE, fio finish
   expect(job.read.io_bytes).toBe(40 << 20);
   expect(s.text('kill.detach.rc').trim()).toBe('0');
   expect(s.text('kill.log')).toMatch(/re-attached/);
+});
+
+it('re-attaches by --name alone (the systemd restart path), and refuses the name while its daemon lives', () => {
+  expect(s.status('reattach')).toBe(0);
+  expect(s.json('reattach.json')).toMatchObject({ device: '/dev/nbd1', reattached: true });
+  expect(s.status('dup-name')).not.toBe(0);
+  expect(s.text('dup-name.err')).toMatch(/'kill' is already attached as \/dev\/nbd1 \(nbdd pid \d+\)/);
 });
 
 it('the LINK_DEAD notification for the killed daemon reaches a multicast listener', () => {
