@@ -18,13 +18,31 @@ import { afterBatch } from '../core/batch.js';
 import { EventEmitter } from 'node:events';
 import { Errno, NbddError } from '../core/errors.js';
 import { logger } from '../core/log.js';
-import { DEFAULT_GRANULARITY, DirtyBitmap, granularityBits, type GranuleRun } from './dirty-bitmap.js';
+import { formatSize } from '../core/units.js';
+import { BITMAP_LIMITS, DEFAULT_GRANULARITY, DirtyBitmap, granularityBits, type GranuleRun } from './dirty-bitmap.js';
 import type { BitmapStore, BitsChange, StoredBitmap } from './store.js';
 
 const log = logger('bitmaps');
 
 /** Longest bitmap name in UTF-8 bytes (qcow2's limit, QEMU's BME_MAX_NAME_SIZE). */
 export const MAX_BITMAP_NAME_BYTES = 1023;
+
+/**
+ * How many bitmaps a device keeps and how much memory their bits take. Every enabled bitmap is
+ * marked on every write, so the count bounds the write path's cost; qcow2 itself allows 65535.
+ */
+export interface BitmapSetLimits {
+  maxBitmaps: number;
+  /** Bits of all bitmaps together, in bytes. */
+  maxMemoryBytes: number;
+}
+
+export const DEFAULT_BITMAP_LIMITS: BitmapSetLimits = { maxBitmaps: 256, maxMemoryBytes: 1024 * 1024 * 1024 };
+
+export interface OpenSetOptions extends Partial<BitmapSetLimits> {
+  /** Bitmaps to start with that nothing stores (a read-only image's). */
+  transient?: StoredBitmap[];
+}
 
 export interface BitmapInfo {
   name: string;
@@ -74,18 +92,23 @@ export class BitmapSet extends EventEmitter {
   /** Set when an intent write failed; its runs stay pending and every writer waits for the retry. */
   private failed = false;
 
-  private constructor(size: number, store: BitmapStore | null) {
+  private constructor(
+    size: number,
+    store: BitmapStore | null,
+    readonly limits: BitmapSetLimits,
+  ) {
     super();
     this.size = size;
     this.store = store;
   }
 
   /**
-   * A set over `store` (or transient only, when null), with the stored bitmaps loaded, plus
-   * `transient` bitmaps to start with (a read-only image's, which nothing stores).
+   * A set over `store` (or transient only, when null), with the stored bitmaps loaded (whatever
+   * the limits: they exist already), plus `options.transient` bitmaps to start with.
    */
-  static async open(size: number, store: BitmapStore | null, transient: StoredBitmap[] = []): Promise<BitmapSet> {
-    const set = new BitmapSet(size, store);
+  static async open(size: number, store: BitmapStore | null, options: OpenSetOptions = {}): Promise<BitmapSet> {
+    const { transient = [], ...limits } = options;
+    const set = new BitmapSet(size, store, { ...DEFAULT_BITMAP_LIMITS, ...limits });
     for (const b of store ? await store.load() : []) {
       set.entries.set(b.name, { name: b.name, bits: b.bits, enabled: b.enabled, persistent: true, busy: false });
     }
@@ -213,6 +236,7 @@ export class BitmapSet extends EventEmitter {
     if (this.entries.has(name)) throw new NbddError(Errno.EEXIST, `bitmap '${name}' already exists`);
     const granularity = options.granularity ?? DEFAULT_GRANULARITY;
     granularityBits(granularity);
+    this.checkRoomFor(name, granularity);
     const persistent = options.persistent ?? this.store !== null;
     if (persistent && !this.store) {
       throw new NbddError(Errno.ENOTSUP, `bitmap '${name}' cannot be persistent: this disk has no bitmap store (use --bitmap-store)`);
@@ -327,14 +351,32 @@ export class BitmapSet extends EventEmitter {
     return e;
   }
 
+  /** Refuses, before allocating anything, a bitmap past the count or memory limit. */
+  private checkRoomFor(name: string, granularity: number): void {
+    const { maxBitmaps, maxMemoryBytes } = this.limits;
+    if (this.entries.size >= maxBitmaps) {
+      throw new NbddError(Errno.ENOSPC, `bitmap '${name}': this device has ${this.entries.size} bitmaps, the most it keeps (--max-bitmaps ${maxBitmaps})`);
+    }
+    const bytes = DirtyBitmap.bytesFor(this.size, granularity);
+    const used = [...this.entries.values()].reduce((n, e) => n + e.bits.byteLength, 0);
+    if (bytes > BITMAP_LIMITS.maxDataBytes || used + bytes > maxMemoryBytes) {
+      const limit = bytes > BITMAP_LIMITS.maxDataBytes ? `more than the ${formatSize(BITMAP_LIMITS.maxDataBytes)} one bitmap may have` : `and the device's bitmaps have ${formatSize(used)} of ${formatSize(maxMemoryBytes)}`;
+      throw new NbddError(Errno.ENOMEM, `bitmap '${name}' at granularity ${granularity} needs ${formatSize(bytes)}, ${limit}; use a larger granularity`);
+    }
+  }
+
   private assertNotBusy(e: Entry): void {
     if (e.busy) throw new NbddError(Errno.EBUSY, `bitmap '${e.name}' is in use by a running backup`);
   }
 }
 
-/** Bitmap names: 1..1023 UTF-8 bytes, no NUL or other control characters. */
+/** Bitmap names: 1..1023 UTF-8 bytes of valid Unicode, no NUL or other control characters. */
 export function validateName(name: unknown): asserts name is string {
   if (typeof name !== 'string' || name.length === 0) throw new NbddError(Errno.EINVAL, 'a bitmap name must be a non-empty string');
+  // A lone surrogate has no UTF-8 form: "s\ud800" and "s\udc00" would be stored as the same bytes.
+  if (/[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/.test(name)) {
+    throw new NbddError(Errno.EINVAL, 'a bitmap name must be valid Unicode (it has a lone surrogate, which UTF-8 cannot store)');
+  }
   // eslint-disable-next-line no-control-regex
   if (/[\x00-\x1f\x7f]/.test(name)) throw new NbddError(Errno.EINVAL, 'a bitmap name must not contain control characters');
   if (Buffer.byteLength(name, 'utf8') > MAX_BITMAP_NAME_BYTES) {

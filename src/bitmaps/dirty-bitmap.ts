@@ -72,6 +72,11 @@ export class DirtyBitmap {
   /** The same memory as 32-bit words, only ever compared with 0 and ~0 (endian-neutral). */
   private readonly words: Uint32Array;
 
+  /** The bytes a bitmap of `size` at `granularity` takes (what the constructor allocates). */
+  static bytesFor(size: number, granularity: number): number {
+    return Math.ceil(Math.ceil(size / granularity) / 8);
+  }
+
   constructor(size: number, granularity: number) {
     assert(Number.isSafeInteger(size) && size >= 0, 'bitmap size is a non-negative integer');
     this.size = size;

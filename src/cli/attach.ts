@@ -15,6 +15,7 @@ import { READY_FD, reportReadiness, spawnDaemon, type Readiness } from '../kerne
 import { checkName } from '../core/paths.js';
 import { KernelDevice } from '../kernel/device.js';
 import { inventory } from '../kernel/inventory.js';
+import { DEFAULT_BITMAP_LIMITS } from '../bitmaps/bitmap-set.js';
 import { devicePath } from '../kernel/nbd-control.js';
 import { logPath, loadState, type Driver } from '../kernel/registry.js';
 import { parseDeviceArg } from '../kernel/sysfs.js';
@@ -45,6 +46,7 @@ interface AttachCliOptions {
   metrics?: MetricsListen;
   /** false with --no-partitions. */
   partitions: boolean;
+  maxBitmaps: number;
 }
 
 /** The device name: --name, the name a re-attached device already has, or the image's base name. */
@@ -78,6 +80,7 @@ function childArgs(image: string, name: string, driver: Driver, opts: AttachCliO
   if (opts.device) args.push('--device', opts.device);
   if (opts.readOnly) args.push('--read-only');
   if (!opts.partitions) args.push('--no-partitions');
+  args.push('--max-bitmaps', String(opts.maxBitmaps));
   if (opts.metrics) args.push('--metrics', `${opts.metrics.host.includes(':') ? `[${opts.metrics.host}]` : opts.metrics.host}:${opts.metrics.port}`);
   args.push('--foreground', '--ready-fd', String(READY_FD));
   return args;
@@ -97,6 +100,7 @@ async function serveForeground(image: string, name: string, index: number | unde
       deadConnTimeoutS: opts.deadConnTimeout,
       metrics: opts.metrics,
       partitions: opts.partitions,
+      maxBitmaps: opts.maxBitmaps,
     });
   } catch (err) {
     if (opts.readyFd !== undefined) await reportReadiness(opts.readyFd, { ok: false, errno: errnoOf(err), message: messageOf(err) });
@@ -130,7 +134,7 @@ async function serveUntilDetached(ready: Readiness & { ok: true }, device: { det
 async function serveUblkForeground(image: string, name: string, id: number | undefined, opts: AttachCliOptions): Promise<void> {
   let attached: Awaited<ReturnType<typeof UblkDevice.attach>>;
   try {
-    attached = await UblkDevice.attach({ image, name, id, format: opts.format, readOnly: !!opts.readOnly, queues: opts.queues, depth: opts.depth, metrics: opts.metrics });
+    attached = await UblkDevice.attach({ image, name, id, format: opts.format, readOnly: !!opts.readOnly, queues: opts.queues, depth: opts.depth, metrics: opts.metrics, maxBitmaps: opts.maxBitmaps });
   } catch (err) {
     if (opts.readyFd !== undefined) await reportReadiness(opts.readyFd, { ok: false, errno: errnoOf(err), message: messageOf(err) });
     throw err;
@@ -202,6 +206,7 @@ export function register(program: Command): void {
     .option('--create <size>', 'create a qcow2 image of this size when IMAGE does not exist', sizeArg)
     .option('--no-partitions', 'nbd: do not have the kernel read the partition table at attach (ublk devices are scanned by the kernel itself)')
     .option('--metrics <addr:port>', METRICS_HELP, metricsArg)
+    .option('--max-bitmaps <n>', 'most dirty bitmaps the device keeps (each enabled one is marked on every write)', intArg(1, 65535), DEFAULT_BITMAP_LIMITS.maxBitmaps)
     .option('--json', 'print the device as a JSON object')
     .addOption(new Option('--ready-fd <fd>', 'internal: report readiness on this fd').argParser(intArg(3, 1023)).hideHelp())
     .action((image: string, opts: AttachCliOptions) => attach(image, opts));

@@ -15,6 +15,7 @@ import { listenFds, sdNotify } from '../sys/systemd.js';
 import { DeviceRuntime } from '../runtime/device.js';
 import { NBD_DEFAULT_PORT } from '../nbd/wire/constants.js';
 import type { MetricsListen } from '../runtime/metrics.js';
+import { DEFAULT_BITMAP_LIMITS } from '../bitmaps/bitmap-set.js';
 import { intArg, METRICS_HELP, metricsArg } from './options.js';
 
 const log = logger('serve');
@@ -36,6 +37,7 @@ interface ServeOptions {
   bitmapStore?: string;
   bitmap: string[];
   metrics?: MetricsListen;
+  maxBitmaps: number;
 }
 
 /** Where to listen: --socket, --port, a socket systemd passed (socket activation), or the NBD port. */
@@ -72,7 +74,7 @@ async function serve(image: string, opts: ServeOptions): Promise<void> {
   try {
     runtime = await DeviceRuntime.start({
       image,
-      stack: { format: opts.format, readOnly: opts.readOnly, direct: opts.direct, bitmapStore: opts.bitmapStore },
+      stack: { format: opts.format, readOnly: opts.readOnly, direct: opts.direct, bitmapStore: opts.bitmapStore, bitmapLimits: { maxBitmaps: opts.maxBitmaps } },
       frontend,
       metrics: opts.metrics && { listen: opts.metrics, name: opts.name ?? (opts.exportName || basename(image)) },
       sidecar: wantSidecar ? { name: opts.name ?? (opts.exportName || basename(opts.sidecar!)), dir: opts.sidecar } : undefined,
@@ -134,6 +136,7 @@ export function register(program: Command): void {
     .option('-n, --name <name>', 'device name: starts the sidecar in /run/nbdd/NAME (nbd.sock, control.sock)')
     .option('--sidecar <dir>', 'start the sidecar in this directory (mode 0700)')
     .option('-B, --bitmap <name>', 'publish dirty bitmap NAME on the export as qemu:dirty-bitmap:NAME (repeatable)', (v: string, all: string[]) => [...all, v], [] as string[])
+    .option('--max-bitmaps <n>', 'most dirty bitmaps the device keeps (each enabled one is marked on every write)', intArg(1, 65535), DEFAULT_BITMAP_LIMITS.maxBitmaps)
     .option('--bitmap-store <path>', 'keep persistent dirty bitmaps in this file (default IMAGE.nbdd-bitmaps)')
     .option('--metrics <addr:port>', METRICS_HELP, metricsArg)
     .option('--run <command>', 'run COMMAND with $uri set, then stop the server and exit with its status')

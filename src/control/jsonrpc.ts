@@ -115,7 +115,8 @@ export function checkParams(params: unknown, spec: ParamSpec): Record<string, un
   }
   const p = params as Record<string, unknown>;
   for (const key of Object.keys(p)) {
-    if (!(key in spec)) throw new RpcError(RPC_ERROR.INVALID_PARAMS, `unknown parameter '${key}'`);
+    // Own keys only: `in` would accept '__proto__', 'constructor', 'toString'.
+    if (!Object.hasOwn(spec, key)) throw new RpcError(RPC_ERROR.INVALID_PARAMS, `unknown parameter '${key}'`);
   }
   for (const [key, typeSpec] of Object.entries(spec)) {
     const optional = typeSpec.endsWith('?');

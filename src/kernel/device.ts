@@ -46,6 +46,8 @@ export interface AttachOptions {
   deadConnTimeoutS: number;
   /** Serve Prometheus metrics here (src/runtime/metrics.ts). */
   metrics?: MetricsListen;
+  /** Most dirty bitmaps the device keeps (default DEFAULT_BITMAP_LIMITS). */
+  maxBitmaps?: number;
   /** Have the kernel read the partition table before the device is reported ready (default true). */
   partitions?: boolean;
 }
@@ -328,7 +330,7 @@ export class KernelDevice {
     try {
       runtime = await DeviceRuntime.start({
         image: opts.image,
-        stack: { format: opts.format, readOnly: frontend.readOnly },
+        stack: { format: opts.format, readOnly: frontend.readOnly, bitmapLimits: { maxBitmaps: opts.maxBitmaps } },
         frontend,
         sidecar: { name: opts.name },
         metrics: opts.metrics && { listen: opts.metrics, name: opts.name },

@@ -17,7 +17,7 @@ import type { Backend } from '../core/backend.js';
 import type { MetaContext } from '../core/meta-context.js';
 import { BlockQueue, type QueueOptions } from '../core/queue.js';
 import { openImage, type OpenOptions } from '../backends/open.js';
-import { BitmapSet } from '../bitmaps/bitmap-set.js';
+import { BitmapSet, type BitmapSetLimits } from '../bitmaps/bitmap-set.js';
 import { CopyBeforeWriteLayer, type Fleecing } from '../layers/copy-before-write.js';
 import { DirtyTrackingLayer } from '../layers/dirty-tracking.js';
 import { StatsLayer, type StatsSource } from '../layers/stats.js';
@@ -27,6 +27,7 @@ export interface StackOptions extends OpenOptions {
   queue?: QueueOptions;
   /** Keep persistent dirty bitmaps in this sidecar file (default: see bitmap-store-select.ts). */
   bitmapStore?: string;
+  bitmapLimits?: Partial<BitmapSetLimits>;
 }
 
 /** What a device runs on. */
@@ -68,7 +69,7 @@ export async function openStack(image: string, options: StackOptions = {}): Prom
   let bitmaps: BitmapSet;
   try {
     const store = await openBitmapStore(image, backend, { path: options.bitmapStore });
-    bitmaps = await BitmapSet.open(backend.size, store, store ? [] : await readOnlyBitmaps(backend));
+    bitmaps = await BitmapSet.open(backend.size, store, { ...options.bitmapLimits, transient: store ? [] : await readOnlyBitmaps(backend) });
   } catch (err) {
     await backend.close();
     throw err;

@@ -41,6 +41,8 @@ export interface UblkAttachOptions {
   depth: number;
   /** Serve Prometheus metrics here (src/runtime/metrics.ts). */
   metrics?: MetricsListen;
+  /** Most dirty bitmaps the device keeps (default DEFAULT_BITMAP_LIMITS). */
+  maxBitmaps?: number;
 }
 
 /** Per-tag buffer, and so the largest request (max_sectors = 1024). */
@@ -314,7 +316,7 @@ export class UblkDevice {
     const frontend = await UblkFrontend.prepare(opts);
     const runtime = await DeviceRuntime.start({
       image: opts.image,
-      stack: { format: opts.format, readOnly: frontend.readOnly },
+      stack: { format: opts.format, readOnly: frontend.readOnly, bitmapLimits: { maxBitmaps: opts.maxBitmaps } },
       frontend,
       sidecar: { name: opts.name },
       metrics: opts.metrics && { listen: opts.metrics, name: opts.name },

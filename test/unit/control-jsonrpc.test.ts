@@ -61,6 +61,12 @@ describe('JSON-RPC 2.0 dispatch', () => {
     expect((await call(JSON.stringify(new Array(300).fill({ jsonrpc: '2.0', method: 'nothing' })))).error.code).toBe(RPC_ERROR.INVALID_REQUEST);
   });
 
+  it('checkParams refuses names inherited from Object.prototype, as any unknown name', () => {
+    for (const line of ['{"__proto__":"x"}', '{"constructor":"x"}', '{"toString":"x"}', '{"hasOwnProperty":1}']) {
+      expect(() => checkParams(JSON.parse(line), { name: 'string?' }), line).toThrow(/unknown parameter/);
+    }
+  });
+
   it('checkParams accepts omitted params only when all are optional', () => {
     expect(checkParams(undefined, { a: 'string?' })).toEqual({});
     expect(() => checkParams(undefined, { a: 'string' })).toThrow(/missing/);
