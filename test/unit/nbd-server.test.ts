@@ -275,12 +275,15 @@ describe('transmission', () => {
       [request(NBD_CMD.TRIM, 6, SIZE, 1), 28],
       [request(NBD_CMD.READ, 7, 0, 33 * 1024 * 1024), 22], // larger than the maximum payload
       [request(NBD_CMD.BLOCK_STATUS, 8, 0, 512), 22], // no contexts negotiated
+      [request(NBD_CMD.READ, 10, 2 ** 60, 512), 22], // offset past 2^53: EINVAL, not a disconnect
+      [beyond53(request(NBD_CMD.WRITE, 11, 0, 512, 0, Buffer.alloc(512))), 22], // 2^64 - 512, payload consumed
+      [request(NBD_CMD.READ, 12, 0, 0), 0], // zero length: success, no data
       [request(NBD_CMD.READ, 9, 0, 512), 0],
     ];
     for (const [frame, error] of cases) {
       c.send(frame);
       const cookie = frame.readUInt32BE(12);
-      const r = await c.readSimpleReply(error === 0 ? 512 : 0);
+      const r = await c.readSimpleReply(error === 0 ? frame.readUInt32BE(24) : 0);
       expect({ cookie: r.cookie, error: r.error }).toEqual({ cookie, error });
     }
     c.destroy();
@@ -369,6 +372,30 @@ describe('transmission', () => {
     expect(await c.readReply()).toMatchObject({ chunk: { extents: [4096, 3, 4096, 0, 1808, 3] } });
     expect(await c.readReply()).toMatchObject({ chunk: { extents: [4096, 0, 4096, 1, 1808, 0] } });
     c.destroy();
+  });
+
+  it('answers a zero-length READ with structured replies as NONE with DONE (OFFSET_DATA needs data)', async () => {
+    await start();
+    const c = await connectGo(true);
+    c.send(request(NBD_CMD.READ, 1, 4096, 0));
+    expect(await c.readReply()).toMatchObject({ kind: 'chunk', cookie: 1, done: true, chunk: { type: 0 } });
+    c.send(request(NBD_CMD.READ, 2, 0, 4)); // and the connection goes on
+    expect(await c.readReply()).toMatchObject({ kind: 'chunk', cookie: 2, done: true });
+    c.destroy();
+  });
+
+  it('answers the requests before a garbage frame, then closes', async () => {
+    await start({ gated: true });
+    const c = await connectGo(false);
+    const garbage = request(NBD_CMD.READ, 9, 0, 512);
+    garbage.writeUInt32BE(0xdeadbeef, 0);
+    c.send(Buffer.concat([request(NBD_CMD.WRITE, 1, 0, 4, 0, Buffer.from('abcd')), request(NBD_CMD.READ, 2, 0, 4), garbage]));
+    await new Promise((r) => setTimeout(r, 50)); // the garbage has arrived while both are held
+    gate.open();
+    const replies = [await c.readSimpleReply(), await c.readSimpleReply(4)];
+    expect(replies.map((r) => [r.cookie, r.error])).toEqual([[1, 0], [2, 0]]);
+    expect(replies[1]!.data.toString()).toBe('abcd');
+    expect(await c.closesWithin(2000)).toBe(true);
   });
 
   it('closes the connection on a bad request magic and on a write larger than it will buffer', async () => {
@@ -547,3 +574,10 @@ describe('kernel sockets (serveTransmission over a socketpair fd: reads land in 
     c.destroy();
   });
 });
+
+/** The frame with its offset set to 2^64 - 512, which no JS number holds exactly. */
+function beyond53(frame: Buffer): Buffer {
+  frame.writeUInt32BE(0xffffffff, 16);
+  frame.writeUInt32BE(0xfffffe00, 20);
+  return frame;
+}

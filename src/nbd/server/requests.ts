@@ -5,7 +5,7 @@
  */
 import type { BackendCaps, Extent } from '../../core/backend.js';
 import { NBD_CMD, NBD_CMD_FLAG, NBD_ERR } from '../wire/constants.js';
-import type { RequestHeader } from '../wire/transmission.js';
+import { OFFSET_UNREPRESENTABLE, type RequestHeader } from '../wire/transmission.js';
 
 /** Reads at least this long, without DF, are answered sparsely (holes as OFFSET_HOLE chunks). */
 export const SPARSE_READ_MIN = 64 * 1024;
@@ -44,6 +44,7 @@ export function validateRequest(h: RequestHeader, c: RequestContext): number {
   if (valid === undefined) return NBD_ERR.EINVAL;
   if ((h.flags & ~valid) !== 0) return NBD_ERR.EINVAL;
   if (h.flags & NBD_CMD_FLAG.DF && !c.structured) return NBD_ERR.EINVAL;
+  if (h.offset >= OFFSET_UNREPRESENTABLE) return NBD_ERR.EINVAL;
   const isWrite = isWriteCommand(h.type);
   if (isWrite && c.readOnly) return NBD_ERR.EPERM;
   if (h.type === NBD_CMD.FLUSH || h.type === NBD_CMD.DISC) return 0;

@@ -22,6 +22,7 @@ import {
   decodeRequest,
   encodeChunkBlockStatus,
   encodeChunkError,
+  encodeChunkNone,
   encodeChunkOffsetDataHeader,
   encodeChunkOffsetHole,
   encodeSimpleReply,
@@ -207,7 +208,9 @@ export class NbdSession {
     } catch (err) {
       if (err instanceof ProtocolError) log.warn(`${this.description}: ${err.message}; closing`);
       else log.error(`${this.description}: ${messageOf(err)}; closing${process.env.NBDD_DEBUG ? `\n${(err as Error).stack}` : ''}`);
-      this.terminate();
+      // Framing is lost, but the requests before the bad frame were sound: answer them first.
+      if (err instanceof ProtocolError && this.phase === 'transmission') this.beginDraining();
+      else this.terminate();
     }
   }
 
@@ -331,7 +334,9 @@ export class NbdSession {
 
   private async handleRead(h: RequestHeader): Promise<void> {
     const q = this.export!.queue;
-    if (h.length === 0) return this.structured ? this.sendReadData(h, h.offset, EMPTY, true) : this.replyOk(h);
+    // Unspecified by the spec (SHOULD NOT disconnect): success with no data. A structured reply
+    // cannot carry it as OFFSET_DATA (whose length MUST be at least 9), so NONE with DONE.
+    if (h.length === 0) return this.structured ? this.sendChunkNone(h) : this.replyOk(h);
     if (!readsSparsely(h, this.structured, q.caps)) {
       const data = await q.read(h.offset, h.length);
       return this.sendReadData(h, h.offset, data, true);
@@ -395,6 +400,11 @@ export class NbdSession {
       log.warn(`${this.description}: ${nameOfNbdCmd(h.type)} at ${h.offset}+${h.length} failed: ${messageOf(err)}`);
     }
     this.replyError(h, nbdError, messageOf(err));
+  }
+
+  private sendChunkNone(h: RequestHeader): void {
+    if (this.phase === 'closed') return;
+    this.send(encodeChunkNone(h.cookieHi, h.cookieLo));
   }
 
   private replyOk(h: RequestHeader): void {
@@ -478,4 +488,3 @@ export class NbdSession {
   }
 }
 
-const EMPTY = Buffer.alloc(0);

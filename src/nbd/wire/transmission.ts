@@ -45,8 +45,15 @@ export interface RequestHeader {
 /**
  * Compact request (28 bytes), followed by `length` bytes of data for NBD_CMD_WRITE:
  *   0 u32 0x25609513 | 4 u16 command flags | 6 u16 type | 8 u64 cookie | 16 u64 offset | 24 u32 length
- * Throws ProtocolError on a bad magic (the caller must disconnect: framing is lost).
+ * Throws ProtocolError on a bad magic (the caller must disconnect: framing is lost); an offset
+ * past 2^53 decodes as OFFSET_UNREPRESENTABLE.
  */
+/**
+ * What a request offset of 2^53 or more decodes to: not representable, and past the end of any
+ * export, so validation answers EINVAL and the connection goes on (the frame itself is sound).
+ */
+export const OFFSET_UNREPRESENTABLE = 2 ** 53;
+
 export function decodeRequest(b: Buffer): RequestHeader {
   if (b.readUInt32BE(0) !== NBD_REQUEST_MAGIC) throw new ProtocolError(`bad request magic 0x${b.readUInt32BE(0).toString(16)}`);
   return {
@@ -54,7 +61,7 @@ export function decodeRequest(b: Buffer): RequestHeader {
     type: b.readUInt16BE(6),
     cookieHi: b.readUInt32BE(8),
     cookieLo: b.readUInt32BE(12),
-    offset: readU64(b, 16, 'request offset'),
+    offset: b.readUInt32BE(16) > MAX_SAFE_HIGH ? OFFSET_UNREPRESENTABLE : readU64(b, 16, 'request offset'),
     length: b.readUInt32BE(24),
   };
 }
