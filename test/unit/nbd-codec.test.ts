@@ -27,6 +27,7 @@ import {
   decodeChunkPayload,
   decodeReplyHeader,
   decodeRequest,
+  OFFSET_UNREPRESENTABLE,
   encodeChunkBlockStatus,
   encodeChunkError,
   encodeChunkNone,
@@ -113,13 +114,16 @@ describe('transmission codec', () => {
     expect(decodeRequest(enc)).toEqual(header);
   });
 
-  it('rejects a bad magic and offsets at or past 2^53', () => {
+  it('rejects a bad magic, and decodes offsets at or past 2^53 as unrepresentable (for an EINVAL reply)', () => {
     const enc = encodeRequest(header);
     enc.writeUInt32BE(0x12560953, 0);
     expect(() => decodeRequest(enc)).toThrow(/magic/);
     const far = encodeRequest(header);
     far.writeUInt32BE(0x200000, 16);
-    expect(() => decodeRequest(far)).toThrow(/2\^53/);
+    expect(decodeRequest(far)).toEqual({ ...header, offset: OFFSET_UNREPRESENTABLE });
+    far.writeUInt32BE(0x1fffff, 16);
+    far.writeUInt32BE(0xffffffff, 20);
+    expect(decodeRequest(far).offset).toBe(2 ** 53 - 1);
   });
 
   it('encodes simple replies and structured chunks that decode back', () => {
