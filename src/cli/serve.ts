@@ -30,6 +30,7 @@ interface ServeOptions {
   description?: string;
   shared: number;
   handshakeTimeout: number;
+  idleTimeout: number;
   run?: string;
   direct?: boolean;
   name?: string;
@@ -64,6 +65,7 @@ async function serve(image: string, opts: ServeOptions): Promise<void> {
     readOnly: opts.readOnly,
     maxConnections: opts.shared,
     handshakeTimeoutMs: opts.handshakeTimeout * 1000,
+    idleTimeoutMs: opts.idleTimeout * 1000,
     listen: listenOn(opts, socketPath),
     bitmaps: opts.bitmap,
   });
@@ -132,6 +134,7 @@ export function register(program: Command): void {
     .option('-D, --description <text>', 'export description')
     .option('-e, --shared <n>', 'most simultaneous clients', intArg(1, 4096), 16)
     .option('--handshake-timeout <seconds>', 'drop clients that do not finish negotiation in time (0: never)', intArg(0, 3600), 10)
+    .option('--idle-timeout <seconds>', 'close clients that send no request for this long, so idle ones cannot hold every --shared slot (0: never)', intArg(0, 86400), 0)
     .option('--direct', 'open raw images with O_DIRECT (bypass the page cache)')
     .option('-n, --name <name>', 'device name: starts the sidecar in /run/nbdd/NAME (nbd.sock, control.sock)')
     .option('--sidecar <dir>', 'start the sidecar in this directory (mode 0700)')

@@ -26,11 +26,11 @@ let backend: TestBackend;
 /** Set by `start({ gated: true })`: the backend the queue drives, holding every call until released. */
 let gate: GatedBackend;
 
-async function start(opts: { readOnly?: boolean; maxConnections?: number; handshakeTimeoutMs?: number; maxDepth?: number; gated?: boolean } = {}): Promise<void> {
+async function start(opts: { readOnly?: boolean; maxConnections?: number; handshakeTimeoutMs?: number; idleTimeoutMs?: number; maxDepth?: number; gated?: boolean } = {}): Promise<void> {
   backend = new TestBackend(SIZE);
   gate = new GatedBackend(backend);
   if (!opts.gated) gate.gated = false;
-  server = new NbdServer({ maxConnections: opts.maxConnections, handshakeTimeoutMs: opts.handshakeTimeoutMs });
+  server = new NbdServer({ maxConnections: opts.maxConnections, handshakeTimeoutMs: opts.handshakeTimeoutMs, idleTimeoutMs: opts.idleTimeoutMs });
   server.addExport(new NbdExport({ name: 'disk', description: 'test disk', queue: new BlockQueue(opts.gated ? gate : backend, { maxDepth: opts.maxDepth }), readOnly: opts.readOnly }));
   await server.listenUnix(sock);
 }
@@ -462,6 +462,32 @@ describe('server limits and shutdown', () => {
     const c = await ScriptClient.connect(sock);
     await c.readGreeting();
     expect(await c.closesWithin(2000)).toBe(true);
+  });
+
+  it('--idle-timeout: idle clients are closed and free their slots; busy ones and slow requests are not', async () => {
+    await start({ idleTimeoutMs: 300, maxConnections: 3, gated: true });
+    gate.gated = false;
+    const idle = [await connectGo(false), await connectGo(false)];
+    const busy = await connectGo(false);
+    const ticker = setInterval(() => busy.send(request(NBD_CMD.READ, 7, 0, 512)), 50);
+    // A request that takes longer than the timeout keeps its connection: nothing idles while in flight.
+    gate.gated = true;
+    idle[1]!.send(request(NBD_CMD.READ, 8, 0, 512));
+    try {
+      expect(await idle[0]!.closesWithin(1500)).toBe(true);
+      expect(await idle[1]!.closesWithin(200)).toBe(false);
+      gate.open();
+      expect((await idle[1]!.readSimpleReply(512)).error).toBe(0);
+      expect(await idle[1]!.closesWithin(1500)).toBe(true);
+      const fresh = await connectGo(false); // the freed slot is usable
+      fresh.send(request(NBD_CMD.READ, 9, 0, 512));
+      expect((await fresh.readSimpleReply(512)).error).toBe(0);
+      fresh.destroy();
+    } finally {
+      clearInterval(ticker);
+    }
+    expect(await busy.closesWithin(10)).toBe(false);
+    busy.destroy();
   });
 
   it('refuses connections past the cap and accepts again when one leaves', async () => {

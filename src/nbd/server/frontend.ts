@@ -17,6 +17,7 @@ export interface NbdServerFrontendOptions {
   readOnly?: boolean;
   maxConnections?: number;
   handshakeTimeoutMs?: number;
+  idleTimeoutMs?: number;
   listen: Listen;
   /** Dirty bitmaps published on the export as `qemu:dirty-bitmap:NAME` (qemu-nbd's -B); each must exist. */
   bitmaps?: readonly string[];
@@ -47,7 +48,7 @@ export class NbdServerFrontend implements Frontend {
       throw new NbddError(Errno.ENOENT, `bitmap '${missing[0]}' not found (the image has ${known.length ? known.map((n) => `'${n}'`).join(', ') : 'no bitmaps'})`);
     }
     const published = new Set((o.bitmaps ?? []).map((b) => DIRTY_BITMAP_CONTEXT_PREFIX + b));
-    const server = new NbdServer({ maxConnections: o.maxConnections, handshakeTimeoutMs: o.handshakeTimeoutMs });
+    const server = new NbdServer({ maxConnections: o.maxConnections, handshakeTimeoutMs: o.handshakeTimeoutMs, idleTimeoutMs: o.idleTimeoutMs });
     server.addExport(
       new NbdExport({
         name: o.exportName,

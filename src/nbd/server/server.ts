@@ -17,6 +17,17 @@ export interface ServerOptions {
   maxConnections?: number;
   /** Negotiation time limit in ms; 0 disables. Default 10 000. */
   handshakeTimeoutMs?: number;
+  /**
+   * Close a client connection that has sent no request and had none in flight for this long, in
+   * ms; 0 (the default) never does. Kernel sockets (`serveTransmission`) are never idle-closed.
+   */
+  idleTimeoutMs?: number;
+}
+
+/** A client session as the idle sweep last saw it. */
+interface IdleMark {
+  activity: number;
+  since: number;
 }
 
 export class NbdServer implements SessionHost {
@@ -28,10 +39,31 @@ export class NbdServer implements SessionHost {
   private readonly handshakeTimeoutMs: number;
   private clientCount = 0;
   private closing: Promise<void> | null = null;
+  private readonly idleTimeoutMs: number;
+  private readonly clients = new Map<NbdSession, IdleMark>();
+  private idleSweep: NodeJS.Timeout | null = null;
 
   constructor(options: ServerOptions = {}) {
     this.maxConnections = options.maxConnections ?? 16;
     this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000;
+    this.idleTimeoutMs = options.idleTimeoutMs ?? 0;
+  }
+
+  /**
+   * Closes client sessions idle for `idleTimeoutMs`. A sweep, not a timer per request: sessions
+   * only count their activity, and the sweep notices when a count stops moving.
+   */
+  private sweepIdle(): void {
+    const now = Date.now();
+    for (const [session, mark] of this.clients) {
+      if (!session.idle || session.activity !== mark.activity) {
+        mark.activity = session.activity;
+        mark.since = now;
+      } else if (now - mark.since >= this.idleTimeoutMs) {
+        this.clients.delete(session);
+        session.closeIdle();
+      }
+    }
   }
 
   /* ------------------------------------------------------------ exports */
@@ -109,6 +141,10 @@ export class NbdServer implements SessionHost {
     const session = new NbdSession(socket, this, { handshakeTimeoutMs: this.handshakeTimeoutMs });
     session.closed.then(() => this.clientCount--);
     this.sessions.add(session);
+    if (this.idleTimeoutMs > 0) {
+      this.clients.set(session, { activity: session.activity, since: Date.now() });
+      this.idleSweep ??= setInterval(() => this.sweepIdle(), Math.min(1000, Math.max(10, this.idleTimeoutMs / 4))).unref();
+    }
     session.startHandshake();
   }
 
@@ -127,6 +163,7 @@ export class NbdServer implements SessionHost {
 
   sessionClosed(session: NbdSession): void {
     this.sessions.delete(session);
+    this.clients.delete(session);
   }
 
   get connectionCount(): number {
@@ -140,6 +177,7 @@ export class NbdServer implements SessionHost {
    * the queue of every export that owns its queue. Idempotent.
    */
   close(): Promise<void> {
+    if (this.idleSweep) clearInterval(this.idleSweep);
     this.closing ??= this.doClose();
     return this.closing;
   }

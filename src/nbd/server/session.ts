@@ -77,6 +77,8 @@ export class NbdSession {
   private contexts: MetaContext[] = [];
   private export: NbdExport | null = null;
   private inFlight = 0;
+  /** Counts requests received and completed: the idle sweep (server.ts) sees whether it moved. */
+  activity = 0;
   private blocked = false;
   private handshakeTimer: NodeJS.Timeout | null = null;
   private unsubscribeDrain: (() => void) | null = null;
@@ -285,6 +287,7 @@ export class NbdSession {
   }
 
   private handleRequestHeader(h: RequestHeader): void {
+    this.activity++;
     const exp = this.export!;
     if (h.type === NBD_CMD.DISC) {
       log.debug(`${this.description}: NBD_CMD_DISC`);
@@ -387,6 +390,7 @@ export class NbdSession {
   }
 
   private readonly untrack = (): void => {
+    this.activity++;
     this.inFlight--;
     if (this.inFlight > 0) return;
     if (this.phase === 'draining') this.close();
@@ -454,6 +458,17 @@ export class NbdSession {
   }
 
   /* ------------------------------------------------------------ shutdown */
+
+  /** Idle: in transmission with nothing in flight (whatever `activity` says about the past). */
+  get idle(): boolean {
+    return this.phase === 'transmission' && this.inFlight === 0;
+  }
+
+  /** Closes an idle connection the way NBD_CMD_DISC would. */
+  closeIdle(): void {
+    log.info(`${this.description}: idle past --idle-timeout; closing`);
+    this.beginDraining();
+  }
 
   private beginDraining(): void {
     if (this.phase !== 'transmission') return;
