@@ -6,8 +6,11 @@
  *   are closed at once.
  * - Requests of one connection are answered in order (a request's response is written before the
  *   next line is handled), so a client may pipeline.
- * - Bad input gets a JSON-RPC error and the connection stays open; only a write error or the
- *   peer closing ends it. Too many connections: new ones are closed.
+ * - Bad input gets a JSON-RPC error and the connection stays open; only a write error, the peer
+ *   closing, or a minute without a request (unless it subscribed to events) ends it. Too many
+ *   connections: new ones are closed.
+ * - Output is bounded: while a peer has MAX_PENDING_OUTPUT unread, nothing more is answered and
+ *   reading pauses, however many requests it pipelined.
  * - Notifications (events) are queued per connection; a connection that does not read gets
  *   `events.lost` instead of unbounded buffering.
  */
@@ -30,6 +33,20 @@ export interface ControlServerOptions {
   allowedUids?: number[];
   maxConnections?: number;
   maxLine?: number;
+  /** Close a connection that sends nothing for this long (ms) unless it subscribed to events. Default 60 s. */
+  idleTimeoutMs?: number;
+}
+
+function drainedOrClosed(socket: net.Socket): Promise<void> {
+  return new Promise((resolve) => {
+    const done = (): void => {
+      socket.off('drain', done);
+      socket.off('close', done);
+      resolve();
+    };
+    socket.on('drain', done);
+    socket.on('close', done);
+  });
 }
 
 /** One client connection, as method handlers see it. */
@@ -63,6 +80,11 @@ export class ControlConnection {
     this.socket.write(`${notification(method, params)}\n`);
   }
 
+  /** Whether something (an event subscription) waits on this connection for the daemon to speak. */
+  get subscribed(): boolean {
+    return this.cleanups.size > 0;
+  }
+
   /** Runs `fn` when the connection closes (e.g. to unsubscribe). Returns a remover. */
   onClose(fn: () => void): () => void {
     this.cleanups.add(fn);
@@ -82,6 +104,7 @@ export class ControlServer {
   private readonly allowed: Set<number>;
   private readonly maxConnections: number;
   private readonly maxLine: number;
+  private readonly idleTimeoutMs: number;
   private path: string | null = null;
 
   constructor(
@@ -91,6 +114,7 @@ export class ControlServer {
     this.allowed = new Set([0, ...(options.allowedUids ?? [getEuid()])]);
     this.maxConnections = options.maxConnections ?? 32;
     this.maxLine = options.maxLine ?? MAX_LINE_BYTES;
+    this.idleTimeoutMs = options.idleTimeoutMs ?? 60_000;
     this.server = net.createServer((socket) => this.accept(socket));
   }
 
@@ -140,6 +164,10 @@ export class ControlServer {
       for (const ev of splitter.push(chunk)) {
         waiting++;
         chain = chain.then(async () => {
+          // Nothing more is answered while the peer has not taken what it was sent: its
+          // output stays within MAX_PENDING_OUTPUT plus one response, however many it pipelines.
+          if (socket.writableLength > MAX_PENDING_OUTPUT) await drainedOrClosed(socket);
+          if (!conn.open) return;
           const reply = 'tooLong' in ev ? tooLongResponse(ev.tooLong, this.maxLine) : await handleLine(ev.line, this.methods, conn);
           if (reply !== null && conn.open) socket.write(`${reply}\n`);
           waiting--;
@@ -147,6 +175,12 @@ export class ControlServer {
         });
       }
       if (waiting >= MAX_QUEUED_LINES || socket.writableLength > MAX_PENDING_OUTPUT) socket.pause();
+    });
+    // An idle connection holds one of `maxConnections` slots: close it, unless it listens for events.
+    socket.setTimeout(this.idleTimeoutMs, () => {
+      if (waiting > 0 || conn.subscribed) return;
+      log.info(`closing a control connection idle for ${this.idleTimeoutMs / 1000} s (pid ${peer.pid})`);
+      socket.destroy();
     });
     socket.on('error', (err) => log.debug(`control connection: ${err.message}`));
     socket.on('close', () => {

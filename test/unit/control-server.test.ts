@@ -155,4 +155,51 @@ describe('ControlServer', () => {
     expect(stdout.trim().split('\n').pop()).toBe('""'); // connected, then closed with nothing sent back (maybe after 'error EPIPE')
     await strict.close();
   });
+
+  it('answers nothing more while a pipelining client leaves its output unread, then everything once it reads', async () => {
+    for (let i = 0; i < 200; i++) await device.bitmaps!.add(`b${i}-${'x'.repeat(900)}`); // bitmap.list ≈ 200 KB
+    const methods = deviceMethods(device);
+    let answered = 0;
+    const list = methods['bitmap.list']!;
+    methods['bitmap.list'] = { ...list, handler: (p, c) => (answered++, list.handler(p, c)) };
+    const bounded = new ControlServer(methods);
+    const bpath = join(dir, 'bounded.sock');
+    await bounded.listen(bpath);
+    const N = 300;
+    const s = net.connect(bpath);
+    await new Promise((r) => s.once('connect', r));
+    s.pause(); // never reads, for now
+    s.write(Array.from({ length: N }, (_, i) => `{"jsonrpc":"2.0","id":${i},"method":"bitmap.list"}\n`).join(''));
+    await new Promise((r) => setTimeout(r, 1000));
+    // 4 MiB of unread output plus the socket buffers hold a few dozen responses, not 300.
+    expect(answered).toBeGreaterThan(0);
+    expect(answered).toBeLessThan(60);
+    // A well-behaved client is served meanwhile.
+    const other = await ControlClient.connect(bpath);
+    expect(await other.call('status', {})).toMatchObject({ name: 'fake' });
+    await other.close();
+    let lines = 0;
+    s.setEncoding('utf8');
+    s.on('data', (d: string) => (lines += d.split('\n').length - 1));
+    s.resume();
+    for (let i = 0; i < 200 && lines < N; i++) await new Promise((r) => setTimeout(r, 25));
+    expect(lines).toBe(N);
+    s.destroy();
+    await bounded.close();
+  });
+
+  it('closes idle connections, but not ones subscribed to events', async () => {
+    const quick = new ControlServer(deviceMethods(device), { idleTimeoutMs: 200 });
+    const qpath = join(dir, 'quick.sock');
+    await quick.listen(qpath);
+    const idle = await RawConn.open(qpath);
+    const listener = await RawConn.open(qpath);
+    listener.socket.write('{"jsonrpc":"2.0","id":1,"method":"events.subscribe"}\n');
+    expect((await listener.line()).result).toEqual({ types: expect.any(Array) });
+    await new Promise((r) => setTimeout(r, 700));
+    expect(idle.closed).toBe(true);
+    expect(listener.closed).toBe(false);
+    listener.socket.destroy();
+    await quick.close();
+  });
 });
