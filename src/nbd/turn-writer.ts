@@ -13,13 +13,15 @@ export class TurnWriter {
 
   constructor(private readonly socket: Socket) {}
 
-  write(buf: Buffer): void {
+  /** `onFlushed`: called once the socket has handed `buf` to the kernel (or failed to). */
+  write(buf: Buffer, onFlushed?: () => void): void {
     if (!this.corked) {
       this.corked = true;
       this.socket.cork();
       void turnEnd().then(this.uncork);
     }
-    this.socket.write(buf);
+    if (onFlushed) this.socket.write(buf, () => onFlushed());
+    else this.socket.write(buf);
   }
 
   /** Sends what this turn queued now (before `end()`, for example). */

@@ -59,6 +59,11 @@ export class ScriptClient {
     this.socket.write(b);
   }
 
+  /** Stops reading from the socket (a client that never takes its replies). */
+  stopReading(): void {
+    this.socket.pause();
+  }
+
   /** Sends `b` in pieces, one write per piece, with a pause between so they arrive apart. */
   async sendSplit(b: Buffer, cuts: number[]): Promise<void> {
     let at = 0;

@@ -8,6 +8,7 @@ import { Errno, NbddError } from '../../core/errors.js';
 import { logger } from '../../core/log.js';
 import { unixSocketPath } from '../../sys/libc.js';
 import { NbdExport } from './export.js';
+import { ReplyBudget } from './reply-budget.js';
 import { NbdSession, type SessionHost } from './session.js';
 
 const log = logger('server');
@@ -22,6 +23,8 @@ export interface ServerOptions {
    * ms; 0 (the default) never does. Kernel sockets (`serveTransmission`) are never idle-closed.
    */
   idleTimeoutMs?: number;
+  /** READ data (in flight or unsent) all client connections together may hold. Default 96 MiB. */
+  replyBudgetBytes?: number;
 }
 
 /** A client session as the idle sweep last saw it. */
@@ -40,6 +43,8 @@ export class NbdServer implements SessionHost {
   private clientCount = 0;
   private closing: Promise<void> | null = null;
   private readonly idleTimeoutMs: number;
+  /** READ data all clients together may hold (reply-budget.ts). */
+  private readonly replyBudget: ReplyBudget;
   private readonly clients = new Map<NbdSession, IdleMark>();
   private idleSweep: NodeJS.Timeout | null = null;
 
@@ -47,6 +52,7 @@ export class NbdServer implements SessionHost {
     this.maxConnections = options.maxConnections ?? 16;
     this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000;
     this.idleTimeoutMs = options.idleTimeoutMs ?? 0;
+    this.replyBudget = new ReplyBudget(options.replyBudgetBytes);
   }
 
   /**
@@ -138,7 +144,7 @@ export class NbdServer implements SessionHost {
       return;
     }
     this.clientCount++;
-    const session = new NbdSession(socket, this, { handshakeTimeoutMs: this.handshakeTimeoutMs });
+    const session = new NbdSession(socket, this, { handshakeTimeoutMs: this.handshakeTimeoutMs, replyBudget: this.replyBudget });
     session.closed.then(() => this.clientCount--);
     this.sessions.add(session);
     if (this.idleTimeoutMs > 0) {

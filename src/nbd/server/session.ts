@@ -32,6 +32,7 @@ import type { NbdExport } from './export.js';
 import { Negotiation, type ExportDirectory } from './negotiation.js';
 import { clip, planSparseRead, readsSparsely, validateRequest } from './requests.js';
 import { ReadSlab } from './read-slab.js';
+import type { ReplyBudget } from './reply-budget.js';
 
 const log = logger('nbd');
 
@@ -44,9 +45,16 @@ export interface SessionHost extends ExportDirectory {
 export interface SessionOptions {
   /** Milliseconds to finish negotiation before the connection is dropped (0 = no limit). */
   handshakeTimeoutMs: number;
-  /** Stop reading requests while this many reply bytes wait in the socket. */
+  /**
+   * Stop taking requests while this many bytes of replies are being prepared (READ data in
+   * flight) or wait in the socket. Default 32 MiB.
+   */
   maxPendingReplyBytes?: number;
+  /** The server's budget for READ data of all its clients (none for kernel sockets). */
+  replyBudget?: ReplyBudget;
 }
+
+const DEFAULT_MAX_PENDING_REPLY_BYTES = 32 * 1024 * 1024;
 
 type Phase = 'handshake' | 'transmission' | 'draining' | 'closed';
 
@@ -55,7 +63,9 @@ type Wait =
   | { kind: 'negotiation' }
   | { kind: 'request' }
   /** `buf`: a large payload's own buffer, filled as bytes arrive (else a view of the input). */
-  | { kind: 'payload'; header: RequestHeader; error: number; buf: Buffer | null; filled: number };
+  | { kind: 'payload'; header: RequestHeader; error: number; buf: Buffer | null; filled: number }
+  /** A READ waiting for room in the server's reply budget. */
+  | { kind: 'admission'; header: RequestHeader };
 
 /**
  * WRITE payloads at least this long get a buffer of their own, which socket reads fill directly
@@ -79,6 +89,10 @@ export class NbdSession {
   private inFlight = 0;
   /** Counts requests received and completed: the idle sweep (server.ts) sees whether it moved. */
   activity = 0;
+  /** READ bytes taken from the reply budget: in flight, or replies the kernel has not taken yet. */
+  private held = 0;
+  /** Set at finish: what was held went back to the budget at once; later releases are no-ops. */
+  private heldReturned = false;
   private blocked = false;
   private handshakeTimer: NodeJS.Timeout | null = null;
   private unsubscribeDrain: (() => void) | null = null;
@@ -244,6 +258,12 @@ export class NbdSession {
         this.handleRequestHeader(header);
         return true;
       }
+      case 'admission': {
+        if (this.blocked) return false;
+        this.wait = { kind: 'request' };
+        this.handleRequestHeader(w.header);
+        return true;
+      }
       case 'payload': {
         let data: Buffer;
         if (w.buf) {
@@ -308,12 +328,16 @@ export class NbdSession {
     const q = exp.queue;
     const fua = (h.flags & NBD_CMD_FLAG.FUA) !== 0;
     switch (h.type) {
-      case NBD_CMD.READ:
+      case NBD_CMD.READ: {
+        const budget = this.options.replyBudget;
+        if (budget && h.length > 0 && !budget.tryTake(h.length)) return this.awaitBudget(h, budget);
+        const release = budget && h.length > 0 ? this.holding(h.length) : undefined;
         if (h.length > 0 && !readsSparsely(h, this.structured, q.caps)) {
           // The common read: one queue read, one reply (no async frame on this per-request path).
-          return this.track(h, q.read(h.offset, h.length).then((data) => this.sendReadData(h, h.offset, data, true)));
+          return this.track(h, q.read(h.offset, h.length).then((data) => this.sendReadData(h, h.offset, data, true, release)), release);
         }
-        return this.track(h, this.handleRead(h));
+        return this.track(h, this.handleRead(h, release), release);
+      }
       case NBD_CMD.FLUSH:
         return this.track(h, q.flush().then(() => this.replyOk(h)));
       case NBD_CMD.TRIM:
@@ -335,34 +359,36 @@ export class NbdSession {
     this.track(h, this.export!.queue.write(h.offset, data, { fua }).then(() => this.replyOk(h)));
   }
 
-  private async handleRead(h: RequestHeader): Promise<void> {
+  /** `release`: called once the reply has left (or cannot); see `holding`. */
+  private async handleRead(h: RequestHeader, release?: () => void): Promise<void> {
     const q = this.export!.queue;
     // Unspecified by the spec (SHOULD NOT disconnect): success with no data. A structured reply
     // cannot carry it as OFFSET_DATA (whose length MUST be at least 9), so NONE with DONE.
     if (h.length === 0) return this.structured ? this.sendChunkNone(h) : this.replyOk(h);
     if (!readsSparsely(h, this.structured, q.caps)) {
       const data = await q.read(h.offset, h.length);
-      return this.sendReadData(h, h.offset, data, true);
+      return this.sendReadData(h, h.offset, data, true, release);
     }
     // Sparse read: holes and zero extents become OFFSET_HOLE chunks, data is read per extent.
     const parts = planSparseRead(await q.blockStatus(h.offset, h.length), h.offset, h.length);
     if (parts.length === 1 && !parts[0]!.hole) {
-      return this.sendReadData(h, h.offset, await q.read(h.offset, h.length), true);
+      return this.sendReadData(h, h.offset, await q.read(h.offset, h.length), true, release);
     }
     const buffers = await Promise.all(parts.map((p) => (p.hole ? null : q.read(p.offset, p.length))));
-    if (this.phase === 'closed') return;
+    if (this.phase === 'closed') return release?.();
     parts.forEach((p, i) => {
       const done = i === parts.length - 1;
-      if (p.hole) this.send(encodeChunkOffsetHole(h.cookieHi, h.cookieLo, done, p.offset, p.length));
-      else this.sendReadData(h, p.offset, buffers[i]!, done);
+      if (p.hole) this.send(encodeChunkOffsetHole(h.cookieHi, h.cookieLo, done, p.offset, p.length), done ? release : undefined);
+      else this.sendReadData(h, p.offset, buffers[i]!, done, done ? release : undefined);
     });
   }
 
-  private sendReadData(h: RequestHeader, offset: number, data: Buffer, done: boolean): void {
-    if (this.phase === 'closed') return;
-    if (this.structured) this.send(encodeChunkOffsetDataHeader(h.cookieHi, h.cookieLo, done, offset, data.length));
-    else this.send(encodeSimpleReply(0, h.cookieHi, h.cookieLo));
-    if (data.length > 0) this.send(data);
+  /** `onSent`: called once the last byte of this chunk has left for the kernel (or never will). */
+  private sendReadData(h: RequestHeader, offset: number, data: Buffer, done: boolean, onSent?: () => void): void {
+    if (this.phase === 'closed') return onSent?.();
+    const header = this.structured ? encodeChunkOffsetDataHeader(h.cookieHi, h.cookieLo, done, offset, data.length) : encodeSimpleReply(0, h.cookieHi, h.cookieLo);
+    this.send(header, data.length > 0 ? undefined : onSent);
+    if (data.length > 0) this.send(data, onSent);
   }
 
   private async handleBlockStatus(h: RequestHeader): Promise<void> {
@@ -377,17 +403,50 @@ export class NbdSession {
     });
   }
 
-  /** Counts a request in flight; its failure becomes an error reply for `h`. */
-  private track(h: RequestHeader, p: Promise<void>): void {
+  /** Counts a request in flight; its failure becomes an error reply for `h` (and `onFail` runs). */
+  private track(h: RequestHeader, p: Promise<void>, onFail?: () => void): void {
     this.inFlight++;
     p.then(this.untrack, (err: unknown) => {
       try {
+        onFail?.();
         this.replyBackendError(h, err);
       } finally {
         this.untrack();
       }
     });
   }
+
+  /**
+   * Records `n` bytes taken from the reply budget for one READ; the function returned gives them
+   * back (once, whichever path calls it first) and lets a session blocked on its own share go on.
+   */
+  private holding(n: number): () => void {
+    this.held += n;
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      if (this.heldReturned) return;
+      this.held -= n;
+      this.options.replyBudget!.give(n);
+      if (this.blocked && this.wait.kind !== 'admission') this.unblock();
+    };
+  }
+
+  /** The READ `h` waits, with reading paused, until the budget has room. */
+  private awaitBudget(h: RequestHeader, budget: ReplyBudget): void {
+    this.wait = { kind: 'admission', header: h };
+    this.blocked = true;
+    this.socket.pause();
+    budget.whenFreed(this.onBudgetFreed);
+  }
+
+  private readonly onBudgetFreed = (): void => {
+    if (!this.blocked || this.phase !== 'transmission' || this.wait.kind !== 'admission') return;
+    this.blocked = false;
+    this.pump();
+    if (!this.blocked) this.socket.resume();
+  };
 
   private readonly untrack = (): void => {
     this.activity++;
@@ -432,14 +491,15 @@ export class NbdSession {
    * Queues bytes on the socket. Writes made in one event-loop turn are corked together and leave
    * in one writev (the completion batch).
    */
-  private send(buf: Buffer): void {
-    if (this.phase !== 'closed') this.out.write(buf);
+  private send(buf: Buffer, onSent?: () => void): void {
+    if (this.phase !== 'closed') this.out.write(buf, onSent);
+    else onSent?.();
   }
 
   /** True when we must stop reading requests: the queue or our reply backlog is full. */
   private mustWait(): boolean {
     const q = this.export!.queue;
-    const backlog = this.socket.writableLength > (this.options.maxPendingReplyBytes ?? 64 * 1024 * 1024);
+    const backlog = Math.max(this.held, this.socket.writableLength) > (this.options.maxPendingReplyBytes ?? DEFAULT_MAX_PENDING_REPLY_BYTES);
     if (!q.saturated && !backlog) return false;
     this.blocked = true;
     this.socket.pause();
@@ -450,7 +510,7 @@ export class NbdSession {
   private readonly onSocketDrain = (): void => this.unblock();
 
   private unblock(): void {
-    if (!this.blocked || this.phase !== 'transmission') return;
+    if (!this.blocked || this.phase !== 'transmission' || this.wait.kind === 'admission') return;
     if (this.export!.queue.saturated) return;
     this.blocked = false;
     this.socket.resume();
@@ -497,6 +557,11 @@ export class NbdSession {
   private finish(): void {
     this.phase = 'closed';
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    // What this session held goes back now; its replies will never be read.
+    this.heldReturned = true;
+    if (this.held > 0) this.options.replyBudget?.give(this.held);
+    this.held = 0;
+    this.options.replyBudget?.forget(this.onBudgetFreed);
     this.unsubscribeDrain?.();
     this.host.sessionClosed(this);
     if (this.inFlight === 0) this.closedResolve();
