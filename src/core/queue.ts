@@ -108,6 +108,12 @@ export class BlockQueue {
 
   /* ------------------------------------------------------------ backpressure */
 
+  /**
+   * Reads folded into the read before them (contiguous in one batch): the layers below counted
+   * one request where the frontends sent several.
+   */
+  mergedReads = 0;
+
   /** Requests queued or in flight. */
   get depth(): number {
     return this.pending.length + this.inFlight;
@@ -188,6 +194,7 @@ export class BlockQueue {
       return j;
     }
     const run = batch.slice(i, j) as Extract<Entry, { op: 'read' }>[];
+    this.mergedReads += run.length - 1;
     tryCall(() => this.backend.read(first.offset, end - first.offset)).then(
       (buf) => {
         for (const e of run) {

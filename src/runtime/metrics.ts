@@ -71,7 +71,8 @@ export function deviceRegistry(runtime: DeviceRuntime, name: string): Registry {
       return [{ value: 1, labels: { frontend: frontend.kind, kind: stack.image.kind, path: String(where), read_only: String(stack.queue.caps.readOnly) } }];
     }),
     snapshotMetric('nbdd_device_size_bytes', 'Size of the device', 'gauge', () => [{ value: stack.queue.size }]),
-    snapshotMetric('nbdd_requests_total', 'Requests completed, by command (failed ones included)', 'counter', perOp((s) => s.count)),
+    snapshotMetric('nbdd_requests_total', 'Requests completed, by command (failed ones included; contiguous reads of one batch count once)', 'counter', perOp((s) => s.count)),
+    snapshotMetric('nbdd_reads_merged_total', 'Reads coalesced into the read before them (add to nbdd_requests_total{op="read"} for the reads clients sent)', 'counter', () => [{ value: stack.queue.mergedReads }]),
     snapshotMetric('nbdd_request_errors_total', 'Requests that failed, by command', 'counter', perOp((s) => s.errors)),
     snapshotMetric('nbdd_request_bytes_total', 'Bytes of the requests that succeeded, by command', 'counter', perOp((s) => s.bytes)),
     snapshotMetric('nbdd_request_duration_seconds', 'Time from the queue to completion, by command', 'histogram', () => {

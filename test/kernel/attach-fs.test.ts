@@ -41,6 +41,7 @@ roundtrip() {
   (cd /mnt/$tag && sha256sum random numbers dir/greeting) > $WORK/$tag.sums-read
   umount /mnt/$tag && nbdd detach "$tag"
 }
+ip link set lo up # the VM boots with loopback down; --metrics listens on it
 roundtrip qcow2 /tmp/disk.qcow2 --create 64M --metrics 127.0.0.1:0; echo $? > $WORK/qcow2.rc
 truncate -s 64M /tmp/disk.raw
 roundtrip raw /tmp/disk.raw --connections 2; echo $? > $WORK/raw.rc
