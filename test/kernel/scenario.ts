@@ -10,6 +10,7 @@ import { describeRun, runInVm, type VmOptions, type VmResult } from './vm.js';
  * keeping its stderr in $WORK/NAME.err and its exit status in $WORK/NAME.rc.
  */
 export const PRELUDE = `
+PS4='+\${SECONDS}s '
 set -x
 nbdd() { node "$REPO/bin/nbdd" "$@"; }
 record() { local name=$1; shift; "$@" > "$WORK/$name.out" 2> "$WORK/$name.err"; echo $? > "$WORK/$name.rc"; }
