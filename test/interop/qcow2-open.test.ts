@@ -277,4 +277,27 @@ describe('qcow2 features at open', () => {
     run('qemu-img', ['rebase', '-u', '-f', 'qcow2', '-b', b, '-F', 'qcow2', a]);
     await expect(openQcow2(b, { readOnly: true })).rejects.toMatchObject({ errno: Errno.ELOOP, message: expect.stringMatching(/backing chain loop/) });
   });
+
+  it('refuses a NUL in the backing file name with its own message, naming the field', async () => {
+    const base = join(dir.path, 'nul-base.qcow2');
+    qemuCreate(base, MiB);
+    const top = join(dir.path, 'nul-top.qcow2');
+    qemuCreate(top, MiB, [], { path: base, format: 'qcow2' });
+    const h = header(top);
+    patch(top, h.backingFileOffset + 3, Buffer.from([0]));
+    await expectRefused(top, /backing file name \(backing_file_offset \d+, \d+ bytes\) contains a NUL byte/);
+  });
+
+  it('opens, as QEMU does, a backing file offset with size 0: no backing file', async () => {
+    const path = goodImage();
+    patch(path, 8, u64(65000)); // backing_file_offset, backing_file_size stays 0
+    expect(runStatus('qemu-img', ['info', path]).status).toBe(0);
+    const img = await openQcow2(path, { readOnly: true });
+    try {
+      expect(img.backingName).toBeNull();
+      expect((await img.read(0, 4)).equals(Buffer.alloc(4, 0x11))).toBe(true);
+    } finally {
+      await img.close();
+    }
+  });
 });

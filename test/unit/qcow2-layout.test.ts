@@ -76,9 +76,11 @@ describe('header', () => {
       [{ compressionType: 1 }, /disagrees with the compression-type feature bit/],
       [{ incompatibleFeatures: 1n << 3n, compressionType: 2 }, /compression_type 2/],
       [{ backingFileOffset: 65530, backingFileSize: 10 }, /outside the first cluster/],
-      [{ backingFileOffset: 200, backingFileSize: 2000 }, /backing file name length 2000/],
+      [{ backingFileOffset: 200, backingFileSize: 2000 }, /backing file name length 2000 \(at most 1023\)/],
     ];
     for (const [o, re] of cases) expect(() => decodeHeader(encodeHeader(header(o))), re.source).toThrow(re);
+    // A backing offset with size 0 names no backing file (QEMU opens such images).
+    expect(decodeHeader(encodeHeader(header({ backingFileOffset: 65530, backingFileSize: 0 })))).toMatchObject({ backingFileSize: 0 });
   });
 
   it('reads v2 headers with the v2 defaults', () => {
@@ -122,13 +124,14 @@ describe('header extensions', () => {
     expect(featureNames((1n << 5n) | 1n, FEATURE_TYPE.autoclear, ext.featureNames)).toEqual(['bitmaps', 'x'.repeat(46)]);
   });
 
-  it('refuses overruns, duplicates and bad sizes', () => {
+  it('refuses overruns and bad sizes, and takes the last of a repeated extension', () => {
     const overrun = cluster0([]);
     overrun.writeUInt32BE(EXT_BACKING_FORMAT, V3_HEADER_LENGTH);
     overrun.writeUInt32BE(70000, V3_HEADER_LENGTH + 4);
     expect(() => decodeExtensions(overrun, header())).toThrow(/runs past the header area/);
-    const twice = cluster0([encodeExtension(EXT_BACKING_FORMAT, Buffer.from('raw')), encodeExtension(EXT_BACKING_FORMAT, Buffer.from('raw'))]);
-    expect(() => decodeExtensions(twice, header())).toThrow(/appears twice/);
+    // A repeated extension replaces the earlier one, as QEMU reads them.
+    const twice = cluster0([encodeExtension(EXT_BACKING_FORMAT, Buffer.from('raw')), encodeExtension(EXT_BACKING_FORMAT, Buffer.from('qcow2'))]);
+    expect(decodeExtensions(twice, header()).backingFormat).toBe('qcow2');
     expect(() => decodeExtensions(cluster0([encodeExtension(EXT_FEATURE_NAMES, Buffer.alloc(47))]), header())).toThrow(/not a multiple of 48/);
     expect(() => decodeExtensions(cluster0([encodeExtension(EXT_BITMAPS, Buffer.alloc(16))]), header())).toThrow(/bitmaps extension of 16 bytes/);
     // The extension area ends where the backing file name starts.

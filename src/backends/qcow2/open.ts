@@ -22,6 +22,7 @@ import {
   decodeExtensions,
   decodeHeader,
   geometryOf,
+  hasBackingName,
   type Geometry,
   type Qcow2Header,
 } from './format/index.js';
@@ -154,7 +155,9 @@ async function openInChain(path: string, options: OpenQcow2Options, chain: strin
     checkL1(l1, g.clusterSize, fileLength).forEach((off) => meta.claim(off, g.clusterSize, `an L2 table`));
     const refcounts = options.readOnly ? null : await loadRefcounts(port, header, g, fileLength, meta);
 
-    const backingName = header.backingFileOffset !== 0 ? cluster0.subarray(header.backingFileOffset, header.backingFileOffset + header.backingFileSize).toString('utf8') : null;
+    const nameBytes = hasBackingName(header) ? cluster0.subarray(header.backingFileOffset, header.backingFileOffset + header.backingFileSize) : null;
+    if (nameBytes?.includes(0)) throw corrupt(`backing file name (backing_file_offset ${header.backingFileOffset}, ${header.backingFileSize} bytes) contains a NUL byte`);
+    const backingName = nameBytes ? nameBytes.toString('utf8') : null;
     if (backingName !== null && options.openBacking !== false) {
       backing = await openBackingLayer(path, backingName, extensions.backingFormat, options, [...chain, real]);
     }

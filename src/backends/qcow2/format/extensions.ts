@@ -9,7 +9,7 @@
  * FDE pointer: 0 u64 offset, 8 u64 length. The bitmaps extension is decoded by ./bitmaps.ts.
  */
 import { decodeBitmapsExtension, encodeBitmapsExtension, type BitmapsExtension } from './bitmaps.js';
-import { corrupt, readU64, type FeatureName, type Qcow2Header } from './header.js';
+import { corrupt, hasBackingName, readU64, type FeatureName, type Qcow2Header } from './header.js';
 
 /** Extension types (the spec's magic numbers). End of the area: */
 export const EXT_END = 0x00000000;
@@ -44,7 +44,6 @@ export function decodeExtensions(cluster0: Buffer, header: Qcow2Header): HeaderE
   const ext: HeaderExtensions = { featureNames: [], unknownTypes: [], end: header.headerLength };
   const clusterSize = 2 ** header.clusterBits;
   const limit = header.backingFileOffset !== 0 ? Math.min(header.backingFileOffset, cluster0.length) : cluster0.length;
-  const seen = new Set<number>();
   let off = header.headerLength;
   for (;;) {
     if (off + 8 > limit) {
@@ -60,8 +59,7 @@ export function decodeExtensions(cluster0: Buffer, header: Qcow2Header): HeaderE
     }
     const dataStart = off + 8;
     if (length > limit - dataStart) throw corrupt(`header extension 0x${type.toString(16)} of ${length} bytes runs past the header area`);
-    if (seen.has(type)) throw corrupt(`header extension 0x${type.toString(16)} appears twice`);
-    seen.add(type);
+    // A repeated extension replaces the earlier one, as QEMU reads them.
     const data = cluster0.subarray(dataStart, dataStart + length);
     switch (type) {
       case EXT_BACKING_FORMAT:
@@ -118,7 +116,7 @@ export function withBitmapsExtension(cluster0: Buffer, header: Qcow2Header, bitm
   }
   if (bitmaps) kept.push(encodeExtension(EXT_BITMAPS, encodeBitmapsExtension(bitmaps)));
   kept.push(encodeExtension(EXT_END, Buffer.alloc(0)));
-  const backingName = header.backingFileOffset !== 0 ? cluster0.subarray(header.backingFileOffset, header.backingFileOffset + header.backingFileSize) : null;
+  const backingName = hasBackingName(header) ? cluster0.subarray(header.backingFileOffset, header.backingFileOffset + header.backingFileSize) : null;
   const area = Buffer.concat(kept);
   if (header.headerLength + area.length + (backingName?.length ?? 0) > cluster0.length) return null;
   return {

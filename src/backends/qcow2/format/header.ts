@@ -212,8 +212,9 @@ function checkHeaderFields(h: Qcow2Header): void {
   if (h.compressionType !== COMPRESSION_DEFLATE && h.compressionType !== COMPRESSION_ZSTD) {
     throw unsupported(`compression_type ${h.compressionType} (nbdd knows 0 deflate and 1 zstd)`);
   }
-  if (h.backingFileOffset !== 0) {
-    if (h.backingFileSize === 0 || h.backingFileSize > MAX_BACKING_NAME) throw corrupt(`backing file name length ${h.backingFileSize} (1..${MAX_BACKING_NAME})`);
+  // An offset with size 0 is no backing file (as QEMU reads it); the offset still ends the extensions.
+  if (hasBackingName(h)) {
+    if (h.backingFileSize > MAX_BACKING_NAME) throw corrupt(`backing file name length ${h.backingFileSize} (at most ${MAX_BACKING_NAME})`);
     if (h.backingFileOffset + h.backingFileSize > clusterSize) throw corrupt('backing file name lies outside the first cluster');
   }
   for (const [what, off] of [['l1_table_offset', h.l1TableOffset], ['refcount_table_offset', h.refcountTableOffset], ['snapshots_offset', h.snapshotsOffset]] as const) {
@@ -277,4 +278,9 @@ export function checkFeatures(h: Qcow2Header, ext: HeaderExtensions): void {
   if ((h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n && !ext.bitmaps) {
     throw corrupt('the bitmaps autoclear bit is set but there is no bitmaps extension');
   }
+}
+
+/** Whether the header names a backing file: an offset and a non-zero length (QEMU ignores size 0). */
+export function hasBackingName(h: Pick<Qcow2Header, 'backingFileOffset' | 'backingFileSize'>): boolean {
+  return h.backingFileOffset !== 0 && h.backingFileSize !== 0;
 }
