@@ -199,7 +199,7 @@ export function register(program: Command): void {
     .option('-r, --read-only', 'attach read-only')
     .addOption(new Option('-f, --format <format>', 'image format').choices([...FORMATS]).default('auto'))
     .option('-c, --connections <n>', 'connections (kernel hardware queues); >1 needs a multi-conn backend', intArg(1, 64), 1)
-    .option('-t, --timeout <s>', 'per-request timeout in seconds; a request older than this is retried on another or a new connection', intArg(0, 86400), 30)
+    .option('-t, --timeout <s>', 'per-request timeout in seconds; a request older than this marks its connection dead and is retried on another or a new one (default 0: none — a slow but live daemon is never cut off)', intArg(0, 86400), 0)
     .option('--dead-conn-timeout <s>', 'seconds the kernel holds I/O waiting for a new daemon once every connection is dead', intArg(0, 86400), 60)
     .option('-n, --name <name>', 'device name (the /dev/disk/by-nbdd/NAME link); default: the image file name')
     .option('--foreground', 'serve in this process instead of a daemon (for systemd)')
