@@ -13,15 +13,13 @@ export class TurnWriter {
 
   constructor(private readonly socket: Socket) {}
 
-  /** `onFlushed`: called once the socket has handed `buf` to the kernel (or failed to). */
-  write(buf: Buffer, onFlushed?: () => void): void {
+  write(buf: Buffer): void {
     if (!this.corked) {
       this.corked = true;
       this.socket.cork();
       void turnEnd().then(this.uncork);
     }
-    if (onFlushed) this.socket.write(buf, () => onFlushed());
-    else this.socket.write(buf);
+    this.socket.write(buf);
   }
 
   /** Sends what this turn queued now (before `end()`, for example). */

@@ -1,30 +1,38 @@
 /**
- * The memory one NBD server may hold for READ replies of its clients: the data of READs in flight
- * and of replies not yet taken by the kernel. A client that pipelines large READs and never reads
- * the replies otherwise costs the daemon all it asks for (issue: 4 such clients, 2.3 GiB).
+ * The memory one NBD server may hold for large READ replies of its clients: the data of READs in
+ * flight plus what waits in the client sockets unsent. A client that pipelines large READs and
+ * never reads the replies otherwise costs the daemon all it asks for (issue: 4 such clients,
+ * 2.3 GiB).
  *
  * Two bounds: a session stops taking requests while it holds more than its own share (see
- * SessionOptions.maxPendingReplyBytes), and a large READ waits for room here when every client
- * together holds `limit`. Small READs (≤ SMALL_READ) never wait here, so a well-behaved client's
- * 4 KiB reads are answered whatever the others do; kernel sockets have no budget at all.
+ * SessionOptions.maxPendingReplyBytes), and a READ over SMALL_READ waits for room here when every
+ * client together holds `limit`. Small READs are not counted (bounded per session by the queue
+ * depth and the share), so a well-behaved client's 4 KiB reads are answered whatever the others
+ * do, at no cost on their path; kernel sockets have no budget at all.
  */
 export const DEFAULT_REPLY_BUDGET = 96 * 1024 * 1024;
-/** READs up to this size are admitted even when the budget is spent (their cost is bounded by the connection cap). */
+/** READs up to this size are neither counted nor held back. */
 export const SMALL_READ = 128 * 1024;
 
 export class ReplyBudget {
   private used = 0;
   private readonly waiters = new Set<() => void>();
 
-  constructor(readonly limit = DEFAULT_REPLY_BUDGET) {}
+  /** `unsent`: bytes waiting in the client sockets now (the server sums them). */
+  constructor(
+    readonly limit = DEFAULT_REPLY_BUDGET,
+    private readonly unsent: () => number = () => 0,
+  ) {}
 
+  /** READ bytes in flight. */
   get held(): number {
     return this.used;
   }
 
-  /** Takes `n` bytes if they fit (or are small, or nothing is held at all); false means wait. */
+  /** Takes `n` bytes if they fit with what is held and unsent (or nothing is, at all); false means wait. */
   tryTake(n: number): boolean {
-    if (n > SMALL_READ && this.used > 0 && this.used + n > this.limit) return false;
+    const busy = this.used + this.unsent();
+    if (busy > 0 && busy + n > this.limit) return false;
     this.used += n;
     return true;
   }

@@ -46,13 +46,15 @@ export class NbdServer implements SessionHost {
   /** READ data all clients together may hold (reply-budget.ts). */
   private readonly replyBudget: ReplyBudget;
   private readonly clients = new Map<NbdSession, IdleMark>();
+  /** Sessions over client sockets (not the kernel's). */
+  private readonly clientSessions = new Set<NbdSession>();
   private idleSweep: NodeJS.Timeout | null = null;
 
   constructor(options: ServerOptions = {}) {
     this.maxConnections = options.maxConnections ?? 16;
     this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000;
     this.idleTimeoutMs = options.idleTimeoutMs ?? 0;
-    this.replyBudget = new ReplyBudget(options.replyBudgetBytes);
+    this.replyBudget = new ReplyBudget(options.replyBudgetBytes, () => this.clientOutputBytes());
   }
 
   /**
@@ -147,6 +149,7 @@ export class NbdServer implements SessionHost {
     const session = new NbdSession(socket, this, { handshakeTimeoutMs: this.handshakeTimeoutMs, replyBudget: this.replyBudget });
     session.closed.then(() => this.clientCount--);
     this.sessions.add(session);
+    this.clientSessions.add(session);
     if (this.idleTimeoutMs > 0) {
       this.clients.set(session, { activity: session.activity, since: Date.now() });
       this.idleSweep ??= setInterval(() => this.sweepIdle(), Math.min(1000, Math.max(10, this.idleTimeoutMs / 4))).unref();
@@ -167,8 +170,16 @@ export class NbdServer implements SessionHost {
     return session;
   }
 
+  /** Reply bytes waiting in client sockets (asked only when a large READ wants the budget). */
+  private clientOutputBytes(): number {
+    let n = 0;
+    for (const s of this.clientSessions) n += s.unsentBytes;
+    return n;
+  }
+
   sessionClosed(session: NbdSession): void {
     this.sessions.delete(session);
+    this.clientSessions.delete(session);
     this.clients.delete(session);
   }
 

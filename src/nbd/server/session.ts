@@ -32,7 +32,7 @@ import type { NbdExport } from './export.js';
 import { Negotiation, type ExportDirectory } from './negotiation.js';
 import { clip, planSparseRead, readsSparsely, validateRequest } from './requests.js';
 import { ReadSlab } from './read-slab.js';
-import type { ReplyBudget } from './reply-budget.js';
+import { SMALL_READ, type ReplyBudget } from './reply-budget.js';
 
 const log = logger('nbd');
 
@@ -89,7 +89,7 @@ export class NbdSession {
   private inFlight = 0;
   /** Counts requests received and completed: the idle sweep (server.ts) sees whether it moved. */
   activity = 0;
-  /** READ bytes taken from the reply budget: in flight, or replies the kernel has not taken yet. */
+  /** Large READ bytes taken from the reply budget and in flight (sent ones count in `writableLength`). */
   private held = 0;
   /** Set at finish: what was held went back to the budget at once; later releases are no-ops. */
   private heldReturned = false;
@@ -330,8 +330,9 @@ export class NbdSession {
     switch (h.type) {
       case NBD_CMD.READ: {
         const budget = this.options.replyBudget;
-        if (budget && h.length > 0 && !budget.tryTake(h.length)) return this.awaitBudget(h, budget);
-        const release = budget && h.length > 0 ? this.holding(h.length) : undefined;
+        const counted = budget !== undefined && h.length > SMALL_READ;
+        if (counted && !budget.tryTake(h.length)) return this.awaitBudget(h, budget);
+        const release = counted ? this.holding(h.length) : undefined;
         if (h.length > 0 && !readsSparsely(h, this.structured, q.caps)) {
           // The common read: one queue read, one reply (no async frame on this per-request path).
           return this.track(h, q.read(h.offset, h.length).then((data) => this.sendReadData(h, h.offset, data, true, release)), release);
@@ -378,17 +379,19 @@ export class NbdSession {
     if (this.phase === 'closed') return release?.();
     parts.forEach((p, i) => {
       const done = i === parts.length - 1;
-      if (p.hole) this.send(encodeChunkOffsetHole(h.cookieHi, h.cookieLo, done, p.offset, p.length), done ? release : undefined);
-      else this.sendReadData(h, p.offset, buffers[i]!, done, done ? release : undefined);
+      if (p.hole) this.send(encodeChunkOffsetHole(h.cookieHi, h.cookieLo, done, p.offset, p.length));
+      else this.sendReadData(h, p.offset, buffers[i]!, done);
     });
+    release?.();
   }
 
-  /** `onSent`: called once the last byte of this chunk has left for the kernel (or never will). */
+  /** `onSent`: called once this chunk is queued on the socket (where `writableLength` counts it), or never will be. */
   private sendReadData(h: RequestHeader, offset: number, data: Buffer, done: boolean, onSent?: () => void): void {
-    if (this.phase === 'closed') return onSent?.();
-    const header = this.structured ? encodeChunkOffsetDataHeader(h.cookieHi, h.cookieLo, done, offset, data.length) : encodeSimpleReply(0, h.cookieHi, h.cookieLo);
-    this.send(header, data.length > 0 ? undefined : onSent);
-    if (data.length > 0) this.send(data, onSent);
+    if (this.phase !== 'closed') {
+      this.send(this.structured ? encodeChunkOffsetDataHeader(h.cookieHi, h.cookieLo, done, offset, data.length) : encodeSimpleReply(0, h.cookieHi, h.cookieLo));
+      if (data.length > 0) this.send(data);
+    }
+    onSent?.();
   }
 
   private async handleBlockStatus(h: RequestHeader): Promise<void> {
@@ -433,15 +436,24 @@ export class NbdSession {
     };
   }
 
-  /** The READ `h` waits, with reading paused, until the budget has room. */
+  /**
+   * The READ `h` waits, with reading paused, until the budget has room: retried when a READ gives
+   * bytes back, and every 50 ms (other clients' sockets draining frees room too).
+   */
   private awaitBudget(h: RequestHeader, budget: ReplyBudget): void {
     this.wait = { kind: 'admission', header: h };
     this.blocked = true;
     this.socket.pause();
     budget.whenFreed(this.onBudgetFreed);
+    this.admissionRetry ??= setTimeout(this.onBudgetFreed, 50);
   }
 
+  private admissionRetry: NodeJS.Timeout | null = null;
+
   private readonly onBudgetFreed = (): void => {
+    if (this.admissionRetry) clearTimeout(this.admissionRetry);
+    this.admissionRetry = null;
+    this.options.replyBudget?.forget(this.onBudgetFreed);
     if (!this.blocked || this.phase !== 'transmission' || this.wait.kind !== 'admission') return;
     this.blocked = false;
     this.pump();
@@ -491,9 +503,8 @@ export class NbdSession {
    * Queues bytes on the socket. Writes made in one event-loop turn are corked together and leave
    * in one writev (the completion batch).
    */
-  private send(buf: Buffer, onSent?: () => void): void {
-    if (this.phase !== 'closed') this.out.write(buf, onSent);
-    else onSent?.();
+  private send(buf: Buffer): void {
+    if (this.phase !== 'closed') this.out.write(buf);
   }
 
   /** True when we must stop reading requests: the queue or our reply backlog is full. */
@@ -518,6 +529,11 @@ export class NbdSession {
   }
 
   /* ------------------------------------------------------------ shutdown */
+
+  /** Reply bytes queued on the socket and not yet taken by the kernel. */
+  get unsentBytes(): number {
+    return this.socket.writableLength;
+  }
 
   /** Idle: in transmission with nothing in flight (whatever `activity` says about the past). */
   get idle(): boolean {
@@ -562,6 +578,7 @@ export class NbdSession {
     if (this.held > 0) this.options.replyBudget?.give(this.held);
     this.held = 0;
     this.options.replyBudget?.forget(this.onBudgetFreed);
+    if (this.admissionRetry) clearTimeout(this.admissionRetry);
     this.unsubscribeDrain?.();
     this.host.sessionClosed(this);
     if (this.inFlight === 0) this.closedResolve();
