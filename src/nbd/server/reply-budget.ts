@@ -24,11 +24,6 @@ export class ReplyBudget {
     private readonly unsent: () => number = () => 0,
   ) {}
 
-  /** READ bytes in flight. */
-  get held(): number {
-    return this.used;
-  }
-
   /** Takes `n` bytes if they fit with what is held and unsent (or nothing is, at all); false means wait. */
   tryTake(n: number): boolean {
     const busy = this.used + this.unsent();
