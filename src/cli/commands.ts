@@ -2,6 +2,7 @@
 import type { Command } from 'commander';
 import { register as attach } from './attach.js';
 import { register as bitmap } from './bitmap.js';
+import { register as check } from './check.js';
 import { register as create } from './create.js';
 import { register as detach } from './detach.js';
 import { register as events } from './events.js';
@@ -15,4 +16,4 @@ import { register as status } from './status.js';
 
 export type RegisterCommand = (program: Command) => void;
 
-export const commands: RegisterCommand[] = [serve, attach, detach, list, create, installUdev, installSystemd, info, map, status, bitmap, events];
+export const commands: RegisterCommand[] = [serve, attach, detach, list, create, installUdev, installSystemd, info, check, map, status, bitmap, events];
