@@ -78,6 +78,7 @@ export class Allocator {
     run.count -= count;
     if (run.count === 0) this.pool.shift();
     this.poolCount -= count;
+    for (let c = offset / cs; c < offset / cs + count; c++) if (this.st.isMetadata(c)) throw this.st.overlap(c, 'a cluster allocation');
     // Refill ahead, so allocating writes seldom wait for a reservation's fdatasync.
     if (!this.reserving && !this.st.closed && this.poolCount < this.reserveChunk / 2) {
       this.reserve(0).catch((err) => log.debug(`${this.st.path}: reserving clusters ahead failed: ${messageOf(err)}`));
@@ -163,6 +164,7 @@ export class Allocator {
     for (;;) {
       const run = refs.allocateRun(n);
       if (run.count === n) {
+        for (let c = run.offset / cs; c < run.offset / cs + n; c++) if (this.st.isMetadata(c)) throw this.st.overlap(c, 'a cluster allocation');
         for (const p of partial) for (let k = 0; k < p.count; k++) refs.decrement(p.offset / cs + k);
         for (let k = 0; k < n; k++) this.punched.delete(run.offset / cs + k);
         return run.offset;

@@ -131,7 +131,15 @@ export class Discarder {
     if (st.l1Offset(l1i) === 0 && !st.backing) return null;
     const table = await this.tables.forWrite(l1i);
     const e = (ci - l1i * st.g.l2Entries) * st.g.l2EntrySize;
-    return { table, e, hi: table.data.readUInt32BE(e), lo: table.data.readUInt32BE(e + 4) };
+    const hi = table.data.readUInt32BE(e);
+    const lo = table.data.readUInt32BE(e + 4);
+    // A damaged entry fails the request before anything changes (its clusters are never freed).
+    if ((hi & ENTRY_COMPRESSED_HI) !== 0) st.checkCompressed(hi, lo, ci);
+    else {
+      st.checkEntryBits(hi, lo, ci);
+      if (entryOffset(hi, lo) !== 0) st.checkDataHost(entryOffset(hi, lo), ci);
+    }
+    return { table, e, hi, lo };
   }
 
   /** Records the host clusters an entry holds (normal or compressed), to free once it is rewritten. */

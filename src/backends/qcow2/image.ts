@@ -154,6 +154,7 @@ export class Qcow2Image implements Backend, ImageLayer {
         if (end < st.fileLength) await st.port.truncate(end);
       }
     } finally {
+      await st.marking;
       await st.port.close();
       await this.backing?.close();
     }

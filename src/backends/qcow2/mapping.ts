@@ -45,11 +45,13 @@ export async function walkMapping(st: ImageState, tables: L2Tables, offset: numb
       const hi = data.readUInt32BE(e);
       const lo = data.readUInt32BE(e + 4);
       if ((hi & ENTRY_COMPRESSED_HI) !== 0) {
+        st.checkCompressed(hi, lo, ci);
         const r = visit(MAP_COMPRESSED, pos, clusterEnd - pos, 0, hi, lo);
         if (r) await r;
         pos = clusterEnd;
         continue;
       }
+      st.checkEntryBits(hi, lo, ci);
       const host = entryOffset(hi, lo);
       if (host !== 0) st.checkDataHost(host, ci);
       if (!g.extendedL2) {

@@ -27,7 +27,11 @@ import {
   type Qcow2Header,
 } from './format/index.js';
 import { RawLayer } from './raw-layer.js';
+import { scanImage, type ScanInput } from './check/scan.js';
+import { logger } from '../../core/log.js';
 import { Refcounts } from './refcounts.js';
+
+const log = logger('qcow2');
 
 /** Longest backing chain followed (QEMU has no fixed limit; this stops pathological chains). */
 export const MAX_CHAIN_DEPTH = 64;
@@ -67,10 +71,10 @@ export function openQcow2(path: string, options: OpenQcow2Options): Promise<Qcow
 /** Refuses writable opens of images marked dirty or corrupt, naming the repair command. */
 function checkWritable(path: string, h: Qcow2Header): void {
   if ((h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n) {
-    throw new NbddError(Errno.EROFS, `${path}: image is marked corrupt; open it read-only or repair it with 'qemu-img check -r all'`);
+    throw new NbddError(Errno.EROFS, `${path}: image is marked corrupt; open it read-only or repair it with 'nbdd check --repair all ${path}'`);
   }
   if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
-    throw new NbddError(Errno.EROFS, `${path}: image has the dirty bit set (lazy refcounts not written back); repair it with 'qemu-img check -r all' before opening it for writing`);
+    throw new NbddError(Errno.EROFS, `${path}: image has the dirty bit set (lazy refcounts not written back); repair it with 'nbdd check --repair all ${path}' before opening it for writing`);
   }
   if (h.nbSnapshots > 0) {
     throw new NbddError(Errno.EPERM, `${path}: image has ${h.nbSnapshots} internal snapshot(s); nbdd opens such images read-only`);
@@ -93,6 +97,25 @@ class MetadataMap {
   clusters(): Set<number> {
     return new Set(this.owner.keys());
   }
+}
+
+/**
+ * The reference scan a writable open runs before anything is written: an image with any
+ * corruption is refused (it would be made worse: a cluster in use could be handed out again);
+ * leaks are only noted. Returns every metadata cluster, for the overlap check of later writes.
+ */
+async function checkBeforeWriting(path: string, input: ScanInput): Promise<Set<number>> {
+  const scan = await scanImage(input);
+  const corruptions = scan.entryErrors.length + scan.structureErrors.length + scan.refcountErrors;
+  if (corruptions > 0) {
+    const first = scan.messages.find((m) => m.startsWith('ERROR')) ?? '';
+    throw new NbddError(
+      Errno.EUCLEAN,
+      `${path}: the image has ${corruptions} corruption(s) (${first.replace(/^ERROR:? /, '')}); it can be opened read-only, and 'nbdd check --repair all ${path}' repairs refcount damage`,
+    );
+  }
+  if (scan.leaks > 0) log.info(`${path}: ${scan.leaks} leaked cluster(s) (wasted space only; 'nbdd check --repair leaks' reclaims them)`);
+  return scan.refs.metadataClusters();
 }
 
 function checkInFile(offset: number, bytes: number, fileLength: number, what: string): void {
@@ -154,6 +177,11 @@ async function openInChain(path: string, options: OpenQcow2Options, chain: strin
     const l1 = await port.readAt(Buffer.alloc(l1Bytes), header.l1TableOffset);
     checkL1(l1, g.clusterSize, fileLength).forEach((off) => meta.claim(off, g.clusterSize, `an L2 table`));
     const refcounts = options.readOnly ? null : await loadRefcounts(port, header, g, fileLength, meta);
+    const metadataClusters = meta.clusters();
+    if (!options.readOnly) {
+      // Nothing is written to an image that has not passed the full check (check/scan.ts).
+      for (const c of await checkBeforeWriting(path, { port, header, extensions, geometry: g, fileLength })) metadataClusters.add(c);
+    }
 
     const nameBytes = hasBackingName(header) ? cluster0.subarray(header.backingFileOffset, header.backingFileOffset + header.backingFileSize) : null;
     if (nameBytes?.includes(0)) throw corrupt(`backing file name (backing_file_offset ${header.backingFileOffset}, ${header.backingFileSize} bytes) contains a NUL byte`);
@@ -169,7 +197,7 @@ async function openInChain(path: string, options: OpenQcow2Options, chain: strin
       geometry: g,
       l1,
       refcounts,
-      metadataClusters: meta.clusters(),
+      metadataClusters,
       fileLength,
       backing,
       backingName,

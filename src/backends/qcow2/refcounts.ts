@@ -40,6 +40,8 @@ export class Refcounts {
   /** First cluster index past every cluster that is in use or was ever allocated. */
   private end: number;
   private readonly max: number;
+  /** Clusters holding refcount blocks. */
+  private readonly blockClusters = new Set<number>();
 
   constructor(
     private readonly g: Geometry,
@@ -53,8 +55,16 @@ export class Refcounts {
     this.tableClusters = tableClusters;
     this.table = table;
     for (const [i, b] of blocks) this.blocks.set(i, b);
+    for (const off of table) if (off !== 0) this.blockClusters.add(off / g.clusterSize);
     this.end = Math.ceil(fileLength / g.clusterSize);
     this.max = maxRefcount(g.refcountOrder);
+  }
+
+  /** Whether `cluster` holds the refcount table or a refcount block (the overlap check asks). */
+  isStructure(cluster: number): boolean {
+    const off = cluster * this.g.clusterSize;
+    if (off >= this.tableOffset && off < this.tableOffset + this.tableClusters * this.g.clusterSize) return true;
+    return this.blockClusters.has(cluster);
   }
 
   get(cluster: number): number {
@@ -162,6 +172,7 @@ export class Refcounts {
     const block = Buffer.alloc(this.g.clusterSize);
     this.blocks.set(t, block);
     this.table[t] = first * this.g.clusterSize;
+    this.blockClusters.add(first);
     this.dirtyEntries.add(t);
     this.set(first, 1); // the block counts itself
     this.end = Math.max(this.end, first + 1);
@@ -198,6 +209,7 @@ export class Refcounts {
     missing.forEach((t, i) => {
       this.blocks.set(t, Buffer.alloc(this.g.clusterSize));
       this.table[t] = (start + clusters + i) * this.g.clusterSize;
+      this.blockClusters.add(start + clusters + i);
     });
     for (let c = start; c < start + clusters + missing.length; c++) this.set(c, 1);
     this.end = start + clusters + missing.length;

@@ -6,9 +6,12 @@
  */
 import { Errno, NbddError, messageOf } from '../../core/errors.js';
 import type { FilePort } from '../../io/file-port.js';
-import { AUTOCLEAR_BITMAPS, corrupt, decodeCompressed, entryOffset, ENTRY_COPIED_HI, hex, type Geometry, type HeaderExtensions, type Qcow2Header } from './format/index.js';
+import { AUTOCLEAR_BITMAPS, corrupt, featureField, HEADER, INCOMPAT_CORRUPT, decodeCompressed, entryOffset, ENTRY_COPIED_HI, ENTRY_ZERO_LO, hex, L2_RESERVED_HI, L2_RESERVED_LO, type Geometry, type HeaderExtensions, type Qcow2Header } from './format/index.js';
 import type { ImageLayer } from './layer.js';
 import type { Refcounts } from './refcounts.js';
+import { logger } from '../../core/log.js';
+
+const log = logger('qcow2');
 
 /** What open hands the engine (see open.ts). */
 export interface Qcow2Parts {
@@ -74,6 +77,37 @@ export class ImageState {
     this.bitmapsConsistentAtOpen = (parts.header.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n;
   }
 
+  /** The header write marking the image corrupt, once an overlap check failed (close waits for it). */
+  marking: Promise<void> | null = null;
+
+  /** Whether host cluster `c` holds live metadata (header, L1, L2, refcounts, bitmaps, snapshots). */
+  isMetadata(c: number): boolean {
+    return this.metadataClusters.has(c) || (this.refs?.isStructure(c) ?? false);
+  }
+
+  /**
+   * The overlap check failed: host cluster `c` was about to be written (`what`) but holds live
+   * metadata. As qemu does, the image is marked corrupt in its header (it then opens for writing
+   * only after \`nbdd check --repair all\`), takes no more writes, and the request fails with EIO
+   * before anything of it is written. Returns the error to throw.
+   */
+  overlap(c: number, what: string): NbddError {
+    const err = new NbddError(Errno.EIO, `${this.path}: metadata overlap check failed: ${what} would overwrite metadata cluster ${hex(c * this.cs)}; the image is marked corrupt and takes no more writes`);
+    if (this.marking) return err;
+    this.commitError ??= err;
+    log.error(err.message);
+    if (this.v3) {
+      this.header.incompatibleFeatures |= INCOMPAT_CORRUPT;
+      this.marking = this.port
+        .writeAt(featureField(this.header.incompatibleFeatures), HEADER.incompatibleFeatures)
+        .then(() => this.port.fsync())
+        .catch((e) => log.error(`${this.path}: marking the image corrupt failed: ${messageOf(e)}`));
+    } else {
+      this.marking = Promise.resolve();
+    }
+    return err;
+  }
+
   /** Records the first metadata failure; the EIO to throw for it. */
   failed(what: string, err: unknown): NbddError {
     this.commitError ??= err;
@@ -98,6 +132,32 @@ export class ImageState {
     if (host % this.cs !== 0) throw corrupt(`L2 entry of guest offset ${hex(ci * this.cs)} has unaligned host offset ${hex(host)}`);
     if (host >= Math.max(this.fileLength, this.refs?.hostEnd ?? 0)) {
       throw corrupt(`L2 entry of guest offset ${hex(ci * this.cs)} points at ${hex(host)}, past the end of the file (${this.fileLength} bytes)`);
+    }
+  }
+
+  /**
+   * Validates the flag bits of a standard L2 entry when it is used: reserved bits clear, and no
+   * zero flag where the format has none (v2, extended L2). A damaged entry fails the request with
+   * EIO rather than being read as zeroes or garbage.
+   */
+  checkEntryBits(hi: number, lo: number, ci: number): void {
+    if ((hi & L2_RESERVED_HI) !== 0 || (lo & L2_RESERVED_LO) !== 0) {
+      throw corrupt(`L2 entry of guest offset ${hex(ci * this.cs)} has reserved bits set (0x${hi.toString(16).padStart(8, '0')}${lo.toString(16).padStart(8, '0')})`);
+    }
+    if ((lo & ENTRY_ZERO_LO) !== 0 && (!this.v3 || this.g.extendedL2)) {
+      throw corrupt(`L2 entry of guest offset ${hex(ci * this.cs)} has the zero flag set, which this image's format does not have`);
+    }
+  }
+
+  /**
+   * Validates a compressed descriptor when it is used: no COPIED flag, and its sectors end less
+   * than a cluster past the end of the file (qemu's rule: the last cluster may be partly written).
+   */
+  checkCompressed(hi: number, lo: number, ci: number): void {
+    if ((hi & ENTRY_COPIED_HI) !== 0) throw corrupt(`compressed L2 entry of guest offset ${hex(ci * this.cs)} has the COPIED flag set`);
+    const { offset, length } = decodeCompressed(hi, lo, this.g.clusterBits);
+    if (offset < this.cs || offset + length - Math.max(this.fileLength, this.refs?.hostEnd ?? 0) >= this.cs) {
+      throw corrupt(`compressed L2 entry of guest offset ${hex(ci * this.cs)} names ${hex(offset)}+${length} bytes, outside the file (${this.fileLength} bytes)`);
     }
   }
 

@@ -115,9 +115,11 @@ export class Writer {
     const lo = table.data.readUInt32BE(entry + 4);
     const plan: WritePlan = { table, entry, ci, a, b, spanStart: 0, spanEnd: cs, host: 0, fresh: true, zeroHost: false, zeroSource: false, changed: true, freeOld: [], alloc: ALL_UNITS, zero: 0, dataOffset };
     if ((hi & ENTRY_COMPRESSED_HI) !== 0) {
+      st.checkCompressed(hi, lo, ci);
       plan.freeOld = st.compressedClusters(hi, lo);
       return plan;
     }
+    st.checkEntryBits(hi, lo, ci);
     const host = entryOffset(hi, lo);
     if (host !== 0) st.checkDataHost(host, ci);
     const exclusive = host !== 0 && st.isExclusive(hi, host);
@@ -238,9 +240,7 @@ export class Writer {
       bufs = [];
     };
     for (const p of plans) {
-      if (!p.fresh && st.metadataClusters.has(p.host / st.cs)) {
-        throw corrupt(`L2 entry of guest offset ${hex(p.ci * st.cs)} points at metadata cluster ${hex(p.host)}`);
-      }
+      if (st.isMetadata(p.host / st.cs)) throw st.overlap(p.host / st.cs, `a data write of guest offset ${hex(p.ci * st.cs)}`);
       const at = p.host + p.spanStart;
       if (at !== end) {
         flushGroup();

@@ -16,8 +16,11 @@ export const ENTRY_COMPRESSED_HI = 0x40000000;
 export const ENTRY_ZERO_LO = 0x1;
 const OFFSET_HI_MASK = 0x00ffffff;
 const OFFSET_LO_MASK = 0xfffffe00;
-const L1_RESERVED_HI = 0x7f000000;
-const L1_RESERVED_LO = 0x1ff;
+export const L1_RESERVED_HI = 0x7f000000;
+export const L1_RESERVED_LO = 0x1ff;
+/** Standard L2 descriptor bits that must be zero (bits 1..8 and 56..61; bit 0 is the zero flag). */
+export const L2_RESERVED_HI = 0x3f000000;
+export const L2_RESERVED_LO = 0x1fe;
 /** Byte offsets, within an extended L2 entry, of its subcluster bitmaps. */
 export const L2_ZERO_BITS = 8;
 export const L2_ALLOC_BITS = 12;
