@@ -209,6 +209,7 @@ describe('qcow2 features at open', () => {
     await ro.close();
     expect(header(p).autoclearFeatures).toBe(1n << 40n);
     const rw = await openQcow2(p, { readOnly: false });
+    await rw.flush();
     await rw.close();
     expect(header(p).autoclearFeatures).toBe(0n);
     expect(header(p).compatibleFeatures).toBe(1n << 20n);

@@ -29,10 +29,10 @@ import type { ImageState } from './state.js';
 const log = logger('qcow2');
 
 /**
- * Prepares a writable image for writing: clears the autoclear bits nbdd does not maintain (the
- * bitmaps bit included, as the spec requires of a program without bitmap support; the bitmaps
+ * Prepares a writable image for its first write: clears the autoclear bits nbdd does not maintain
+ * (the bitmaps bit included, as the spec requires of a program without bitmap support; the bitmaps
  * extension itself stays, readable through `extensions.bitmaps`) and makes that durable before
- * any other write. The open path has already refused dirty, corrupt and snapshot images.
+ * any other write. The open path has already refused dirty, corrupt, snapshot and damaged images.
  */
 export async function prepareForWriting(st: ImageState): Promise<void> {
   const h = st.header;
@@ -60,7 +60,7 @@ export function bitmapSource(st: ImageState): Qcow2BitmapSource | null {
 }
 
 /** The host for the bitmap store; null for read-only and v2 images. */
-export function bitmapHost(st: ImageState, alloc: Allocator, committer: Committer): Qcow2BitmapHost | null {
+export function bitmapHost(st: ImageState, alloc: Allocator, committer: Committer, beforeWrite: () => Promise<void>): Qcow2BitmapHost | null {
   const source = bitmapSource(st);
   if (!st.refs || !source) return null;
   return {
@@ -70,11 +70,15 @@ export function bitmapHost(st: ImageState, alloc: Allocator, committer: Committe
       for (let k = 0; k < n; k++) st.pendingFrees.push(offset / st.cs + k);
     },
     commitMetadata: async () => {
+      await beforeWrite();
       await committer.commit();
       await st.port.fsync();
     },
     // In the commit chain: a commit may be rewriting header fields meanwhile.
-    writeBitmapsExtension: (ext) => committer.inChain(() => writeBitmapsExtension(st, ext), false),
+    writeBitmapsExtension: async (ext) => {
+      await beforeWrite();
+      await committer.inChain(() => writeBitmapsExtension(st, ext), false);
+    },
   };
 }
 

@@ -67,6 +67,7 @@ export class Qcow2Image implements Backend, ImageLayer {
   /** Requests (and flushes) in flight; close waits for them before its last commit. */
   private active = 0;
   private drained: (() => void) | null = null;
+  private prepared: Promise<void> | null = null;
 
   constructor(parts: Qcow2Parts) {
     const st = (this.st = new ImageState(parts));
@@ -96,9 +97,16 @@ export class Qcow2Image implements Backend, ImageLayer {
     });
   }
 
-  /** See bitmap-host.ts: clears the autoclear bits nbdd does not maintain, durably. */
-  prepareForWriting(): Promise<void> {
-    return prepareForWriting(this.st);
+  /**
+   * Runs before the first write of any kind (data, flush, bitmap store): clears the autoclear bits
+   * nbdd does not maintain, durably (bitmap-host.ts). Until then nothing is written, so an open
+   * refused further up (bitmap limits, a store that cannot load) leaves the image as it was.
+   */
+  private beforeFirstWrite(): Promise<void> {
+    this.prepared ??= prepareForWriting(this.st).catch((err) => {
+      throw this.st.failed('clearing the autoclear bits', err);
+    });
+    return this.prepared;
   }
 
   // ---------------------------------------------------------------- Backend
@@ -128,7 +136,10 @@ export class Qcow2Image implements Backend, ImageLayer {
 
   /** Commits all metadata changes and makes them and every completed write durable. */
   flush(): Promise<void> {
-    return this.track(() => this.committer.commitAndSync());
+    return this.track(async () => {
+      if (this.st.refs) await this.beforeFirstWrite();
+      await this.committer.commitAndSync();
+    });
   }
 
   blockStatus(offset: number, length: number): Promise<Extent[]> {
@@ -167,7 +178,7 @@ export class Qcow2Image implements Backend, ImageLayer {
 
   /** What the in-image bitmap store needs (bitmap-host.ts); null for read-only and v2 images. */
   bitmapHost(): Qcow2BitmapHost | null {
-    return bitmapHost(this.st, this.alloc, this.committer);
+    return bitmapHost(this.st, this.alloc, this.committer, () => this.beforeFirstWrite());
   }
 
   /** The bitmap directory as stored (for `describeQcow2`); empty without a bitmaps extension. */
@@ -211,10 +222,11 @@ export class Qcow2Image implements Backend, ImageLayer {
   private update(offset: number, length: number, options: WriteOptions | undefined, locked: (w: EntryWrites) => Promise<void>): Promise<void> {
     return this.track(async () => {
       this.st.assertWritable();
-      const release = await this.lockRange(offset, length, true);
+      const release = await this.lockRange(offset, length, true); // first: locks go in arrival order
       const w = new EntryWrites(this.geometry.l2EntrySize, this.st.port);
       try {
         try {
+          await this.beforeFirstWrite();
           await locked(w);
         } finally {
           await this.committer.writeEntries(w);

@@ -203,7 +203,6 @@ async function openInChain(path: string, options: OpenQcow2Options, chain: strin
       backingName,
       l2CacheBytes: options.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES,
     });
-    if (!options.readOnly) await image.prepareForWriting();
     return image;
   } catch (err) {
     await port.close();
