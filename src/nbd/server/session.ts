@@ -1,6 +1,7 @@
 /**
  * One NBD connection, server side: negotiation, then transmission, through the export's
- * BlockQueue. The only module of the server that touches a socket.
+ * BlockQueue — framing, admission and flow control; what each reply looks like on the wire is
+ * replies.ts. The only module of the server that touches a socket.
  *
  * States (`phase`): handshake → transmission → draining → closed. Within a phase, `wait` says which
  * bytes the parser needs next; `pump()` consumes as much as the buffered bytes allow.
@@ -10,27 +11,18 @@
  * is an error reply. Nothing here can throw into the event loop.
  */
 import net, { type Socket } from 'node:net';
-import { NbddError, errnoOf, messageOf } from '../../core/errors.js';
+import { messageOf } from '../../core/errors.js';
 import type { MetaContext } from '../../core/meta-context.js';
 import { logger } from '../../core/log.js';
-import { LIMITS, NBD_CMD, NBD_CMD_FLAG, NBD_ERR, NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES, nameOfNbdCmd, nbdErrorFromErrno } from '../wire/constants.js';
+import { NBD_CMD, NBD_CMD_FLAG, NBD_ERR, NBD_FLAG_FIXED_NEWSTYLE, NBD_FLAG_NO_ZEROES, nameOfNbdCmd } from '../wire/constants.js';
 import { ProtocolError, encodeGreeting } from '../wire/handshake.js';
 import { TurnWriter } from '../turn-writer.js';
 import { ChunkReader } from '../wire/reader.js';
-import {
-  REQUEST_HEADER_LENGTH,
-  decodeRequest,
-  encodeChunkBlockStatus,
-  encodeChunkError,
-  encodeChunkNone,
-  encodeChunkOffsetDataHeader,
-  encodeChunkOffsetHole,
-  encodeSimpleReply,
-  type RequestHeader,
-} from '../wire/transmission.js';
+import { REQUEST_HEADER_LENGTH, decodeRequest, type RequestHeader } from '../wire/transmission.js';
 import type { NbdExport } from './export.js';
 import { Negotiation, type ExportDirectory } from './negotiation.js';
-import { clip, planSparseRead, readsSparsely, validateRequest } from './requests.js';
+import { validateRequest } from './requests.js';
+import { ReplyWriter } from './replies.js';
 import { ReadSlab } from './read-slab.js';
 import { SMALL_READ, type ReplyBudget } from './reply-budget.js';
 
@@ -81,8 +73,8 @@ export class NbdSession {
   private wait: Wait = { kind: 'negotiation' };
   private readonly reader = new ChunkReader();
   private readonly out: TurnWriter;
+  private readonly replies: ReplyWriter;
   private readonly negotiation: Negotiation;
-  private structured = false;
   /** Contexts selected for the export (SET_META_CONTEXT), in context-id order. */
   private contexts: MetaContext[] = [];
   private export: NbdExport | null = null;
@@ -112,7 +104,8 @@ export class NbdSession {
     slab: ReadSlab | null = null,
   ) {
     this.out = new TurnWriter(socket);
-    this.negotiation = new Negotiation(host, (frame) => this.send(frame), `session ${this.id}`);
+    this.replies = new ReplyWriter(this.out, () => this.phase === 'closed', () => this.description);
+    this.negotiation = new Negotiation(host, (frame) => this.replies.send(frame), `session ${this.id}`);
     this.slab = slab;
     socket.setNoDelay?.(true);
     if (!slab) socket.on('data', this.onData);
@@ -163,7 +156,7 @@ export class NbdSession {
       }, this.options.handshakeTimeoutMs);
       this.handshakeTimer.unref();
     }
-    this.send(encodeGreeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES));
+    this.replies.send(encodeGreeting(NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES));
   }
 
   /**
@@ -246,7 +239,7 @@ export class NbdSession {
           }
           return false;
         }
-        this.structured = end.structured;
+        this.replies.structured = end.structured;
         this.contexts = end.contexts;
         this.enterTransmission(end.export);
         return true;
@@ -275,7 +268,7 @@ export class NbdSession {
           data = r.consume(w.header.length);
         }
         this.wait = { kind: 'request' };
-        if (w.error) this.replyError(w.header, w.error, 'write refused');
+        if (w.error) this.replies.error(w.header, w.error, 'write refused');
         else this.handleWrite(w.header, data);
         return true;
       }
@@ -291,7 +284,7 @@ export class NbdSession {
     this.phase = 'transmission';
     this.wait = { kind: 'request' };
     this.unsubscribeDrain = exp.queue.onDrain(this.onQueueDrain);
-    log.debug(`${this.description}: transmission (structured=${this.structured})`);
+    log.debug(`${this.description}: transmission (structured=${this.replies.structured})`);
   }
 
   /** Checks a request against the export and this connection (see requests.ts). */
@@ -301,7 +294,7 @@ export class NbdSession {
       readOnly: exp.readOnly,
       minBlockSize: exp.minBlockSize,
       maxPayload: exp.maxPayload,
-      structured: this.structured,
+      structured: this.replies.structured,
       contexts: this.contexts.length,
     });
   }
@@ -317,14 +310,14 @@ export class NbdSession {
     if (h.type === NBD_CMD.WRITE) {
       if (h.length > exp.maxPayload) {
         // We will not buffer the payload, so framing is lost after the error reply.
-        this.replyError(h, NBD_ERR.EINVAL, `write of ${h.length} bytes exceeds ${exp.maxPayload}`);
+        this.replies.error(h, NBD_ERR.EINVAL, `write of ${h.length} bytes exceeds ${exp.maxPayload}`);
         return this.beginDraining();
       }
       const buf = !error && h.length >= OWN_PAYLOAD_MIN ? Buffer.allocUnsafe(h.length) : null;
       this.wait = { kind: 'payload', header: h, error, buf, filled: 0 };
       return;
     }
-    if (error) return this.replyError(h, error, `${nameOfNbdCmd(h.type)} refused`);
+    if (error) return this.replies.error(h, error, `${nameOfNbdCmd(h.type)} refused`);
     const q = exp.queue;
     const fua = (h.flags & NBD_CMD_FLAG.FUA) !== 0;
     switch (h.type) {
@@ -333,77 +326,31 @@ export class NbdSession {
         const counted = budget !== undefined && h.length > SMALL_READ;
         if (counted && !budget.tryTake(h.length)) return this.awaitBudget(h, budget);
         const release = counted ? this.holding(h.length) : undefined;
-        if (h.length > 0 && !readsSparsely(h, this.structured, q.caps)) {
+        if (!this.replies.needsReadPlan(h, q)) {
           // The common read: one queue read, one reply (no async frame on this per-request path).
-          return this.track(h, q.read(h.offset, h.length).then((data) => this.sendReadData(h, h.offset, data, true, release)), release);
+          return this.track(h, q.read(h.offset, h.length).then((data) => this.replies.readData(h, h.offset, data, true, release)), release);
         }
-        return this.track(h, this.handleRead(h, release), release);
+        return this.track(h, this.replies.read(h, q, release), release);
       }
       case NBD_CMD.FLUSH:
-        return this.track(h, q.flush().then(() => this.replyOk(h)));
+        return this.track(h, q.flush().then(() => this.replies.ok(h)));
       case NBD_CMD.TRIM:
-        return this.track(h, q.trim(h.offset, h.length, { fua }).then(() => this.replyOk(h)));
+        return this.track(h, q.trim(h.offset, h.length, { fua }).then(() => this.replies.ok(h)));
       case NBD_CMD.WRITE_ZEROES: {
         const flags = { fua, noHole: (h.flags & NBD_CMD_FLAG.NO_HOLE) !== 0, fastZero: (h.flags & NBD_CMD_FLAG.FAST_ZERO) !== 0 };
-        return this.track(h, q.writeZeroes(h.offset, h.length, flags).then(() => this.replyOk(h)));
+        return this.track(h, q.writeZeroes(h.offset, h.length, flags).then(() => this.replies.ok(h)));
       }
       case NBD_CMD.CACHE:
-        return this.track(h, q.cache(h.offset, h.length).then(() => this.replyOk(h)));
+        return this.track(h, q.cache(h.offset, h.length).then(() => this.replies.ok(h)));
       case NBD_CMD.BLOCK_STATUS:
-        return this.track(h, this.handleBlockStatus(h));
+        return this.track(h, this.replies.blockStatus(h, this.contexts));
     }
   }
 
   private handleWrite(h: RequestHeader, data: Buffer): void {
     const fua = (h.flags & NBD_CMD_FLAG.FUA) !== 0;
-    if (h.length === 0) return this.replyOk(h);
-    this.track(h, this.export!.queue.write(h.offset, data, { fua }).then(() => this.replyOk(h)));
-  }
-
-  /** `release`: called once the reply has left (or cannot); see `holding`. */
-  private async handleRead(h: RequestHeader, release?: () => void): Promise<void> {
-    const q = this.export!.queue;
-    // Unspecified by the spec (SHOULD NOT disconnect): success with no data. A structured reply
-    // cannot carry it as OFFSET_DATA (whose length MUST be at least 9), so NONE with DONE.
-    if (h.length === 0) return this.structured ? this.sendChunkNone(h) : this.replyOk(h);
-    if (!readsSparsely(h, this.structured, q.caps)) {
-      const data = await q.read(h.offset, h.length);
-      return this.sendReadData(h, h.offset, data, true, release);
-    }
-    // Sparse read: holes and zero extents become OFFSET_HOLE chunks, data is read per extent.
-    const parts = planSparseRead(await q.blockStatus(h.offset, h.length), h.offset, h.length);
-    if (parts.length === 1 && !parts[0]!.hole) {
-      return this.sendReadData(h, h.offset, await q.read(h.offset, h.length), true, release);
-    }
-    const buffers = await Promise.all(parts.map((p) => (p.hole ? null : q.read(p.offset, p.length))));
-    if (this.phase === 'closed') return release?.();
-    parts.forEach((p, i) => {
-      const done = i === parts.length - 1;
-      if (p.hole) this.send(encodeChunkOffsetHole(h.cookieHi, h.cookieLo, done, p.offset, p.length));
-      else this.sendReadData(h, p.offset, buffers[i]!, done);
-    });
-    release?.();
-  }
-
-  /** `onSent`: called once this chunk is queued on the socket (where `writableLength` counts it), or never will be. */
-  private sendReadData(h: RequestHeader, offset: number, data: Buffer, done: boolean, onSent?: () => void): void {
-    if (this.phase !== 'closed') {
-      this.send(this.structured ? encodeChunkOffsetDataHeader(h.cookieHi, h.cookieLo, done, offset, data.length) : encodeSimpleReply(0, h.cookieHi, h.cookieLo));
-      if (data.length > 0) this.send(data);
-    }
-    onSent?.();
-  }
-
-  private async handleBlockStatus(h: RequestHeader): Promise<void> {
-    const contexts = this.contexts;
-    const reqOne = (h.flags & NBD_CMD_FLAG.REQ_ONE) !== 0;
-    const results = await Promise.all(contexts.map((c) => c.extents(h.offset, h.length)));
-    if (this.phase === 'closed') return;
-    results.forEach((extents, id) => {
-      const flat: number[] = [];
-      for (const e of clip(extents, h.length, reqOne ? 1 : LIMITS.maxExtents)) flat.push(e.length, e.flags);
-      this.send(encodeChunkBlockStatus(h.cookieHi, h.cookieLo, id === results.length - 1, id, flat));
-    });
+    if (h.length === 0) return this.replies.ok(h);
+    this.track(h, this.export!.queue.write(h.offset, data, { fua }).then(() => this.replies.ok(h)));
   }
 
   /** Counts a request in flight; its failure becomes an error reply for `h` (and `onFail` runs). */
@@ -412,7 +359,7 @@ export class NbdSession {
     p.then(this.untrack, (err: unknown) => {
       try {
         onFail?.();
-        this.replyBackendError(h, err);
+        this.replies.backendError(h, err);
       } finally {
         this.untrack();
       }
@@ -468,44 +415,7 @@ export class NbdSession {
     if (this.phase === 'closed') this.closedResolve();
   };
 
-  private replyBackendError(h: RequestHeader, err: unknown): void {
-    const errno = errnoOf(err);
-    const nbdError = nbdErrorFromErrno(errno, h.flags);
-    if (!(err instanceof NbddError) || nbdError === NBD_ERR.EIO) {
-      log.warn(`${this.description}: ${nameOfNbdCmd(h.type)} at ${h.offset}+${h.length} failed: ${messageOf(err)}`);
-    }
-    this.replyError(h, nbdError, messageOf(err));
-  }
-
-  private sendChunkNone(h: RequestHeader): void {
-    if (this.phase === 'closed') return;
-    this.send(encodeChunkNone(h.cookieHi, h.cookieLo));
-  }
-
-  private replyOk(h: RequestHeader): void {
-    if (this.phase === 'closed') return;
-    this.send(encodeSimpleReply(0, h.cookieHi, h.cookieLo));
-  }
-
-  private replyError(h: RequestHeader, error: number, message: string): void {
-    if (this.phase === 'closed') return;
-    log.debug(`${this.description}: ${nameOfNbdCmd(h.type)} → error ${error}: ${message}`);
-    if (this.structured && (h.type === NBD_CMD.READ || h.type === NBD_CMD.BLOCK_STATUS)) {
-      this.send(encodeChunkError(h.cookieHi, h.cookieLo, true, error, message));
-    } else {
-      this.send(encodeSimpleReply(error, h.cookieHi, h.cookieLo));
-    }
-  }
-
   /* ------------------------------------------------------------ output and flow control */
-
-  /**
-   * Queues bytes on the socket. Writes made in one event-loop turn are corked together and leave
-   * in one writev (the completion batch).
-   */
-  private send(buf: Buffer): void {
-    if (this.phase !== 'closed') this.out.write(buf);
-  }
 
   /** True when we must stop reading requests: the queue or our reply backlog is full. */
   private mustWait(): boolean {
