@@ -696,15 +696,6 @@ static napi_value js_queue_stop(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-/* setIoFlusher() -> 0 or errno: PR_SET_IO_FLUSHER for the calling (event-loop) thread. */
-static napi_value js_set_io_flusher(napi_env env, napi_callback_info info) {
-  (void)info;
-  napi_value out;
-  int err = prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) == 0 ? 0 : errno;
-  CHECK(napi_create_int32(env, err, &out));
-  return out;
-}
-
 napi_value nbdd_ublk_init(napi_env env, napi_value exports) {
   const struct {
     const char *name;
@@ -714,7 +705,6 @@ napi_value nbdd_ublk_init(napi_env env, napi_value exports) {
     {"ublkQueueStart", js_queue_start},
     {"ublkComplete", js_complete},
     {"ublkQueueStop", js_queue_stop},
-    {"setIoFlusher", js_set_io_flusher},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value f;

@@ -620,6 +620,7 @@ static napi_value js_in_flight(napi_env env, napi_callback_info info) {
 }
 
 napi_value nbdd_ublk_init(napi_env env, napi_value exports); /* ublk.c */
+napi_value nbdd_flusher_init(napi_env env, napi_value exports); /* flusher.c */
 
 static napi_value init(napi_env env, napi_value exports) {
   const struct {
@@ -635,6 +636,7 @@ static napi_value init(napi_env env, napi_value exports) {
     CHECK(napi_create_function(env, fns[i].name, NAPI_AUTO_LENGTH, fns[i].fn, NULL, &f));
     CHECK(napi_set_named_property(env, exports, fns[i].name, f));
   }
+  nbdd_flusher_init(env, exports);
   return nbdd_ublk_init(env, exports);
 }
 

@@ -20,6 +20,7 @@ import { devicePath } from '../kernel/nbd-control.js';
 import { logPath, loadState, type Driver } from '../kernel/registry.js';
 import { parseDeviceArg } from '../kernel/sysfs.js';
 import { sdNotify } from '../sys/systemd.js';
+import { becomeIoFlusher } from '../sys/io-flusher.js';
 import { UblkDevice, ublkAvailable } from '../ublk/frontend.js';
 import { parseUblkDevice, ublkDevicePath } from '../ublk/uapi.js';
 import type { MetricsListen } from '../runtime/metrics.js';
@@ -88,6 +89,7 @@ function childArgs(image: string, name: string, driver: Driver, opts: AttachCliO
 
 async function serveForeground(image: string, name: string, index: number | undefined, opts: AttachCliOptions): Promise<void> {
   let attached: Awaited<ReturnType<typeof KernelDevice.attach>>;
+  await becomeIoFlusher(true); // before the runtime's threads start: they inherit it
   try {
     attached = await KernelDevice.attach({
       image,
@@ -133,6 +135,7 @@ async function serveUntilDetached(ready: Readiness & { ok: true }, device: { det
 /** `--driver ublk` in the foreground: the same readiness and signals as the NBD path. */
 async function serveUblkForeground(image: string, name: string, id: number | undefined, opts: AttachCliOptions): Promise<void> {
   let attached: Awaited<ReturnType<typeof UblkDevice.attach>>;
+  await becomeIoFlusher(true); // before the queue threads start: they inherit it
   try {
     attached = await UblkDevice.attach({ image, name, id, format: opts.format, readOnly: !!opts.readOnly, queues: opts.queues, depth: opts.depth, metrics: opts.metrics, maxBitmaps: opts.maxBitmaps });
   } catch (err) {

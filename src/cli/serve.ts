@@ -12,6 +12,7 @@ import { FORMATS, type Format } from '../backends/open.js';
 import { NbdServerFrontend, type Listen } from '../nbd/server/frontend.js';
 import { Errno, NbddError } from '../core/errors.js';
 import { listenFds, sdNotify } from '../sys/systemd.js';
+import { becomeIoFlusher } from '../sys/io-flusher.js';
 import { DeviceRuntime } from '../runtime/device.js';
 import { NBD_DEFAULT_PORT } from '../nbd/wire/constants.js';
 import type { MetricsListen } from '../runtime/metrics.js';
@@ -59,6 +60,8 @@ async function serve(image: string, opts: ServeOptions): Promise<void> {
     tempDir = mkdtempSync(join(tmpdir(), 'nbdd-'));
     socketPath = join(tempDir, 'nbd.sock');
   }
+  // A client on this host may make a kernel device of this export (nbd-client): be a flusher too.
+  await becomeIoFlusher(false);
   const frontend = new NbdServerFrontend({
     exportName: opts.exportName,
     description: opts.description,

@@ -27,7 +27,6 @@ export interface UblkAddon {
   /** `pairs` holds (tag, result as u32) pairs; the first `count` are taken. */
   ublkComplete(queue: QueueHandle, pairs: Uint32Array, count: number): void;
   ublkQueueStop(queue: QueueHandle): void;
-  setIoFlusher(): number;
 }
 
 let addon: UblkAddon | null | undefined;

@@ -123,7 +123,6 @@ export class UblkFrontend implements Frontend {
       await this.teardown();
       throw err;
     }
-    if (ublkAddon().setIoFlusher() !== 0) log.warn('PR_SET_IO_FLUSHER refused on the event-loop thread (needs CAP_SYS_RESOURCE)');
     saveState(this.state!);
     // A device stopped from outside (another STOP_DEV) ends every queue: the runtime stops then.
     void Promise.all(this.queues.map((q) => q.exited)).then(() => {

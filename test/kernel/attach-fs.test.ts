@@ -18,6 +18,9 @@ roundtrip() {
   local tag=$1 img=$2; shift 2
   local dev; dev=$(nbdd attach "$img" --name "$tag" --json "$@") || return 1
   echo "$dev" > $WORK/$tag.attach1.json
+  # The daemon's threads' task flags (/proc/PID/task/TID/stat field 9): PR_SET_IO_FLUSHER shows as PF_MEMALLOC_NOIO.
+  local pid; pid=$(sed -n 's/.*"pid":\\([0-9]*\\).*/\\1/p' $WORK/$tag.attach1.json)
+  for t in /proc/$pid/task/*; do cut -d' ' -f9 $t/stat; done > $WORK/$tag.task-flags
   dev=$(echo "$dev" | sed 's/.*"device":"\\([^"]*\\)".*/\\1/')
   nbdd bitmap add "$tag" b0 > $WORK/$tag.bitmap-add 2> $WORK/$tag.bitmap-add.err
   mkfs.ext4 -q "$dev" && mkdir -p /mnt/$tag && mount "$dev" /mnt/$tag || return 1
@@ -122,6 +125,13 @@ it('attach --metrics serves Prometheus metrics of the device that promtool accep
   expect(text).toMatch(/^nbdd_bitmap_dirty_bytes\{bitmap="b0",device="qcow2"\} [1-9]\d*$/m);
   const lint = runStatus('promtool', ['check', 'metrics'], { input: text });
   expect(lint.status, lint.stdout + lint.stderr).toBe(0);
+});
+
+it('the attach daemon runs its event loop and all 16 libuv pool threads as I/O flushers (PR_SET_IO_FLUSHER)', () => {
+  const PF_MEMALLOC_NOIO = 0x80000;
+  const flags = s.text('qcow2.task-flags').trim().split('\n').map(Number);
+  expect(flags.filter((f) => (f & PF_MEMALLOC_NOIO) !== 0).length, s.text('qcow2.task-flags')).toBeGreaterThanOrEqual(1 + 16);
+  expect(s.text('qcow2.daemon1.log')).not.toMatch(/PR_SET_IO_FLUSHER/); // no refusal warning
 });
 
 it('qcow2 image passes qemu-img check after detach', () => {
