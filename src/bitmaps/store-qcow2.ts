@@ -9,11 +9,12 @@
  * `in_use` stays clear while nbdd runs (the bits on disk are never behind the image) and the
  * bitmaps autoclear bit stays set.
  *
- * Metadata changes (add, remove, enable, disable, clear, merge) write a complete new set of
- * tables, data clusters and directory to newly allocated clusters, make them and their refcounts
- * durable, switch the header extension to the new directory (durable), then free the old set —
- * QEMU's order for storing bitmaps (update_ext_header_and_dir). A crash leaves the old or the new
- * set referenced, and at worst leaked clusters.
+ * Metadata changes (add, remove, enable, disable, clear, merge) write the changed bitmap's new
+ * table and data clusters and a new directory to newly allocated clusters (the other bitmaps keep
+ * theirs), make them and their refcounts durable, switch the header extension to the new
+ * directory (durable), then free what the set no longer uses — QEMU's order for storing bitmaps
+ * (update_ext_header_and_dir). A crash leaves the old or the new set referenced, and at worst
+ * leaked clusters.
  */
 import { Errno, NbddError } from '../core/errors.js';
 import { logger } from '../core/log.js';
@@ -139,7 +140,10 @@ export class Qcow2BitmapStore implements BitmapStore {
           this.bits.set(entry.name, bits);
           out.push({ ...metaOf(entry), bits });
         }
-        await this.rewrite(out.map(({ name, granularity, enabled }) => ({ name, granularity, enabled })));
+        // Only bitmaps not yet in nbdd's layout (an enabled one without a data cluster for every
+        // entry, as QEMU writes them) get new clusters; the dropped ones leave the directory.
+        const relayout = out.filter((b) => b.enabled && this.placed.get(b.name)!.table.some((e) => e.kind !== 'data')).map((b) => b.name);
+        if (relayout.length > 0 || out.length < this.placed.size) await this.rewrite(out.map(({ name, granularity, enabled }) => ({ name, granularity, enabled })), relayout);
       }
       return out;
     });
@@ -150,7 +154,7 @@ export class Qcow2BitmapStore implements BitmapStore {
       if (this.placed.has(meta.name)) throw new NbddError(Errno.EEXIST, `bitmap '${meta.name}' is already stored`);
       granularityBits(meta.granularity);
       this.bits.set(meta.name, bits);
-      await this.rewrite([...this.metas(), meta]);
+      await this.rewrite([...this.metas(), meta], [meta.name]);
     });
   }
 
@@ -158,14 +162,15 @@ export class Qcow2BitmapStore implements BitmapStore {
     return this.chain.run(async () => {
       this.entry(name);
       this.bits.delete(name);
-      await this.rewrite(this.metas().filter((m) => m.name !== name));
+      await this.rewrite(this.metas().filter((m) => m.name !== name), []);
     });
   }
 
   setEnabled(name: string, enabled: boolean): Promise<void> {
     return this.chain.run(async () => {
       if (this.entry(name).meta.enabled === enabled) return;
-      await this.rewrite(this.metas().map((m) => (m.name === name ? { ...m, enabled } : m)));
+      // A disabled bitmap keeps its clusters; an enabled one needs a data cluster for every entry.
+      await this.rewrite(this.metas().map((m) => (m.name === name ? { ...m, enabled } : m)), enabled ? [name] : []);
     });
   }
 
@@ -183,8 +188,8 @@ export class Qcow2BitmapStore implements BitmapStore {
             const stop = Math.min(end, (i + 1) * this.cs);
             const e = p.table[i]!;
             if (e.kind !== 'data') {
-              // Only a bitmap recorded as disabled lacks data clusters; store everything anew.
-              await this.rewrite(this.metas());
+              // Only a bitmap recorded as disabled lacks data clusters; store it anew.
+              await this.rewrite(this.metas(), [change.name]);
               return;
             }
             writes.push({ data: Buffer.from(change.bits.view(at, stop)), at: e.offset + (at - i * this.cs) });
@@ -201,7 +206,7 @@ export class Qcow2BitmapStore implements BitmapStore {
     return this.chain.run(async () => {
       this.entry(name);
       this.bits.set(name, bits);
-      await this.rewrite(this.metas());
+      await this.rewrite(this.metas(), [name]);
     });
   }
 
@@ -222,14 +227,24 @@ export class Qcow2BitmapStore implements BitmapStore {
     return p;
   }
 
-  /** Writes a new set for `metas` (bits from `this.bits`), switches the header to it, frees the old set. */
-  private async rewrite(metas: BitmapMeta[]): Promise<void> {
+  /**
+   * Stores the set `metas`: the bitmaps named in `fresh` (and any not stored yet) get a new table
+   * and data clusters from `this.bits`, the others keep theirs; a new directory names them all,
+   * the header switches to it, and then what no longer belongs to the set is freed. So adding,
+   * removing or flipping one bitmap costs that bitmap and the directory, not every bitmap.
+   */
+  private async rewrite(metas: BitmapMeta[], fresh: string[]): Promise<void> {
     const { port } = this.host;
     const cs = this.cs;
     const old = { placed: [...this.placed.values()], directory: this.directory };
     const placed = new Map<string, Placed>();
     const writes: Promise<void>[] = [];
     for (const meta of metas) {
+      const kept = this.placed.get(meta.name);
+      if (kept && !fresh.includes(meta.name)) {
+        placed.set(meta.name, { ...kept, meta });
+        continue;
+      }
       const bits = this.bits.get(meta.name)!;
       const size = tableSizeFor(this.host.diskSize, meta.granularity, cs);
       const table: TableEntry[] = [];
@@ -269,6 +284,7 @@ export class Qcow2BitmapStore implements BitmapStore {
     this.placed = placed;
     this.directory = directory;
     for (const p of old.placed) {
+      if (placed.get(p.meta.name)?.tableOffset === p.tableOffset) continue; // kept
       for (const e of p.table) if (e.kind === 'data') this.host.freeClusters(e.offset, 1);
       this.host.freeClusters(p.tableOffset, Math.max(1, Math.ceil((p.table.length * 8) / cs)));
     }

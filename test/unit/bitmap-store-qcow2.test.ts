@@ -105,4 +105,38 @@ describe('Qcow2BitmapStore', () => {
     expect(await new Qcow2BitmapStore(host).load()).toEqual([]);
     expect(host.bitmapsExtension).toBeNull();
   });
+
+  it('adds, removes and flips one bitmap without rewriting the others (their tables and data stay put)', async () => {
+    const host = new FakeHost(port);
+    const store = new Qcow2BitmapStore(host);
+    await store.load();
+    for (const name of ['a', 'b']) await store.add({ name, granularity: 65536, enabled: true }, new DirtyBitmap(DISK, 65536));
+    const before = new Map((await host.directory()).map((e) => [e.name, e.tableOffset]));
+    const dirBefore = host.bitmapsExtension!.directoryOffset;
+    host.freed = [];
+    const allocatedBefore = host.next;
+    await store.add({ name: 'c', granularity: 65536, enabled: true }, new DirtyBitmap(DISK, 65536));
+    // One data cluster and one table cluster for 'c', one for the directory; only the old directory is freed.
+    expect(host.next - allocatedBefore).toBe(3);
+    expect(host.freed).toEqual([dirBefore / CS]);
+    const after = new Map((await host.directory()).map((e) => [e.name, e.tableOffset]));
+    expect(after.get('a')).toBe(before.get('a'));
+    expect(after.get('b')).toBe(before.get('b'));
+
+    host.freed = [];
+    await store.setEnabled('b', false); // flags only: a new directory, b keeps its clusters
+    expect((await host.directory()).find((e) => e.name === 'b')).toMatchObject({ tableOffset: before.get('b'), flags: 0 });
+    expect(host.freed).toHaveLength(1);
+
+    host.freed = [];
+    await store.remove('a');
+    expect((await host.directory()).map((e) => e.name)).toEqual(['b', 'c']);
+    expect(host.freed.sort((x, y) => x - y)).toHaveLength(3); // a's data and table, the old directory
+
+    // A reopened store takes the bitmaps as they are: nbdd's layout needs no rewrite at load.
+    const commits = host.commits;
+    const reopened = await new Qcow2BitmapStore(host).load();
+    expect(reopened.map((b) => b.name)).toEqual(['b', 'c']);
+    expect(host.commits).toBe(commits);
+  });
 });
