@@ -69,8 +69,6 @@ export function register(program: Command): void {
         if ((await probeFormat(image)) !== 'qcow2') throw new Error(`${image} is not a qcow2 image (raw images have nothing to check)`);
         report = await checkQcow2(image, { repair: opts.repair });
       } catch (err) {
-        const code = (err as NodeJS.ErrnoException).code;
-        if (code && /^E[A-Z]+$/.test(code)) err = new Error(`cannot open ${image}: ${messageOf(err).replace(/^E[A-Z]+: /, '').replace(/, open .*$/, '')}`);
         // Exit 1 as qemu-img: 2 and 3 mean corruptions and leaks here, never "no such file".
         process.stderr.write(`nbdd: ${messageOf(err)}\n`);
         process.exitCode = 1;

@@ -77,6 +77,16 @@ export function errnoOf(err: unknown): number {
   return Errno.EIO;
 }
 
+/**
+ * A file system error as nbdd says it: `cannot open PATH: no such file or directory` (the errno
+ * kept), rather than Node's "ENOENT: no such file or directory, open 'PATH'". NbddErrors pass.
+ */
+export function fileError(path: string, err: unknown, what = 'cannot open'): NbddError {
+  if (err instanceof NbddError) return err;
+  const reason = messageOf(err).replace(/^E[A-Z]+: /, '').replace(/, \w+ '.*'$/, '');
+  return new NbddError(errnoOf(err), `${what} ${path}: ${reason}`, { cause: err });
+}
+
 export function messageOf(err: unknown): string {
   if (err instanceof Error) return err.message;
   return String(err);

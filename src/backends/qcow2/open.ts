@@ -5,7 +5,7 @@
  */
 import { realpath } from 'node:fs/promises';
 import { dirname, isAbsolute, resolve } from 'node:path';
-import { Errno, NbddError } from '../../core/errors.js';
+import { Errno, NbddError, fileError } from '../../core/errors.js';
 import { NodeFilePort, type FilePort } from '../../io/file-port.js';
 import { openFilePort } from '../../io/open-port.js';
 import { lockImage } from '../../io/image-lock.js';
@@ -54,9 +54,13 @@ function corrupt(message: string): NbddError {
 
 /** 'qcow2' when the file starts with the qcow2 magic, else 'raw'. */
 export async function probeFormat(path: string): Promise<'qcow2' | 'raw'> {
-  const port = await NodeFilePort.open(path, { readOnly: true });
+  const port = await NodeFilePort.open(path, { readOnly: true }).catch((err: unknown) => {
+    throw fileError(path, err);
+  });
   try {
-    const head = await port.readAt(Buffer.alloc(4), 0);
+    const head = await port.readAt(Buffer.alloc(4), 0).catch((err: unknown) => {
+      throw fileError(path, err, 'cannot read');
+    });
     return head.readUInt32BE(0) === QCOW2_MAGIC ? 'qcow2' : 'raw';
   } finally {
     await port.close();

@@ -7,6 +7,7 @@
  */
 import { NodeFilePort, type FilePort } from '../../../io/file-port.js';
 import { lockImage } from '../../../io/image-lock.js';
+import { fileError } from '../../../core/errors.js';
 import {
   checkFeatures,
   decodeExtensions,
@@ -69,7 +70,9 @@ function corruptionsOf(scan: ScanResult): number {
 
 /** Checks (and with `repair`, repairs) the qcow2 image at `path`. Throws NbddError when it cannot be read as qcow2. */
 export async function checkQcow2(path: string, options: { repair?: RepairMode } = {}): Promise<CheckReport> {
-  const port = await NodeFilePort.open(path, { readOnly: !options.repair });
+  const port = await NodeFilePort.open(path, { readOnly: !options.repair }).catch((err: unknown) => {
+    throw fileError(path, err);
+  });
   try {
     // Like qemu-img: a repair needs the image to itself; a check only keeps writers out.
     lockImage(port.fd, path, options.repair ? 'write' : 'read');
