@@ -137,16 +137,15 @@ export class ImageState {
 
   /**
    * Validates the flag bits of a standard L2 entry when it is used: reserved bits clear, and no
-   * zero flag where the format has none (v2, extended L2). A damaged entry fails the request with
+   * zero flag on v2. A damaged entry fails the request with
    * EIO rather than being read as zeroes or garbage.
    */
   checkEntryBits(hi: number, lo: number, ci: number): void {
     if ((hi & L2_RESERVED_HI) !== 0 || (lo & L2_RESERVED_LO) !== 0) {
       throw corrupt(`L2 entry of guest offset ${hex(ci * this.cs)} has reserved bits set (0x${hi.toString(16).padStart(8, '0')}${lo.toString(16).padStart(8, '0')})`);
     }
-    if ((lo & ENTRY_ZERO_LO) !== 0 && (!this.v3 || this.g.extendedL2)) {
-      throw corrupt(`L2 entry of guest offset ${hex(ci * this.cs)} has the zero flag set, which this image's format does not have`);
-    }
+    // With extended L2 the bit is ignored, as qemu does: the subcluster bitmaps say what is zero.
+    if ((lo & ENTRY_ZERO_LO) !== 0 && !this.v3) throw corrupt(`L2 entry of guest offset ${hex(ci * this.cs)} has the zero flag set, which version 2 images do not have`);
   }
 
   /**

@@ -49,10 +49,14 @@ export class References {
   /** Corruptions found while counting (regions past the end, clusters used as two things). */
   readonly problems: string[] = [];
 
+  /** The file's length as qemu measures it (whole 512-byte sectors). */
+  private readonly fileLength: number;
+
   constructor(
     private readonly clusterSize: number,
-    private readonly fileLength: number,
+    fileLength: number,
   ) {
+    this.fileLength = Math.ceil(fileLength / 512) * 512;
     const n = Math.ceil(fileLength / clusterSize) + 1;
     this.counts = new Uint32Array(n);
     this.roles = new Uint8Array(n);
