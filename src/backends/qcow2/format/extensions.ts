@@ -62,9 +62,14 @@ export function decodeExtensions(cluster0: Buffer, header: Qcow2Header): HeaderE
     // A repeated extension replaces the earlier one, as QEMU reads them.
     const data = cluster0.subarray(dataStart, dataStart + length);
     switch (type) {
-      case EXT_BACKING_FORMAT:
-        ext.backingFormat = data.toString('latin1');
+      case EXT_BACKING_FORMAT: {
+        // As qemu: the name ends at a NUL, and an empty one means "probe the format".
+        const nul = data.indexOf(0);
+        const name = data.subarray(0, nul < 0 ? data.length : nul).toString('latin1');
+        if (name) ext.backingFormat = name;
+        else delete ext.backingFormat;
         break;
+      }
       case EXT_FEATURE_NAMES:
         if (length % FEATURE_NAME_ENTRY !== 0) throw corrupt(`feature name table length ${length} is not a multiple of ${FEATURE_NAME_ENTRY}`);
         for (let i = 0; i < length; i += FEATURE_NAME_ENTRY) {
@@ -74,7 +79,8 @@ export function decodeExtensions(cluster0: Buffer, header: Qcow2Header): HeaderE
         }
         break;
       case EXT_BITMAPS:
-        ext.bitmaps = decodeBitmapsExtension(data, clusterSize);
+        // Version 2 has no autoclear bits to say the bitmaps are current: qemu ignores them there.
+        if (header.version === 3) ext.bitmaps = decodeBitmapsExtension(data, clusterSize);
         break;
       case EXT_FDE:
         if (length !== 16) throw corrupt(`encryption header pointer of ${length} bytes (expected 16)`);

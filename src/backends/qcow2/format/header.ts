@@ -183,7 +183,8 @@ export function decodeHeader(buf: Buffer): Qcow2Header {
     autoclearFeatures = buf.readBigUInt64BE(H.autoclearFeatures);
     refcountOrder = buf.readUInt32BE(H.refcountOrder);
     headerLength = buf.readUInt32BE(H.headerLength);
-    if (headerLength < V3_MIN_HEADER_LENGTH || headerLength % 8 !== 0) throw corrupt(`header_length ${headerLength} (v3 needs >= 104 and a multiple of 8)`);
+    // The spec asks for a multiple of 8; qemu opens any length from 104 on, and so does nbdd.
+    if (headerLength < V3_MIN_HEADER_LENGTH) throw corrupt(`header_length ${headerLength} (v3 needs >= 104)`);
     if (buf.length < headerLength) throw corrupt(`truncated header (${buf.length} bytes, header_length ${headerLength})`);
     if (headerLength > H.compressionType) compressionType = buf[H.compressionType]!;
   }
@@ -269,15 +270,14 @@ export function checkFeatures(h: Qcow2Header, ext: HeaderExtensions): void {
   if (unknown !== 0n) {
     throw unsupported(`unknown incompatible feature(s): ${featureNames(unknown, FEATURE_TYPE.incompatible, ext.featureNames).join(', ')}`);
   }
-  if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n || ext.externalDataFile !== undefined) {
+  // As qemu: a data file name without the incompatible bit is not used (the data is in this file).
+  if ((h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n) {
     throw unsupported(`external data file${ext.externalDataFile ? ` '${ext.externalDataFile}'` : ''} (not implemented by nbdd)`);
   }
   if (h.cryptMethod !== CRYPT_NONE || ext.fde) {
     throw unsupported(`encrypted image (crypt_method ${h.cryptMethod}${h.cryptMethod === 1 ? ' AES' : h.cryptMethod === 2 ? ' LUKS' : ''}); nbdd does not implement qcow2 encryption`);
   }
-  if ((h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n && !ext.bitmaps) {
-    throw corrupt('the bitmaps autoclear bit is set but there is no bitmaps extension');
-  }
+  // The bitmaps autoclear bit without a bitmaps extension means no bitmaps, as qemu reads it.
 }
 
 /** Whether the header names a backing file: an offset and a non-zero length (QEMU ignores size 0). */
