@@ -202,11 +202,9 @@ export class BlockQueue {
           this.complete(e.length);
         }
       },
-      (err) => {
-        for (const e of run) {
-          e.reject(err);
-          this.complete(e.length);
-        }
+      // One bad sector must not fail its neighbours: each read of the run is tried on its own.
+      () => {
+        for (const e of run) this.settle(tryCall(() => this.backend.read(e.offset, e.length)), e, e.length);
       },
     );
     return j;

@@ -200,12 +200,15 @@ describe('BlockQueue: read coalescing', () => {
     ]);
   });
 
-  it('fails every read of a merged run when the backend read fails', async () => {
-    const { gate, queue } = setup();
+  it('when a merged read fails, tries each of its reads alone: a bad sector fails only its own request', async () => {
+    const { inner, gate, queue } = setup();
+    inner.data.fill(7, 0, 512);
     const a = queue.read(0, 512).catch((e: unknown) => e);
     const b = queue.read(512, 512).catch((e: unknown) => e);
-    (await gate.waitFor('read')).fail(new NbddError(Errno.EIO, 'injected'));
-    expect(((await a) as NbddError).errno).toBe(Errno.EIO);
+    (await gate.waitFor('read', (c) => c.length === 1024)).fail(new NbddError(Errno.EIO, 'bad sector at 512'));
+    (await gate.waitFor('read', (c) => c.offset === 0 && c.length === 512)).release();
+    (await gate.waitFor('read', (c) => c.offset === 512 && c.length === 512)).fail(new NbddError(Errno.EIO, 'bad sector at 512'));
+    expect(((await a) as Buffer).equals(Buffer.alloc(512, 7))).toBe(true);
     expect(((await b) as NbddError).errno).toBe(Errno.EIO);
     expect(queue.depth).toBe(0);
   });
