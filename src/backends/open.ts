@@ -32,10 +32,11 @@ export async function openImage(image: string, options: OpenOptions = {}): Promi
     return new MemoryBackend({ size: parseSize(image.slice('memory:'.length)), readOnly });
   }
   if (isNbdUri(image)) return openNbd(image, { readOnly });
-  const format = !options.format || options.format === 'auto' ? await probeFormat(image) : options.format;
+  const probed = !options.format || options.format === 'auto';
+  const format: 'raw' | 'qcow2' = probed ? await probeFormat(image) : (options.format as 'raw' | 'qcow2');
   switch (format) {
     case 'raw':
-      return RawBackend.open(image, { readOnly, direct: options.direct });
+      return RawBackend.open(image, { readOnly, direct: options.direct, probed });
     case 'qcow2':
       return openQcow2(image, { readOnly });
   }

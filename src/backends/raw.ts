@@ -40,6 +40,7 @@ import {
   seek,
 } from '../sys/libc.js';
 import { tryCall } from '../core/try-call.js';
+import { QCOW2_MAGIC } from './qcow2/format/header.js';
 
 const fstatAsync = promisify(fstat);
 
@@ -61,7 +62,17 @@ export interface RawOpenOptions {
    * existing image is never resized by accident.
    */
   create?: number;
+  /**
+   * The format was probed, not named: a write may then not give the first sector the qcow2 magic,
+   * or the next probing open would take the guest's bytes for a qcow2 header — with a backing
+   * file of the guest's choosing, any file of the host (qemu restricts block 0 the same way,
+   * CVE-2008-2004).
+   */
+  probed?: boolean;
 }
+
+const MAGIC_LENGTH = 4;
+
 
 export class RawBackend implements Backend {
   readonly kind = 'raw';
@@ -76,6 +87,7 @@ export class RawBackend implements Backend {
     readonly size: number,
     readonly isBlockDevice: boolean,
     readonly direct: boolean,
+    private readonly probed: boolean,
   ) {
     const writable = !port.readOnly;
     this.caps = defaultCaps({
@@ -129,11 +141,25 @@ export class RawBackend implements Backend {
       if (direct && size % RAW_DIRECT_ALIGNMENT !== 0) {
         throw new NbddError(Errno.EINVAL, `${path}: O_DIRECT needs a size that is a multiple of ${RAW_DIRECT_ALIGNMENT} (it is ${size})`);
       }
-      return new RawBackend(port, size, st.isBlockDevice(), direct);
+      return new RawBackend(port, size, st.isBlockDevice(), direct, !!options.probed);
     } catch (err) {
       await port.close();
       throw err;
     }
+  }
+
+  /** A write reaching the first bytes of a probed image: refused if they would read as qcow2. */
+  private async firstSectorWrite(offset: number, data: Buffer): Promise<void> {
+    const head = Buffer.alloc(MAGIC_LENGTH);
+    if (offset > 0 || data.length < MAGIC_LENGTH) await this.port.readAt(head, 0);
+    data.copy(head, offset, 0, Math.min(data.length, MAGIC_LENGTH - offset));
+    if (head.readUInt32BE(0) === QCOW2_MAGIC) {
+      throw new NbddError(
+        Errno.EPERM,
+        `${this.path}: refusing to write a qcow2 header into the first sector of an image whose format was probed as raw (the next open would take it for qcow2); name the format with --format raw to allow it`,
+      );
+    }
+    await this.writeAt(offset, data);
   }
 
   // read and write are on every request's path: plain functions returning the port's promise (an
@@ -155,6 +181,11 @@ export class RawBackend implements Backend {
 
   private writeChecked(offset: number, data: Buffer): Promise<void> {
     this.assertWritable(offset, data.length);
+    if (this.probed && offset < MAGIC_LENGTH && data.length > 0) return this.firstSectorWrite(offset, data);
+    return this.writeAt(offset, data);
+  }
+
+  private writeAt(offset: number, data: Buffer): Promise<void> {
     if (!this.direct) return this.port.writeAt(data, offset);
     const bounce = alignedBuffer(data.length, RAW_DIRECT_ALIGNMENT);
     data.copy(bounce);

@@ -270,3 +270,30 @@ describe('RawBackend: advisory lock', () => {
     expect(b.size).toBe(4096);
   });
 });
+
+describe('RawBackend: a probed raw image never turns into a qcow2 image by a guest write', () => {
+  const MAGIC = Buffer.from([0x51, 0x46, 0x49, 0xfb]); // "QFI\xfb"
+
+  it('refuses (EPERM) writes that would put the qcow2 magic at offset 0, whole or pieced together; allows the rest', async () => {
+    const path = imagePath();
+    writeFileSync(path, Buffer.alloc(65536));
+    const b = await openAny(path, {}); // format probed
+    try {
+      await expect(b.write(0, Buffer.concat([MAGIC, Buffer.alloc(508)]))).rejects.toMatchObject({ errno: Errno.EPERM, message: /format was probed as raw.*--format raw/ });
+      await b.write(2, MAGIC.subarray(2)); // "\0\0I\xfb": harmless alone
+      await expect(b.write(0, MAGIC.subarray(0, 2))).rejects.toMatchObject({ errno: Errno.EPERM }); // completes the magic
+      await b.write(0, Buffer.alloc(512, 0xab));
+      await b.write(4096, Buffer.concat([MAGIC, Buffer.alloc(508)])); // elsewhere: any bytes
+      expect((await b.read(0, 4)).equals(Buffer.alloc(4, 0xab))).toBe(true);
+    } finally {
+      await b.close();
+    }
+    // Named as raw, the guest owns every byte.
+    const named = await openAny(path, { format: 'raw' });
+    try {
+      await named.write(0, Buffer.concat([MAGIC, Buffer.alloc(508)]));
+    } finally {
+      await named.close();
+    }
+  });
+});
