@@ -28,6 +28,7 @@ import {
 } from './format/index.js';
 import { RawLayer } from './raw-layer.js';
 import { scanImage, type ScanInput } from './check/scan.js';
+import { checkQcow2 } from './check/index.js';
 import { logger } from '../../core/log.js';
 import { Refcounts } from './refcounts.js';
 
@@ -80,8 +81,22 @@ function checkWritable(path: string, h: Qcow2Header): void {
   if ((h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n) {
     throw new NbddError(Errno.EROFS, `${path}: image has the dirty bit set (lazy refcounts not written back); repair it with 'nbdd check --repair all ${path}' before opening it for writing`);
   }
+  // (The top image of a writable open is repaired instead: see repairDirty.)
   if (h.nbSnapshots > 0) {
     throw new NbddError(Errno.EPERM, `${path}: image has ${h.nbSnapshots} internal snapshot(s); nbdd opens such images read-only`);
+  }
+}
+
+/**
+ * A writable open of an image with the dirty bit (lazy refcounts, not closed cleanly): `nbdd check
+ * --repair all` first, as qemu repairs such an image when it opens it for writing. What the
+ * repair cannot fix keeps the image refused.
+ */
+async function repairDirty(path: string): Promise<void> {
+  log.warn(`${path} was not closed cleanly (dirty bit, lazy refcounts): rebuilding its refcounts before writing`);
+  const r = await checkQcow2(path, { repair: 'all' });
+  if (r.corruptions > 0) {
+    throw new NbddError(Errno.EUCLEAN, `${path}: the dirty image still has ${r.corruptions} corruption(s) after its refcounts were rebuilt (${r.messages.find((m) => m.startsWith('ERROR')) ?? ''}); open it read-only`);
   }
 }
 
@@ -169,6 +184,12 @@ async function openInChain(path: string, options: OpenQcow2Options, chain: strin
     const cluster0 = start.subarray(0, Math.min(start.length, g.clusterSize));
     const extensions = decodeExtensions(cluster0, header);
     checkFeatures(header, extensions);
+    if (!options.readOnly && chain.length === 0 && (header.incompatibleFeatures & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT)) === INCOMPAT_DIRTY) {
+      // As qemu on a writable open: the refcounts a lazy-refcounts writer left behind are rebuilt.
+      await port.close();
+      await repairDirty(path);
+      return openInChain(path, options, chain);
+    }
     if (!options.readOnly) checkWritable(path, header);
 
     const meta = new MetadataMap(g.clusterSize);
