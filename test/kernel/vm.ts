@@ -211,6 +211,17 @@ export interface VmResult {
  * and $REPO = this checkout. Resolves when the VM powers off or the timeout kills it.
  */
 export async function runInVm(script: string, opts: VmOptions = {}): Promise<VmResult> {
+  const first = await bootOnce(script, opts);
+  // Emulation now and then oopses while the kernel boots (an int3 left by text patching, before
+  // init runs): that run says nothing about nbdd, so it is booted once more.
+  if (first.exitCode === -1 && first.output === '' && /Kernel panic/.test(first.console) && first.ms < 60_000) {
+    process.stderr.write(`nbdd-vm: the kernel panicked while booting; booting again\n`);
+    return bootOnce(script, opts);
+  }
+  return first;
+}
+
+async function bootOnce(script: string, opts: VmOptions): Promise<VmResult> {
   const kernel = ensureKernel();
   const release = await acquireVmSlot();
   const work = mkdtempSync(join(tmpdir(), 'nbdd-vm-'));
