@@ -6,7 +6,7 @@
  * Also the overlap check: a write aimed at live metadata fails with EIO and marks the image corrupt.
  */
 import { spawn } from 'node:child_process';
-import { closeSync, copyFileSync, openSync, readFileSync, statSync, truncateSync, writeSync } from 'node:fs';
+import { copyFileSync, readFileSync, statSync, truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { checkQcow2 } from '../../src/backends/qcow2/check/index.js';
@@ -14,6 +14,7 @@ import { openQcow2 } from '../../src/backends/qcow2/open.js';
 import { decodeHeader } from '../../src/backends/qcow2/format/index.js';
 import { NbddError } from '../../src/core/errors.js';
 import { qemuCreate, qemuIo, qemuRaw, requireQemu } from '../helpers/qemu.js';
+import { patch, u64 } from '../helpers/patch.js';
 import { NBDD, runStatus, tempDir } from '../helpers/tools.js';
 
 const MiB = 1024 * 1024;
@@ -43,18 +44,6 @@ function image(opts: string[] = [], size = 8 * MiB): string {
   qemuCreate(path, size, opts);
   qemuIo(path, ['write -P 0x11 0 192k', 'write -P 0x22 3M 64k', 'write -z 5M 64k', 'write -P 0x33 7M 4k']);
   return path;
-}
-
-function patch(path: string, offset: number, bytes: Buffer): void {
-  const fd = openSync(path, 'r+');
-  writeSync(fd, bytes, 0, bytes.length, offset);
-  closeSync(fd);
-}
-
-function u64(v: bigint | number): Buffer {
-  const b = Buffer.alloc(8);
-  b.writeBigUInt64BE(BigInt(v));
-  return b;
 }
 
 /** Where things are: first refcount block, first L2 table, the data cluster of guest 0. */

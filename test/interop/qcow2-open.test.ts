@@ -3,7 +3,7 @@
  * Every damaged image must fail with a clear message naming what is wrong, without crashing and
  * without a single byte (or the mtime) of the file changing, for read-only and writable opens.
  */
-import { closeSync, openSync, readFileSync, statSync, truncateSync, utimesSync, writeSync } from 'node:fs';
+import { readFileSync, statSync, truncateSync, utimesSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Errno, NbddError } from '../../src/core/errors.js';
@@ -11,6 +11,7 @@ import { openQcow2 } from '../../src/backends/qcow2/open.js';
 import { describeQcow2 } from '../../src/backends/qcow2/describe.js';
 import { decodeHeader } from '../../src/backends/qcow2/format/index.js';
 import { qemuCheck, qemuCreate, qemuIo, qemuRaw, requireQemu } from '../helpers/qemu.js';
+import { patch, u64, u32 } from '../helpers/patch.js';
 import { run, runStatus, tempDir } from '../helpers/tools.js';
 
 const MiB = 1024 * 1024;
@@ -29,24 +30,6 @@ function goodImage(opts: string[] = []): string {
   qemuCreate(path, 4 * MiB, opts);
   qemuIo(path, ['write -P 0x11 0 128k', 'write -P 0x22 2M 64k']);
   return path;
-}
-
-function patch(path: string, offset: number, bytes: Buffer): void {
-  const fd = openSync(path, 'r+');
-  writeSync(fd, bytes, 0, bytes.length, offset);
-  closeSync(fd);
-}
-
-function u64(v: bigint | number): Buffer {
-  const b = Buffer.alloc(8);
-  b.writeBigUInt64BE(BigInt(v));
-  return b;
-}
-
-function u32(v: number): Buffer {
-  const b = Buffer.alloc(4);
-  b.writeUInt32BE(v);
-  return b;
 }
 
 function header(path: string) {
