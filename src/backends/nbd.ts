@@ -8,17 +8,22 @@
  *   byte reads as allocated data, as the core assumes for backends without block status.
  * - With `connections > 1` and a server that sets CAN_MULTI_CONN, requests go round-robin over
  *   several connections; a flush on one covers writes completed on all (the multi-conn promise).
- * - No reconnection: when a connection is lost, its requests fail with ECONNRESET and so do later
- *   ones sent to it.
+ * - Reconnection (`reconnectDelayMs`, default 30 s): a lost connection is negotiated again in the
+ *   background while its requests wait, then they are sent again (src/nbd/client/reconnecting.ts);
+ *   a request that waited longer fails with EIO.
  */
 import { allData, type Backend, type BackendCaps, type Extent, defaultCaps, type WriteOptions, type ZeroOptions } from '../core/backend.js';
 import { Errno, NbddError } from '../core/errors.js';
 import type { StatusExtent } from '../core/meta-context.js';
 import { NbdClient } from '../nbd/client/client.js';
+import { ReconnectingClient } from '../nbd/client/reconnecting.js';
 import { BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH } from '../nbd/wire/contexts.js';
 import { parseNbdUri } from '../nbd/uri.js';
 import { NBD_FLAG, NBD_STATE_HOLE, NBD_STATE_ZERO } from '../nbd/wire/constants.js';
 
+
+/** How long requests wait for a lost connection by default (qemu's reconnect-delay is off by default; nbd-client's is not configurable). */
+export const DEFAULT_RECONNECT_DELAY_MS = 30_000;
 
 /** Most connections one backend opens (the kernel's nbd driver has as many queues). */
 export const MAX_NBD_CONNECTIONS = 16;
@@ -27,6 +32,8 @@ export interface OpenNbdOptions {
   readOnly?: boolean;
   /** Connections to open when the server allows multi-conn (default 1, at most 16). */
   connections?: number;
+  /** How long a request waits for a lost connection to come back before it fails with EIO (ms; default 30 s; 0: at once). */
+  reconnectDelayMs?: number;
   /** Contexts to select besides base:allocation and qemu:allocation-depth (e.g. a dirty bitmap). */
   extraContexts?: string[];
   /** Also fetch the list of contexts the export offers (`primary.info.offeredContexts`). */
@@ -42,15 +49,15 @@ export class NbdBackend implements Backend {
 
   /** The first connection: its negotiated info (contexts, flags) is the backend's. */
   get primary(): NbdClient {
-    return this.clients[0]!;
+    return this.clients[0]!.client;
   }
 
   /** Takes ownership of `clients` (all to the same export; the first one's info is used). */
   constructor(
-    private readonly clients: NbdClient[],
+    private readonly clients: ReconnectingClient[],
     readOnly: boolean,
   ) {
-    const c = clients[0]!;
+    const c = clients[0]!.first;
     const i = c.info;
     this.size = i.size;
     this.caps = defaultCaps({
@@ -70,33 +77,41 @@ export class NbdBackend implements Backend {
 
   /** The client of the first connection (negotiated export info, flags, contexts). */
   get client(): NbdClient {
-    return this.clients[0]!;
+    return this.clients[0]!.client;
+  }
+
+  /** The remote's state, worst connection first: connected, reconnecting, failed or closed. */
+  get remoteState(): string {
+    const states = this.clients.map((c) => c.state);
+    return (['failed', 'reconnecting', 'closed'] as const).find((s) => states.includes(s)) ?? 'connected';
   }
 
   get connections(): number {
     return this.clients.length;
   }
 
-  private pick(): NbdClient {
+  private pick(): ReconnectingClient {
     const c = this.clients[this.next]!;
     this.next = (this.next + 1) % this.clients.length;
     return c;
   }
 
   read(offset: number, length: number): Promise<Buffer> {
-    return this.pick().read(offset, length);
+    return this.pick().run((c) => c.read(offset, length));
   }
 
   write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
-    return this.pick().write(offset, data, { fua: !!options?.fua && this.caps.fua });
+    const fua = !!options?.fua && this.caps.fua;
+    return this.pick().run((c) => c.write(offset, data, { fua }));
   }
 
   async flush(): Promise<void> {
-    if (this.caps.flush) await this.client.flush();
+    if (this.caps.flush) await this.clients[0]!.run((c) => c.flush());
   }
 
   trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
-    return this.pick().trim(offset, length, { fua: !!options?.fua && this.caps.fua });
+    const fua = !!options?.fua && this.caps.fua;
+    return this.pick().run((c) => c.trim(offset, length, { fua }));
   }
 
   /** Fails with ENOTSUP for `fastZero` when the server cannot promise it (SEND_FAST_ZERO unset). */
@@ -104,11 +119,12 @@ export class NbdBackend implements Backend {
     if (options.fastZero && !this.caps.fastZero) {
       return Promise.reject(new NbddError(Errno.ENOTSUP, 'the NBD server does not support fast zeroing'));
     }
-    return this.pick().writeZeroes(offset, length, { fua: !!options.fua && this.caps.fua, noHole: options.noHole, fastZero: options.fastZero });
+    const flags = { fua: !!options.fua && this.caps.fua, noHole: options.noHole, fastZero: options.fastZero };
+    return this.pick().run((c) => c.writeZeroes(offset, length, flags));
   }
 
   async cache(offset: number, length: number): Promise<void> {
-    if (this.client.has(NBD_FLAG.SEND_CACHE)) await this.pick().cache(offset, length);
+    if (this.client.has(NBD_FLAG.SEND_CACHE)) await this.pick().run((c) => c.cache(offset, length));
   }
 
   /**
@@ -117,9 +133,8 @@ export class NbdBackend implements Backend {
    * boundaries differ, extents are split at both.
    */
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
-    const client = this.pick();
-    if (!client.info.contexts.has(BASE_ALLOCATION)) return allData(length);
-    const status = await client.blockStatus(offset, length);
+    if (!this.client.info.contexts.has(BASE_ALLOCATION)) return allData(length);
+    const status = await this.pick().run((c) => c.blockStatus(offset, length));
     return combineStatus(status.get(BASE_ALLOCATION)!, status.get(QEMU_ALLOCATION_DEPTH), length);
   }
 
@@ -187,5 +202,9 @@ export async function openNbd(uri: string, options: OpenNbdOptions = {}): Promis
       throw (failed as PromiseRejectedResult).reason;
     }
   }
-  return new NbdBackend(clients, !!options.readOnly);
+  const reconnect = { delayMs: options.reconnectDelayMs ?? DEFAULT_RECONNECT_DELAY_MS, connect, peer: uri };
+  return new NbdBackend(
+    clients.map((c) => new ReconnectingClient(c, reconnect)),
+    !!options.readOnly,
+  );
 }

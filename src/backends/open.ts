@@ -20,6 +20,8 @@ export interface OpenOptions {
   readOnly?: boolean;
   /** Open the file with O_DIRECT (raw only). */
   direct?: boolean;
+  /** NBD URIs: how long a request waits for a lost connection to come back (ms; see src/backends/nbd.ts). */
+  reconnectDelayMs?: number;
 }
 
 export function isMemorySpec(image: string): boolean {
@@ -31,7 +33,7 @@ export async function openImage(image: string, options: OpenOptions = {}): Promi
   if (isMemorySpec(image)) {
     return new MemoryBackend({ size: parseSize(image.slice('memory:'.length)), readOnly });
   }
-  if (isNbdUri(image)) return openNbd(image, { readOnly });
+  if (isNbdUri(image)) return openNbd(image, { readOnly, reconnectDelayMs: options.reconnectDelayMs });
   const probed = !options.format || options.format === 'auto';
   const format: 'raw' | 'qcow2' = probed ? await probeFormat(image) : (options.format as 'raw' | 'qcow2');
   switch (format) {

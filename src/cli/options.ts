@@ -4,6 +4,10 @@ import { messageOf } from '../core/errors.js';
 import { parseSize } from '../core/units.js';
 import { parseMetricsAddress, type MetricsListen } from '../runtime/metrics.js';
 
+/** `--reconnect-delay`, for every command that opens an image that may be an NBD URI. */
+export const RECONNECT_HELP = 'NBD URIs: seconds a request waits for a lost connection to the server to come back before it fails with EIO; nbdd keeps reconnecting (0: fail at once)';
+export const DEFAULT_RECONNECT_DELAY_S = 30;
+
 export function sizeArg(value: string): number {
   try {
     return parseSize(value);

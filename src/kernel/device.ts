@@ -44,6 +44,8 @@ export interface AttachOptions {
   connections: number;
   timeoutS: number;
   deadConnTimeoutS: number;
+  /** NBD URIs: seconds a request waits for a lost connection to come back (default 30). */
+  reconnectDelayS?: number;
   /** Serve Prometheus metrics here (src/runtime/metrics.ts). */
   metrics?: MetricsListen;
   /** Most dirty bitmaps the device keeps (default DEFAULT_BITMAP_LIMITS). */
@@ -330,7 +332,7 @@ export class KernelDevice {
     try {
       runtime = await DeviceRuntime.start({
         image: opts.image,
-        stack: { format: opts.format, readOnly: frontend.readOnly, bitmapLimits: { maxBitmaps: opts.maxBitmaps } },
+        stack: { format: opts.format, readOnly: frontend.readOnly, reconnectDelayMs: opts.reconnectDelayS === undefined ? undefined : opts.reconnectDelayS * 1000, bitmapLimits: { maxBitmaps: opts.maxBitmaps } },
         frontend,
         sidecar: { name: opts.name },
         metrics: opts.metrics && { listen: opts.metrics, name: opts.name },

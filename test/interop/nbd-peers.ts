@@ -5,7 +5,7 @@
  * within 10 s.
  */
 import { spawn } from 'node:child_process';
-import { existsSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
 import { requireTool, run } from '../helpers/tools.js';
@@ -86,7 +86,12 @@ async function startChild(tool: string, args: string[], socket: string, exportNa
 
 /** `nbdkit -f -U SOCK PLUGIN ARGS…` (default export ''). */
 export function startNbdkit(dir: string, pluginArgs: string[]): Promise<Peer> {
-  const socket = join(dir, `nbdkit-${Math.random().toString(36).slice(2)}.sock`);
+  return startNbdkitAt(join(dir, `nbdkit-${Math.random().toString(36).slice(2)}.sock`), pluginArgs);
+}
+
+/** As `startNbdkit`, on a given socket path (a server restarted where its clients look for it). */
+export function startNbdkitAt(socket: string, pluginArgs: string[]): Promise<Peer> {
+  rmSync(socket, { force: true });
   return startChild('nbdkit', ['-f', '-U', socket, ...pluginArgs], socket, '');
 }
 

@@ -116,6 +116,15 @@ export class NbdClient implements ReplyTarget {
     return (this.info.flags & flag) !== 0;
   }
 
+  /** Why the connection is gone (closed by the peer or the network, or broken), or null while it is up. */
+  get lost(): NbddError | null {
+    return this.disconnecting ? null : (this.io.error ?? null);
+  }
+
+  private lostResolve: (err: NbddError) => void = () => undefined;
+  /** Resolves when the connection goes away other than by `close()`. */
+  readonly whenLost: Promise<NbddError> = new Promise((resolve) => (this.lostResolve = resolve));
+
   /** Requests in flight (pieces of split requests count one each). */
   get inFlight(): number {
     return this.pending.size;
@@ -298,7 +307,8 @@ export class NbdClient implements ReplyTarget {
 
   /** Rejects everything in flight: the connection is gone. */
   private failAll(err: NbddError): void {
-    if (this.settlers.size > 0 && !this.disconnecting) log.warn(`${err.message}; failing ${this.settlers.size} requests`);
+    if (this.settlers.size > 0 && !this.disconnecting) log.debug(`${err.message}; failing ${this.settlers.size} requests`);
+    if (!this.disconnecting) this.lostResolve(err);
     for (const s of this.settlers.values()) s.reject(err);
     this.settlers.clear();
     this.pending.clear();
