@@ -16,7 +16,7 @@ import { allData, type Backend, type BackendCaps, type Extent, defaultCaps, type
 import { Errno, NbddError } from '../core/errors.js';
 import type { StatusExtent } from '../core/meta-context.js';
 import { NbdClient } from '../nbd/client/client.js';
-import { ReconnectingClient } from '../nbd/client/reconnecting.js';
+import { ReconnectingClient, type RemoteEventType } from '../nbd/client/reconnecting.js';
 import { BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH } from '../nbd/wire/contexts.js';
 import { parseNbdUri } from '../nbd/uri.js';
 import { NBD_FLAG, NBD_STATE_HOLE, NBD_STATE_ZERO } from '../nbd/wire/constants.js';
@@ -40,8 +40,23 @@ export interface OpenNbdOptions {
   listContexts?: boolean;
 }
 
-export class NbdBackend implements Backend {
+/** A backend whose data lives behind a network connection (the sidecar shows and announces its state). */
+export interface RemoteLink {
+  readonly remoteUri: string;
+  readonly remoteState: string;
+  readonly reconnects: number;
+  onRemoteEvent(listener: (type: RemoteEventType, data: Record<string, unknown>) => void): void;
+}
+
+export function isRemoteLink(b: object): b is RemoteLink {
+  return typeof (b as Partial<RemoteLink>).onRemoteEvent === 'function';
+}
+
+export class NbdBackend implements Backend, RemoteLink {
   readonly kind = 'nbd';
+  /** The URI the backend was opened with (set by openNbd). */
+  remoteUri = '';
+  private readonly remoteListeners: ((type: RemoteEventType, data: Record<string, unknown>) => void)[] = [];
   readonly size: number;
   readonly caps: BackendCaps;
   private next = 0;
@@ -79,6 +94,20 @@ export class NbdBackend implements Backend {
   get client(): NbdClient {
     return this.clients[0]!.client;
   }
+
+  /** Times a lost connection came back, over all connections. */
+  get reconnects(): number {
+    return this.clients.reduce((n, c) => n + c.reconnects, 0);
+  }
+
+  onRemoteEvent(listener: (type: RemoteEventType, data: Record<string, unknown>) => void): void {
+    this.remoteListeners.push(listener);
+  }
+
+  /** Where the connections report losses and returns (openNbd wires it). */
+  readonly remoteEvent = (type: RemoteEventType, data: Record<string, unknown>): void => {
+    for (const l of this.remoteListeners) l(type, data);
+  };
 
   /** The remote's state, worst connection first: connected, reconnecting, failed or closed. */
   get remoteState(): string {
@@ -202,9 +231,12 @@ export async function openNbd(uri: string, options: OpenNbdOptions = {}): Promis
       throw (failed as PromiseRejectedResult).reason;
     }
   }
-  const reconnect = { delayMs: options.reconnectDelayMs ?? DEFAULT_RECONNECT_DELAY_MS, connect, peer: uri };
-  return new NbdBackend(
+  let backend: NbdBackend | null = null;
+  const reconnect = { delayMs: options.reconnectDelayMs ?? DEFAULT_RECONNECT_DELAY_MS, connect, peer: uri, onEvent: (type: RemoteEventType, data: Record<string, unknown>) => backend?.remoteEvent(type, data) };
+  backend = new NbdBackend(
     clients.map((c) => new ReconnectingClient(c, reconnect)),
     !!options.readOnly,
   );
+  backend.remoteUri = uri;
+  return backend;
 }

@@ -5,7 +5,7 @@
  */
 import { EventEmitter } from 'node:events';
 
-export const EVENT_TYPES = ['dirty', 'link-dead', 'reconnected', 'error', 'backup-error'] as const;
+export const EVENT_TYPES = ['dirty', 'link-dead', 'reconnected', 'error', 'backup-error', 'remote-lost', 'remote-reconnected'] as const;
 export type EventType = (typeof EVENT_TYPES)[number];
 
 export interface DeviceEvent {

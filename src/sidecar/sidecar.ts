@@ -10,6 +10,7 @@
  * The sidecar shares the device's BlockQueue and layer stack: reads on nbd.sock go through the
  * same queue as the device's own I/O, so they see every acknowledged write.
  */
+import { isRemoteLink } from '../backends/nbd.js';
 import { promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import type { BitmapSet } from '../bitmaps/bitmap-set.js';
@@ -149,6 +150,7 @@ export class Sidecar implements ControlledDevice {
         ? { export: this.backup.exportName, bitmap: this.backup.bitmap, started: this.backup.started, ...this.backup.view.stats() }
         : null,
       queueDepth: queue.depth,
+      ...(isRemoteLink(stack.image) ? { remote: { uri: stack.image.remoteUri, state: stack.image.remoteState, reconnects: stack.image.reconnects } } : {}),
       ...(this.options.frontendStatus?.() ?? {}),
     };
   }

@@ -12,7 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openNbd } from '../../src/backends/nbd.js';
 import { Errno, NbddError } from '../../src/core/errors.js';
 import { requireTool, run, startNbdkitAt, tempDir, type Peer } from './nbd-peers.js';
-import { serveNbdd } from '../helpers/tools.js';
+import { NBDD, serveNbdd } from '../helpers/tools.js';
 
 const MiB = 1024 * 1024;
 let dir: ReturnType<typeof tempDir>;
@@ -116,9 +116,14 @@ describe('remote NBD backend: reconnect', () => {
   it('nbdd serve of a remote export: a client reading through nbdd while the remote restarts sees a slow disk, not an error', async () => {
     const srv = await fileServer();
     let peer = await srv.start();
-    const served = await serveNbdd(srv.uri, ['--reconnect-delay', '20']);
+    const name = `remote-${process.pid}-${n}`;
+    const served = await serveNbdd(srv.uri, ['--reconnect-delay', '20', '--name', name]);
+    const events = spawn(NBDD, ['events', name], { stdio: ['ignore', 'pipe', 'ignore'] });
+    let eventLines = '';
+    events.stdout.on('data', (d: Buffer) => (eventLines += d));
     try {
       run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 0 2M', served.uri]);
+      await sleep(2000); // `nbdd events` has started and subscribed
       await peer.kill();
       const reader = spawn('qemu-io', ['-f', 'raw', '-c', 'read -P 0x5a 0 2M', served.uri], { stdio: ['ignore', 'pipe', 'pipe'] });
       let out = '';
@@ -132,7 +137,12 @@ describe('remote NBD backend: reconnect', () => {
       expect(out).toMatch(/read 2097152\/2097152 bytes/);
       expect(served.stderr()).toMatch(/remote-lost: .*reconnecting/);
       expect(served.stderr()).toMatch(/remote-reconnected: /);
+      const status = JSON.parse(run(NBDD, ['status', name, '--json'])) as { remote?: { uri: string; state: string; reconnects: number } };
+      expect(status.remote).toEqual({ uri: srv.uri, state: 'connected', reconnects: 1 });
+      for (let i = 0; i < 40 && !/remote-reconnected/.test(eventLines); i++) await sleep(50);
+      expect(eventLines).toMatch(/remote-lost[\s\S]*remote-reconnected/);
     } finally {
+      events.kill();
       await served.stop();
       await peer.stop();
     }

@@ -26,7 +26,11 @@ export interface ReconnectOptions {
   connect: () => Promise<NbdClient>;
   /** The remote, for log lines. */
   peer: string;
+  /** Told when the connection is lost and when it is back (sidecar events). */
+  onEvent?: (type: RemoteEventType, data: Record<string, unknown>) => void;
 }
+
+export type RemoteEventType = 'remote-lost' | 'remote-reconnected';
 
 export type RemoteState = 'connected' | 'reconnecting' | 'failed' | 'closed';
 
@@ -101,6 +105,7 @@ export class ReconnectingClient {
     this.state_ = 'reconnecting';
     this.lostAt = Date.now();
     log.warn(`remote-lost: ${messageOf(err)}; reconnecting (requests wait up to ${this.options.delayMs / 1000} s)`);
+    this.options.onEvent?.('remote-lost', { remote: this.options.peer, reason: messageOf(err) });
     this.attempt(FIRST_BACKOFF_MS);
   }
 
@@ -124,7 +129,9 @@ export class ReconnectingClient {
         this.state_ = 'connected';
         this.reconnects++;
         this.watch(c);
-        log.info(`remote-reconnected: ${this.options.peer} after ${((Date.now() - this.lostAt) / 1000).toFixed(1)} s`);
+        const seconds = (Date.now() - this.lostAt) / 1000;
+        log.info(`remote-reconnected: ${this.options.peer} after ${seconds.toFixed(1)} s`);
+        this.options.onEvent?.('remote-reconnected', { remote: this.options.peer, seconds });
         this.wake();
       },
       (err) => {
