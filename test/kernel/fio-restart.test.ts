@@ -56,6 +56,25 @@ wait $fio; echo $? > $WORK/kill.fio.rc
 nbdd detach kill; echo $? > $WORK/kill.detach.rc
 kill $listener
 cp /run/nbdd/kill.log $WORK/kill.log
+
+# A remote export whose server is SIGKILLed and restarted mid-job: nbdd (the local end) reconnects
+# and the kernel device sees a slow disk, never an I/O error.
+truncate -s 64M remote.img
+nbdkit -f -U /tmp/remote.sock file file=/tmp/remote.img & srv=$!
+for i in $(seq 100); do [ -S /tmp/remote.sock ] && break; sleep 0.1; done
+rdev=$(nbdd attach 'nbd+unix:///?socket=/tmp/remote.sock' --name remote --reconnect-delay 60)
+$FIO --name=remote --filename=$rdev --size=24M --rate_iops=500 --output=$WORK/remote.fio.json & fio=$!
+sleep 4
+kill -0 $fio && echo running > $WORK/remote-running-at-kill
+kill -9 $srv; wait $srv 2>/dev/null
+sleep 3
+rm -f /tmp/remote.sock
+nbdkit -f -U /tmp/remote.sock file file=/tmp/remote.img & srv=$!
+wait $fio; echo $? > $WORK/remote.fio.rc
+nbdd detach remote; echo $? > $WORK/remote.detach.rc
+cp /run/nbdd/remote.log $WORK/remote.log
+dmesg | grep -E 'nbd.*(I/O error|timed out)' > $WORK/remote.dmesg
+kill $srv
 `);
 }, 1_800_000); // may wait for other VM runs (one at a time)
 
@@ -95,6 +114,18 @@ it('re-attaches by --name alone (the systemd restart path), and refuses the name
   expect(s.json('reattach.json')).toMatchObject({ device: '/dev/nbd1', reattached: true });
   expect(s.status('dup-name')).not.toBe(0);
   expect(s.text('dup-name.err')).toMatch(/'kill' is already attached as \/dev\/nbd1 \(nbdd pid \d+\)/);
+});
+
+it('a remote export whose server is SIGKILLed and restarted mid-job: nbdd reconnects, fio --verify finishes clean, no I/O error in the kernel log', () => {
+  expect(s.text('remote-running-at-kill').trim(), s.log).toBe('running');
+  expect(s.text('remote.fio.rc').trim(), s.text('remote.fio.json') + s.text('remote.log')).toBe('0');
+  const job = fioJob('remote.fio.json');
+  expect(job.error).toBe(0);
+  expect(job.write.io_bytes).toBe(24 << 20);
+  expect(job.read.io_bytes).toBe(24 << 20);
+  expect(s.text('remote.log')).toMatch(/remote-lost: [\s\S]*remote-reconnected: /);
+  expect(s.text('remote.dmesg')).toBe('');
+  expect(s.text('remote.detach.rc').trim()).toBe('0');
 });
 
 it('the LINK_DEAD notification for the killed daemon reaches a multicast listener', () => {
