@@ -34,6 +34,8 @@ export interface OpenNbdOptions {
   connections?: number;
   /** How long a request waits for a lost connection to come back before it fails with EIO (ms; default 30 s; 0: at once). */
   reconnectDelayMs?: number;
+  /** A request without a reply for this long drops its connection and is sent again on a new one (ms; default 0: no limit). */
+  requestTimeoutMs?: number;
   /** Contexts to select besides base:allocation and qemu:allocation-depth (e.g. a dirty bitmap). */
   extraContexts?: string[];
   /** Also fetch the list of contexts the export offers (`primary.info.offeredContexts`). */
@@ -232,7 +234,7 @@ export async function openNbd(uri: string, options: OpenNbdOptions = {}): Promis
     }
   }
   let backend: NbdBackend | null = null;
-  const reconnect = { delayMs: options.reconnectDelayMs ?? DEFAULT_RECONNECT_DELAY_MS, connect, peer: uri, onEvent: (type: RemoteEventType, data: Record<string, unknown>) => backend?.remoteEvent(type, data) };
+  const reconnect = { delayMs: options.reconnectDelayMs ?? DEFAULT_RECONNECT_DELAY_MS, requestTimeoutMs: options.requestTimeoutMs, connect, peer: uri, onEvent: (type: RemoteEventType, data: Record<string, unknown>) => backend?.remoteEvent(type, data) };
   backend = new NbdBackend(
     clients.map((c) => new ReconnectingClient(c, reconnect)),
     !!options.readOnly,

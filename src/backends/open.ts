@@ -22,6 +22,8 @@ export interface OpenOptions {
   direct?: boolean;
   /** NBD URIs: how long a request waits for a lost connection to come back (ms; see src/backends/nbd.ts). */
   reconnectDelayMs?: number;
+  /** NBD URIs: a request without a reply for this long drops its connection (ms; 0: none). */
+  requestTimeoutMs?: number;
 }
 
 export function isMemorySpec(image: string): boolean {
@@ -33,7 +35,7 @@ export async function openImage(image: string, options: OpenOptions = {}): Promi
   if (isMemorySpec(image)) {
     return new MemoryBackend({ size: parseSize(image.slice('memory:'.length)), readOnly });
   }
-  if (isNbdUri(image)) return openNbd(image, { readOnly, reconnectDelayMs: options.reconnectDelayMs });
+  if (isNbdUri(image)) return openNbd(image, { readOnly, reconnectDelayMs: options.reconnectDelayMs, requestTimeoutMs: options.requestTimeoutMs });
   const probed = !options.format || options.format === 'auto';
   const format: 'raw' | 'qcow2' = probed ? await probeFormat(image) : (options.format as 'raw' | 'qcow2');
   switch (format) {

@@ -17,12 +17,13 @@ import { DeviceRuntime } from '../runtime/device.js';
 import { NBD_DEFAULT_PORT } from '../nbd/wire/constants.js';
 import type { MetricsListen } from '../runtime/metrics.js';
 import { DEFAULT_BITMAP_LIMITS } from '../bitmaps/bitmap-set.js';
-import { intArg, METRICS_HELP, metricsArg, RECONNECT_HELP, DEFAULT_RECONNECT_DELAY_S } from './options.js';
+import { intArg, METRICS_HELP, metricsArg, RECONNECT_HELP, DEFAULT_RECONNECT_DELAY_S, REQUEST_TIMEOUT_HELP } from './options.js';
 
 const log = logger('serve');
 
 interface ServeOptions {
   reconnectDelay: number;
+  requestTimeout: number;
   socket?: string;
   port?: number;
   bind: string;
@@ -80,7 +81,7 @@ async function serve(image: string, opts: ServeOptions): Promise<void> {
   try {
     runtime = await DeviceRuntime.start({
       image,
-      stack: { format: opts.format, readOnly: opts.readOnly, direct: opts.direct, reconnectDelayMs: opts.reconnectDelay * 1000, bitmapStore: opts.bitmapStore, bitmapLimits: { maxBitmaps: opts.maxBitmaps } },
+      stack: { format: opts.format, readOnly: opts.readOnly, direct: opts.direct, reconnectDelayMs: opts.reconnectDelay * 1000, requestTimeoutMs: opts.requestTimeout * 1000, bitmapStore: opts.bitmapStore, bitmapLimits: { maxBitmaps: opts.maxBitmaps } },
       frontend,
       metrics: opts.metrics && { listen: opts.metrics, name: opts.name ?? (opts.exportName || basename(image)) },
       sidecar: wantSidecar ? { name: opts.name ?? (opts.exportName || basename(opts.sidecar!)), dir: opts.sidecar } : undefined,
@@ -141,6 +142,7 @@ export function register(program: Command): void {
     .option('--idle-timeout <seconds>', 'close clients that send no request for this long, so idle ones cannot hold every --shared slot (0: never)', intArg(0, 86400), 0)
     .option('--direct', 'open raw images with O_DIRECT (bypass the page cache)')
     .option('--reconnect-delay <seconds>', RECONNECT_HELP, intArg(0, 86400), DEFAULT_RECONNECT_DELAY_S)
+    .option('--request-timeout <seconds>', REQUEST_TIMEOUT_HELP, intArg(0, 86400), 0)
     .option('-n, --name <name>', 'device name: starts the sidecar in /run/nbdd/NAME (nbd.sock, control.sock)')
     .option('--sidecar <dir>', 'start the sidecar in this directory (mode 0700)')
     .option('-B, --bitmap <name>', 'publish dirty bitmap NAME on the export as qemu:dirty-bitmap:NAME (repeatable)', (v: string, all: string[]) => [...all, v], [] as string[])

@@ -46,6 +46,8 @@ export interface AttachOptions {
   deadConnTimeoutS: number;
   /** NBD URIs: seconds a request waits for a lost connection to come back (default 30). */
   reconnectDelayS?: number;
+  /** NBD URIs: seconds a request may go without a reply before its connection is dropped (0: none). */
+  requestTimeoutS?: number;
   /** Serve Prometheus metrics here (src/runtime/metrics.ts). */
   metrics?: MetricsListen;
   /** Most dirty bitmaps the device keeps (default DEFAULT_BITMAP_LIMITS). */
@@ -332,7 +334,7 @@ export class KernelDevice {
     try {
       runtime = await DeviceRuntime.start({
         image: opts.image,
-        stack: { format: opts.format, readOnly: frontend.readOnly, reconnectDelayMs: opts.reconnectDelayS === undefined ? undefined : opts.reconnectDelayS * 1000, bitmapLimits: { maxBitmaps: opts.maxBitmaps } },
+        stack: { format: opts.format, readOnly: frontend.readOnly, reconnectDelayMs: opts.reconnectDelayS === undefined ? undefined : opts.reconnectDelayS * 1000, requestTimeoutMs: (opts.requestTimeoutS ?? 0) * 1000, bitmapLimits: { maxBitmaps: opts.maxBitmaps } },
         frontend,
         sidecar: { name: opts.name },
         metrics: opts.metrics && { listen: opts.metrics, name: opts.name },

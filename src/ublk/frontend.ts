@@ -41,6 +41,8 @@ export interface UblkAttachOptions {
   depth: number;
   /** NBD URIs: seconds a request waits for a lost connection to come back (default 30). */
   reconnectDelayS?: number;
+  /** NBD URIs: seconds a request may go without a reply before its connection is dropped (0: none). */
+  requestTimeoutS?: number;
   /** Serve Prometheus metrics here (src/runtime/metrics.ts). */
   metrics?: MetricsListen;
   /** Most dirty bitmaps the device keeps (default DEFAULT_BITMAP_LIMITS). */
@@ -317,7 +319,7 @@ export class UblkDevice {
     const frontend = await UblkFrontend.prepare(opts);
     const runtime = await DeviceRuntime.start({
       image: opts.image,
-      stack: { format: opts.format, readOnly: frontend.readOnly, reconnectDelayMs: opts.reconnectDelayS === undefined ? undefined : opts.reconnectDelayS * 1000, bitmapLimits: { maxBitmaps: opts.maxBitmaps } },
+      stack: { format: opts.format, readOnly: frontend.readOnly, reconnectDelayMs: opts.reconnectDelayS === undefined ? undefined : opts.reconnectDelayS * 1000, requestTimeoutMs: (opts.requestTimeoutS ?? 0) * 1000, bitmapLimits: { maxBitmaps: opts.maxBitmaps } },
       frontend,
       sidecar: { name: opts.name },
       metrics: opts.metrics && { listen: opts.metrics, name: opts.name },

@@ -113,6 +113,27 @@ describe('remote NBD backend: reconnect', () => {
     }
   });
 
+  it('--request-timeout: a server that hangs has its connection dropped; the request is sent again on a new one and completes', async () => {
+    const srv = await fileServer();
+    const peer = await srv.start();
+    const b = await openNbd(srv.uri, { reconnectDelayMs: 20_000, requestTimeoutMs: 1000 });
+    try {
+      await b.write(0, Buffer.alloc(65536, 0x44));
+      process.kill(peer.pid, 'SIGSTOP');
+      const t0 = Date.now();
+      const read = b.read(0, 65536);
+      await sleep(2500); // past the timeout: the connection was dropped, a new one waits on the stopped server
+      process.kill(peer.pid, 'SIGCONT');
+      expect((await read).equals(Buffer.alloc(65536, 0x44))).toBe(true);
+      expect(Date.now() - t0).toBeGreaterThanOrEqual(2400);
+      expect(b.reconnects).toBeGreaterThanOrEqual(1);
+    } finally {
+      process.kill(peer.pid, 'SIGCONT');
+      await b.close();
+      await peer.stop();
+    }
+  });
+
   it('nbdd serve of a remote export: a client reading through nbdd while the remote restarts sees a slow disk, not an error', async () => {
     const srv = await fileServer();
     let peer = await srv.start();

@@ -19,6 +19,8 @@ export interface Peer {
   stop: () => Promise<void>;
   /** SIGKILL (a crash, for connection-loss tests); resolves when the process is gone. */
   kill: () => Promise<void>;
+  /** The server's pid (SIGSTOP/SIGCONT for a server that hangs). */
+  pid: number;
 }
 
 function accepts(path: string): Promise<boolean> {
@@ -81,6 +83,7 @@ async function startChild(tool: string, args: string[], socket: string, exportNa
     socket,
     stop: () => terminate(child.pid!, tool),
     kill: () => terminate(child.pid!, tool, 'SIGKILL'),
+    pid: child.pid!,
   };
 }
 
@@ -123,5 +126,6 @@ export async function startNbdServer(dir: string, exports: Record<string, string
     exportUri,
     stop: () => terminate(pid, 'nbd-server'),
     kill: () => terminate(pid, 'nbd-server', 'SIGKILL'),
+    pid,
   };
 }

@@ -122,6 +122,11 @@ export class NbdClient implements ReplyTarget {
   }
 
   private lostResolve: (err: NbddError) => void = () => undefined;
+  /** Drops the connection now (a request took too long): everything in flight fails with `reason`. */
+  abort(reason: NbddError): void {
+    this.io.destroy(reason);
+  }
+
   /** Resolves when the connection goes away other than by `close()`. */
   readonly whenLost: Promise<NbddError> = new Promise((resolve) => (this.lostResolve = resolve));
 

@@ -22,6 +22,11 @@ const MAX_BACKOFF_MS = 5000;
 export interface ReconnectOptions {
   /** How long a request may wait for the connection to come back before it fails (ms). */
   delayMs: number;
+  /**
+   * A request without a reply for this long (ms; 0: no limit) drops its connection, as the kernel's
+   * nbd timeout does: the requests on it are sent again on a new one, within `delayMs`.
+   */
+  requestTimeoutMs?: number;
   /** Opens and negotiates a new connection, as the first one was. */
   connect: () => Promise<NbdClient>;
   /** The remote, for log lines. */
@@ -76,7 +81,7 @@ export class ReconnectingClient {
         continue;
       }
       try {
-        return await op(c);
+        return await this.timed(c, op);
       } catch (err) {
         const lost = c.lost;
         if (!lost || this.state_ === 'closed') throw err;
@@ -84,6 +89,17 @@ export class ReconnectingClient {
         if (this.options.delayMs === 0) throw new NbddError(Errno.EIO, `${messageOf(lost)} (reconnecting)`, { cause: lost });
       }
     }
+  }
+
+  private timed<T>(c: NbdClient, op: (c: NbdClient) => Promise<T>): Promise<T> {
+    const limit = this.options.requestTimeoutMs ?? 0;
+    const p = op(c);
+    if (limit <= 0) return p;
+    const timer = setTimeout(() => {
+      log.warn(`a request to ${this.options.peer} had no reply for ${limit / 1000} s: dropping the connection`);
+      c.abort(new NbddError(Errno.ETIMEDOUT, `NBD server ${this.options.peer} did not answer within ${limit / 1000} s`));
+    }, limit);
+    return p.finally(() => clearTimeout(timer));
   }
 
   /** Stops reconnecting and closes the connection; waiting requests fail with ESHUTDOWN. */
