@@ -1,6 +1,7 @@
 /**
  * `nbdd serve IMAGE`: serve an image over the NBD protocol on a unix socket or TCP.
  */
+import { serverTls, type TlsMode } from '../nbd/tls.js';
 import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -22,6 +23,10 @@ import { intArg, METRICS_HELP, metricsArg, RECONNECT_HELP, DEFAULT_RECONNECT_DEL
 const log = logger('serve');
 
 interface ServeOptions {
+  tls: TlsMode;
+  tlsCertificates?: string;
+  tlsPsk?: string;
+  tlsVerifyPeer?: boolean;
   reconnectDelay: number;
   requestTimeout: number;
   socket?: string;
@@ -64,7 +69,9 @@ async function serve(image: string, opts: ServeOptions): Promise<void> {
   }
   // A client on this host may make a kernel device of this export (nbd-client): be a flusher too.
   await becomeIoFlusher(false);
+  const tls = serverTls({ mode: opts.tls, certificates: opts.tlsCertificates, psk: opts.tlsPsk, verifyPeer: opts.tlsVerifyPeer });
   const frontend = new NbdServerFrontend({
+    tls,
     exportName: opts.exportName,
     description: opts.description,
     readOnly: opts.readOnly,
@@ -140,6 +147,10 @@ export function register(program: Command): void {
     .option('-e, --shared <n>', 'most simultaneous clients', intArg(1, 4096), 16)
     .option('--handshake-timeout <seconds>', 'drop clients that do not finish negotiation in time (0: never)', intArg(0, 3600), 10)
     .option('--idle-timeout <seconds>', 'close clients that send no request for this long, so idle ones cannot hold every --shared slot (0: never)', intArg(0, 86400), 0)
+    .addOption(new Option('--tls <mode>', 'TLS for clients (NBD_OPT_STARTTLS): off, on (offered), require (nothing but STARTTLS before it)').choices(['off', 'on', 'require']).default('off'))
+    .option('--tls-certificates <dir>', 'x509: a directory with ca-cert.pem, server-cert.pem, server-key.pem (as qemu and nbdkit lay it out)')
+    .option('--tls-psk <file>', 'PSK: a file of username:hexkey lines (psktool)')
+    .option('--tls-verify-peer', 'x509: require and check client certificates (signed by ca-cert.pem)')
     .option('--direct', 'open raw images with O_DIRECT (bypass the page cache)')
     .option('--reconnect-delay <seconds>', RECONNECT_HELP, intArg(0, 86400), DEFAULT_RECONNECT_DELAY_S)
     .option('--request-timeout <seconds>', REQUEST_TIMEOUT_HELP, intArg(0, 86400), 0)

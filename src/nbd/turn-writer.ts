@@ -11,7 +11,13 @@ import { turnEnd } from '../core/batch.js';
 export class TurnWriter {
   private corked = false;
 
-  constructor(private readonly socket: Socket) {}
+  constructor(private socket: Socket) {}
+
+  /** Writes go to `socket` from now on (a connection taken to TLS); the caller flushed first. */
+  retarget(socket: Socket): void {
+    this.flushNow();
+    this.socket = socket;
+  }
 
   write(buf: Buffer): void {
     if (!this.corked) {

@@ -156,3 +156,61 @@ describe('sparse reads', () => {
     expect(planSparseRead([ext(1 << 20, true)], 0, 65536)).toEqual([{ offset: 0, length: 65536, hole: true }]);
   });
 });
+
+describe('Negotiation: STARTTLS', () => {
+  /** Option replies as [option, reply type] pairs, from the frames sent. */
+  function replies(frames: Buffer[]): [number, number][] {
+    const out: [number, number][] = [];
+    for (const f of frames) if (f.length >= 20 && f.readUInt32BE(0) === 0x0003e889) out.push([f.readUInt32BE(8), f.readUInt32BE(12)]);
+    return out;
+  }
+  function negotiate(tls: 'off' | 'on' | 'require', script: Buffer): { sent: Buffer[]; n: Negotiation; reader: ChunkReader; end: NegotiationEnd | null } {
+    const sent: Buffer[] = [];
+    const n = new Negotiation(directory, (f) => sent.push(f), 'test', tls);
+    const reader = new ChunkReader();
+    reader.push(script);
+    return { sent, n, reader, end: n.advance(reader) };
+  }
+  const ACK = 1;
+  const ERR_UNSUP = 0x80000001;
+  const ERR_INVALID = 0x80000003;
+  const ERR_TLS_REQD = 0x80000005;
+
+  it('require: every option but STARTTLS and ABORT gets ERR_TLS_REQD; STARTTLS ends in starttls; afterwards all works, and STARTTLS again is invalid', () => {
+    const r = negotiate('require', Buffer.concat([clientFlags(), optStructured(), encodeOption(NBD_OPT.LIST), optGo('disk', []), encodeOption(NBD_OPT.STARTTLS)]));
+    expect(replies(r.sent)).toEqual([
+      [NBD_OPT.STRUCTURED_REPLY, ERR_TLS_REQD],
+      [NBD_OPT.LIST, ERR_TLS_REQD],
+      [NBD_OPT.GO, ERR_TLS_REQD],
+      [NBD_OPT.STARTTLS, ACK],
+    ]);
+    expect(r.end).toEqual({ kind: 'starttls' });
+    r.n.tlsStarted();
+    r.sent.length = 0;
+    r.reader.push(Buffer.concat([encodeOption(NBD_OPT.STARTTLS), optStructured(), optGo('disk', [])]));
+    const end = r.n.advance(r.reader);
+    expect(replies(r.sent).map(([o, t]) => [o, t])).toEqual([
+      [NBD_OPT.STARTTLS, ERR_INVALID],
+      [NBD_OPT.STRUCTURED_REPLY, ACK],
+      [NBD_OPT.GO, 3], // NBD_REP_INFO
+      [NBD_OPT.GO, 3],
+      [NBD_OPT.GO, ACK],
+    ]);
+    expect(end).toMatchObject({ kind: 'transmission', structured: true });
+  });
+
+  it('require: EXPORT_NAME before TLS closes the connection (it has no error reply)', () => {
+    const r = negotiate('require', Buffer.concat([clientFlags(), encodeOption(NBD_OPT.EXPORT_NAME, Buffer.from('disk'))]));
+    expect(r.end).toMatchObject({ kind: 'close', graceful: false });
+  });
+
+  it('off: STARTTLS is unsupported; on: plaintext options work and STARTTLS is accepted', () => {
+    expect(replies(negotiate('off', Buffer.concat([clientFlags(), encodeOption(NBD_OPT.STARTTLS)])).sent)).toEqual([[NBD_OPT.STARTTLS, ERR_UNSUP]]);
+    const on = negotiate('on', Buffer.concat([clientFlags(), optStructured(), encodeOption(NBD_OPT.STARTTLS)]));
+    expect(replies(on.sent)).toEqual([
+      [NBD_OPT.STRUCTURED_REPLY, ACK],
+      [NBD_OPT.STARTTLS, ACK],
+    ]);
+    expect(on.end).toEqual({ kind: 'starttls' });
+  });
+});

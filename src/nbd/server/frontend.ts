@@ -2,6 +2,7 @@
  * The NBD server as a device frontend (`nbdd serve`): one export over the device's queue, on a
  * unix socket or TCP.
  */
+import type { ServerTls } from '../tls.js';
 import { Errno, NbddError } from '../../core/errors.js';
 import type { Frontend, FrontendContext } from '../../runtime/device.js';
 import { DIRTY_BITMAP_CONTEXT_PREFIX } from '../wire/contexts.js';
@@ -18,6 +19,8 @@ export interface NbdServerFrontendOptions {
   maxConnections?: number;
   handshakeTimeoutMs?: number;
   idleTimeoutMs?: number;
+  /** TLS for client connections (src/nbd/tls.ts). */
+  tls?: ServerTls | null;
   listen: Listen;
   /** Dirty bitmaps published on the export as `qemu:dirty-bitmap:NAME` (qemu-nbd's -B); each must exist. */
   bitmaps?: readonly string[];
@@ -48,7 +51,7 @@ export class NbdServerFrontend implements Frontend {
       throw new NbddError(Errno.ENOENT, `bitmap '${missing[0]}' not found (the image has ${known.length ? known.map((n) => `'${n}'`).join(', ') : 'no bitmaps'})`);
     }
     const published = new Set((o.bitmaps ?? []).map((b) => DIRTY_BITMAP_CONTEXT_PREFIX + b));
-    const server = new NbdServer({ maxConnections: o.maxConnections, handshakeTimeoutMs: o.handshakeTimeoutMs, idleTimeoutMs: o.idleTimeoutMs });
+    const server = new NbdServer({ maxConnections: o.maxConnections, handshakeTimeoutMs: o.handshakeTimeoutMs, idleTimeoutMs: o.idleTimeoutMs, tls: o.tls });
     server.addExport(
       new NbdExport({
         name: o.exportName,

@@ -41,7 +41,9 @@ export interface ExportDirectory {
 export type NegotiationEnd =
   | { kind: 'transmission'; export: NbdExport; structured: boolean; contexts: MetaContext[] }
   /** `graceful`: what was sent should still reach the client (ABORT, unknown EXPORT_NAME). */
-  | { kind: 'close'; reason: string; graceful: boolean };
+  | { kind: 'close'; reason: string; graceful: boolean }
+  /** STARTTLS was accepted (its reply sent): the session starts TLS, then calls `tlsStarted()`. */
+  | { kind: 'starttls' };
 
 type Wait =
   | { kind: 'clientFlags' }
@@ -57,13 +59,27 @@ export class Negotiation {
   /** Contexts chosen by SET_META_CONTEXT, with the export they were chosen for. */
   private selected: { exportName: string; contexts: MetaContext[] } | null = null;
   private end: NegotiationEnd | null = null;
+  private encrypted = false;
 
   constructor(
     private readonly exports: ExportDirectory,
     private readonly send: (frame: Buffer) => void,
     /** For log lines, e.g. `session 3`. */
     private readonly label = 'negotiation',
+    /** Whether STARTTLS is offered (`on`) or needed before anything else (`require`). */
+    private readonly tls: 'off' | 'on' | 'require' = 'off',
   ) {}
+
+  /**
+   * TLS is up after a `starttls` end: negotiation goes on over it, as if nothing had been
+   * negotiated before (the spec: state from before STARTTLS does not carry over).
+   */
+  tlsStarted(): void {
+    this.encrypted = true;
+    this.structured = false;
+    this.selected = null;
+    this.end = null;
+  }
 
   /**
    * Consumes what `reader` holds and can be handled; returns how negotiation ended, or null when
@@ -121,8 +137,22 @@ export class Negotiation {
 
   private handleOption(option: number, data: Buffer): void {
     log.debug(`${this.label}: ${nameOfNbdOpt(option)} (${data.length} bytes)`);
+    if (this.tls === 'require' && !this.encrypted && option !== NBD_OPT.STARTTLS && option !== NBD_OPT.ABORT) {
+      if (option === NBD_OPT.EXPORT_NAME) {
+        this.end = { kind: 'close', reason: 'EXPORT_NAME before TLS on a server that requires TLS', graceful: false };
+        return;
+      }
+      return this.replyOptionError(option, NBD_REP.ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first');
+    }
     try {
       switch (option) {
+        case NBD_OPT.STARTTLS:
+          if (data.length !== 0) return this.replyOptionError(option, NBD_REP.ERR_INVALID, 'STARTTLS takes no data');
+          if (this.tls === 'off') return this.replyOptionError(option, NBD_REP.ERR_UNSUP, 'TLS is not configured on this server');
+          if (this.encrypted) return this.replyOptionError(option, NBD_REP.ERR_INVALID, 'TLS is already on');
+          this.send(encodeOptionReply(option, NBD_REP.ACK));
+          this.end = { kind: 'starttls' };
+          return;
         case NBD_OPT.EXPORT_NAME:
           return this.handleOptExportName(data);
         case NBD_OPT.ABORT:

@@ -4,6 +4,8 @@
  * and skips Node's stream machinery, and the bytes it brought stay valid as views (the slab is
  * never written twice at the same place; a new one is started when the tail gets short).
  */
+import net, { type Socket } from 'node:net';
+
 const SLAB_BYTES = 1024 * 1024;
 /**
  * Most one read may bring. Enough for a whole batch of small requests, and small enough that a
@@ -31,4 +33,24 @@ export class ReadSlab {
     this.pos += n;
     return bytes;
   }
+}
+
+/**
+ * A socket over `fd` whose reads land where `buffer()` says (a slab region, or a payload's own
+ * buffer) and are reported to `landed`, without Node's stream machinery.
+ */
+export function slabSocket(fd: number, buffer: () => Buffer, landed: (n: number, buf: Uint8Array) => void): Socket {
+  // `onread` is documented for net.Socket (Node >= 12) but missing from @types/node's constructor options.
+  return new net.Socket({
+    fd,
+    readable: true,
+    writable: true,
+    onread: {
+      buffer,
+      callback: (n: number, buf: Uint8Array) => {
+        landed(n, buf);
+        return true;
+      },
+    },
+  } as net.SocketConstructorOpts);
 }

@@ -49,3 +49,40 @@ export class ReplyBudget {
     this.waiters.delete(wake);
   }
 }
+
+/**
+ * One session's part of the budget: the large READ bytes it took and has in flight (sent ones
+ * count in the socket's `writableLength`). `hold` records a take and returns its release; `drop`
+ * gives back everything at once when the session ends (its replies will never be read), after
+ * which late releases do nothing.
+ */
+export class BudgetShare {
+  /** Bytes taken and not given back. */
+  held = 0;
+  private dropped = false;
+
+  constructor(
+    private readonly budget: ReplyBudget,
+    /** Called after a release (a session blocked on its own share may go on). */
+    private readonly released: () => void,
+  ) {}
+
+  hold(n: number): () => void {
+    this.held += n;
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      if (this.dropped) return;
+      this.held -= n;
+      this.budget.give(n);
+      this.released();
+    };
+  }
+
+  drop(): void {
+    this.dropped = true;
+    if (this.held > 0) this.budget.give(this.held);
+    this.held = 0;
+  }
+}

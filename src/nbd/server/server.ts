@@ -2,6 +2,7 @@
  * The NBD server: exports by name, listeners (unix socket, TCP), a connection cap, and graceful
  * shutdown. Sessions do the protocol; this file only accepts and tracks them.
  */
+import type { ServerTls } from '../tls.js';
 import net from 'node:net';
 import { promises as fsp } from 'node:fs';
 import { Errno, NbddError } from '../../core/errors.js';
@@ -25,6 +26,8 @@ export interface ServerOptions {
   idleTimeoutMs?: number;
   /** READ data (in flight or unsent) all client connections together may hold. Default 96 MiB. */
   replyBudgetBytes?: number;
+  /** TLS for client connections (NBD_OPT_STARTTLS; src/nbd/tls.ts); none: plaintext only. */
+  tls?: ServerTls | null;
 }
 
 /** A client session as the idle sweep last saw it. */
@@ -49,8 +52,10 @@ export class NbdServer implements SessionHost {
   /** Sessions over client sockets (not the kernel's). */
   private readonly clientSessions = new Set<NbdSession>();
   private idleSweep: NodeJS.Timeout | null = null;
+  private readonly tls: ServerTls | null;
 
   constructor(options: ServerOptions = {}) {
+    this.tls = options.tls ?? null;
     this.maxConnections = options.maxConnections ?? 16;
     this.handshakeTimeoutMs = options.handshakeTimeoutMs ?? 10_000;
     this.idleTimeoutMs = options.idleTimeoutMs ?? 0;
@@ -128,7 +133,9 @@ export class NbdServer implements SessionHost {
         srv.removeAllListeners('error');
         srv.on('error', (err) => log.error(`listener ${what}: ${err.message}`));
         this.listeners.push(srv);
-        log.info(`listening on ${what}`);
+        const a = srv.address();
+        // A TCP listener on port 0 says the port the kernel gave it.
+        log.info(`listening on ${what.endsWith(':0') && a && typeof a === 'object' ? `${a.family === 'IPv6' ? `[${a.address}]` : a.address}:${a.port}` : what}`);
         resolve(srv);
       });
       start(srv);
@@ -146,7 +153,7 @@ export class NbdServer implements SessionHost {
       return;
     }
     this.clientCount++;
-    const session = new NbdSession(socket, this, { handshakeTimeoutMs: this.handshakeTimeoutMs, replyBudget: this.replyBudget });
+    const session = new NbdSession(socket, this, { handshakeTimeoutMs: this.handshakeTimeoutMs, replyBudget: this.replyBudget, tls: this.tls });
     session.closed.then(() => this.clientCount--);
     this.sessions.add(session);
     this.clientSessions.add(session);

@@ -10,7 +10,7 @@
  * we will not buffer, or anything that loses framing closes the connection; a failed backend call
  * is an error reply. Nothing here can throw into the event loop.
  */
-import net, { type Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import { messageOf } from '../../core/errors.js';
 import type { MetaContext } from '../../core/meta-context.js';
 import { logger } from '../../core/log.js';
@@ -23,8 +23,9 @@ import type { NbdExport } from './export.js';
 import { Negotiation, type ExportDirectory } from './negotiation.js';
 import { validateRequest } from './requests.js';
 import { ReplyWriter } from './replies.js';
-import { ReadSlab } from './read-slab.js';
-import { SMALL_READ, type ReplyBudget } from './reply-budget.js';
+import { upgradeToTls, type ServerTls } from '../tls.js';
+import { ReadSlab, slabSocket } from './read-slab.js';
+import { BudgetShare, SMALL_READ, type ReplyBudget } from './reply-budget.js';
 
 const log = logger('nbd');
 
@@ -44,6 +45,8 @@ export interface SessionOptions {
   maxPendingReplyBytes?: number;
   /** The server's budget for READ data of all its clients (none for kernel sockets). */
   replyBudget?: ReplyBudget;
+  /** TLS the client may (or must) start with NBD_OPT_STARTTLS; none: STARTTLS is refused. */
+  tls?: ServerTls | null;
 }
 
 const DEFAULT_MAX_PENDING_REPLY_BYTES = 32 * 1024 * 1024;
@@ -81,10 +84,8 @@ export class NbdSession {
   private inFlight = 0;
   /** Counts requests received and completed: the idle sweep (server.ts) sees whether it moved. */
   activity = 0;
-  /** Large READ bytes taken from the reply budget and in flight (sent ones count in `writableLength`). */
-  private held = 0;
-  /** Set at finish: what was held went back to the budget at once; later releases are no-ops. */
-  private heldReturned = false;
+  /** This session's part of the server's reply budget (none for kernel sockets). */
+  private readonly share: BudgetShare | null;
   private blocked = false;
   private handshakeTimer: NodeJS.Timeout | null = null;
   private unsubscribeDrain: (() => void) | null = null;
@@ -98,15 +99,17 @@ export class NbdSession {
   private payloadTarget: Buffer | null = null;
 
   constructor(
-    private readonly socket: Socket,
+    private socket: Socket,
     private readonly host: SessionHost,
     private readonly options: SessionOptions,
     slab: ReadSlab | null = null,
   ) {
     this.out = new TurnWriter(socket);
     this.replies = new ReplyWriter(this.out, () => this.phase === 'closed', () => this.description);
-    this.negotiation = new Negotiation(host, (frame) => this.replies.send(frame), `session ${this.id}`);
+    this.negotiation = new Negotiation(host, (frame) => this.replies.send(frame), `session ${this.id}`, options.tls?.mode ?? 'off');
     this.slab = slab;
+    // A release may let a session blocked on its own share go on.
+    this.share = options.replyBudget ? new BudgetShare(options.replyBudget, () => this.unblock()) : null;
     socket.setNoDelay?.(true);
     if (!slab) socket.on('data', this.onData);
     socket.on('error', (err) => {
@@ -129,20 +132,11 @@ export class NbdSession {
   static overFd(fd: number, host: SessionHost, options: SessionOptions): NbdSession {
     const slab = new ReadSlab();
     let session: NbdSession | null = null;
-    // `onread` is documented for net.Socket (Node >= 12) but missing from @types/node's constructor options.
-    const socket = new net.Socket({
+    const socket = slabSocket(
       fd,
-      readable: true,
-      writable: true,
-      onread: {
-        // Called once before the session exists (the first read) and after every read.
-        buffer: () => (session ? session.nextReadBuffer() : slab.region()),
-        callback: (n: number, buf: Uint8Array) => {
-          session!.landed(n, buf);
-          return true;
-        },
-      },
-    } as net.SocketConstructorOpts);
+      () => (session ? session.nextReadBuffer() : slab.region()), // the first read comes before the session
+      (n, buf) => session!.landed(n, buf),
+    );
     session = new NbdSession(socket, host, options, slab);
     return session;
   }
@@ -239,6 +233,10 @@ export class NbdSession {
           }
           return false;
         }
+        if (end.kind === 'starttls') {
+          this.startTls();
+          return false;
+        }
         this.replies.structured = end.structured;
         this.contexts = end.contexts;
         this.enterTransmission(end.export);
@@ -276,6 +274,24 @@ export class NbdSession {
   }
 
   /* ------------------------------------------------------------ transmission */
+
+  /**
+   * After the STARTTLS reply: the STARTTLS reply leaves in plaintext, then the socket is handed to
+   * TLS (bytes the client sent early go with it) and negotiation resumes once the handshake is
+   * done. All of it happens in this turn, so no plaintext 'data' event falls in between.
+   */
+  private startTls(): void {
+    this.socket = upgradeToTls(this.socket, this.options.tls!, this.reader, this.out, {
+      onData: this.onData,
+      onDrain: this.onSocketDrain,
+      onGone: () => this.terminate(),
+      onSecure: () => {
+        this.negotiation.tlsStarted();
+        this.pump();
+      },
+      label: this.description,
+    });
+  }
 
   private enterTransmission(exp: NbdExport): void {
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
@@ -325,7 +341,7 @@ export class NbdSession {
         const budget = this.options.replyBudget;
         const counted = budget !== undefined && h.length > SMALL_READ;
         if (counted && !budget.tryTake(h.length)) return this.awaitBudget(h, budget);
-        const release = counted ? this.holding(h.length) : undefined;
+        const release = counted ? this.share!.hold(h.length) : undefined;
         if (!this.replies.needsReadPlan(h, q)) {
           // The common read: one queue read, one reply (no async frame on this per-request path).
           return this.track(h, q.read(h.offset, h.length).then((data) => this.replies.readData(h, h.offset, data, true, release)), release);
@@ -367,23 +383,6 @@ export class NbdSession {
   }
 
   /**
-   * Records `n` bytes taken from the reply budget for one READ; the function returned gives them
-   * back (once, whichever path calls it first) and lets a session blocked on its own share go on.
-   */
-  private holding(n: number): () => void {
-    this.held += n;
-    let done = false;
-    return () => {
-      if (done) return;
-      done = true;
-      if (this.heldReturned) return;
-      this.held -= n;
-      this.options.replyBudget!.give(n);
-      if (this.blocked && this.wait.kind !== 'admission') this.unblock();
-    };
-  }
-
-  /**
    * The READ `h` waits, with reading paused, until the budget has room: retried when a READ gives
    * bytes back, and every 50 ms (other clients' sockets draining frees room too).
    */
@@ -420,7 +419,7 @@ export class NbdSession {
   /** True when we must stop reading requests: the queue or our reply backlog is full. */
   private mustWait(): boolean {
     const q = this.export!.queue;
-    const backlog = Math.max(this.held, this.socket.writableLength) > (this.options.maxPendingReplyBytes ?? DEFAULT_MAX_PENDING_REPLY_BYTES);
+    const backlog = Math.max(this.share?.held ?? 0, this.socket.writableLength) > (this.options.maxPendingReplyBytes ?? DEFAULT_MAX_PENDING_REPLY_BYTES);
     if (!q.saturated && !backlog) return false;
     this.blocked = true;
     this.socket.pause();
@@ -484,9 +483,7 @@ export class NbdSession {
     this.phase = 'closed';
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     // What this session held goes back now; its replies will never be read.
-    this.heldReturned = true;
-    if (this.held > 0) this.options.replyBudget?.give(this.held);
-    this.held = 0;
+    this.share?.drop();
     this.options.replyBudget?.forget(this.onBudgetFreed);
     if (this.admissionRetry) clearTimeout(this.admissionRetry);
     this.unsubscribeDrain?.();
