@@ -19,6 +19,7 @@ import { NbdClient } from '../nbd/client/client.js';
 import { ReconnectingClient, type RemoteEventType } from '../nbd/client/reconnecting.js';
 import { BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH } from '../nbd/wire/contexts.js';
 import { parseNbdUri } from '../nbd/uri.js';
+import { clientTlsOptions } from '../nbd/tls.js';
 import { NBD_FLAG, NBD_STATE_HOLE, NBD_STATE_ZERO } from '../nbd/wire/constants.js';
 
 
@@ -218,10 +219,11 @@ export function combineStatus(allocation: StatusExtent[], depth: StatusExtent[] 
  * such export, ECONNREFUSED, EPROTO, ...).
  */
 export async function openNbd(uri: string, options: OpenNbdOptions = {}): Promise<NbdBackend> {
-  const { transport, exportName } = parseNbdUri(uri);
+  const { transport, exportName, tls } = parseNbdUri(uri);
+  const tlsOptions = tls ? clientTlsOptions(tls, transport.kind === 'tcp' ? transport.host : null) : undefined;
   const wanted = Math.max(1, Math.min(options.connections ?? 1, MAX_NBD_CONNECTIONS));
   const metaContexts = [...new Set([BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH, ...(options.extraContexts ?? [])])];
-  const connect = (): Promise<NbdClient> => NbdClient.connect(transport, { exportName, metaContexts, listMetaContexts: options.listContexts });
+  const connect = (): Promise<NbdClient> => NbdClient.connect(transport, { exportName, metaContexts, listMetaContexts: options.listContexts, tls: tlsOptions });
   const first = await connect();
   const clients = [first];
   if (wanted > 1 && first.has(NBD_FLAG.CAN_MULTI_CONN)) {

@@ -14,6 +14,7 @@ import { join } from 'node:path';
 import type { Socket } from 'node:net';
 import tls from 'node:tls';
 import { Errno, NbddError, messageOf } from '../core/errors.js';
+import type { ClientTlsSpec } from './uri.js';
 import { logger } from '../core/log.js';
 import type { TurnWriter } from './turn-writer.js';
 import type { ChunkReader } from './wire/reader.js';
@@ -136,4 +137,44 @@ export function serverTls(o: TlsOptions): ServerTls | null {
     } as tls.TLSSocketOptions;
   }
   return { mode: o.mode, kind: o.certificates ? 'x509' : 'psk', wrap: (socket) => new tls.TLSSocket(socket, options) };
+}
+
+/**
+ * The client side of TLS for an nbds:// URI: x509 with the CA in `certificates`/ca-cert.pem (the
+ * system's CAs without one) and a client certificate when the directory has one, or a PSK from
+ * the psktool file for `username` (the file's only or first user when none is named). `host`: the
+ * server's name for the certificate check (none for Unix sockets: the chain is still checked).
+ */
+export function clientTlsOptions(spec: ClientTlsSpec, host: string | null): tls.ConnectionOptions {
+  if (spec.pskFile) {
+    const keys = readPskFile(spec.pskFile);
+    const identity = spec.username ?? [...keys.keys()][0]!;
+    const psk = keys.get(identity);
+    if (!psk) throw new NbddError(Errno.EINVAL, `tls-psk-file ${spec.pskFile} has no key for user '${identity}'`);
+    return { ciphers: 'PSK', maxVersion: 'TLSv1.2', pskCallback: () => ({ psk, identity }), checkServerIdentity: () => undefined };
+  }
+  const options: tls.ConnectionOptions = { rejectUnauthorized: spec.verifyPeer };
+  const dir = spec.certificates;
+  if (dir) {
+    const read = (f: string): Buffer | undefined => {
+      try {
+        return readFileSync(join(dir, f));
+      } catch {
+        return undefined;
+      }
+    };
+    const ca = read('ca-cert.pem');
+    if (ca) options.ca = ca;
+    const cert = read('client-cert.pem');
+    const key = read('client-key.pem');
+    if (cert && key) Object.assign(options, { cert, key });
+    if (!ca && !cert) throw new NbddError(Errno.EINVAL, `tls-certificates ${dir} holds neither ca-cert.pem nor client-cert.pem`);
+  }
+  if (host) {
+    options.host = host; // what the certificate must name (an IP address too)
+    if (!/^[0-9.]+$|:/.test(host)) options.servername = host; // SNI takes names only
+  } else {
+    options.checkServerIdentity = () => undefined; // a Unix socket has no name to check; the chain is
+  }
+  return options;
 }

@@ -4,11 +4,13 @@
  *
  *   nbd://HOST[:PORT]/[EXPORT]            TCP, port 10809 by default, HOST may be [IPv6]
  *   nbd+unix:///[EXPORT]?socket=PATH      Unix domain socket (the authority must be empty)
- *   nbds://…, nbds+unix://…               TLS: refused here (nbdd does not speak TLS)
+ *   nbds://…, nbds+unix://…               TLS (NBD_OPT_STARTTLS), with libnbd's query parameters
+ *                                         tls-certificates=DIR, tls-psk-file=FILE, tls-username=NAME
+ *                                         (or nbds://NAME@HOST/…), tls-verify-peer=false
  *   nbd+vsock://CID[:PORT]/[EXPORT]       AF_VSOCK: refused here
  *
  * The export name is the path without its first '/', percent-decoded (`nbd://h//x` names "/x").
- * Query parameters other than `socket` (libnbd's `tls-*`) are ignored, as libnbd ignores unknown ones.
+ * Other query parameters are ignored, as libnbd ignores unknown ones.
  * Pure: no I/O.
  */
 import { Errno, NbddError } from '../core/errors.js';
@@ -16,9 +18,22 @@ import { LIMITS, NBD_DEFAULT_PORT } from './wire/constants.js';
 
 export type NbdTransport = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number };
 
+/** TLS as an nbds:// URI asks for it (src/nbd/tls.ts turns it into credentials). */
+export interface ClientTlsSpec {
+  /** x509: directory with ca-cert.pem (and client-cert.pem, client-key.pem); default: the system CAs. */
+  certificates?: string;
+  /** PSK: a psktool file of username:hexkey lines. */
+  pskFile?: string;
+  username?: string;
+  /** Check the server's certificate (default true). */
+  verifyPeer: boolean;
+}
+
 export interface NbdUri {
   transport: NbdTransport;
   exportName: string;
+  /** Present for nbds:// and nbds+unix://. */
+  tls?: ClientTlsSpec;
 }
 
 const SCHEME = /^(nbds?)(?:\+(unix|tcp|vsock))?:\/\//i;
@@ -40,13 +55,12 @@ function percentDecode(uri: string, s: string, what: string): string {
   }
 }
 
-/** Parses an NBD URI; throws NbddError (EINVAL, or ENOTSUP for TLS and vsock). */
+/** Parses an NBD URI; throws NbddError (EINVAL, or ENOTSUP for vsock). */
 export function parseNbdUri(uri: string): NbdUri {
   const m = SCHEME.exec(uri);
   if (!m) throw invalid(uri, 'the scheme must be nbd://, nbd+unix:// (or nbds…)');
   const tls = m[1]!.toLowerCase() === 'nbds';
   const transport = (m[2] ?? 'tcp').toLowerCase();
-  if (tls) throw new NbddError(Errno.ENOTSUP, `'${uri}': TLS is not supported (use nbd:// or nbd+unix://)`);
   if (transport === 'vsock') throw new NbddError(Errno.ENOTSUP, `'${uri}': AF_VSOCK transport is not supported`);
 
   let rest = uri.slice(m[0].length);
@@ -60,12 +74,15 @@ export function parseNbdUri(uri: string): NbdUri {
   const path = slash >= 0 ? rest.slice(slash + 1) : '';
   const exportName = percentDecode(uri, path, 'export name');
   if (Buffer.byteLength(exportName) > LIMITS.maxString) throw invalid(uri, `export name longer than ${LIMITS.maxString} bytes`);
+  const at = authority.lastIndexOf('@');
+  const spec: ClientTlsSpec | undefined = tls ? tlsSpec(uri, query, at >= 0 ? percentDecode(uri, authority.slice(0, at), 'user name') : undefined) : undefined;
+  const withTls = (u: NbdUri): NbdUri => (spec ? { ...u, tls: spec } : u);
 
   if (transport === 'unix') {
     if (authority !== '') throw invalid(uri, 'nbd+unix:// takes no host (write nbd+unix:///EXPORT?socket=PATH)');
     const socket = query.get('socket');
     if (!socket) throw invalid(uri, 'nbd+unix:// needs ?socket=PATH');
-    return { transport: { kind: 'unix', path: socket }, exportName };
+    return withTls({ transport: { kind: 'unix', path: socket }, exportName });
   }
 
   // authority = [userinfo@]host[:port]; the user name only matters for TLS, so it is dropped.
@@ -93,16 +110,31 @@ export function parseNbdUri(uri: string): NbdUri {
     }
     port = Number(portText);
   }
-  return { transport: { kind: 'tcp', host, port }, exportName };
+  return withTls({ transport: { kind: 'tcp', host, port }, exportName });
+}
+
+function tlsSpec(uri: string, query: URLSearchParams, user: string | undefined): ClientTlsSpec {
+  const verify = query.get('tls-verify-peer');
+  if (verify !== null && !['true', 'false', '1', '0'].includes(verify)) throw invalid(uri, `tls-verify-peer must be true or false, not '${verify}'`);
+  const spec: ClientTlsSpec = { verifyPeer: verify !== 'false' && verify !== '0' };
+  const certificates = query.get('tls-certificates');
+  const pskFile = query.get('tls-psk-file');
+  if (certificates && pskFile) throw invalid(uri, 'tls-certificates and tls-psk-file exclude each other');
+  if (certificates) spec.certificates = certificates;
+  if (pskFile) spec.pskFile = pskFile;
+  const username = query.get('tls-username') ?? user;
+  if (username) spec.username = username;
+  return spec;
 }
 
 /** The canonical URI of an export (for `nbdd info`), percent-encoding what needs it. */
 export function formatNbdUri(u: NbdUri): string {
   const name = encodePath(u.exportName);
-  if (u.transport.kind === 'unix') return `nbd+unix:///${name}?socket=${encodePath(u.transport.path)}`;
+  const s = u.tls ? 'nbds' : 'nbd';
+  if (u.transport.kind === 'unix') return `${s}+unix:///${name}?socket=${encodePath(u.transport.path)}`;
   const host = u.transport.host.includes(':') ? `[${u.transport.host}]` : u.transport.host;
   const port = u.transport.port === NBD_DEFAULT_PORT ? '' : `:${u.transport.port}`;
-  return `nbd://${host}${port}/${name}`;
+  return `${s}://${host}${port}/${name}`;
 }
 
 /** Percent-encodes each '/'-separated segment (keeping the slashes, as nbdinfo prints paths). */

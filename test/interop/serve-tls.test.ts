@@ -6,10 +6,11 @@
  * on serving. Credentials are made with openssl at test time.
  */
 import { spawn } from 'node:child_process';
-import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NBDD, requireTool, run, runStatus, serveNbdd, tempDir, type Served } from '../helpers/tools.js';
+import { makeTlsCreds } from '../helpers/tls-creds.js';
 
 let dir: ReturnType<typeof tempDir>;
 let x509: string; // ca-cert.pem, server-cert.pem, server-key.pem
@@ -19,43 +20,10 @@ let pskDir: string; // keys.psk (qemu's layout: the file name is fixed)
 let wrongPskDir: string;
 let image: string;
 
-function openssl(args: string[]): void {
-  run('openssl', args);
-}
-
-/** A CA in `d` (ca-cert.pem, ca-key.pem). */
-function makeCa(d: string, cn: string): void {
-  mkdirSync(d, { recursive: true });
-  openssl(['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', join(d, 'ca-key.pem'), '-out', join(d, 'ca-cert.pem'), '-days', '2', '-subj', `/CN=${cn}`]);
-}
-
-/** A certificate `name`-cert.pem / `name`-key.pem in `out`, signed by the CA in `ca`. */
-function signed(ca: string, out: string, name: 'server' | 'client'): void {
-  const csr = join(out, `${name}.csr`);
-  const ext = join(out, `${name}.ext`);
-  openssl(['req', '-newkey', 'rsa:2048', '-nodes', '-keyout', join(out, `${name}-key.pem`), '-out', csr, '-subj', `/CN=${name === 'server' ? 'localhost' : 'nbdd-test-client'}`]);
-  writeFileSync(ext, name === 'server' ? 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' : 'extendedKeyUsage=clientAuth\n');
-  openssl(['x509', '-req', '-in', csr, '-CA', join(ca, 'ca-cert.pem'), '-CAkey', join(ca, 'ca-key.pem'), '-CAcreateserial', '-out', join(out, `${name}-cert.pem`), '-days', '2', '-extfile', ext]);
-}
-
 beforeAll(() => {
   for (const t of ['openssl', 'nbdinfo', 'nbdcopy', 'qemu-img', 'qemu-io']) requireTool(t);
   dir = tempDir('nbdd-tls-');
-  x509 = join(dir.path, 'x509');
-  makeCa(x509, 'nbdd test CA');
-  signed(x509, x509, 'server');
-  clientCerts = join(dir.path, 'client');
-  mkdirSync(clientCerts);
-  copyFileSync(join(x509, 'ca-cert.pem'), join(clientCerts, 'ca-cert.pem'));
-  signed(x509, clientCerts, 'client');
-  otherCa = join(dir.path, 'other');
-  makeCa(otherCa, 'some other CA');
-  pskDir = join(dir.path, 'psk');
-  wrongPskDir = join(dir.path, 'psk-wrong');
-  mkdirSync(pskDir);
-  mkdirSync(wrongPskDir);
-  writeFileSync(join(pskDir, 'keys.psk'), `alice:${'5a'.repeat(32)}\n`);
-  writeFileSync(join(wrongPskDir, 'keys.psk'), `alice:${'a5'.repeat(32)}\n`);
+  ({ x509, client: clientCerts, otherCa, pskDir, wrongPskDir } = makeTlsCreds(dir.path));
   image = join(dir.path, 'disk.raw');
   writeFileSync(image, Buffer.alloc(4 << 20));
   run('qemu-io', ['-f', 'raw', '-c', 'write -P 0x3c 0 1M', image]);

@@ -28,9 +28,20 @@ describe('parseNbdUri', () => {
     expect(parseNbdUri(uri)).toEqual(expected);
   });
 
-  it('refuses TLS and vsock with ENOTSUP and a clear message', () => {
-    expect(() => parseNbdUri('nbds://host/x')).toThrow(/TLS is not supported/);
-    expect(errnoOf('nbds+unix:///x?socket=/s')).toBe(Errno.ENOTSUP);
+  it('parses nbds:// with the TLS parameters of libnbd (user from the authority or tls-username)', () => {
+    expect(parseNbdUri('nbds://alice@host/x?tls-psk-file=/k.psk')).toEqual({ transport: { kind: 'tcp', host: 'host', port: 10809 }, exportName: 'x', tls: { verifyPeer: true, pskFile: '/k.psk', username: 'alice' } });
+    expect(parseNbdUri('nbds+unix:///x?socket=/s&tls-certificates=/d&tls-verify-peer=false&tls-username=bob')).toEqual({
+      transport: { kind: 'unix', path: '/s' },
+      exportName: 'x',
+      tls: { verifyPeer: false, certificates: '/d', username: 'bob' },
+    });
+    expect(parseNbdUri('nbds://h/').tls).toEqual({ verifyPeer: true });
+    expect(() => parseNbdUri('nbds://h/?tls-certificates=/d&tls-psk-file=/k')).toThrow(/exclude each other/);
+    expect(() => parseNbdUri('nbds://h/?tls-verify-peer=maybe')).toThrow(/tls-verify-peer must be true or false/);
+    expect(parseNbdUri('nbd://h/x?tls-certificates=/d').tls).toBeUndefined(); // plain nbd:// ignores them, as libnbd
+  });
+
+  it('refuses vsock with ENOTSUP and a clear message', () => {
     expect(errnoOf('nbd+vsock://2/x')).toBe(Errno.ENOTSUP);
   });
 

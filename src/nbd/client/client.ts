@@ -15,6 +15,7 @@
  * - `read` returns a fresh Buffer owned by the caller; `write`'s buffer must not change until the
  *   promise settles.
  */
+import type { ConnectionOptions as TlsConnectionOptions } from 'node:tls';
 import { Errno, NbddError, messageOf } from '../../core/errors.js';
 import { logger } from '../../core/log.js';
 import type { StatusExtent } from '../../core/meta-context.js';
@@ -49,6 +50,8 @@ export interface NbdClientOptions {
   strict?: boolean;
   /** Milliseconds for connect plus negotiation (default 30 s). */
   timeoutMs?: number;
+  /** TLS first (nbds:// URIs): options for `tls.connect` (src/nbd/tls.ts `clientTlsOptions`). */
+  tls?: TlsConnectionOptions;
 }
 
 const DEFAULT_TIMEOUT_MS = 30_000;
@@ -94,6 +97,7 @@ export class NbdClient implements ReplyTarget {
         metaContexts: options.metaContexts ?? [],
         listMetaContexts: !!options.listMetaContexts,
         structuredReplies: options.structuredReplies ?? true,
+        tls: options.tls,
       }),
     );
     log.debug(`${io.peer}: export '${info.name}' size ${info.size} flags 0x${info.flags.toString(16)} via ${info.entry}`);

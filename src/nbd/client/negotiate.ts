@@ -37,6 +37,7 @@ import {
   isOptionError,
 } from '../wire/handshake.js';
 import type { ByteStream } from './stream.js';
+import type { ConnectionOptions as TlsConnectionOptions } from 'node:tls';
 
 const log = logger('nbd-client');
 
@@ -58,6 +59,8 @@ export interface NegotiateOptions {
   listMetaContexts: boolean;
   /** Ask for structured replies (default in the client: true). */
   structuredReplies: boolean;
+  /** Start TLS first (NBD_OPT_STARTTLS) with these options (src/nbd/tls.ts `clientTlsOptions`). */
+  tls?: TlsConnectionOptions;
 }
 
 export interface ExportInfo {
@@ -143,6 +146,12 @@ async function greet(io: ByteStream): Promise<{ handshakeFlags: number; noZeroes
 export async function negotiate(io: ByteStream, opts: NegotiateOptions): Promise<ExportInfo> {
   const { handshakeFlags, noZeroes } = await greet(io);
   const fixed = (handshakeFlags & NBD_FLAG_FIXED_NEWSTYLE) !== 0;
+  if (opts.tls) {
+    if (!fixed) throw new NbddError(Errno.ENOTSUP, `NBD server ${io.peer} is not fixed-newstyle: it cannot start TLS`);
+    const r = await exchange(io, NBD_OPT.STARTTLS, undefined);
+    if (r.type !== NBD_REP.ACK) throw new NbddError(Errno.EACCES, `NBD server ${io.peer} refused TLS (NBD_OPT_STARTTLS: ${errorText(r)})`);
+    await io.startTls(opts.tls);
+  }
   const info: ExportInfo = {
     name: opts.exportName,
     size: 0,

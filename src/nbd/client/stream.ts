@@ -7,6 +7,7 @@
  * The only client module that touches a socket.
  */
 import net from 'node:net';
+import tls from 'node:tls';
 import { Errno, NbddError, messageOf } from '../../core/errors.js';
 import type { NbdTransport } from '../uri.js';
 import { TurnWriter } from '../turn-writer.js';
@@ -30,23 +31,58 @@ export class ByteStream {
   readonly closed: Promise<void>;
 
   private constructor(
-    private readonly socket: net.Socket,
+    private socket: net.Socket,
     readonly peer: string,
   ) {
     this.out = new TurnWriter(socket);
-    socket.on('data', (chunk: Buffer) => {
-      this.reader.push(chunk);
-      if (this.onBytes) this.onBytes();
-      else this.satisfy();
-    });
-    socket.on('error', (err) => this.fail(new NbddError(Errno.ECONNRESET, `connection to NBD server ${peer} failed: ${err.message}`)));
-    socket.on('end', () => this.fail(new NbddError(Errno.ECONNRESET, `NBD server ${peer} closed the connection`)));
+    this.listen(socket);
     this.closed = new Promise((resolve) =>
       socket.on('close', () => {
         this.fail(new NbddError(Errno.ECONNRESET, `connection to NBD server ${peer} closed`));
         resolve();
       }),
     );
+  }
+
+  private readonly onData = (chunk: Buffer): void => {
+    this.reader.push(chunk);
+    if (this.onBytes) this.onBytes();
+    else this.satisfy();
+  };
+
+  private listen(socket: net.Socket): void {
+    socket.on('data', this.onData);
+    socket.on('error', (err) => this.fail(new NbddError(Errno.ECONNRESET, `connection to NBD server ${this.peer} failed: ${err.message}`)));
+    socket.on('end', () => this.fail(new NbddError(Errno.ECONNRESET, `NBD server ${this.peer} closed the connection`)));
+  }
+
+  /**
+   * After the server accepted NBD_OPT_STARTTLS: the client side of TLS on this connection; resolves
+   * once the handshake is done (rejects with EACCES saying why it failed).
+   */
+  startTls(options: tls.ConnectionOptions): Promise<void> {
+    const plain = this.socket;
+    plain.off('data', this.onData);
+    plain.removeAllListeners('error');
+    plain.removeAllListeners('end');
+    plain.on('error', () => undefined); // the TLS socket reports the failure
+    this.out.flushNow();
+    const secure = tls.connect({ ...options, socket: plain });
+    this.socket = secure;
+    this.out.retarget(secure);
+    return new Promise((resolve, reject) => {
+      const failed = (err: Error): void => {
+        const reason = new NbddError(Errno.EACCES, `TLS with NBD server ${this.peer} failed: ${err.message}`);
+        reject(reason);
+        this.destroy(reason);
+      };
+      secure.once('error', failed);
+      secure.once('secureConnect', () => {
+        secure.off('error', failed);
+        this.listen(secure);
+        resolve();
+      });
+    });
   }
 
   /** Opens the connection; rejects with NbddError (ECONNREFUSED etc. as their errno, or ETIMEDOUT). */
