@@ -60,6 +60,7 @@ cp /run/nbdd/kill.log $WORK/kill.log
 # A remote export whose server is SIGKILLed and restarted mid-job: nbdd (the local end) reconnects
 # and the kernel device sees a slow disk, never an I/O error.
 truncate -s 64M remote.img
+dmesg -C # the kernel log from here on is this part's
 nbdkit -f -U /tmp/remote.sock file file=/tmp/remote.img & srv=$!
 for i in $(seq 100); do [ -S /tmp/remote.sock ] && break; sleep 0.1; done
 rdev=$(nbdd attach 'nbd+unix:///?socket=/tmp/remote.sock' --name remote --reconnect-delay 60)
