@@ -76,14 +76,15 @@ export class References {
 
   /**
    * Counts one reference to every cluster of `[offset, offset + bytes)` as `role`; `what` names
-   * the referrer in messages. False when the region was refused (it reaches a cluster or more
+   * the referrer in messages (a function, so the common case builds no string). False when the region was refused (it reaches a cluster or more
    * past the end of the file), so the caller does not read it.
    */
-  add(offset: number, bytes: number, role: Role, what: string): boolean {
+  add(offset: number, bytes: number, role: Role, what: string | (() => string)): boolean {
+    const name = (): string => (typeof what === 'string' ? what : what());
     if (bytes <= 0) return true;
     const cs = this.clusterSize;
     if (offset + bytes - this.fileLength >= cs) {
-      this.problems.push(`${what}: region ${hex(offset)}+${hex(bytes)} reaches past the end of the file (${this.fileLength} bytes) by a cluster or more`);
+      this.problems.push(`${name()}: region ${hex(offset)}+${hex(bytes)} reaches past the end of the file (${this.fileLength} bytes) by a cluster or more`);
       return false;
     }
     const first = Math.floor(offset / cs);
@@ -92,11 +93,23 @@ export class References {
     for (let c = first; c <= last; c++) {
       const had = this.roles[c]! as Role;
       if (had !== Role.free && !mayShare(had, role)) {
-        this.problems.push(`cluster ${hex(c * cs)} is both ${roleName(had)} and ${roleName(role)} (${what})`);
+        this.problems.push(`cluster ${hex(c * cs)} is both ${roleName(had)} and ${roleName(role)} (${name()})`);
       }
       if (had === Role.free || isMetadata(role)) this.roles[c] = role;
       this.counts[c] = this.counts[c]! + 1;
     }
+    return true;
+  }
+
+  /**
+   * `add` for one whole cluster at `offset`, without building a name unless there is a problem:
+   * returns false when refused, and the problem (if any) names `whatOf()`.
+   */
+  addCluster(offset: number, role: Role, whatOf: () => string): boolean {
+    const c = offset / this.clusterSize;
+    if (offset + this.clusterSize - this.fileLength >= this.clusterSize || c + 1 > this.counts.length || this.roles[c] !== Role.free) return this.add(offset, this.clusterSize, role, whatOf);
+    this.roles[c] = role;
+    this.counts[c] = 1;
     return true;
   }
 

@@ -153,13 +153,13 @@ export async function repairRefcounts(port: FilePort, g: Geometry, scan: ScanRes
 
 /** Sets COPIED on active entries whose count is 1 and clears it elsewhere; returns how many changed. */
 async function fixCopied(port: FilePort, scan: ScanResult, counts: Uint32Array): Promise<number> {
-  let fixed = 0;
-  for (const e of scan.copied) {
-    const want = e.cluster < counts.length && counts[e.cluster] === 1;
-    if (want === ((e.hi & ENTRY_COPIED_HI) !== 0)) continue;
-    await port.writeAt(u32((want ? e.hi | ENTRY_COPIED_HI : e.hi & ~ENTRY_COPIED_HI) >>> 0), e.at);
-    fixed++;
-  }
+  const wrong: { at: number; hi: number }[] = [];
+  scan.copied.forEachMismatch(
+    (c) => c < counts.length && counts[c] === 1,
+    (e) => wrong.push({ at: e.at, hi: (e.hi ^ ENTRY_COPIED_HI) >>> 0 }),
+  );
+  for (const e of wrong) await port.writeAt(u32(e.hi), e.at);
+  const fixed = wrong.length;
   if (fixed > 0) await port.fsync();
   return fixed;
 }

@@ -51,10 +51,52 @@ export interface CopiedEntry {
   /** File offset of the entry's first word. */
   at: number;
   hi: number;
-  lo: number;
   cluster: number;
   /** L1 entry (an L2 table) or L2 entry (data). */
   kind: 'l1' | 'l2';
+}
+
+/**
+ * Every active entry with a host cluster, in parallel typed arrays: an image has one per
+ * allocated cluster, far too many for an object each.
+ */
+export class CopiedEntries {
+  private at = new Float64Array(1024);
+  private hi = new Uint32Array(1024);
+  private cluster = new Float64Array(1024);
+  private l1 = new Uint8Array(1024);
+  length = 0;
+
+  push(at: number, hi: number, cluster: number, kind: 'l1' | 'l2'): void {
+    if (this.length === this.at.length) this.grow();
+    const i = this.length++;
+    this.at[i] = at;
+    this.hi[i] = hi;
+    this.cluster[i] = cluster;
+    this.l1[i] = kind === 'l1' ? 1 : 0;
+  }
+
+  /** Calls `fn` for each entry whose COPIED flag disagrees with `refcountIs1(cluster)`. */
+  forEachMismatch(refcountIs1: (cluster: number) => boolean, fn: (e: CopiedEntry) => void): void {
+    for (let i = 0; i < this.length; i++) {
+      const c = this.cluster[i]!;
+      if (refcountIs1(c) === ((this.hi[i]! & ENTRY_COPIED_HI) !== 0)) continue;
+      fn({ at: this.at[i]!, hi: this.hi[i]!, cluster: c, kind: this.l1[i] ? 'l1' : 'l2' });
+    }
+  }
+
+  private grow(): void {
+    const n = this.at.length * 2;
+    const at = new Float64Array(n);
+    at.set(this.at);
+    const hi = new Uint32Array(n);
+    hi.set(this.hi);
+    const cluster = new Float64Array(n);
+    cluster.set(this.cluster);
+    const l1 = new Uint8Array(n);
+    l1.set(this.l1);
+    Object.assign(this, { at, hi, cluster, l1 });
+  }
 }
 
 /** The stored refcount structure as found. */
@@ -78,7 +120,7 @@ export interface ScanInput {
 export interface ScanResult {
   refs: References;
   stored: StoredRefcounts;
-  copied: CopiedEntry[];
+  copied: CopiedEntries;
   /** Problems in what maps guest data or bitmaps (entries, tables, clusters used twice): one corruption each; never repaired. */
   entryErrors: string[];
   /** Problems in the refcount table and blocks themselves: one corruption each; a rebuild replaces them. */
@@ -125,7 +167,7 @@ export async function scanImage(input: ScanInput): Promise<ScanResult> {
     entryErrors.push(m);
     log.note(`ERROR ${m}`);
   };
-  const copied: CopiedEntry[] = [];
+  const copied = new CopiedEntries();
   const stats = { allocated: 0, fragmented: 0, compressed: 0 };
 
   refs.add(0, cs, Role.header, 'header');
@@ -133,16 +175,16 @@ export async function scanImage(input: ScanInput): Promise<ScanResult> {
   /** Counts one L2 table's references; `active` tables' entries get their COPIED flag checked. */
   const walkL2 = (table: Buffer, tableOffset: number, active: boolean): void => {
     let nextContiguous = 0;
+    const whereOf = (i: number): string => `L2 entry ${i} of the table at ${hex(tableOffset)}`;
     for (let i = 0; i < g.l2Entries; i++) {
       const e = i * g.l2EntrySize;
       const hi = table.readUInt32BE(e);
       const lo = table.readUInt32BE(e + 4);
-      const where = `L2 entry ${i} of the table at ${hex(tableOffset)}`;
       if ((hi & ENTRY_COMPRESSED_HI) !== 0) {
-        if ((hi & ENTRY_COPIED_HI) !== 0) error(`${where}: compressed cluster with the COPIED flag set`);
+        if ((hi & ENTRY_COPIED_HI) !== 0) error(`${whereOf(i)}: compressed cluster with the COPIED flag set`);
         const { offset, length } = decodeCompressed(hi, lo, g.clusterBits);
         const sectorStart = offset - (offset % 512);
-        refs.add(sectorStart, offset - sectorStart + length, Role.compressed, where);
+        refs.add(sectorStart, offset - sectorStart + length, Role.compressed, () => whereOf(i));
         if (active) {
           stats.allocated++;
           stats.compressed++;
@@ -150,27 +192,27 @@ export async function scanImage(input: ScanInput): Promise<ScanResult> {
         }
         continue;
       }
-      if ((hi & L2_RESERVED_HI) !== 0 || (lo & L2_RESERVED_LO) !== 0) error(`${where} has reserved bits set (0x${hi.toString(16).padStart(8, '0')}${lo.toString(16).padStart(8, '0')})`);
+      if ((hi & L2_RESERVED_HI) !== 0 || (lo & L2_RESERVED_LO) !== 0) error(`${whereOf(i)} has reserved bits set (0x${hi.toString(16).padStart(8, '0')}${lo.toString(16).padStart(8, '0')})`);
       // With extended L2 qemu ignores bit 0 (the subcluster bitmaps say what is zero): so does nbdd.
-      if ((lo & ENTRY_ZERO_LO) !== 0 && h.version === 2) error(`${where} has the zero flag set, which version 2 images do not have`);
+      if ((lo & ENTRY_ZERO_LO) !== 0 && h.version === 2) error(`${whereOf(i)} has the zero flag set, which version 2 images do not have`);
       const host = entryOffset(hi, lo);
       if (g.extendedL2) {
         const zeroBits = table.readUInt32BE(e + L2_ZERO_BITS);
         const allocBits = table.readUInt32BE(e + L2_ALLOC_BITS);
-        if ((zeroBits & allocBits) !== 0) error(`${where} has subclusters both allocated and zero`);
-        if (host === 0 && allocBits !== 0) error(`${where} has allocated subclusters but no host cluster`);
+        if ((zeroBits & allocBits) !== 0) error(`${whereOf(i)} has subclusters both allocated and zero`);
+        if (host === 0 && allocBits !== 0) error(`${whereOf(i)} has allocated subclusters but no host cluster`);
       }
       if (host === 0) continue;
       if (host % cs !== 0) {
-        error(`${where}: offset ${hex(host)} is not cluster aligned`);
+        error(`${whereOf(i)}: offset ${hex(host)} is not cluster aligned`);
         continue;
       }
-      refs.add(host, cs, Role.data, where);
+      refs.addCluster(host, Role.data, () => whereOf(i));
       if (!active) continue;
       stats.allocated++;
       if (nextContiguous !== 0 && host !== nextContiguous) stats.fragmented++;
       nextContiguous = host + cs;
-      copied.push({ at: tableOffset + e, hi, lo, cluster: host / cs, kind: 'l2' });
+      copied.push(tableOffset + e, hi, host / cs, 'l2');
     }
   };
 
@@ -204,7 +246,7 @@ export async function scanImage(input: ScanInput): Promise<ScanResult> {
         continue;
       }
       if (!refs.add(off, cs, Role.l2, where)) continue;
-      if (active) copied.push({ at: l1Offset + i * 8, hi, lo, cluster: off / cs, kind: 'l1' });
+      if (active) copied.push(l1Offset + i * 8, hi, off / cs, 'l1');
       tables.push({ offset: off, index: i });
     }
     await inBatches(tables, async ({ offset }) => walkL2(await readRegion(input, offset, cs), offset, active));
@@ -251,13 +293,13 @@ export async function scanImage(input: ScanInput): Promise<ScanResult> {
   for (let c = 0; c < refs.length; c++) if (!seen.has(Math.floor(c / E)) && refs.count(c) > 0) compare(c);
 
   // COPIED: set exactly when the stored refcount is 1 (qemu's check_oflag_copied).
-  for (const e of copied) {
-    const s = stored.get(e.cluster);
-    if ((s === 1) !== ((e.hi & ENTRY_COPIED_HI) !== 0)) {
+  copied.forEachMismatch(
+    (c) => stored.get(c) === 1,
+    (e) => {
       refcountErrors++;
-      log.note(`ERROR OFLAG_COPIED ${e.kind === 'l1' ? 'L2 cluster' : 'data cluster'}: entry at ${hex(e.at)} refcount=${s}`);
-    }
-  }
+      log.note(`ERROR OFLAG_COPIED ${e.kind === 'l1' ? 'L2 cluster' : 'data cluster'}: entry at ${hex(e.at)} refcount=${stored.get(e.cluster)}`);
+    },
+  );
 
   return {
     refs,
