@@ -30,8 +30,9 @@ export interface RepairResult {
 function targetCounts(scan: ScanResult, g: Geometry, mode: RepairMode): { target: Uint32Array; leaksFixed: number; corruptionsFixed: number } {
   const { refs, stored } = scan;
   const max = maxRefcount(g.refcountOrder);
-  let highest = refs.length;
-  for (const t of stored.blocks.keys()) highest = Math.max(highest, (t + 1) * g.refcountsPerBlock);
+  // As the scan: counts past the file and past everything referenced are not carried over (a
+  // refcount table entry far out, however damaged, never sizes an array).
+  const highest = Math.max(refs.length, scan.fileClusters);
   const target = new Uint32Array(highest);
   // The old structure is no longer referenced once the header names the new one.
   const structure = new Uint32Array(highest);

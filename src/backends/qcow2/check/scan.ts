@@ -135,6 +135,8 @@ export interface ScanResult {
   compressedClusters: number;
   /** Guest clusters of the virtual disk. */
   totalClusters: number;
+  /** Clusters the file holds (a partial last one counts). */
+  fileClusters: number;
   messages: string[];
 }
 
@@ -314,6 +316,7 @@ export async function scanImage(input: ScanInput): Promise<ScanResult> {
     fragmentedClusters: stats.fragmented,
     compressedClusters: stats.compressed,
     totalClusters: Math.ceil(h.size / cs),
+    fileClusters: Math.ceil(fileLength / cs),
     messages: log.messages,
   };
 }
