@@ -50,6 +50,10 @@ const CASES = [
   { name: 'qcow2 fresh 4k randwrite qd16', image: 'qcow2-fresh', servers: ['nbdd', 'qemu-nbd'], metric: 'iops', fio: { rw: 'randwrite', bs: '4k', iodepth: 16 } },
   { name: 'qcow2 full 1M seqread qd8', image: 'qcow2-full', servers: ['nbdd', 'qemu-nbd'], metric: 'mibps', fio: { rw: 'read', bs: '1M', iodepth: 8 } },
   { name: 'qcow2 fresh 1M seqwrite qd8', image: 'qcow2-fresh', servers: ['nbdd', 'qemu-nbd'], metric: 'mibps', fio: { rw: 'write', bs: '1M', iodepth: 8 } },
+  // The local end of a remote export: each server proxies the same nbdkit (file plugin, a data-filled image).
+  { name: 'remote 4k randread qd16', image: 'remote', servers: ['nbdd', 'qemu-nbd'], metric: 'iops', fio: { rw: 'randread', bs: '4k', iodepth: 16 } },
+  { name: 'remote 4k randwrite qd16', image: 'remote', servers: ['nbdd', 'qemu-nbd'], metric: 'iops', fio: { rw: 'randwrite', bs: '4k', iodepth: 16 } },
+  { name: 'remote 1M seqread qd8', image: 'remote', servers: ['nbdd', 'qemu-nbd'], metric: 'mibps', fio: { rw: 'read', bs: '1M', iodepth: 8 } },
 ];
 
 /**
@@ -72,6 +76,17 @@ const IMAGES = {
     run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, path]);
     rmSync(raw);
     return { path, format: 'qcow2' };
+  },
+  /** A remote export: nbdkit serving a data-filled raw image, started once per run; servers proxy it. */
+  remote: (dir, size) => {
+    const raw = join(dir, 'bench-remote.raw');
+    run('fallocate', ['-l', String(size), raw]);
+    fillWithData(raw, size);
+    const socket = join(dir, 'remote.sock');
+    const child = spawn('nbdkit', ['-f', '-U', socket, 'file', raw], { stdio: 'ignore' });
+    process.on('exit', () => child.kill('SIGKILL'));
+    for (let i = 0; i < 200 && !existsSync(socket); i++) spawnSync('sleep', ['0.05']);
+    return { path: `nbd+unix:///?socket=${socket}`, format: 'raw', remoteSocket: socket };
   },
   /** Empty: every write allocates. */
   'qcow2-fresh': (dir, size) => {
@@ -97,7 +112,10 @@ const SERVERS = {
   },
   'qemu-nbd': {
     formats: ['raw', 'qcow2'],
-    argv: (image, socket) => ['qemu-nbd', '-f', image.format, '-t', '-k', socket, '--cache=writeback', '--aio=threads', image.path],
+    argv: (image, socket) =>
+      image.remoteSocket
+        ? ['qemu-nbd', '-t', '-k', socket, '--image-opts', `driver=raw,file.driver=nbd,file.path=${image.remoteSocket}`]
+        : ['qemu-nbd', '-f', image.format, '-t', '-k', socket, '--cache=writeback', '--aio=threads', image.path],
     check: () => toolMissing('qemu-nbd', ['--version'], 'qemu-utils'),
     version: () => firstLine('qemu-nbd', ['--version']),
   },
