@@ -27,7 +27,7 @@ import {
   type Qcow2Header,
 } from './format/index.js';
 import { RawLayer } from './raw-layer.js';
-import { scanImage, type ScanInput } from './check/scan.js';
+import { corruptionsOf, scanImage, type ScanInput } from './check/scan.js';
 import { checkQcow2 } from './check/index.js';
 import { logger } from '../../core/log.js';
 import { Refcounts } from './refcounts.js';
@@ -125,7 +125,7 @@ class MetadataMap {
  */
 async function checkBeforeWriting(path: string, input: ScanInput): Promise<Set<number>> {
   const scan = await scanImage(input);
-  const corruptions = scan.entryErrors.length + scan.structureErrors.length + scan.refcountErrors;
+  const corruptions = corruptionsOf(scan);
   if (corruptions > 0) {
     const first = scan.messages.find((m) => m.startsWith('ERROR')) ?? '';
     throw new NbddError(

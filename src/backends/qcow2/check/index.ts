@@ -20,7 +20,7 @@ import {
   MAX_CLUSTER_BITS,
 } from '../format/index.js';
 import { repairRefcounts, type RepairMode } from './repair.js';
-import { scanImage, type ScanInput, type ScanResult } from './scan.js';
+import { corruptionsOf, scanImage, type ScanInput } from './scan.js';
 
 export type { RepairMode } from './repair.js';
 export { scanImage, type ScanResult } from './scan.js';
@@ -62,10 +62,6 @@ async function readInput(port: FilePort): Promise<ScanInput> {
   const extensions = decodeExtensions(start.subarray(0, Math.min(start.length, geometry.clusterSize)), header);
   checkFeatures(header, extensions);
   return { port, header, extensions, geometry, fileLength };
-}
-
-function corruptionsOf(scan: ScanResult): number {
-  return scan.entryErrors.length + scan.structureErrors.length + scan.refcountErrors;
 }
 
 /** Checks (and with `repair`, repairs) the qcow2 image at `path`. Throws NbddError when it cannot be read as qcow2. */

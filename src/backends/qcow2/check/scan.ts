@@ -140,6 +140,11 @@ export interface ScanResult {
   messages: string[];
 }
 
+/** Corruptions a scan found: damaged entries, damaged refcount structure, wrong counts and COPIED flags. */
+export function corruptionsOf(scan: ScanResult): number {
+  return scan.entryErrors.length + scan.structureErrors.length + scan.refcountErrors;
+}
+
 class Collector {
   readonly messages: string[] = [];
   note(message: string): void {
