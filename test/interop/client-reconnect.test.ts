@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openNbd } from '../../src/backends/nbd.js';
 import { Errno, NbddError } from '../../src/core/errors.js';
-import { requireTool, run, startNbdkitAt, tempDir, type Peer } from './nbd-peers.js';
+import { freeze, requireTool, run, startNbdkitAt, tempDir, type Peer } from './nbd-peers.js';
 import { NBDD, serveNbdd } from '../helpers/tools.js';
 
 const MiB = 1024 * 1024;
@@ -119,7 +119,7 @@ describe('remote NBD backend: reconnect', () => {
     const b = await openNbd(srv.uri, { reconnectDelayMs: 20_000, requestTimeoutMs: 1000 });
     try {
       await b.write(0, Buffer.alloc(65536, 0x44));
-      process.kill(peer.pid, 'SIGSTOP');
+      await freeze(peer.pid);
       const t0 = Date.now();
       const read = b.read(0, 65536);
       await sleep(2500); // past the timeout: the connection was dropped, a new one waits on the stopped server

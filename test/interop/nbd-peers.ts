@@ -5,7 +5,7 @@
  * within 10 s.
  */
 import { spawn } from 'node:child_process';
-import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { join } from 'node:path';
 import { requireTool, run } from '../helpers/tools.js';
@@ -50,6 +50,24 @@ function alive(pid: number): boolean {
   } catch {
     return false;
   }
+}
+
+/**
+ * SIGSTOP, resolved once every thread of `pid` is stopped. kill() returns before the stop takes
+ * effect: on a loaded machine a server thread woken by socket data can still answer a request
+ * sent right after it, while the thread the signal went to waits for a CPU.
+ */
+export async function freeze(pid: number): Promise<void> {
+  process.kill(pid, 'SIGSTOP');
+  const stopped = (): boolean =>
+    readdirSync(`/proc/${pid}/task`).every((t) => {
+      try {
+        return /\) [tT] /.test(readFileSync(`/proc/${pid}/task/${t}/stat`, 'utf8'));
+      } catch {
+        return true; // the thread exited
+      }
+    });
+  await waitFor(`pid ${pid} to stop after SIGSTOP`, stopped);
 }
 
 async function terminate(pid: number, name: string, signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
