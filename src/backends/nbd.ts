@@ -29,6 +29,9 @@ export const DEFAULT_RECONNECT_DELAY_MS = 30_000;
 /** Most connections one backend opens (the kernel's nbd driver has as many queues). */
 export const MAX_NBD_CONNECTIONS = 16;
 
+/** Requests one backend has in flight to the server by default, over all its connections. */
+export const DEFAULT_MAX_IN_FLIGHT = 128;
+
 export interface OpenNbdOptions {
   readOnly?: boolean;
   /** Connections to open when the server allows multi-conn (default 1, at most 16). */
@@ -37,6 +40,8 @@ export interface OpenNbdOptions {
   reconnectDelayMs?: number;
   /** A request without a reply for this long drops its connection and is sent again on a new one (ms; default 0: no limit). */
   requestTimeoutMs?: number;
+  /** Most requests in flight to the server, over all connections (default 128); more wait their turn. */
+  maxInFlight?: number;
   /** Contexts to select besides base:allocation and qemu:allocation-depth (e.g. a dirty bitmap). */
   extraContexts?: string[];
   /** Also fetch the list of contexts the export offers (`primary.info.offeredContexts`). */
@@ -64,6 +69,10 @@ export class NbdBackend implements Backend, RemoteLink {
   readonly caps: BackendCaps;
   private next = 0;
   private closing: Promise<void> | null = null;
+  private readonly maxInFlight: number;
+  private inFlight = 0;
+  /** Requests waiting for one of the `maxInFlight` slots, oldest first. */
+  private readonly slotWaiters: (() => void)[] = [];
 
   /** The first connection: its negotiated info (contexts, flags) is the backend's. */
   get primary(): NbdClient {
@@ -74,7 +83,9 @@ export class NbdBackend implements Backend, RemoteLink {
   constructor(
     private readonly clients: ReconnectingClient[],
     readOnly: boolean,
+    maxInFlight = DEFAULT_MAX_IN_FLIGHT,
   ) {
+    this.maxInFlight = Math.max(1, maxInFlight);
     const c = clients[0]!.first;
     const i = c.info;
     this.size = i.size;
@@ -122,28 +133,49 @@ export class NbdBackend implements Backend, RemoteLink {
     return this.clients.length;
   }
 
-  private pick(): ReconnectingClient {
-    const c = this.clients[this.next]!;
-    this.next = (this.next + 1) % this.clients.length;
-    return c;
+  /** Requests in flight to the server now (at most `maxInFlight`). */
+  get requestsInFlight(): number {
+    return this.inFlight;
+  }
+
+  /**
+   * Runs `op` on the next connection (round robin; `first` pins it to the first one) once one of
+   * the `maxInFlight` slots is free. A finished request hands its slot straight to the oldest
+   * waiter, so waiters go in order.
+   */
+  private async send<T>(op: (c: NbdClient) => Promise<T>, first = false): Promise<T> {
+    if (this.inFlight < this.maxInFlight) this.inFlight++;
+    else await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
+    try {
+      let c = this.clients[0]!;
+      if (!first) {
+        c = this.clients[this.next]!;
+        this.next = (this.next + 1) % this.clients.length;
+      }
+      return await c.run(op);
+    } finally {
+      const waiter = this.slotWaiters.shift();
+      if (waiter) waiter();
+      else this.inFlight--;
+    }
   }
 
   read(offset: number, length: number): Promise<Buffer> {
-    return this.pick().run((c) => c.read(offset, length));
+    return this.send((c) => c.read(offset, length));
   }
 
   write(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
     const fua = !!options?.fua && this.caps.fua;
-    return this.pick().run((c) => c.write(offset, data, { fua }));
+    return this.send((c) => c.write(offset, data, { fua }));
   }
 
   async flush(): Promise<void> {
-    if (this.caps.flush) await this.clients[0]!.run((c) => c.flush());
+    if (this.caps.flush) await this.send((c) => c.flush(), true);
   }
 
   trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
     const fua = !!options?.fua && this.caps.fua;
-    return this.pick().run((c) => c.trim(offset, length, { fua }));
+    return this.send((c) => c.trim(offset, length, { fua }));
   }
 
   /** Fails with ENOTSUP for `fastZero` when the server cannot promise it (SEND_FAST_ZERO unset). */
@@ -152,11 +184,11 @@ export class NbdBackend implements Backend, RemoteLink {
       return Promise.reject(new NbddError(Errno.ENOTSUP, 'the NBD server does not support fast zeroing'));
     }
     const flags = { fua: !!options.fua && this.caps.fua, noHole: options.noHole, fastZero: options.fastZero };
-    return this.pick().run((c) => c.writeZeroes(offset, length, flags));
+    return this.send((c) => c.writeZeroes(offset, length, flags));
   }
 
   async cache(offset: number, length: number): Promise<void> {
-    if (this.client.has(NBD_FLAG.SEND_CACHE)) await this.pick().run((c) => c.cache(offset, length));
+    if (this.client.has(NBD_FLAG.SEND_CACHE)) await this.send((c) => c.cache(offset, length));
   }
 
   /**
@@ -166,7 +198,7 @@ export class NbdBackend implements Backend, RemoteLink {
    */
   async blockStatus(offset: number, length: number): Promise<Extent[]> {
     if (!this.client.info.contexts.has(BASE_ALLOCATION)) return allData(length);
-    const status = await this.pick().run((c) => c.blockStatus(offset, length));
+    const status = await this.send((c) => c.blockStatus(offset, length));
     return combineStatus(status.get(BASE_ALLOCATION)!, status.get(QEMU_ALLOCATION_DEPTH), length);
   }
 
@@ -240,6 +272,7 @@ export async function openNbd(uri: string, options: OpenNbdOptions = {}): Promis
   backend = new NbdBackend(
     clients.map((c) => new ReconnectingClient(c, reconnect)),
     !!options.readOnly,
+    options.maxInFlight,
   );
   backend.remoteUri = uri;
   return backend;

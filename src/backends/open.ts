@@ -7,6 +7,8 @@ import { parseSize } from '../core/units.js';
 import { isNbdUri } from '../nbd/uri.js';
 import { MemoryBackend } from './memory.js';
 import { openNbd } from './nbd.js';
+import { NbdLayer } from './nbd-layer.js';
+import type { ImageLayer } from './qcow2/layer.js';
 import { openQcow2, probeFormat } from './qcow2/index.js';
 import { RawBackend } from './raw.js';
 
@@ -15,19 +17,36 @@ export { probeFormat };
 export const FORMATS = ['auto', 'raw', 'qcow2'] as const;
 export type Format = (typeof FORMATS)[number];
 
-export interface OpenOptions {
+/** How nbdd talks to an NBD server: the image itself (a URI) or a qcow2 image's remote backing file. */
+export interface RemoteOptions {
+  /** How long a request waits for a lost connection to come back (ms; see src/backends/nbd.ts). */
+  reconnectDelayMs?: number;
+  /** A request without a reply for this long drops its connection (ms; 0: none). */
+  requestTimeoutMs?: number;
+  /** Most requests in flight to the server, over all connections (default DEFAULT_MAX_IN_FLIGHT). */
+  maxInFlight?: number;
+  /** Follow backing files that are NBD URIs (off: such images are refused; see OpenQcow2Options.openRemote). */
+  allowRemoteBacking?: boolean;
+}
+
+export interface OpenOptions extends RemoteOptions {
   format?: Format;
   readOnly?: boolean;
   /** Open the file with O_DIRECT (raw only). */
   direct?: boolean;
-  /** NBD URIs: how long a request waits for a lost connection to come back (ms; see src/backends/nbd.ts). */
-  reconnectDelayMs?: number;
-  /** NBD URIs: a request without a reply for this long drops its connection (ms; 0: none). */
-  requestTimeoutMs?: number;
+  /** An NBD URI image: connections to open when the server allows multi-conn (default 1). */
+  connections?: number;
 }
 
 export function isMemorySpec(image: string): boolean {
   return image.startsWith('memory:');
+}
+
+/** How a qcow2 image opens a backing file that is an NBD URI: not at all unless `allowRemoteBacking`. */
+export function remoteBackingOpener(options: RemoteOptions): ((uri: string) => Promise<ImageLayer>) | undefined {
+  if (!options.allowRemoteBacking) return undefined;
+  const remote = { reconnectDelayMs: options.reconnectDelayMs, requestTimeoutMs: options.requestTimeoutMs, maxInFlight: options.maxInFlight };
+  return (uri) => NbdLayer.open(uri, remote);
 }
 
 export async function openImage(image: string, options: OpenOptions = {}): Promise<Backend> {
@@ -35,13 +54,14 @@ export async function openImage(image: string, options: OpenOptions = {}): Promi
   if (isMemorySpec(image)) {
     return new MemoryBackend({ size: parseSize(image.slice('memory:'.length)), readOnly });
   }
-  if (isNbdUri(image)) return openNbd(image, { readOnly, reconnectDelayMs: options.reconnectDelayMs, requestTimeoutMs: options.requestTimeoutMs });
+  const remote = { reconnectDelayMs: options.reconnectDelayMs, requestTimeoutMs: options.requestTimeoutMs, maxInFlight: options.maxInFlight };
+  if (isNbdUri(image)) return openNbd(image, { ...remote, readOnly, connections: options.connections });
   const probed = !options.format || options.format === 'auto';
   const format: 'raw' | 'qcow2' = probed ? await probeFormat(image) : (options.format as 'raw' | 'qcow2');
   switch (format) {
     case 'raw':
       return RawBackend.open(image, { readOnly, direct: options.direct, probed });
     case 'qcow2':
-      return openQcow2(image, { readOnly });
+      return openQcow2(image, { readOnly, openRemote: remoteBackingOpener(options) });
   }
 }

@@ -24,13 +24,11 @@ import { becomeIoFlusher } from '../sys/io-flusher.js';
 import { UblkDevice, ublkAvailable } from '../ublk/frontend.js';
 import { parseUblkDevice, ublkDevicePath } from '../ublk/uapi.js';
 import type { MetricsListen } from '../runtime/metrics.js';
-import { intArg, METRICS_HELP, metricsArg, sizeArg, RECONNECT_HELP, DEFAULT_RECONNECT_DELAY_S, REQUEST_TIMEOUT_HELP } from './options.js';
+import { addRemoteOptions, intArg, METRICS_HELP, metricsArg, remoteArgs, remoteOptions, sizeArg, type RemoteCliOptions } from './options.js';
 
 const log = logger('attach');
 
-interface AttachCliOptions {
-  reconnectDelay: number;
-  requestTimeout: number;
+interface AttachCliOptions extends RemoteCliOptions {
   /** Unset: what --device names, else nbd. */
   driver?: Driver | 'auto';
   queues: number;
@@ -79,7 +77,7 @@ function printReady(r: Readiness & { ok: true }, json: boolean | undefined): voi
 function childArgs(image: string, name: string, driver: Driver, opts: AttachCliOptions): string[] {
   const args = ['attach', image, '--name', name, '--format', opts.format, '--connections', String(opts.connections)];
   args.push('--driver', driver, '--queues', String(opts.queues), '--depth', String(opts.depth));
-  args.push('--timeout', String(opts.timeout), '--dead-conn-timeout', String(opts.deadConnTimeout), '--reconnect-delay', String(opts.reconnectDelay), '--request-timeout', String(opts.requestTimeout));
+  args.push('--timeout', String(opts.timeout), '--dead-conn-timeout', String(opts.deadConnTimeout), ...remoteArgs(opts));
   if (opts.device) args.push('--device', opts.device);
   if (opts.readOnly) args.push('--read-only');
   if (!opts.partitions) args.push('--no-partitions');
@@ -102,8 +100,7 @@ async function serveForeground(image: string, name: string, index: number | unde
       connections: opts.connections,
       timeoutS: opts.timeout,
       deadConnTimeoutS: opts.deadConnTimeout,
-      reconnectDelayS: opts.reconnectDelay,
-      requestTimeoutS: opts.requestTimeout,
+      remote: remoteOptions(opts),
       metrics: opts.metrics,
       partitions: opts.partitions,
       maxBitmaps: opts.maxBitmaps,
@@ -141,7 +138,7 @@ async function serveUblkForeground(image: string, name: string, id: number | und
   let attached: Awaited<ReturnType<typeof UblkDevice.attach>>;
   await becomeIoFlusher(true); // before the queue threads start: they inherit it
   try {
-    attached = await UblkDevice.attach({ image, name, id, format: opts.format, readOnly: !!opts.readOnly, reconnectDelayS: opts.reconnectDelay, requestTimeoutS: opts.requestTimeout, queues: opts.queues, depth: opts.depth, metrics: opts.metrics, maxBitmaps: opts.maxBitmaps });
+    attached = await UblkDevice.attach({ image, name, id, format: opts.format, readOnly: !!opts.readOnly, remote: remoteOptions(opts), queues: opts.queues, depth: opts.depth, metrics: opts.metrics, maxBitmaps: opts.maxBitmaps });
   } catch (err) {
     if (opts.readyFd !== undefined) await reportReadiness(opts.readyFd, { ok: false, errno: errnoOf(err), message: messageOf(err) });
     throw err;
@@ -195,7 +192,7 @@ async function attach(image: string, opts: AttachCliOptions): Promise<void> {
 }
 
 export function register(program: Command): void {
-  program
+  const cmd = program
     .command('attach')
     .description('attach an image as /dev/nbdN (kernel NBD) or /dev/ublkbN (ublk); prints the device once usable')
     .argument('<image>', 'image file, block device, or memory:SIZE')
@@ -207,8 +204,6 @@ export function register(program: Command): void {
     .addOption(new Option('-f, --format <format>', 'image format').choices([...FORMATS]).default('auto'))
     .option('-c, --connections <n>', 'connections (kernel hardware queues); >1 needs a multi-conn backend', intArg(1, 64), 1)
     .option('-t, --timeout <s>', 'per-request timeout in seconds; a request older than this marks its connection dead and is retried on another or a new one (default 0: none — a slow but live daemon is never cut off)', intArg(0, 86400), 0)
-    .option('--reconnect-delay <seconds>', RECONNECT_HELP, intArg(0, 86400), DEFAULT_RECONNECT_DELAY_S)
-    .option('--request-timeout <seconds>', REQUEST_TIMEOUT_HELP, intArg(0, 86400), 0)
     .option('--dead-conn-timeout <s>', 'seconds the kernel holds I/O waiting for a new daemon once every connection is dead', intArg(0, 86400), 60)
     .option('-n, --name <name>', 'device name (the /dev/disk/by-nbdd/NAME link); default: the image file name')
     .option('--foreground', 'serve in this process instead of a daemon (for systemd)')
@@ -217,6 +212,6 @@ export function register(program: Command): void {
     .option('--metrics <addr:port>', METRICS_HELP, metricsArg)
     .option('--max-bitmaps <n>', 'most dirty bitmaps the device keeps (each enabled one is marked on every write)', intArg(1, 65535), DEFAULT_BITMAP_LIMITS.maxBitmaps)
     .option('--json', 'print the device as a JSON object')
-    .addOption(new Option('--ready-fd <fd>', 'internal: report readiness on this fd').argParser(intArg(3, 1023)).hideHelp())
-    .action((image: string, opts: AttachCliOptions) => attach(image, opts));
+    .addOption(new Option('--ready-fd <fd>', 'internal: report readiness on this fd').argParser(intArg(3, 1023)).hideHelp());
+  addRemoteOptions(cmd).action((image: string, opts: AttachCliOptions) => attach(image, opts));
 }

@@ -1,13 +1,15 @@
 /**
  * `nbdd create -f qcow2 IMAGE [SIZE] [--backing FILE] [--backing-format F] [--cluster-size N]`:
  * creates an empty qcow2 v3 image (or a sparse raw file). SIZE accepts K/M/G/T suffixes and
- * defaults to the backing file's size.
+ * defaults to the backing file's size. A backing NBD URI is stored as given (qemu reads it too);
+ * nbdd opens such overlays with --allow-remote-backing.
  */
 import { constants as fsConstants } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { Command, Option } from 'commander';
 import { Errno, NbddError } from '../core/errors.js';
 import { formatSize, parseSize } from '../core/units.js';
+import { openNbd } from '../backends/nbd.js';
 import { createQcow2 } from '../backends/qcow2/create.js';
 import { lockImage } from '../io/image-lock.js';
 
@@ -37,6 +39,16 @@ async function checkTarget(image: string, force: boolean): Promise<void> {
   }
 }
 
+/** The size of the export an NBD URI names (the size of an overlay created over it). */
+async function exportSize(uri: string): Promise<number> {
+  const remote = await openNbd(uri, { readOnly: true, reconnectDelayMs: 0 });
+  try {
+    return remote.size;
+  } finally {
+    await remote.close();
+  }
+}
+
 export function register(program: Command): void {
   program
     .command('create')
@@ -44,8 +56,8 @@ export function register(program: Command): void {
     .argument('<image>', 'path of the new image (an existing file is refused unless --force)')
     .argument('[size]', 'virtual size, e.g. 10G (default: the backing file\'s size)')
     .addOption(new Option('-f, --format <format>', 'image format').choices(['qcow2', 'raw']).default('qcow2'))
-    .option('-b, --backing <file>', 'backing file (qcow2 only; relative to the image\'s directory)')
-    .addOption(new Option('-F, --backing-format <format>', 'backing file format (default: probed)').choices(['qcow2', 'raw']))
+    .option('-b, --backing <file>', 'backing file (qcow2 only; relative to the image\'s directory), or an NBD URI (nbd://, nbd+unix://, nbds://)')
+    .addOption(new Option('-F, --backing-format <format>', 'backing file format (default: probed; raw for an NBD URI)').choices(['qcow2', 'raw']))
     .option('--cluster-size <bytes>', 'qcow2 cluster size, 512 to 2M', '64K')
     .option('--force', 'replace an existing file (never one in use)')
     .action(async (image: string, size: string | undefined, opts: CreateOptions) => {
@@ -61,7 +73,7 @@ export function register(program: Command): void {
           await fh.close();
         }
       } else {
-        await createQcow2(image, { size: bytes, clusterSize: parseSize(opts.clusterSize), backing: opts.backing, backingFormat: opts.backingFormat });
+        await createQcow2(image, { size: bytes, clusterSize: parseSize(opts.clusterSize), backing: opts.backing, backingFormat: opts.backingFormat, remoteSize: exportSize });
       }
       process.stdout.write(`Formatting '${image}', fmt=${opts.format}${bytes !== undefined ? ` size=${bytes} (${formatSize(bytes)})` : ''}${opts.backing ? ` backing_file=${opts.backing}` : ''}\n`);
     });

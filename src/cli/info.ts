@@ -9,11 +9,12 @@
  *     details?: { format-specific, e.g. describeQcow2's result } }
  * The `nbd` section uses nbdinfo's key names verbatim so scripts can move between the two tools.
  */
+import { ALLOW_REMOTE_BACKING_HELP } from './options.js';
 import { constants as fsConstants } from 'node:fs';
 import { access } from 'node:fs/promises';
 import { Command, Option } from 'commander';
 import { formatSize } from '../core/units.js';
-import { FORMATS, isMemorySpec, type Format } from '../backends/open.js';
+import { FORMATS, isMemorySpec, remoteBackingOpener, type Format } from '../backends/open.js';
 import { describeQcow2 } from '../backends/qcow2/describe.js';
 import type { NbdClient } from '../nbd/client/client.js';
 import { BASE_ALLOCATION } from '../nbd/wire/contexts.js';
@@ -117,8 +118,8 @@ async function writable(path: string): Promise<boolean> {
 }
 
 /** Everything `nbdd info` reports about `target` (a path, memory:SIZE or NBD URI). */
-export async function imageInfo(target: string, format: Format = 'auto'): Promise<ImageInfo> {
-  const t = await openTarget(target, { format, listContexts: true });
+export async function imageInfo(target: string, format: Format = 'auto', allowRemoteBacking = false): Promise<ImageInfo> {
+  const t = await openTarget(target, { format, listContexts: true, allowRemoteBacking });
   let info: ImageInfo;
   try {
     info = {
@@ -132,7 +133,7 @@ export async function imageInfo(target: string, format: Format = 'auto'): Promis
   } finally {
     await t.close();
   }
-  if (info.format === 'qcow2') info.details = await describeQcow2(target);
+  if (info.format === 'qcow2') info.details = await describeQcow2(target, { openRemote: remoteBackingOpener({ allowRemoteBacking, reconnectDelayMs: 0 }) });
   return info;
 }
 
@@ -176,8 +177,9 @@ export function register(program: Command): void {
     .argument('<target>', 'image file, memory:SIZE, or NBD URI (nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH)')
     .option('--json', 'machine-readable output')
     .addOption(new Option('-f, --format <format>', 'image format').choices([...FORMATS]).default('auto'))
-    .action(async (target: string, opts: { json?: boolean; format: Format }) => {
-      const info = await imageInfo(target, opts.format);
+    .option('--allow-remote-backing', ALLOW_REMOTE_BACKING_HELP)
+    .action(async (target: string, opts: { json?: boolean; format: Format; allowRemoteBacking?: boolean }) => {
+      const info = await imageInfo(target, opts.format, !!opts.allowRemoteBacking);
       process.stdout.write(opts.json ? `${JSON.stringify(info, null, 2)}\n` : formatInfoText(info));
     });
 }

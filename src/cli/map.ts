@@ -8,6 +8,7 @@
  *
  * Also exports what `nbdd info` shares: opening a target (`openTarget`) and walking status.
  */
+import { ALLOW_REMOTE_BACKING_HELP } from './options.js';
 import { Command, Option } from 'commander';
 import { allData, type Backend, type Extent } from '../core/backend.js';
 import { Errno, NbddError } from '../core/errors.js';
@@ -35,9 +36,9 @@ export interface Target {
  * Opens IMAGE (path, memory:SIZE) read-only through `openImage`, or an NBD URI with one
  * connection selecting base:allocation, qemu:allocation-depth and `extraContexts`.
  */
-export async function openTarget(target: string, options: { format?: Format; extraContexts?: string[]; listContexts?: boolean } = {}): Promise<Target> {
+export async function openTarget(target: string, options: { format?: Format; extraContexts?: string[]; listContexts?: boolean; allowRemoteBacking?: boolean } = {}): Promise<Target> {
   if (!isNbdUri(target)) {
-    const backend = await openImage(target, { format: options.format, readOnly: true });
+    const backend = await openImage(target, { format: options.format, readOnly: true, allowRemoteBacking: options.allowRemoteBacking, reconnectDelayMs: 0 });
     return { name: target, backend, close: () => backend.close() };
   }
   const backend = await openNbd(target, { readOnly: true, extraContexts: options.extraContexts, listContexts: options.listContexts });
@@ -154,6 +155,7 @@ interface MapOptions {
   qemuJson?: boolean;
   context: string;
   format: Format;
+  allowRemoteBacking?: boolean;
 }
 
 export function register(program: Command): void {
@@ -165,9 +167,10 @@ export function register(program: Command): void {
     .option('--qemu-json', 'JSON like qemu-img map --output=json (allocation and depth)')
     .option('--context <name>', `meta context to map (${BASE_ALLOCATION}, ${QEMU_ALLOCATION_DEPTH}, qemu:dirty-bitmap:NAME for URIs)`, BASE_ALLOCATION)
     .addOption(new Option('-f, --format <format>', 'image format').choices([...FORMATS]).default('auto'))
+    .option('--allow-remote-backing', ALLOW_REMOTE_BACKING_HELP)
     .action(async (targetName: string, opts: MapOptions) => {
       if (opts.json && opts.qemuJson) throw new NbddError(Errno.EINVAL, '--json and --qemu-json exclude each other');
-      const t = await openTarget(targetName, { format: opts.format, extraContexts: [opts.context] });
+      const t = await openTarget(targetName, { format: opts.format, extraContexts: [opts.context], allowRemoteBacking: opts.allowRemoteBacking });
       try {
         if (opts.qemuJson) {
           const entries = await mapQemu(t);

@@ -1,5 +1,7 @@
 /** Argument parsers shared by CLI commands (commander reports their errors with usage help). */
-import { InvalidArgumentError } from 'commander';
+import { InvalidArgumentError, type Command } from 'commander';
+import type { RemoteOptions } from '../backends/open.js';
+import { DEFAULT_MAX_IN_FLIGHT } from '../backends/nbd.js';
 import { messageOf } from '../core/errors.js';
 import { parseSize } from '../core/units.js';
 import { parseMetricsAddress, type MetricsListen } from '../runtime/metrics.js';
@@ -36,3 +38,33 @@ export function metricsArg(value: string): MetricsListen {
 }
 
 export const METRICS_HELP = 'serve Prometheus metrics at http://ADDR:PORT/metrics (PORT alone: 127.0.0.1; :PORT: every address)';
+
+export const ALLOW_REMOTE_BACKING_HELP = 'follow a qcow2 backing file that is an NBD URI (off: refused, since an image from elsewhere could name any server or local socket)';
+
+/** The options of commands that serve an image which is, or sits on, an NBD server. */
+export interface RemoteCliOptions {
+  reconnectDelay: number;
+  requestTimeout: number;
+  maxInFlight: number;
+  allowRemoteBacking?: boolean;
+}
+
+/** Adds --reconnect-delay, --request-timeout, --max-in-flight and --allow-remote-backing to `cmd`. */
+export function addRemoteOptions(cmd: Command): Command {
+  return cmd
+    .option('--reconnect-delay <seconds>', RECONNECT_HELP, intArg(0, 86400), DEFAULT_RECONNECT_DELAY_S)
+    .option('--request-timeout <seconds>', REQUEST_TIMEOUT_HELP, intArg(0, 86400), 0)
+    .option('--max-in-flight <n>', 'NBD URIs and remote backing files: most requests in flight to the server, over all connections', intArg(1, 4096), DEFAULT_MAX_IN_FLIGHT)
+    .option('--allow-remote-backing', ALLOW_REMOTE_BACKING_HELP);
+}
+
+export function remoteOptions(o: RemoteCliOptions): RemoteOptions {
+  return { reconnectDelayMs: o.reconnectDelay * 1000, requestTimeoutMs: o.requestTimeout * 1000, maxInFlight: o.maxInFlight, allowRemoteBacking: !!o.allowRemoteBacking };
+}
+
+/** The same options as arguments (for a daemon child that parses them again). */
+export function remoteArgs(o: RemoteCliOptions): string[] {
+  const args = ['--reconnect-delay', String(o.reconnectDelay), '--request-timeout', String(o.requestTimeout), '--max-in-flight', String(o.maxInFlight)];
+  if (o.allowRemoteBacking) args.push('--allow-remote-backing');
+  return args;
+}

@@ -18,17 +18,17 @@ import { DeviceRuntime } from '../runtime/device.js';
 import { NBD_DEFAULT_PORT } from '../nbd/wire/constants.js';
 import type { MetricsListen } from '../runtime/metrics.js';
 import { DEFAULT_BITMAP_LIMITS } from '../bitmaps/bitmap-set.js';
-import { intArg, METRICS_HELP, metricsArg, RECONNECT_HELP, DEFAULT_RECONNECT_DELAY_S, REQUEST_TIMEOUT_HELP } from './options.js';
+import { addRemoteOptions, intArg, METRICS_HELP, metricsArg, remoteOptions, type RemoteCliOptions } from './options.js';
+import { MAX_NBD_CONNECTIONS } from '../backends/nbd.js';
 
 const log = logger('serve');
 
-interface ServeOptions {
+interface ServeOptions extends RemoteCliOptions {
   tls: TlsMode;
   tlsCertificates?: string;
   tlsPsk?: string;
   tlsVerifyPeer?: boolean;
-  reconnectDelay: number;
-  requestTimeout: number;
+  connections: number;
   socket?: string;
   port?: number;
   bind: string;
@@ -88,7 +88,7 @@ async function serve(image: string, opts: ServeOptions): Promise<void> {
   try {
     runtime = await DeviceRuntime.start({
       image,
-      stack: { format: opts.format, readOnly: opts.readOnly, direct: opts.direct, reconnectDelayMs: opts.reconnectDelay * 1000, requestTimeoutMs: opts.requestTimeout * 1000, bitmapStore: opts.bitmapStore, bitmapLimits: { maxBitmaps: opts.maxBitmaps } },
+      stack: { format: opts.format, readOnly: opts.readOnly, direct: opts.direct, ...remoteOptions(opts), connections: opts.connections, bitmapStore: opts.bitmapStore, bitmapLimits: { maxBitmaps: opts.maxBitmaps } },
       frontend,
       metrics: opts.metrics && { listen: opts.metrics, name: opts.name ?? (opts.exportName || basename(image)) },
       sidecar: wantSidecar ? { name: opts.name ?? (opts.exportName || basename(opts.sidecar!)), dir: opts.sidecar } : undefined,
@@ -133,7 +133,7 @@ async function serve(image: string, opts: ServeOptions): Promise<void> {
 }
 
 export function register(program: Command): void {
-  program
+  const cmd = program
     .command('serve')
     .description('serve an image over the NBD protocol (unix socket or TCP)')
     .argument('<image>', 'image file, block device, or memory:SIZE')
@@ -152,15 +152,14 @@ export function register(program: Command): void {
     .option('--tls-psk <file>', 'PSK: a file of username:hexkey lines (psktool)')
     .option('--tls-verify-peer', 'x509: require and check client certificates (signed by ca-cert.pem)')
     .option('--direct', 'open raw images with O_DIRECT (bypass the page cache)')
-    .option('--reconnect-delay <seconds>', RECONNECT_HELP, intArg(0, 86400), DEFAULT_RECONNECT_DELAY_S)
-    .option('--request-timeout <seconds>', REQUEST_TIMEOUT_HELP, intArg(0, 86400), 0)
+    .option('-c, --connections <n>', `an NBD URI image: connections to the server when it allows multi-conn (at most ${MAX_NBD_CONNECTIONS})`, intArg(1, MAX_NBD_CONNECTIONS), 1)
     .option('-n, --name <name>', 'device name: starts the sidecar in /run/nbdd/NAME (nbd.sock, control.sock)')
     .option('--sidecar <dir>', 'start the sidecar in this directory (mode 0700)')
     .option('-B, --bitmap <name>', 'publish dirty bitmap NAME on the export as qemu:dirty-bitmap:NAME (repeatable)', (v: string, all: string[]) => [...all, v], [] as string[])
     .option('--max-bitmaps <n>', 'most dirty bitmaps the device keeps (each enabled one is marked on every write)', intArg(1, 65535), DEFAULT_BITMAP_LIMITS.maxBitmaps)
     .option('--bitmap-store <path>', 'keep persistent dirty bitmaps in this file (default IMAGE.nbdd-bitmaps)')
     .option('--metrics <addr:port>', METRICS_HELP, metricsArg)
-    .option('--run <command>', 'run COMMAND with $uri set, then stop the server and exit with its status')
-    .action((image: string, opts: ServeOptions) => serve(image, opts));
+    .option('--run <command>', 'run COMMAND with $uri set, then stop the server and exit with its status');
+  addRemoteOptions(cmd).action((image: string, opts: ServeOptions) => serve(image, opts));
 }
 

@@ -14,6 +14,7 @@
  * A new daemon takes over a device whose daemon died (`reattach`): same image, same backend
  * identifier, RECONFIGURE with fresh sockets; I/O the kernel held resumes.
  */
+import type { RemoteOptions } from '../backends/open.js';
 import { resolve as resolvePath } from 'node:path';
 import { Errno, NbddError, messageOf } from '../core/errors.js';
 import { logger } from '../core/log.js';
@@ -44,10 +45,8 @@ export interface AttachOptions {
   connections: number;
   timeoutS: number;
   deadConnTimeoutS: number;
-  /** NBD URIs: seconds a request waits for a lost connection to come back (default 30). */
-  reconnectDelayS?: number;
-  /** NBD URIs: seconds a request may go without a reply before its connection is dropped (0: none). */
-  requestTimeoutS?: number;
+  /** NBD URI images and remote backing files: reconnect, timeouts, in-flight bound, whether to follow remote backing. */
+  remote?: RemoteOptions;
   /** Serve Prometheus metrics here (src/runtime/metrics.ts). */
   metrics?: MetricsListen;
   /** Most dirty bitmaps the device keeps (default DEFAULT_BITMAP_LIMITS). */
@@ -334,7 +333,7 @@ export class KernelDevice {
     try {
       runtime = await DeviceRuntime.start({
         image: opts.image,
-        stack: { format: opts.format, readOnly: frontend.readOnly, reconnectDelayMs: opts.reconnectDelayS === undefined ? undefined : opts.reconnectDelayS * 1000, requestTimeoutMs: (opts.requestTimeoutS ?? 0) * 1000, bitmapLimits: { maxBitmaps: opts.maxBitmaps } },
+        stack: { format: opts.format, readOnly: frontend.readOnly, ...opts.remote, connections: opts.connections, bitmapLimits: { maxBitmaps: opts.maxBitmaps } },
         frontend,
         sidecar: { name: opts.name },
         metrics: opts.metrics && { listen: opts.metrics, name: opts.name },

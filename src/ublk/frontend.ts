@@ -13,6 +13,7 @@
  *
  * Anything that fails after ADD_DEV undoes it (no half-created device stays behind).
  */
+import type { RemoteOptions } from '../backends/open.js';
 import { closeSync, existsSync, openSync, readFileSync, readdirSync } from 'node:fs';
 import { Errno, NbddError, messageOf } from '../core/errors.js';
 import { logger } from '../core/log.js';
@@ -39,10 +40,8 @@ export interface UblkAttachOptions {
   readOnly: boolean;
   queues: number;
   depth: number;
-  /** NBD URIs: seconds a request waits for a lost connection to come back (default 30). */
-  reconnectDelayS?: number;
-  /** NBD URIs: seconds a request may go without a reply before its connection is dropped (0: none). */
-  requestTimeoutS?: number;
+  /** NBD URI images and remote backing files: reconnect, timeouts, in-flight bound, whether to follow remote backing. */
+  remote?: RemoteOptions;
   /** Serve Prometheus metrics here (src/runtime/metrics.ts). */
   metrics?: MetricsListen;
   /** Most dirty bitmaps the device keeps (default DEFAULT_BITMAP_LIMITS). */
@@ -319,7 +318,7 @@ export class UblkDevice {
     const frontend = await UblkFrontend.prepare(opts);
     const runtime = await DeviceRuntime.start({
       image: opts.image,
-      stack: { format: opts.format, readOnly: frontend.readOnly, reconnectDelayMs: opts.reconnectDelayS === undefined ? undefined : opts.reconnectDelayS * 1000, requestTimeoutMs: (opts.requestTimeoutS ?? 0) * 1000, bitmapLimits: { maxBitmaps: opts.maxBitmaps } },
+      stack: { format: opts.format, readOnly: frontend.readOnly, ...opts.remote, connections: opts.queues, bitmapLimits: { maxBitmaps: opts.maxBitmaps } },
       frontend,
       sidecar: { name: opts.name },
       metrics: opts.metrics && { listen: opts.metrics, name: opts.name },

@@ -8,6 +8,7 @@
 import { open } from 'node:fs/promises';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { Errno, NbddError } from '../../core/errors.js';
+import { isNbdUri } from '../../nbd/uri.js';
 import {
   EXT_BACKING_FORMAT,
   EXT_END,
@@ -121,15 +122,24 @@ export interface CreateQcow2Options {
   clusterSize?: number;
   /** Backing file name as stored (relative names are relative to the new image's directory). */
   backing?: string;
-  /** 'qcow2' or 'raw'; probed from the backing file when omitted. */
+  /** 'qcow2' or 'raw'; probed from the backing file when omitted (raw for an NBD URI). */
   backingFormat?: string;
+  /** The size of the export an NBD URI backing names (the caller connects; without it a URI needs `size`). */
+  remoteSize?: (uri: string) => Promise<number>;
 }
 
 /** Creates (or overwrites, as qemu-img does) an empty qcow2 v3 image. */
 export async function createQcow2(path: string, options: CreateQcow2Options): Promise<void> {
   let size = options.size;
   let backingFormat = options.backingFormat;
-  if (options.backing) {
+  if (options.backing && isNbdUri(options.backing)) {
+    backingFormat ??= 'raw';
+    if (backingFormat !== 'raw') throw invalid(`backing format '${backingFormat}' for an NBD export: the export is a raw layer (-F raw)`);
+    if (size === undefined) {
+      if (!options.remoteSize) throw invalid('an image size is needed for an NBD URI backing file');
+      size = await options.remoteSize(options.backing);
+    }
+  } else if (options.backing) {
     const backingPath = isAbsolute(options.backing) ? options.backing : resolve(dirname(path), options.backing);
     backingFormat ??= await probeFormat(backingPath);
     if (backingFormat !== 'qcow2' && backingFormat !== 'raw') throw invalid(`backing format '${backingFormat}' is not supported (qcow2 or raw)`);

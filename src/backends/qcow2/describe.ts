@@ -12,7 +12,7 @@ import {
   INCOMPAT_DIRTY,
 } from './format/index.js';
 import type { ImageLayer } from './layer.js';
-import { openQcow2 } from './open.js';
+import { openQcow2, type OpenQcow2Options } from './open.js';
 
 export interface Qcow2BitmapInfo {
   name: string;
@@ -45,8 +45,8 @@ export interface Qcow2Description {
   bitmapsConsistent: boolean;
 }
 
-export async function describeQcow2(path: string): Promise<Qcow2Description> {
-  const img = await openQcow2(path, { readOnly: true });
+export async function describeQcow2(path: string, options: Pick<OpenQcow2Options, 'openRemote'> = {}): Promise<Qcow2Description> {
+  const img = await openQcow2(path, { ...options, readOnly: true });
   try {
     const h = img.header;
     const chain: Qcow2Description['backingChain'] = [];

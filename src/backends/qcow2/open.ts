@@ -6,6 +6,7 @@
 import { realpath } from 'node:fs/promises';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { Errno, NbddError, fileError } from '../../core/errors.js';
+import { isNbdUri } from '../../nbd/uri.js';
 import { NodeFilePort, type FilePort } from '../../io/file-port.js';
 import { openFilePort } from '../../io/open-port.js';
 import { lockImage } from '../../io/image-lock.js';
@@ -47,7 +48,16 @@ export interface OpenQcow2Options {
   l2CacheBytes?: number;
   /** Wraps the top image's file port (fault-injection and power-loss tests); not the backing files'. */
   wrapPort?: (port: FilePort) => FilePort;
+  /**
+   * Opens a backing file named by an NBD URI (src/backends/nbd-layer.ts). Without it such an
+   * image is refused: a stranger's image must not make nbdd connect wherever it names and serve
+   * what it reads there (another local export, a host behind the firewall).
+   */
+  openRemote?: (uri: string) => Promise<ImageLayer>;
 }
+
+/** The option that lets images follow NBD URI backing files (named in refusals). */
+export const ALLOW_REMOTE_BACKING_OPTION = '--allow-remote-backing';
 
 function corrupt(message: string): NbddError {
   return new NbddError(Errno.EUCLEAN, `corrupt qcow2 image: ${message}`);
@@ -157,7 +167,14 @@ async function loadRefcounts(port: FilePort, h: Qcow2Header, g: Geometry, fileLe
 }
 
 async function openBackingLayer(imagePath: string, name: string, format: string | undefined, options: OpenQcow2Options, chain: string[]): Promise<ImageLayer> {
-  if (PROTOCOL_NAME.test(name)) throw new NbddError(Errno.ENOTSUP, `${imagePath}: backing file '${name}' is not a plain file name`);
+  if (isNbdUri(name)) {
+    if (format !== undefined && format !== 'raw') throw new NbddError(Errno.ENOTSUP, `${imagePath}: backing file '${name}' has format '${format}'; an NBD export is a raw layer (create the overlay with -F raw)`);
+    if (!options.openRemote) {
+      throw new NbddError(Errno.EPERM, `${imagePath}: backing file '${name}' is on an NBD server; nbdd connects to one named by an image only with ${ALLOW_REMOTE_BACKING_OPTION} (an image from elsewhere could name any host or local socket)`);
+    }
+    return options.openRemote(name);
+  }
+  if (PROTOCOL_NAME.test(name)) throw new NbddError(Errno.ENOTSUP, `${imagePath}: backing file '${name}' is not a plain file name or an NBD URI`);
   const path = isAbsolute(name) ? name : resolve(dirname(imagePath), name);
   const fmt = format ?? (await probeFormat(path));
   if (fmt === 'qcow2') return openInChain(path, { ...options, readOnly: true, wrapPort: undefined }, chain);
