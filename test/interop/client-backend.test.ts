@@ -3,7 +3,9 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { Errno, NbddError } from '../../src/core/errors.js';
 import { openNbd } from '../../src/backends/nbd.js';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { run, startNbdkit, startQemuNbd, tempDir, type Peer } from './nbd-peers.js';
+import { serveNbdd } from '../helpers/tools.js';
 
 const MiB = 1024 * 1024;
 const dir = tempDir('nbdd-nbd-backend-');
@@ -71,5 +73,50 @@ describe('openNbd', () => {
     const err = await openNbd(qemuNbd.uri.replace('nbd+unix:///top', 'nbd+unix:///nope')).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(NbddError);
     expect((err as NbddError).errno).toBe(Errno.ENOENT);
+  });
+
+  it('keeps at most maxInFlight requests at the server; the others wait their turn, in order, and all complete', async () => {
+    const server = await startNbdkit(dir.path, ['--filter=delay', 'memory', '4M', 'delay-read=50ms', 'delay-write=50ms']);
+    peers.push(server);
+    const b = await openNbd(server.uri, { connections: 2, maxInFlight: 3 });
+    try {
+      let peak = 0;
+      const done: number[] = [];
+      const ops = Array.from({ length: 12 }, (_, i) =>
+        (i % 2 ? b.read(i * 4096, 4096) : b.write(i * 4096, Buffer.alloc(4096, i))).then(() => done.push(i)),
+      );
+      const sample = setInterval(() => (peak = Math.max(peak, b.requestsInFlight)), 5);
+      await Promise.all(ops);
+      clearInterval(sample);
+      expect(peak).toBe(3);
+      expect(b.requestsInFlight).toBe(0);
+      // Slots go to the oldest waiter: the last three started are the last three done.
+      expect(done.slice(-3).sort((x, y) => x - y)).toEqual([9, 10, 11]);
+    } finally {
+      await b.close();
+    }
+  });
+
+  it('nbdd serve URI --connections 4: four connections to a multi-conn remote, requests spread over all, bytes intact', async () => {
+    const log = join(dir.path, 'multi.log');
+    const server = await startNbdkit(dir.path, ['--filter=log', 'memory', '16M', `logfile=${log}`]);
+    peers.push(server);
+    const served = await serveNbdd(server.uri, ['--connections', '4']);
+    try {
+      const data = Buffer.alloc(4 * MiB);
+      for (let i = 0; i < data.length; i += 4) data.writeUInt32LE((i * 2654435761) >>> 0, i);
+      const src = join(dir.path, 'multi.bin');
+      const back = join(dir.path, 'multi-back.bin');
+      writeFileSync(src, data);
+      run('nbdcopy', ['--connections=4', src, served.uri]);
+      run('nbdcopy', ['--connections=4', served.uri, back]);
+      expect(readFileSync(back).subarray(0, data.length).equals(data)).toBe(true);
+    } finally {
+      await served.stop();
+    }
+    const lines = readFileSync(log, 'utf8').split('\n');
+    const ids = (what: RegExp): Set<string> => new Set(lines.filter((l) => what.test(l)).map((l) => /connection=(\d+)/.exec(l)![1]!));
+    expect(ids(/ Connect /).size).toBe(4);
+    expect(ids(/ (Read|Write) /).size).toBe(4);
   });
 });
