@@ -2,7 +2,8 @@
  * Data integrity under load: fio --verify=crc32c on a raw image over several connections, and the
  * daemon killed with SIGKILL in the middle of a verified write job, then re-attached: the kernel
  * holds the I/O, the new daemon (started by --name alone, as systemd's Restart= does) RECONFIGUREs
- * the device, and the job finishes without errors.
+ * the device, and the job finishes without errors. Then the remote paths on the kernel device: a
+ * remote export restarted mid-job, a qcow2 overlay over a remote base (ext4), and TLS to nbdkit.
  */
 import { beforeAll, expect, it } from 'vitest';
 import { Scenario } from './scenario.js';
@@ -76,6 +77,46 @@ nbdd detach remote; echo $? > $WORK/remote.detach.rc
 cp /run/nbdd/remote.log $WORK/remote.log
 dmesg | grep -E 'nbd.*(I/O error|timed out)' > $WORK/remote.dmesg
 kill $srv
+
+# A qcow2 overlay whose backing file is a remote export, as a kernel device: the ext4 filesystem
+# of the remote base mounts, new files land in the overlay, the remote image is unchanged.
+mkdir -p rsrc && head -c 3M /dev/urandom > rsrc/from-base.bin
+truncate -s 64M rbase.img && mkfs.ext4 -q -F -d rsrc rbase.img
+sha256sum < rsrc/from-base.bin > $WORK/rb.base-file.sha
+sha256sum < rbase.img > $WORK/rb.remote.before
+nbdkit -f -U /tmp/rbase.sock file file=/tmp/rbase.img & rsrv=$!
+for i in $(seq 100); do [ -S /tmp/rbase.sock ] && break; sleep 0.1; done
+nbdd create -f qcow2 rov.qcow2 -b 'nbd+unix:///?socket=/tmp/rbase.sock' > /dev/null
+record rb-refused nbdd attach rov.qcow2 --name rov-refused
+rdev=$(nbdd attach rov.qcow2 --name rov --allow-remote-backing)
+mkdir -p /mnt/rov && mount $rdev /mnt/rov
+sha256sum < /mnt/rov/from-base.bin > $WORK/rb.read.sha
+head -c 2M /dev/urandom > local.bin && sha256sum < local.bin > $WORK/rb.local.sha && cp local.bin /mnt/rov/
+sync && umount /mnt/rov
+nbdd detach rov; echo $? > $WORK/rb.detach.rc
+rdev=$(nbdd attach rov.qcow2 --name rov --allow-remote-backing) && mount $rdev /mnt/rov
+cat /mnt/rov/from-base.bin | sha256sum > $WORK/rb.again-base.sha
+cat /mnt/rov/local.bin | sha256sum > $WORK/rb.again-local.sha
+umount /mnt/rov && nbdd detach rov
+qemu-img check rov.qcow2 > $WORK/rb.check 2>&1; echo $? > $WORK/rb.check.rc # qemu opens the remote base too
+kill $rsrv; wait $rsrv 2>/dev/null
+sha256sum < rbase.img > $WORK/rb.remote.after
+
+# TLS on the kernel path: nbdd terminates TLS (PSK) to nbdkit --tls=require; the device is plain.
+printf 'alice:%s\n' $(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n') > /tmp/keys.psk
+printf 'alice:%s\n' $(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n') > /tmp/wrong.psk
+truncate -s 32M tls.img
+nbdkit -f --tls=require --tls-psk=/tmp/keys.psk -U /tmp/tls.sock file file=/tmp/tls.img & tsrv=$!
+for i in $(seq 100); do [ -S /tmp/tls.sock ] && break; sleep 0.1; done
+record tls-plain nbdd attach 'nbd+unix:///?socket=/tmp/tls.sock' --name tls-plain
+record tls-wrong nbdd attach 'nbds+unix:///?socket=/tmp/tls.sock&tls-psk-file=/tmp/wrong.psk&tls-username=alice' --name tls-wrong
+tdev=$(nbdd attach 'nbds+unix:///?socket=/tmp/tls.sock&tls-psk-file=/tmp/keys.psk&tls-username=alice' --name tls)
+head -c 8M /dev/urandom > tls-data.bin
+dd if=tls-data.bin of=$tdev bs=1M oflag=direct status=none; echo $? > $WORK/tls.dd.rc
+dd if=$tdev bs=1M count=8 iflag=direct status=none | cmp - tls-data.bin; echo $? > $WORK/tls.readback.rc
+nbdd detach tls; echo $? > $WORK/tls.detach.rc
+kill $tsrv; wait $tsrv 2>/dev/null
+head -c 8M tls.img | cmp - tls-data.bin; echo $? > $WORK/tls.remote.rc
 `);
 }, 1_800_000); // may wait for other VM runs (one at a time)
 
@@ -127,6 +168,29 @@ it('a remote export whose server is SIGKILLed and restarted mid-job: nbdd reconn
   expect(s.text('remote.log')).toMatch(/remote-lost: [\s\S]*remote-reconnected: /);
   expect(s.text('remote.dmesg')).toBe('');
   expect(s.text('remote.detach.rc').trim()).toBe('0');
+});
+
+it('a qcow2 overlay over a remote base as a kernel device: the base ext4 mounts, writes stay local, the remote image is unchanged', () => {
+  expect(s.status('rb-refused'), s.log).not.toBe(0);
+  expect(s.text('rb-refused.err')).toContain('--allow-remote-backing');
+  expect(s.text('rb.read.sha')).toBe(s.text('rb.base-file.sha'));
+  expect(s.text('rb.detach.rc').trim()).toBe('0');
+  expect(s.text('rb.again-base.sha')).toBe(s.text('rb.base-file.sha'));
+  expect(s.text('rb.again-local.sha')).toBe(s.text('rb.local.sha'));
+  expect(s.text('rb.remote.after')).toBe(s.text('rb.remote.before'));
+  expect(s.text('rb.check.rc').trim(), s.text('rb.check')).toBe('0');
+});
+
+it('attach nbds+unix:// terminates TLS in nbdd: bytes written to the device reach the remote; plaintext and a wrong PSK are refused', () => {
+  expect(s.status('tls-plain'), s.log).not.toBe(0);
+  expect(s.text('tls-plain.err')).toMatch(/TLS/);
+  expect(s.status('tls-wrong')).not.toBe(0);
+  expect(s.text('tls-wrong.err')).toMatch(/PSK|key|TLS/i);
+  expect(s.text('tls-wrong.err')).not.toMatch(/\n\s+at /);
+  expect(s.text('tls.dd.rc').trim()).toBe('0');
+  expect(s.text('tls.readback.rc').trim()).toBe('0');
+  expect(s.text('tls.detach.rc').trim()).toBe('0');
+  expect(s.text('tls.remote.rc').trim()).toBe('0');
 });
 
 it('the LINK_DEAD notification for the killed daemon reaches a multicast listener', () => {
