@@ -14,7 +14,7 @@ import { messageOf } from '../core/errors.js';
 import type { EventType } from '../control/events.js';
 import { Sidecar } from '../sidecar/sidecar.js';
 import { deviceRegistry, MetricsServer, type MetricsListen } from './metrics.js';
-import { isRemoteLink } from '../backends/nbd.js';
+import { remoteLinkOf } from '../backends/nbd-layer.js';
 import { openStack, type DeviceStack, type StackOptions } from './stack.js';
 
 const log = logger('runtime');
@@ -74,13 +74,11 @@ export class DeviceRuntime {
         sidecar = await Sidecar.start({ ...options.sidecar, stack, frontendStatus: () => frontend.status() });
       }
       const runtime = new DeviceRuntime(stack, frontend, sidecar);
-      // A remote backend's losses and returns are device events too.
-      if (isRemoteLink(stack.image)) {
-        stack.image.onRemoteEvent((type, data) => {
+      // A remote backend's (or remote backing file's) losses and returns are device events too.
+      remoteLinkOf(stack.image)?.onRemoteEvent((type, data) => {
           runtime.events.set(type, runtime.eventCount(type) + 1);
           runtime.sidecar?.events.publish(type, data);
-        });
-      }
+      });
       if (options.metrics) {
         metrics = runtime.metricsServer = await MetricsServer.start(options.metrics.listen, deviceRegistry(runtime, options.metrics.name));
         log.info(`metrics at ${metrics.url}`);

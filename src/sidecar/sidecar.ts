@@ -10,7 +10,8 @@
  * The sidecar shares the device's BlockQueue and layer stack: reads on nbd.sock go through the
  * same queue as the device's own I/O, so they see every acknowledged write.
  */
-import { isRemoteLink } from '../backends/nbd.js';
+import { remoteLinkOf } from '../backends/nbd-layer.js';
+import type { RemoteLink } from '../backends/nbd.js';
 import { promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import type { BitmapSet } from '../bitmaps/bitmap-set.js';
@@ -150,7 +151,7 @@ export class Sidecar implements ControlledDevice {
         ? { export: this.backup.exportName, bitmap: this.backup.bitmap, started: this.backup.started, ...this.backup.view.stats() }
         : null,
       queueDepth: queue.depth,
-      ...(isRemoteLink(stack.image) ? { remote: { uri: stack.image.remoteUri, state: stack.image.remoteState, reconnects: stack.image.reconnects } } : {}),
+      ...remoteStatus(remoteLinkOf(stack.image)),
       ...(this.options.frontendStatus?.() ?? {}),
     };
   }
@@ -232,4 +233,9 @@ async function preparePrivateDir(dir: string): Promise<void> {
   if (!st.isDirectory()) throw new NbddError(Errno.EEXIST, `${dir} exists and is not a directory`);
   if (st.uid !== getEuid()) throw new NbddError(Errno.EPERM, `${dir} belongs to uid ${st.uid}, not to us`);
   await fsp.chmod(dir, 0o700);
+}
+
+/** `remote` in status: the NBD server the device's data (or its backing file) lives on. */
+function remoteStatus(link: RemoteLink | null): { remote?: { uri: string; state: string; reconnects: number } } {
+  return link ? { remote: { uri: link.remoteUri, state: link.remoteState, reconnects: link.reconnects } } : {};
 }

@@ -3,7 +3,8 @@
  * `nbdd create -b URI` or `qemu-img create -b URI -F raw`, served by nbdd with
  * --allow-remote-backing. Untouched clusters read from the remote, writes stay in the overlay
  * (the remote file's checksum is unchanged), block status matches qemu-nbd serving the same
- * overlay, and a remote restart is a pause. Without the option nbdd does not connect at all.
+ * overlay, and a remote restart is a pause (logged, and in `nbdd status`). Without the option
+ * nbdd does not connect at all.
  */
 import { spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -173,7 +174,8 @@ describe('qcow2 overlay over a remote NBD base', () => {
     let peer = await base.start();
     const ov = join(dir.path, 'restart.qcow2');
     overlay(ov, base.uri);
-    const srv = await serveNbdd(ov, ['--allow-remote-backing', '--reconnect-delay', '30']);
+    const name = `rb-${process.pid}-${n}`;
+    const srv = await serveNbdd(ov, ['--allow-remote-backing', '--reconnect-delay', '30', '--name', name]);
     try {
       await peer.kill();
       const reader = spawn('qemu-io', ['-f', 'raw', '-c', `read -v 5M 512`, srv.uri], { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -188,6 +190,10 @@ describe('qcow2 overlay over a remote NBD base', () => {
       const firstLine = text.split('\n')[0]!;
       const hex = [...want].map((b) => b.toString(16).padStart(2, '0')).join(' ');
       expect(firstLine).toContain(hex);
+      // The device's status and log name the remote the backing file lives on.
+      expect(srv.stderr()).toMatch(/remote-lost: [\s\S]*remote-reconnected: /);
+      const status = JSON.parse(run(NBDD, ['status', name, '--json'])) as { remote?: unknown };
+      expect(status.remote).toEqual({ uri: base.uri, state: 'connected', reconnects: 1 });
     } finally {
       await srv.stop();
       await peer.stop();
