@@ -1,6 +1,7 @@
 /** Every CLI command: each module exports `register(program)`; add one line per command. */
 import type { Command } from 'commander';
 import { register as attach } from './attach.js';
+import { register as backup } from './backup.js';
 import { register as bitmap } from './bitmap.js';
 import { register as check } from './check.js';
 import { register as create } from './create.js';
@@ -16,4 +17,4 @@ import { register as status } from './status.js';
 
 export type RegisterCommand = (program: Command) => void;
 
-export const commands: RegisterCommand[] = [serve, attach, detach, list, create, installUdev, installSystemd, info, check, map, status, bitmap, events];
+export const commands: RegisterCommand[] = [serve, attach, detach, list, create, installUdev, installSystemd, info, check, map, status, bitmap, events, backup];

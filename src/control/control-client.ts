@@ -79,3 +79,17 @@ export class ControlClient {
     return this.closed;
   }
 }
+
+/** One call on an open control connection; a JSON-RPC error becomes an NbddError with its errno. */
+export async function callOn<T = unknown>(client: ControlClient, method: string, params?: Record<string, unknown>): Promise<T> {
+  try {
+    return await client.call<T>(method, params);
+  } catch (err) {
+    if (err instanceof RpcError) {
+      const errnoName = (err.data as { errno?: string } | undefined)?.errno;
+      const errno = errnoName && errnoName in Errno ? Errno[errnoName as keyof typeof Errno] : Errno.EINVAL;
+      throw new NbddError(errno, err.message);
+    }
+    throw err;
+  }
+}

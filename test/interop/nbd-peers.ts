@@ -118,7 +118,12 @@ export function startNbdkitAt(socket: string, pluginArgs: string[]): Promise<Pee
 
 /** `qemu-nbd -k SOCK -t -e 8 -x EXPORT ARGS… FILE` (8 clients at once: tests run nbdinfo beside our client). */
 export function startQemuNbd(dir: string, exportName: string, args: string[]): Promise<Peer> {
-  const socket = join(dir, `qemu-nbd-${Math.random().toString(36).slice(2)}.sock`);
+  return startQemuNbdAt(join(dir, `qemu-nbd-${Math.random().toString(36).slice(2)}.sock`), exportName, args);
+}
+
+/** As `startQemuNbd`, on a given socket path (a server restarted where its clients look for it). */
+export function startQemuNbdAt(socket: string, exportName: string, args: string[]): Promise<Peer> {
+  rmSync(socket, { force: true });
   return startChild('qemu-nbd', ['-k', socket, '-t', '-e', '8', '-x', exportName, ...args], socket, exportName);
 }
 

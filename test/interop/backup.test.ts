@@ -1,0 +1,329 @@
+/**
+ * `nbdd backup` / `backups` / `restore` / `verify` (src/backup/) against a served qcow2 and raw
+ * image (`nbdd serve --name`, through its sidecar) and a remote `qemu-nbd -B b0`: points equal
+ * the disk at their begin (checked by sha256 of the restored disk and by qemu-img compare of the
+ * point file), incrementals store about what changed, writes during a backup do not reach its
+ * point, a SIGKILLed daemon or backup costs nothing, a flipped byte fails verify, and bad input
+ * leaves the repo untouched.
+ */
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdirSync, readFileSync, readdirSync, writeFileSync, openSync, writeSync, closeSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { openNbd, type NbdBackend } from '../../src/backends/nbd.js';
+import { ControlClient } from '../../src/control/control-client.js';
+import { runAsync, runAsyncOk } from '../helpers/run-async.js';
+import { NBDD, requireTool, run, runStatus, serveNbdd, tempDir, type Served } from '../helpers/tools.js';
+import { startQemuNbdAt } from './nbd-peers.js';
+
+const MiB = 1024 * 1024;
+let dir: ReturnType<typeof tempDir>;
+let n = 0;
+beforeAll(() => {
+  for (const t of ['qemu-img', 'qemu-io', 'qemu-nbd', 'nbdcopy']) requireTool(t);
+  dir = tempDir('nbdd-backup-');
+});
+afterAll(() => dir.remove());
+
+const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
+const fileSha = (path: string): string => sha(readFileSync(path));
+
+/** The whole export, as bytes (nbdcopy). */
+async function contents(uri: string): Promise<Buffer> {
+  const out = join(dir.path, `copy-${n++}.raw`);
+  await runAsyncOk('nbdcopy', [uri, out]);
+  return readFileSync(out);
+}
+
+async function restored(repo: string, point?: string): Promise<Buffer> {
+  const out = join(dir.path, `restored-${n++}.raw`);
+  await runAsyncOk(NBDD, ['restore', '--repo', repo, ...(point ? ['--point', point] : []), out]);
+  return readFileSync(out);
+}
+
+interface Result {
+  point: string;
+  kind: string;
+  file: string;
+  bytesStored: number;
+}
+async function backupOf(source: string, repo: string, args: string[] = []): Promise<Result> {
+  return JSON.parse(await runAsyncOk(NBDD, ['backup', source, '--repo', repo, '--json', ...args], 120_000)) as Result;
+}
+
+async function served(image: string, args: string[] = []): Promise<{ srv: Served; name: string; client: NbdBackend }> {
+  const name = `bk-${process.pid}-${n++}`;
+  const srv = await serveNbdd(image, ['--name', name, ...args]);
+  return { srv, name, client: await openNbd(srv.uri) };
+}
+
+function qcow2(size: number): string {
+  const path = join(dir.path, `disk-${n++}.qcow2`);
+  run('qemu-img', ['create', '-q', '-f', 'qcow2', path, String(size)]);
+  return path;
+}
+
+describe('nbdd backup of a served qcow2 (sidecar)', () => {
+  it('full then incremental: each point restores to the disk at its begin; the incremental stores about what changed', async () => {
+    const img = qcow2(64 * MiB);
+    const { srv, name, client } = await served(img);
+    const repo = join(dir.path, 'repo-basic');
+    try {
+      await client.write(0, randomBytes(6 * MiB));
+      await client.write(40 * MiB, randomBytes(2 * MiB));
+      const at1 = await contents(srv.uri);
+      const p1 = await backupOf(name, repo);
+      expect(p1).toMatchObject({ point: '0001', kind: 'full', file: '0001-full.qcow2', bytesStored: 8 * MiB });
+
+      await client.write(MiB, randomBytes(256 * 1024));
+      await client.writeZeroes(40 * MiB, 64 * 1024);
+      await client.write(63 * MiB, randomBytes(4096));
+      const at2 = await contents(srv.uri);
+      const p2 = await backupOf(name, repo);
+      expect(p2.kind).toBe('incremental');
+      expect(p2.bytesStored).toBeGreaterThanOrEqual(256 * 1024 + 4096);
+      expect(p2.bytesStored).toBeLessThanOrEqual(256 * 1024 + 64 * 1024); // the 4 KiB write costs one 64 KiB granule
+
+      expect(sha(await restored(repo, '0001'))).toBe(sha(at1));
+      expect(sha(await restored(repo))).toBe(sha(at2));
+      // The point files are plain qcow2 that qemu reads, the incremental through its backing chain.
+      const want2 = join(dir.path, 'want2.raw');
+      writeFileSync(want2, at2);
+      expect(runStatus('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', want2, join(repo, p2.file)]).stdout).toContain('Images are identical');
+      const chain = run('qemu-img', ['info', '--backing-chain', join(repo, p2.file)]);
+      expect(chain).toMatch(/backing file: 0001-full\.qcow2/);
+
+      const listed = JSON.parse(run(NBDD, ['backups', '--repo', repo, '--json'])) as { id: string; kind: string; file: string; bytes: number; virtualSize: number; time: string }[];
+      expect(listed.map((p) => [p.id, p.kind, p.file, p.virtualSize])).toEqual([
+        ['0001', 'full', '0001-full.qcow2', 64 * MiB],
+        ['0002', 'incremental', '0002-inc.qcow2', 64 * MiB],
+      ]);
+      expect(listed[1]!.bytes).toBe(p2.bytesStored);
+      expect(run(NBDD, ['verify', '--repo', repo])).toMatch(/point 0002: ok/);
+      // Only the newest point's checkpoint bitmap stays on the device.
+      const status = JSON.parse(run(NBDD, ['status', name, '--json'])) as { bitmaps: { name: string; enabled: boolean }[]; backup: unknown };
+      expect(status.bitmaps.map((b) => b.name)).toEqual([expect.stringMatching(/^nbdd-backup-[0-9a-f]{8}-0002$/)]);
+      expect(status.backup).toBeNull();
+    } finally {
+      await client.close();
+      await srv.stop();
+    }
+  });
+
+  it('writes made while the backup runs do not reach its point (point-in-time), and the next incremental has them', async () => {
+    const img = qcow2(128 * MiB);
+    const { srv, name, client } = await served(img);
+    const repo = join(dir.path, 'repo-pit');
+    const control = await ControlClient.connect(join('/run/nbdd', name, 'control.sock'));
+    try {
+      await client.write(0, randomBytes(96 * MiB));
+      const atBegin = await contents(srv.uri);
+      const job = runAsync(NBDD, ['backup', name, '--repo', repo, '--json'], 120_000);
+      // Writes after the backup has begun (status shows it): at the start, middle and end.
+      let running = false;
+      for (let i = 0; i < 2000 && !running; i++) {
+        running = ((await control.call('status')) as { backup: unknown }).backup !== null;
+        if (!running) await new Promise((r) => setTimeout(r, 2));
+      }
+      expect(running).toBe(true);
+      await Promise.all([client.write(0, Buffer.alloc(MiB, 0xee)), client.write(48 * MiB, Buffer.alloc(MiB, 0xee)), client.write(95 * MiB, Buffer.alloc(MiB, 0xee))]);
+      const stillRunning = ((await control.call('status')) as { backup: unknown }).backup !== null;
+      const r = await job;
+      expect(r.code, r.stderr).toBe(0);
+      expect(stillRunning, 'the writes landed while the backup ran').toBe(true);
+      expect(sha(await restored(repo))).toBe(sha(atBegin));
+      const after = await contents(srv.uri);
+      expect((await backupOf(name, repo)).kind).toBe('incremental');
+      expect(sha(await restored(repo))).toBe(sha(after));
+    } finally {
+      await control.close();
+      await client.close();
+      await srv.stop();
+    }
+  });
+
+  it('a SIGKILLed daemon (between backups) and a SIGKILLed backup (mid-copy) cost nothing: the next backup is incremental and exact', async () => {
+    const img = qcow2(96 * MiB);
+    let { srv, name, client } = await served(img);
+    const repo = join(dir.path, 'repo-crash');
+    await client.write(0, randomBytes(64 * MiB));
+    await backupOf(name, repo);
+    await client.write(10 * MiB, randomBytes(MiB));
+    await client.close();
+    srv.child.kill('SIGKILL');
+    await new Promise((r) => srv.child.once('exit', r));
+    // Re-served under the same name (the bitmaps come back from the image), more writes, a backup.
+    srv = await serveNbdd(img, ['--name', name]);
+    client = await openNbd(srv.uri);
+    try {
+      await client.write(70 * MiB, randomBytes(MiB));
+      const at2 = await contents(srv.uri);
+      const p2 = await backupOf(name, repo);
+      expect(p2.kind).toBe('incremental');
+      expect(p2.bytesStored).toBe(2 * MiB);
+      expect(sha(await restored(repo))).toBe(sha(at2));
+
+      // A backup killed while it copies: the repo keeps its two points and stays valid.
+      await client.write(0, randomBytes(60 * MiB));
+      const manifestBefore = fileSha(join(repo, 'manifest.json'));
+      const { spawn } = await import('node:child_process');
+      const child = spawn(NBDD, ['backup', name, '--repo', repo], { stdio: 'ignore' });
+      const control = await ControlClient.connect(join('/run/nbdd', name, 'control.sock'));
+      let running = false;
+      for (let i = 0; i < 4000 && !running; i++) {
+        running = ((await control.call('status')) as { backup: unknown }).backup !== null;
+        if (!running) await new Promise((r) => setTimeout(r, 2));
+      }
+      await control.close();
+      child.kill('SIGKILL');
+      await new Promise((r) => child.once('exit', r));
+      expect(running).toBe(true);
+      expect(fileSha(join(repo, 'manifest.json'))).toBe(manifestBefore);
+      expect(run(NBDD, ['verify', '--repo', repo])).toMatch(/point 0002: ok/);
+
+      await client.write(90 * MiB, randomBytes(MiB));
+      const at3 = await contents(srv.uri);
+      const p3 = await backupOf(name, repo);
+      expect(p3).toMatchObject({ point: '0003', kind: 'incremental' });
+      expect(p3.bytesStored).toBe(61 * MiB); // everything since point 2, the killed backup's share too
+      expect(sha(await restored(repo))).toBe(sha(at3));
+      expect(readdirSync(repo).filter((f) => f.startsWith('.partial'))).toEqual([]);
+    } finally {
+      await client.close();
+      await srv.stop();
+    }
+  });
+
+  it('a raw image (bitmaps in the sidecar file) backs up the same way', async () => {
+    const img = join(dir.path, `raw-${n++}.img`);
+    run('truncate', ['-s', String(32 * MiB), img]);
+    const { srv, name, client } = await served(img);
+    const repo = join(dir.path, 'repo-raw');
+    try {
+      await client.write(MiB, randomBytes(3 * MiB));
+      await backupOf(name, repo);
+      await client.write(20 * MiB, randomBytes(128 * 1024));
+      const now = await contents(srv.uri);
+      const p2 = await backupOf(name, repo);
+      expect(p2).toMatchObject({ kind: 'incremental', bytesStored: 128 * 1024 });
+      expect(sha(await restored(repo))).toBe(sha(now));
+    } finally {
+      await client.close();
+      await srv.stop();
+    }
+  });
+});
+
+describe('nbdd backup of a remote export', () => {
+  it('qemu-nbd -B b0: full, then --bitmap b0 incremental; both restore exactly', async () => {
+    const img = qcow2(32 * MiB);
+    run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x41 0 2M', img]);
+    run('qemu-img', ['bitmap', '--add', img, 'b0']);
+    const socket = join(dir.path, 'remote-qemu-nbd.sock');
+    let peer = await startQemuNbdAt(socket, 'disk', ['-f', 'qcow2', '-B', 'b0', img]);
+    const uri = peer.uri;
+    const repo = join(dir.path, 'repo-remote');
+    try {
+      const at1 = await contents(uri);
+      expect((await backupOf(uri, repo)).kind).toBe('full');
+      await peer.stop();
+      run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x42 8M 1M', '-c', 'write -P 0x43 30M 64k', img]);
+      peer = await startQemuNbdAt(socket, 'disk', ['-f', 'qcow2', '-B', 'b0', img]);
+      const at2 = await contents(peer.uri);
+      const p2 = await backupOf(peer.uri, repo, ['--bitmap', 'b0']);
+      expect(p2).toMatchObject({ kind: 'incremental', bytesStored: MiB + 64 * 1024 });
+      expect(sha(await restored(repo, '0001'))).toBe(sha(at1));
+      expect(sha(await restored(repo))).toBe(sha(at2));
+    } finally {
+      await peer.stop();
+    }
+  });
+});
+
+describe('nbdd verify and bad input', () => {
+  it('verify fails on a flipped byte in a point data cluster, naming the point and the offset', async () => {
+    const img = qcow2(16 * MiB);
+    const { srv, name, client } = await served(img);
+    const repo = join(dir.path, 'repo-flip');
+    try {
+      await client.write(4 * MiB, randomBytes(MiB));
+      await backupOf(name, repo);
+    } finally {
+      await client.close();
+      await srv.stop();
+    }
+    expect(runStatus(NBDD, ['verify', '--repo', repo]).status).toBe(0);
+    const map = JSON.parse(run('qemu-img', ['map', '--output=json', join(repo, '0001-full.qcow2')])) as { start: number; data: boolean; offset?: number }[];
+    const data = map.find((e) => e.data && e.offset !== undefined)!;
+    const fd = openSync(join(repo, '0001-full.qcow2'), 'r+');
+    const b = Buffer.alloc(1);
+    const { readSync } = await import('node:fs');
+    readSync(fd, b, 0, 1, data.offset! + 100);
+    b[0] ^= 0x01;
+    writeSync(fd, b, 0, 1, data.offset! + 100);
+    closeSync(fd);
+    const r = runStatus(NBDD, ['verify', '--repo', repo]);
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toMatch(new RegExp(`point 0001 \\(0001-full\\.qcow2\\): the stored \\d+-byte range at offset ${data.start} does not match`));
+    const rr = runStatus(NBDD, ['restore', '--repo', repo, join(dir.path, 'flipped.raw')]);
+    expect(rr.status).not.toBe(0);
+    expect(rr.stderr).toMatch(/point 0001 .*does not match the manifest/);
+  });
+
+  it('refuses a repo of another disk, a missing point, a directory that is not a repo and a source without a sidecar; nothing is touched', async () => {
+    const small = qcow2(16 * MiB);
+    const big = qcow2(32 * MiB);
+    const a = await served(small);
+    const repo = join(dir.path, 'repo-bad');
+    try {
+      await a.client.write(0, randomBytes(MiB));
+      await backupOf(a.name, repo);
+    } finally {
+      await a.client.close();
+      await a.srv.stop();
+    }
+    const snapshot = (): string => readdirSync(repo).sort().map((f) => `${f}:${fileSha(join(repo, f))}`).join(',');
+    const before = snapshot();
+    const b = await served(big);
+    try {
+      const other = runStatus(NBDD, ['backup', b.name, '--repo', repo]);
+      expect(other.status).not.toBe(0);
+      expect(other.stderr).toMatch(/is a repo of a 16777216-byte disk/);
+    } finally {
+      await b.client.close();
+      await b.srv.stop();
+    }
+    const c = await served(small);
+    try {
+      const renamed = runStatus(NBDD, ['backup', c.name, '--repo', repo]);
+      expect(renamed.status).not.toBe(0);
+      expect(renamed.stderr).toMatch(/is a repo of 'bk-.*', not of 'bk-/);
+    } finally {
+      await c.client.close();
+      await c.srv.stop();
+    }
+    expect(snapshot()).toBe(before);
+
+    const missing = runStatus(NBDD, ['restore', '--repo', repo, '--point', '0042', join(dir.path, 'x.raw')]);
+    expect(missing.status).not.toBe(0);
+    expect(missing.stderr).toMatch(/no point '0042' \(points: 0001\)/);
+
+    const notRepo = join(dir.path, 'not-a-repo');
+    mkdirSync(notRepo);
+    writeFileSync(join(notRepo, 'precious.txt'), 'keep me');
+    const r = runStatus(NBDD, ['backup', 'nosuch', '--repo', notRepo]);
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toMatch(/no nbdd sidecar for 'nosuch'.*NBD URI/);
+    const srv = await serveNbdd(small);
+    try {
+      const nr = runStatus(NBDD, ['backup', srv.uri, '--repo', notRepo]);
+      expect(nr.status).not.toBe(0);
+      expect(nr.stderr).toMatch(/not an nbdd backup repo/);
+    } finally {
+      await srv.stop();
+    }
+    expect(readdirSync(notRepo)).toEqual(['precious.txt']);
+    expect(readFileSync(join(notRepo, 'precious.txt'), 'utf8')).toBe('keep me');
+    for (const out of [r.stderr, missing.stderr]) expect(out).not.toMatch(/\n\s+at /);
+  });
+});
