@@ -33,7 +33,8 @@ import { callOn, ControlClient } from '../control/control-client.js';
 import { isNbdUri } from '../nbd/uri.js';
 import { controlSocketOf } from '../sidecar/locate.js';
 import { DIRTY_BITMAP_CONTEXT_PREFIX } from '../nbd/wire/contexts.js';
-import { chunkSums, copyRanges, diskSum, dirtyRanges, touchedChunks, type Range } from './copy.js';
+import { chunkSums, copyRanges, dirtyRanges, touchedChunks, type Range } from './copy.js';
+import { diskSum } from './sums.js';
 import { Progress } from './progress.js';
 import { Repo, type Point } from './repo.js';
 
@@ -76,7 +77,7 @@ interface Session {
   context: string | null;
   /** The bitmap the point records (its checkpoint, or the URI bitmap read). */
   bitmap: string | null;
-  afterRange?: (r: Range) => Promise<void>;
+  release?: (r: Range) => Promise<void>;
   /** After the point is committed. */
   committed(): Promise<void>;
   /** After a failure (the point is not in the repo). */
@@ -138,7 +139,7 @@ async function backupSidecar(name: string, options: BackupOptions): Promise<Back
       source,
       context: from ? bitmapContext(from) : null,
       bitmap: next,
-      afterRange: ([o, l]) => source.trim(o, l),
+      release: ([o, l]) => source.trim(o, l),
       committed: async () => {
         await source.close();
         await callOn(control, 'backup.end');
@@ -198,16 +199,17 @@ async function writePoint(repo: Repo, sourceName: string, options: BackupOptions
     const target = await openQcow2(repo.path(partial), { readOnly: false });
     let copied;
     try {
-      copied = await copyRanges(s.source, target, ranges, { incremental: kind === 'incremental', progress: (d) => progress.update(d), afterRange: s.afterRange });
+      copied = await copyRanges(s.source, target, ranges, { incremental: kind === 'incremental', progress: (d) => progress.update(d), release: s.release });
       await target.flush();
     } finally {
       await target.close();
     }
     progress.done();
+    const copiedAt = Date.now();
     const disk = await openQcow2(repo.path(partial), { readOnly: true });
     let chunks: string[];
     try {
-      chunks = await chunkSums(disk, prev?.chunks ?? null, prev ? touchedChunks(copied.extents) : null);
+      chunks = await chunkSums(disk, copied.blocks, prev?.chunks ?? null, prev ? touchedChunks(copied.extents) : null);
     } finally {
       await disk.close();
     }
@@ -225,6 +227,7 @@ async function writePoint(repo: Repo, sourceName: string, options: BackupOptions
       chunks,
       diskSha256: diskSum(chunks),
     };
+    log.debug(`point ${id}: copy ${(copiedAt - started) / 1000} s, checksums ${(Date.now() - copiedAt) / 1000} s`);
     await repo.commit(point, partial);
     committed = true;
     await s.committed();

@@ -12,6 +12,7 @@ import type { NbdBackend } from '../backends/nbd.js';
 import { BASE_ALLOCATION } from '../nbd/wire/contexts.js';
 import { NBD_STATE_ZERO } from '../nbd/wire/constants.js';
 import { CHUNK_SIZE, type StoredExtent } from './repo.js';
+import { BLOCK_SIZE, BLOCKS_PER_CHUNK, blockSum, chunkSum, zeroBlockSum } from './sums.js';
 
 /** Most bytes one read asks for; pieces never cross a CHUNK_SIZE boundary either. */
 const PIECE = 4 * 1024 * 1024;
@@ -55,103 +56,169 @@ export interface CopyProgress {
 
 export interface CopyResult {
   extents: StoredExtent[];
+  /** Sums of the blocks wholly inside what was copied (data or zeroes), by block index. */
+  blocks: Map<number, Buffer>;
   bytesRead: number;
   bytesStored: number;
   zeroBytes: number;
 }
 
+/** `ranges` cut where base:allocation changes between data and zeroes, and at CHUNK_SIZE / PIECE bounds. */
+async function plan(source: NbdBackend, ranges: Range[]): Promise<Piece[]> {
+  const pieces: Piece[] = [];
+  const add = (offset: number, length: number, zero: boolean): void => {
+    for (let at = offset; at < offset + length; ) {
+      const n = Math.min(offset + length - at, PIECE, CHUNK_SIZE - (at % CHUNK_SIZE));
+      pieces.push({ offset: at, length: n, zero });
+      at += n;
+    }
+  };
+  if (!source.client.info.contexts.has(BASE_ALLOCATION)) {
+    for (const [o, l] of ranges) add(o, l, false);
+    return pieces;
+  }
+  // One walk of the (unchanging) view's allocation over the span of all ranges, then intersected.
+  const allocation: { offset: number; length: number; zero: boolean }[] = [];
+  if (ranges.length > 0) {
+    const first = ranges[0]![0];
+    const last = ranges[ranges.length - 1]!;
+    await walkStatus(source, BASE_ALLOCATION, first, last[0] + last[1] - first, (e, at) => {
+      const zero = (e.flags & NBD_STATE_ZERO) !== 0;
+      const prev = allocation[allocation.length - 1];
+      if (prev && prev.zero === zero && prev.offset + prev.length === at) prev.length += e.length;
+      else allocation.push({ offset: at, length: e.length, zero });
+    });
+  }
+  let ai = 0;
+  for (const [o, l] of ranges) {
+    let at = o;
+    while (at < o + l) {
+      while (ai < allocation.length && allocation[ai]!.offset + allocation[ai]!.length <= at) ai++;
+      const a = allocation[ai];
+      if (!a) throw new NbddError(Errno.EPROTO, `the NBD server's base:allocation does not cover offset ${at}`);
+      const n = Math.min(o + l, a.offset + a.length) - at;
+      add(at, n, a.zero);
+      at += n;
+    }
+  }
+  return pieces;
+}
+
+interface Piece {
+  offset: number;
+  length: number;
+  zero: boolean;
+}
+
 /**
- * Copies `ranges` of `source` into `target`. `incremental`: zero ranges are written as zeroes
- * (the target has a backing file); else they are left alone. `afterRange` runs once a range is
- * in the target (the backup releases it on the view).
+ * Copies `ranges` of `source` into `target`, PARALLEL pieces at a time over all ranges.
+ * `incremental`: zero ranges are written as zeroes (the target has a backing file); else they are
+ * left alone. `release` runs for every piece once it is in the target (the backup TRIMs the view).
  */
 export async function copyRanges(
   source: NbdBackend,
   target: Backend,
   ranges: Range[],
-  options: { incremental: boolean; progress?: CopyProgress; afterRange?: (r: Range) => Promise<void> },
+  options: { incremental: boolean; progress?: CopyProgress; release?: (r: Range) => Promise<void> },
 ): Promise<CopyResult> {
-  const result: CopyResult = { extents: [], bytesRead: 0, bytesStored: 0, zeroBytes: 0 };
-  const hasStatus = source.client.info.contexts.has(BASE_ALLOCATION);
+  const result: CopyResult = { extents: [], blocks: new Map(), bytesRead: 0, bytesStored: 0, zeroBytes: 0 };
+  const pieces = await plan(source, ranges);
+  /** Records the sums of the whole blocks inside [offset, offset + length), from `data` or as zeroes. */
+  const noteBlocks = (offset: number, length: number, data: Buffer | null): void => {
+    const end = offset + length;
+    for (let b = Math.ceil(offset / BLOCK_SIZE); b * BLOCK_SIZE < end; b++) {
+      const start = b * BLOCK_SIZE;
+      const n = Math.min(BLOCK_SIZE, source.size - start);
+      if (start + n > end) break;
+      result.blocks.set(b, data ? blockSum(data.subarray(start - offset, start - offset + n)) : zeroBlockSum(n));
+    }
+  };
+  const stored: (StoredExtent | null)[] = new Array(pieces.length).fill(null);
   let done = 0;
-  for (const range of ranges) {
-    const pieces: { offset: number; length: number; zero: boolean }[] = [];
-    const add = (offset: number, length: number, zero: boolean): void => {
-      for (let at = offset; at < offset + length; ) {
-        const n = Math.min(offset + length - at, PIECE, CHUNK_SIZE - (at % CHUNK_SIZE));
-        pieces.push({ offset: at, length: n, zero });
-        at += n;
-      }
-    };
-    if (hasStatus) await walkStatus(source, BASE_ALLOCATION, range[0], range[1], (e, at) => add(at, e.length, (e.flags & NBD_STATE_ZERO) !== 0));
-    else add(range[0], range[1], false);
-
-    const stored: StoredExtent[] = new Array(pieces.length);
-    let next = 0;
-    const worker = async (): Promise<void> => {
-      while (next < pieces.length) {
-        const i = next++;
-        const p = pieces[i]!;
-        if (p.zero) {
-          if (options.incremental) await target.writeZeroes!(p.offset, p.length);
-          stored[i] = [p.offset, p.length, null];
-          result.zeroBytes += p.length;
-        } else {
-          const data = await source.read(p.offset, p.length);
-          result.bytesRead += data.length;
-          await target.write(p.offset, data);
-          result.bytesStored += data.length;
-          stored[i] = [p.offset, p.length, createHash('sha256').update(data).digest('hex')];
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (next < pieces.length) {
+      const i = next++;
+      const p = pieces[i]!;
+      if (p.zero) {
+        result.zeroBytes += p.length;
+        noteBlocks(p.offset, p.length, null);
+        if (options.incremental) {
+          await target.writeZeroes!(p.offset, p.length);
+          stored[i] = [p.offset, p.length, null]; // a full point stores nothing for zeroes
         }
-        done += p.length;
-        options.progress?.(done);
+      } else {
+        const data = await source.read(p.offset, p.length);
+        result.bytesRead += data.length;
+        await target.write(p.offset, data);
+        result.bytesStored += data.length;
+        stored[i] = [p.offset, p.length, createHash('sha256').update(data).digest('hex')];
+        noteBlocks(p.offset, p.length, data);
       }
-    };
-    await Promise.all(Array.from({ length: Math.min(PARALLEL, pieces.length) }, worker));
-    // In a full point the zero ranges are not stored at all: record only what an incremental wrote.
-    result.extents.push(...stored.filter((e) => e[2] !== null || options.incremental));
-    await options.afterRange?.(range);
-  }
+      await options.release?.([p.offset, p.length]);
+      done += p.length;
+      options.progress?.(done);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(PARALLEL, pieces.length) }, worker));
+  result.extents = stored.filter((e): e is StoredExtent => e !== null);
   return result;
 }
 
-const zeroChunkSums = new Map<number, string>();
-function zeroSum(length: number): string {
-  let s = zeroChunkSums.get(length);
-  if (!s) zeroChunkSums.set(length, (s = createHash('sha256').update(Buffer.alloc(length)).digest('hex')));
-  return s;
-}
-
 /**
- * The SHA-256 of every CHUNK_SIZE chunk of `disk` (the last one shorter), re-reading only the
- * chunks in `touched` when `previous` holds the sums of the point below (else every chunk).
- * Chunks the image reports all zero are not read.
+ * The sum of every CHUNK_SIZE chunk of `disk` (sums.ts). With `previous` (the point below) only
+ * the chunks in `touched` are computed, the rest carried over. Block sums come from `known` (what
+ * the copy hashed) where it has them; other blocks are read from `disk` unless it reports them
+ * zero.
  */
-export async function chunkSums(disk: Backend, previous: string[] | null, touched: Set<number> | null): Promise<string[]> {
+export async function chunkSums(disk: Backend, known: Map<number, Buffer>, previous: string[] | null, touched: Set<number> | null): Promise<string[]> {
   const count = Math.ceil(disk.size / CHUNK_SIZE);
   const sums: string[] = new Array(count);
+  const todo: number[] = [];
   for (let i = 0; i < count; i++) {
-    if (previous && touched && !touched.has(i)) {
-      sums[i] = previous[i]!;
-      continue;
-    }
-    const offset = i * CHUNK_SIZE;
-    const length = Math.min(CHUNK_SIZE, disk.size - offset);
-    const status = disk.blockStatus ? await disk.blockStatus(offset, length) : [];
-    if (status.length === 1 && status[0]!.zero && status[0]!.length >= length) {
-      sums[i] = zeroSum(length);
-      continue;
-    }
-    sums[i] = createHash('sha256').update(await disk.read(offset, length)).digest('hex');
+    if (previous && touched && !touched.has(i)) sums[i] = previous[i]!;
+    else todo.push(i);
   }
+  const totalBlocks = Math.ceil(disk.size / BLOCK_SIZE);
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    while (next < todo.length) {
+      const i = todo[next++]!;
+      const first = i * BLOCKS_PER_CHUNK;
+      const last = Math.min(first + BLOCKS_PER_CHUNK, totalBlocks);
+      const blocks: (Buffer | undefined)[] = [];
+      for (let b = first; b < last; b++) blocks.push(known.get(b));
+      if (blocks.some((x) => !x)) {
+        // One status call and at most one read for the chunk's blocks the copy did not hash.
+        const offset = first * BLOCK_SIZE;
+        const length = Math.min(CHUNK_SIZE, disk.size - offset);
+        const zero = new Array<boolean>(last - first).fill(false);
+        if (disk.blockStatus) {
+          let at = offset;
+          for (const e of await disk.blockStatus(offset, length)) {
+            for (let k = 0; e.zero && k < zero.length; k++) {
+              const start = offset + k * BLOCK_SIZE;
+              if (start >= at && Math.min(start + BLOCK_SIZE, disk.size) <= at + e.length) zero[k] = true;
+            }
+            at += e.length;
+          }
+        }
+        let data: Buffer | null = null;
+        for (let k = 0; k < blocks.length; k++) {
+          if (blocks[k]) continue;
+          const n = Math.min(BLOCK_SIZE, disk.size - (first + k) * BLOCK_SIZE);
+          if (zero[k]) blocks[k] = zeroBlockSum(n);
+          else {
+            data ??= await disk.read(offset, length);
+            blocks[k] = blockSum(data.subarray(k * BLOCK_SIZE, k * BLOCK_SIZE + n));
+          }
+        }
+      }
+      sums[i] = chunkSum(blocks as Buffer[]);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(4, todo.length) }, worker));
   return sums;
-}
-
-/** The disk's checksum: SHA-256 over its chunk sums (as bytes, in order). */
-export function diskSum(chunks: string[]): string {
-  const h = createHash('sha256');
-  for (const c of chunks) h.update(Buffer.from(c, 'hex'));
-  return h.digest('hex');
 }
 
 /** The chunks the stored extents overlap. */

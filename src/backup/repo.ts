@@ -42,7 +42,7 @@ export interface Point {
   /** The dirty bitmap that tracks changes since this point began (sidecar sources), or the one read (URI --bitmap). */
   bitmap: string | null;
   extents: StoredExtent[];
-  /** SHA-256 of every CHUNK_SIZE chunk of the disk at this point, and over those (the disk's checksum). */
+  /** The sum of every CHUNK_SIZE chunk of the disk at this point, and over those (the disk's checksum); see sums.ts. */
   chunks: string[];
   diskSha256: string;
 }

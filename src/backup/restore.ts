@@ -21,6 +21,7 @@ import { openQcow2 } from '../backends/qcow2/open.js';
 import { isNbdUri } from '../nbd/uri.js';
 import { Progress } from './progress.js';
 import { CHUNK_SIZE, Repo, type Point } from './repo.js';
+import { blockSumsOf, chunkSum, isZero, zeroChunkSum } from './sums.js';
 
 export interface RestoreOptions {
   point?: string;
@@ -30,11 +31,6 @@ export interface RestoreOptions {
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 
-function isZero(b: Buffer): boolean {
-  for (let i = 0; i < b.length; i += 8192) if (!b.subarray(i, Math.min(b.length, i + 8192)).equals(ZERO.subarray(0, Math.min(8192, b.length - i)))) return false;
-  return true;
-}
-const ZERO = Buffer.alloc(8192);
 
 /** Opens OUTPUT for writing; `fresh` when it was just created (all zero already). */
 async function openOutput(output: string, size: number, format: 'raw' | 'qcow2'): Promise<{ out: Backend; fresh: boolean }> {
@@ -71,12 +67,8 @@ async function readChunk(disk: Backend, i: number): Promise<{ offset: number; le
   return { offset, length, data: await disk.read(offset, length) };
 }
 
-const zeroSums = new Map<number, string>();
-function zeroSum(length: number): string {
-  let s = zeroSums.get(length);
-  if (!s) zeroSums.set(length, (s = sha(Buffer.alloc(length))));
-  return s;
-}
+/** The chunk's sum (sums.ts) from what readChunk returned. */
+const sumOf = (c: { length: number; data: Buffer | null }): string => (c.data ? chunkSum(blockSumsOf(c.data)) : zeroChunkSum(c.length));
 
 function mismatch(p: Point, offset: number, what: string): NbddError {
   return new NbddError(Errno.EUCLEAN, `point ${p.id} (${p.file}): ${what} at offset ${offset} does not match the manifest`);
@@ -94,8 +86,7 @@ export async function restore(repoDir: string, output: string, options: RestoreO
       const progress = new Progress(`restore ${p.id}`, p.virtualSize, options.progress ?? false);
       for (let i = 0; i < count; i++) {
         const c = await readChunk(disk, i);
-        const sum = c.data ? sha(c.data) : zeroSum(c.length);
-        if (sum !== p.chunks[i]) throw mismatch(p, c.offset, `the ${c.length}-byte chunk`);
+        if (sumOf(c) !== p.chunks[i]) throw mismatch(p, c.offset, `the ${c.length}-byte chunk`);
         if (c.data && !isZero(c.data)) {
           await out.write(c.offset, c.data);
           bytesWritten += c.length;
@@ -142,7 +133,7 @@ export async function verify(repoDir: string, point?: string): Promise<VerifyRep
     try {
       for (let i = 0; i < p.chunks.length; i++) {
         const c = await readChunk(disk, i);
-        if ((c.data ? sha(c.data) : zeroSum(c.length)) !== p.chunks[i]) throw mismatch(p, c.offset, `the disk's ${c.length}-byte chunk`);
+        if (sumOf(c) !== p.chunks[i]) throw mismatch(p, c.offset, `the disk's ${c.length}-byte chunk`);
       }
     } finally {
       await disk.close();

@@ -1,0 +1,64 @@
+/**
+ * The checksums of a disk in a backup repo, a two-level tree so that zeroes cost nothing and an
+ * incremental re-reads only the chunks it changed:
+ *
+ *   block sum  = SHA-256 of one BLOCK_SIZE block (the disk's last block may be shorter)
+ *   chunk sum  = SHA-256 over the chunk's block sums (32 bytes each, in order); CHUNK_SIZE chunks
+ *   disk sum   = SHA-256 over the chunk sums (32 bytes each, in order)
+ *
+ * Every level is a function of the disk's bytes alone, whatever the repo stores them as.
+ */
+import { createHash } from 'node:crypto';
+import { CHUNK_SIZE } from './repo.js';
+
+export const BLOCK_SIZE = 64 * 1024;
+
+const ZERO = Buffer.alloc(BLOCK_SIZE);
+const zeroBlockSums = new Map<number, Buffer>();
+
+export function isZero(b: Buffer): boolean {
+  for (let i = 0; i < b.length; i += BLOCK_SIZE) {
+    const n = Math.min(BLOCK_SIZE, b.length - i);
+    if (!b.subarray(i, i + n).equals(ZERO.subarray(0, n))) return false;
+  }
+  return true;
+}
+
+/** The sum of a block of `length` zero bytes. */
+export function zeroBlockSum(length: number): Buffer {
+  let s = zeroBlockSums.get(length);
+  if (!s) zeroBlockSums.set(length, (s = createHash('sha256').update(ZERO.subarray(0, length)).digest()));
+  return s;
+}
+
+export function blockSum(block: Buffer): Buffer {
+  return isZero(block) ? zeroBlockSum(block.length) : createHash('sha256').update(block).digest();
+}
+
+/** The sums of the blocks of `data`, which starts on a block boundary. */
+export function blockSumsOf(data: Buffer): Buffer[] {
+  const out: Buffer[] = [];
+  for (let i = 0; i < data.length; i += BLOCK_SIZE) out.push(blockSum(data.subarray(i, Math.min(data.length, i + BLOCK_SIZE))));
+  return out;
+}
+
+export function chunkSum(blockSums: Buffer[]): string {
+  const h = createHash('sha256');
+  for (const s of blockSums) h.update(s);
+  return h.digest('hex');
+}
+
+/** The sum of the chunk at `offset` of `length` bytes, all zero. */
+export function zeroChunkSum(length: number): string {
+  const sums: Buffer[] = [];
+  for (let at = 0; at < length; at += BLOCK_SIZE) sums.push(zeroBlockSum(Math.min(BLOCK_SIZE, length - at)));
+  return chunkSum(sums);
+}
+
+export function diskSum(chunks: string[]): string {
+  const h = createHash('sha256');
+  for (const c of chunks) h.update(Buffer.from(c, 'hex'));
+  return h.digest('hex');
+}
+
+export const BLOCKS_PER_CHUNK = CHUNK_SIZE / BLOCK_SIZE;
