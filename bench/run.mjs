@@ -9,7 +9,7 @@
  *   then filled with non-zero data and fdatasync'ed, so reads hit real (page-cached) data rather
  *   than unwritten extents, and writes overwrite allocated blocks.
  * - Every cell (case × server × round) starts a fresh server, waits until its socket accepts, runs
- *   one fio job (one connection), reads the server's VmHWM, and stops it with SIGTERM.
+ *   one fio job (one connection; `fio.jobs` jobs and connections if set), reads the server's VmHWM, and stops it with SIGTERM.
  * - Servers alternate inside each case (nbdd, qemu-nbd, nbdkit, nbdd, ...) for BENCH_ROUNDS rounds;
  *   the table shows the best round per server (the least disturbed by other load on a shared
  *   machine); JSON has every round.
@@ -18,19 +18,24 @@
  *   plugin with its default `cache=default`; nbdd: `serve` with its defaults (raw backend, node:fs).
  *   fio sends no FLUSH or FUA in these jobs.
  *
+ * - `remote …` rows: each server proxies a remote nbdkit (plain or TLS-PSK, one or four connections
+ *   upstream; see remoteVariants). Rows marked optIn run only when BENCH_CASES selects them.
+ *
  * Environment: BENCH_RUNTIME seconds per cell (10), BENCH_RAMP seconds of warm-up (1), BENCH_SIZE
  * image size (1G), BENCH_ROUNDS (2), BENCH_SERVERS comma list (all), BENCH_CASES regular expression
- * on case names (all), BENCH_DIR for the images and sockets (the OS temp directory).
+ * on case names (all but optIn rows), BENCH_DIR for the images and sockets (the OS temp directory).
  * Flags: --json (JSON on stdout instead of the table), --save FILE (also write the JSON to FILE).
  * Progress goes to stderr.
  *
- * Adding a row: an entry in CASES ({name, image, servers, fio}); a new image kind in IMAGES; a new
- * server in SERVERS (its argv for each image format it can serve).
+ * Adding a row: an entry in CASES ({name, image, servers, metric, fio: {rw, bs, iodepth, jobs?},
+ * connections?, optIn?}); a new image kind in IMAGES; a new server in SERVERS (its argv for each
+ * image format it can serve).
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { mkdtempSync, openSync, closeSync, writeSync, fdatasyncSync, readFileSync, rmSync, existsSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, openSync, closeSync, writeSync, fdatasyncSync, readFileSync, rmSync, existsSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { cpus, release, tmpdir } from 'node:os';
+import { randomBytes } from 'node:crypto';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -54,6 +59,35 @@ const CASES = [
   { name: 'remote 4k randread qd16', image: 'remote', servers: ['nbdd', 'qemu-nbd'], metric: 'iops', fio: { rw: 'randread', bs: '4k', iodepth: 16 } },
   { name: 'remote 4k randwrite qd16', image: 'remote', servers: ['nbdd', 'qemu-nbd'], metric: 'iops', fio: { rw: 'randwrite', bs: '4k', iodepth: 16 } },
   { name: 'remote 1M seqread qd8', image: 'remote', servers: ['nbdd', 'qemu-nbd'], metric: 'mibps', fio: { rw: 'read', bs: '1M', iodepth: 8 } },
+  ...remoteVariants(),
+];
+
+/**
+ * Opt-in remote rows (run only when BENCH_CASES selects them, e.g. BENCH_CASES=remote): over TLS
+ * (`remote tls …`, PSK) and with 4 connections (`… 4conn* …`: nbdd `--connections 4` to the remote;
+ * qemu-nbd 7.2's nbd driver has no multi-conn client and keeps its one connection; fio runs 4 jobs,
+ * one connection each, so both servers get 4 clients). `connections` is what nbdd opens upstream.
+ */
+function remoteVariants() {
+  const jobs = [
+    { what: '4k randread', metric: 'iops', fio: { rw: 'randread', bs: '4k', iodepth: 16 } },
+    { what: '4k randwrite', metric: 'iops', fio: { rw: 'randwrite', bs: '4k', iodepth: 16 } },
+    { what: '1M seqread', metric: 'mibps', fio: { rw: 'read', bs: '1M', iodepth: 8 } },
+  ];
+  const rows = [];
+  for (const [prefix, image, connections] of [['remote 4conn*', 'remote', 4], ['remote tls', 'remote-tls', 1], ['remote tls 4conn*', 'remote-tls', 4]]) {
+    for (const j of jobs) {
+      const qd = connections > 1 ? `${connections}x qd${j.fio.iodepth}` : `qd${j.fio.iodepth}`;
+      rows.push({ name: `${prefix} ${j.what} ${qd}`, image, servers: ['nbdd', 'qemu-nbd'], metric: j.metric, connections, optIn: true, fio: { ...j.fio, jobs: connections } });
+    }
+  }
+  return rows;
+}
+
+/** Printed under the table when a row of that kind ran. */
+const NOTES = [
+  { match: /4conn\*/, text: '4conn*: nbdd opens 4 connections to the remote (--connections 4); qemu-nbd has 1 (its nbd driver has no multi-conn); fio: 4 jobs, 1 connection each, qd per job' },
+  { match: /^remote tls/, text: 'remote tls: the remote nbdkit runs --tls=require --tls-psk; fio to the proxy is plain' },
 ];
 
 /**
@@ -79,14 +113,21 @@ const IMAGES = {
   },
   /** A remote export: nbdkit serving a data-filled raw image, started once per run; servers proxy it. */
   remote: (dir, size) => {
-    const raw = join(dir, 'bench-remote.raw');
-    run('fallocate', ['-l', String(size), raw]);
-    fillWithData(raw, size);
-    const socket = join(dir, 'remote.sock');
-    const child = spawn('nbdkit', ['-f', '-U', socket, 'file', raw], { stdio: 'ignore' });
-    process.on('exit', () => child.kill('SIGKILL'));
-    for (let i = 0; i < 200 && !existsSync(socket); i++) spawnSync('sleep', ['0.05']);
+    const socket = startRemote(dir, size, 'remote.sock', []);
     return { path: `nbd+unix:///?socket=${socket}`, format: 'raw', remoteSocket: socket };
+  },
+  /**
+   * The same image from a second nbdkit that requires TLS with a pre-shared key (user `alice`, a
+   * random 256-bit key in DIR/keys.psk, the file name qemu's tls-creds-psk looks for).
+   */
+  'remote-tls': (dir, size) => {
+    const pskDir = join(dir, 'psk');
+    mkdirSync(pskDir, { mode: 0o700, recursive: true });
+    const pskFile = join(pskDir, 'keys.psk');
+    writeFileSync(pskFile, `${PSK_USER}:${randomBytes(32).toString('hex')}\n`, { mode: 0o600 });
+    const socket = startRemote(dir, size, 'remote-tls.sock', ['--tls=require', `--tls-psk=${pskFile}`]);
+    const path = `nbds+unix:///?socket=${socket}&tls-psk-file=${pskFile}&tls-username=${PSK_USER}`;
+    return { path, format: 'raw', remoteSocket: socket, tls: { pskDir, pskFile, username: PSK_USER } };
   },
   /** Empty: every write allocates. */
   'qcow2-fresh': (dir, size) => {
@@ -97,11 +138,51 @@ const IMAGES = {
   },
 };
 
-/** Servers: `argv(image, socket)` for the formats they serve; `check()` returns why not, or null. */
+const PSK_USER = 'alice';
+
+/** The data-filled raw image the remote nbdkit instances share (made once per run). */
+let remoteRaw;
+/** The remote nbdkit processes, stopped when the run ends (a live child would keep node from exiting). */
+const remotes = [];
+
+/**
+ * Starts `nbdkit file` on the shared remote image (for the rest of the run) with `extra` options,
+ * waits for its socket. The file plugin advertises multi-conn, which the 4conn rows need (without
+ * it nbdd keeps one connection; runCell counts the connections and main warns on a mismatch).
+ */
+function startRemote(dir, size, name, extra) {
+  if (!remoteRaw) {
+    remoteRaw = join(dir, 'bench-remote.raw');
+    run('fallocate', ['-l', String(size), remoteRaw]);
+    fillWithData(remoteRaw, size);
+  }
+  const socket = join(dir, name);
+  const child = spawn('nbdkit', ['-f', '-U', socket, ...extra, 'file', remoteRaw], { stdio: 'ignore' });
+  remotes.push(child);
+  process.on('exit', () => child.kill('SIGKILL'));
+  for (let i = 0; i < 200 && !existsSync(socket); i++) spawnSync('sleep', ['0.05']);
+  if (!existsSync(socket)) fail(`nbdkit ${extra.join(' ')} did not listen on ${socket}`);
+  return socket;
+}
+
+/** Connected sockets the server end of unix socket `path` holds (from /proc/net/unix; state 03). */
+function connectionsTo(path) {
+  return readFileSync('/proc/net/unix', 'utf8')
+    .split('\n')
+    .filter((line) => {
+      const f = line.trim().split(/\s+/);
+      return f[5] === '03' && f[7] === path;
+    }).length;
+}
+
+/** Servers: `argv(image, socket, c)` for the formats they serve (c: the case); `check()` returns why not, or null. */
 const SERVERS = {
   nbdd: {
     formats: ['raw', 'qcow2'],
-    argv: (image, socket) => [process.execPath, join(ROOT, 'bin/nbdd'), 'serve', image.path, '--socket', socket],
+    argv: (image, socket, c) => [
+      process.execPath, join(ROOT, 'bin/nbdd'), 'serve', image.path, '--socket', socket,
+      ...(c.connections > 1 ? ['--connections', String(c.connections)] : []),
+    ],
     check: () => {
       const build = spawnSync(process.execPath, [join(ROOT, 'node_modules/typescript/bin/tsc'), '-p', join(ROOT, 'tsconfig.build.json')], { encoding: 'utf8' });
       if (build.status !== 0) return `build failed: ${build.stdout}${build.stderr}`;
@@ -112,10 +193,18 @@ const SERVERS = {
   },
   'qemu-nbd': {
     formats: ['raw', 'qcow2'],
-    argv: (image, socket) =>
-      image.remoteSocket
-        ? ['qemu-nbd', '-t', '-k', socket, '--image-opts', `driver=raw,file.driver=nbd,file.path=${image.remoteSocket}`]
-        : ['qemu-nbd', '-f', image.format, '-t', '-k', socket, '--cache=writeback', '--aio=threads', image.path],
+    // One connection to the remote whatever c.connections says (qemu 7.2 has no multi-conn client:
+    // file.multi-conn is refused); -e lets fio's jobs connect side by side (the default is 1 client).
+    argv: (image, socket, c) => [
+      'qemu-nbd', '-t', '-k', socket,
+      ...((c.fio.jobs ?? 1) > 1 ? ['-e', String(c.fio.jobs)] : []),
+      ...(image.remoteSocket
+        ? [
+            ...(image.tls ? ['--object', `tls-creds-psk,id=tls0,endpoint=client,dir=${image.tls.pskDir},username=${image.tls.username}`] : []),
+            '--image-opts', `driver=raw,file.driver=nbd,file.path=${image.remoteSocket}${image.tls ? ',file.tls-creds=tls0' : ''}`,
+          ]
+        : ['-f', image.format, '--cache=writeback', '--aio=threads', image.path]),
+    ],
     check: () => toolMissing('qemu-nbd', ['--version'], 'qemu-utils'),
     version: () => firstLine('qemu-nbd', ['--version']),
   },
@@ -243,7 +332,8 @@ function runFio(socket, job) {
     `--rw=${job.rw}`,
     `--bs=${job.bs}`,
     `--iodepth=${job.iodepth}`,
-    '--numjobs=1',
+    `--numjobs=${job.jobs ?? 1}`,
+    '--group_reporting=1',
     '--time_based=1',
     `--runtime=${settings.runtimeSeconds}`,
     `--ramp_time=${settings.rampSeconds}`,
@@ -275,11 +365,12 @@ function runFio(socket, job) {
   });
 }
 
-/** One cell: fresh server, one fio job, its peak RSS. */
-async function runCell(serverName, image, job, dir) {
+/** One cell: fresh server, one fio run (c.fio.jobs jobs, 1 by default), its peak RSS. */
+async function runCell(serverName, image, c, dir) {
+  const job = c.fio;
   const socket = join(dir, `${serverName}.sock`);
   rmSync(socket, { force: true });
-  const [cmd, ...args] = SERVERS[serverName].argv(image, socket);
+  const [cmd, ...args] = SERVERS[serverName].argv(image, socket, c);
   const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
   const stderr = [];
   child.stderr.on('data', (d) => stderr.push(d.toString()));
@@ -287,6 +378,7 @@ async function runCell(serverName, image, job, dir) {
     await waitForSocket(socket, child, stderr);
     const result = await runFio(socket, job);
     result.rssKiB = peakRssKiB(child.pid);
+    if (image.remoteSocket) result.remoteConnections = connectionsTo(image.remoteSocket);
     return result;
   } finally {
     await stopServer(child);
@@ -313,7 +405,9 @@ function printTable(report) {
   const line = (r) => r.map((cell, i) => (i < 2 ? cell.padEnd(widths[i]) : cell.padStart(widths[i]))).join('  ');
   const lines = [line(head), widths.map((w) => '-'.repeat(w)).join('  '), ...rows.map(line), line(rss)];
   lines.push('', `${settings.runtimeSeconds} s per cell after ${settings.rampSeconds} s ramp, ${report.settings.imageMiB} MiB image, best of ${settings.rounds} rounds; fio ${report.versions.fio}`);
+  for (const n of NOTES) if (report.cases.some((c) => n.match.test(c.name))) lines.push(n.text);
   for (const [s, why] of Object.entries(report.skipped)) lines.push(`${s}: skipped (${why})`);
+  for (const w of report.warnings) lines.push(`warning: ${w}`);
   for (const e of report.errors) lines.push(`error: ${e}`);
   process.stdout.write(lines.join('\n') + '\n');
 }
@@ -324,7 +418,7 @@ async function main() {
   if (!/\buri\b/.test(spawnSync('fio', ['--enghelp=nbd'], { encoding: 'utf8' }).stdout ?? '')) {
     fail('fio with the nbd engine is missing (apt-get install fio; it must be built with libnbd)');
   }
-  const cases = CASES.filter((c) => !caseFilter || caseFilter.test(c.name));
+  const cases = CASES.filter((c) => (caseFilter ? caseFilter.test(c.name) : !c.optIn));
   const wanted = [...new Set(cases.flatMap((c) => c.servers))].filter((s) => !serverFilter || serverFilter.includes(s));
   const skipped = {};
   const servers = wanted.filter((s) => {
@@ -350,6 +444,7 @@ async function main() {
     servers,
     skipped,
     errors: [],
+    warnings: [],
     peakRssKiB: {},
     cases: [],
   };
@@ -361,7 +456,7 @@ async function main() {
         images[c.image] = IMAGES[c.image](dir, settings.imageBytes);
       }
       const image = images[c.image];
-      const row = { name: c.name, image: c.image, metric: c.metric, fio: c.fio, results: {}, ratios: {} };
+      const row = { name: c.name, image: c.image, metric: c.metric, fio: c.fio, connections: c.connections ?? 1, results: {}, ratios: {} };
       const here = c.servers.filter((s) => servers.includes(s) && SERVERS[s].formats.includes(image.format));
       for (let round = 1; round <= settings.rounds; round++) {
         for (const s of here) {
@@ -369,8 +464,13 @@ async function main() {
           const entry = (row.results[s] ??= { rounds: [] });
           try {
             if (image.fresh) images[c.image] = IMAGES[c.image](dir, settings.imageBytes);
-            const r = await runCell(s, image, c.fio, dir);
+            const r = await runCell(s, image, c, dir);
             entry.rounds.push(r);
+            // nbdd opens c.connections (it falls back to 1 if the remote lacks multi-conn); qemu-nbd 1.
+            const expected = s === 'nbdd' ? (c.connections ?? 1) : 1;
+            if (r.remoteConnections !== undefined && r.remoteConnections !== expected) {
+              report.warnings.push(`${c.name} / ${s} / round ${round}: ${r.remoteConnections} connections to the remote, expected ${expected}`);
+            }
             if (!entry.best || r[c.metric] > entry.best[c.metric]) entry.best = r;
             report.peakRssKiB[s] = Math.max(report.peakRssKiB[s] ?? 0, r.rssKiB ?? 0);
           } catch (err) {
@@ -388,6 +488,7 @@ async function main() {
       report.cases.push(row);
     }
   } finally {
+    await Promise.all(remotes.map(stopServer));
     cleanup();
   }
   const json = JSON.stringify(report, null, 2) + '\n';
