@@ -57,6 +57,14 @@ async function served(image: string, args: string[] = []): Promise<{ srv: Served
   return { srv, name, client: await openNbd(srv.uri) };
 }
 
+/** Polls the device's status until a backup is running (true) or 8 s have passed (false). */
+async function backupBegun(control: ControlClient): Promise<boolean> {
+  for (const deadline = Date.now() + 8000; Date.now() < deadline; await new Promise((r) => setTimeout(r, 2))) {
+    if (((await control.call('status')) as { backup: unknown }).backup !== null) return true;
+  }
+  return false;
+}
+
 function qcow2(size: number): string {
   const path = join(dir.path, `disk-${n++}.qcow2`);
   run('qemu-img', ['create', '-q', '-f', 'qcow2', path, String(size)]);
@@ -120,12 +128,7 @@ describe('nbdd backup of a served qcow2 (sidecar)', () => {
       const atBegin = await contents(srv.uri);
       const job = runAsync(NBDD, ['backup', name, '--repo', repo, '--json'], 120_000);
       // Writes after the backup has begun (status shows it): at the start, middle and end.
-      let running = false;
-      for (let i = 0; i < 2000 && !running; i++) {
-        running = ((await control.call('status')) as { backup: unknown }).backup !== null;
-        if (!running) await new Promise((r) => setTimeout(r, 2));
-      }
-      expect(running).toBe(true);
+      expect(await backupBegun(control)).toBe(true);
       await Promise.all([client.write(0, Buffer.alloc(MiB, 0xee)), client.write(48 * MiB, Buffer.alloc(MiB, 0xee)), client.write(95 * MiB, Buffer.alloc(MiB, 0xee))]);
       const stillRunning = ((await control.call('status')) as { backup: unknown }).backup !== null;
       const r = await job;
@@ -169,11 +172,7 @@ describe('nbdd backup of a served qcow2 (sidecar)', () => {
       const { spawn } = await import('node:child_process');
       const child = spawn(NBDD, ['backup', name, '--repo', repo], { stdio: 'ignore' });
       const control = await ControlClient.connect(join('/run/nbdd', name, 'control.sock'));
-      let running = false;
-      for (let i = 0; i < 4000 && !running; i++) {
-        running = ((await control.call('status')) as { backup: unknown }).backup !== null;
-        if (!running) await new Promise((r) => setTimeout(r, 2));
-      }
+      const running = await backupBegun(control);
       await control.close();
       child.kill('SIGKILL');
       await new Promise((r) => child.once('exit', r));
