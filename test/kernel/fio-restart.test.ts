@@ -146,7 +146,7 @@ nbdd restore --repo /tmp/bkrepo bk-r2.raw && sha256sum < bk-r2.raw > $WORK/bk.r2
 rdev=$(nbdd attach /tmp/bkrepo/0002-inc.qcow2 --name bkr --read-only)
 mkdir -p /mnt/bkr && mount -o ro,noload $rdev /mnt/bkr && ls /mnt/bkr > $WORK/bk.r2.ls
 umount /mnt/bkr; nbdd detach bkr
-`);
+`, { timeoutMs: 900_000 }); // four parts of about two minutes each under emulation
 }, 1_800_000); // may wait for other VM runs (one at a time)
 
 it('fio --verify=crc32c over 4 connections: one hardware queue per connection (blk-mq caps at the CPU count), no errors', () => {
