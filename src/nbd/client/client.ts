@@ -86,6 +86,7 @@ export class NbdClient implements ReplyTarget {
   ) {
     this.strict = options.strict ?? true;
     io.onBytes = this.onBytes;
+    io.sink = { target: (min) => this.parser.directTarget(io.reader, min), filled: (n) => this.parser.directFilled(n) };
     io.onClose = (err) => this.failAll(err);
   }
 

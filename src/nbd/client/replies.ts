@@ -175,6 +175,24 @@ export class ReplyParser {
     return this.wait.kind === 'magic';
   }
 
+  /**
+   * Where the socket may put READ data directly: the rest of the data being received, when
+   * nothing is buffered (`r` is empty) and at least `min` bytes of it are due; else null.
+   */
+  directTarget(r: ChunkReader, min: number): Buffer | null {
+    const w = this.wait;
+    if (w.kind !== 'data' || r.length > 0 || w.remaining < min) return null;
+    return w.reply.data!.subarray(w.at, w.at + w.remaining);
+  }
+
+  /** `n` bytes landed at the start of the last `directTarget`. */
+  directFilled(n: number): void {
+    const w = this.wait as Extract<Wait, { kind: 'data' }>;
+    w.at += n;
+    w.remaining -= n;
+    if (w.remaining === 0) this.endChunk(w.reply, w.done);
+  }
+
   /** Throws ProtocolError on anything that breaks framing or the protocol. */
   pump(r: ChunkReader): void {
     while (this.step(r));

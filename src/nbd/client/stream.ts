@@ -4,6 +4,11 @@
  * handshake) and `onBytes` (a synchronous hook, for the transmission parser). Writes made in one
  * event-loop turn leave in one corked batch.
  *
+ * Receiving (plain sockets): reads skip Node's stream and land in a `ReadSlab`, or, while a large
+ * READ's data is due and nothing is buffered, straight in the caller's destination (`sink`), so
+ * the payload is copied once, by the kernel, and no receive buffer is allocated per read. After
+ * STARTTLS the TLS socket's 'data' chunks are used instead.
+ *
  * The only client module that touches a socket.
  */
 import net from 'node:net';
@@ -12,8 +17,19 @@ import { Errno, NbddError, messageOf } from '../../core/errors.js';
 import type { NbdTransport } from '../uri.js';
 import { TurnWriter } from '../turn-writer.js';
 import { ChunkReader } from '../wire/reader.js';
+import { ReadSlab } from '../read-slab.js';
 
 const EMPTY = Buffer.alloc(0);
+/** Data due for at least this many bytes is read straight into its destination (`DirectSink`). */
+const DIRECT_READ_MIN = 32 * 1024;
+
+/** Where payload bytes may land straight from the socket (the reply parser, in transmission). */
+export interface DirectSink {
+  /** The buffer the next read should fill when at least `min` bytes are due for it, else null. */
+  target(min: number): Buffer | null;
+  /** `n` bytes landed at the start of the last target. */
+  filled(n: number): void;
+}
 
 export function describeTransport(t: NbdTransport): string {
   return t.kind === 'unix' ? `unix:${t.path}` : `${t.host.includes(':') ? `[${t.host}]` : t.host}:${t.port}`;
@@ -25,6 +41,10 @@ export class ByteStream {
   onBytes: (() => void) | null = null;
   /** Called once when the connection is gone, with the reason. */
   onClose: ((err: NbddError) => void) | null = null;
+  /** Set for transmission: takes large payloads without a copy (then `onBytes` is called too). */
+  sink: DirectSink | null = null;
+  /** The sink's buffer handed to the socket for the next read, when it is one. */
+  private directTarget: Buffer | null = null;
   private want: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | null = null;
   private failure: NbddError | null = null;
   private readonly out: TurnWriter;
@@ -33,6 +53,7 @@ export class ByteStream {
   private constructor(
     private socket: net.Socket,
     readonly peer: string,
+    private readonly slab: ReadSlab,
   ) {
     this.out = new TurnWriter(socket);
     this.listen(socket);
@@ -49,6 +70,22 @@ export class ByteStream {
     if (this.onBytes) this.onBytes();
     else this.satisfy();
   };
+
+  /** The buffer the plain socket's next read fills (`onread`). */
+  private nextReadBuffer(): Buffer {
+    const direct = this.reader.length === 0 && !this.failure && this.sink ? this.sink.target(DIRECT_READ_MIN) : null;
+    this.directTarget = direct;
+    return direct ?? this.slab.region();
+  }
+
+  /** `n` bytes arrived in `buf`, the last buffer `nextReadBuffer` returned. */
+  private landed(n: number, buf: Uint8Array): void {
+    if (buf === this.directTarget) {
+      this.directTarget = null;
+      this.sink!.filled(n);
+      this.onBytes?.();
+    } else this.onData(this.slab.take(n));
+  }
 
   private listen(socket: net.Socket): void {
     socket.on('data', this.onData);
@@ -89,7 +126,18 @@ export class ByteStream {
   static connect(t: NbdTransport, timeoutMs: number): Promise<ByteStream> {
     const peer = describeTransport(t);
     return new Promise((resolve, reject) => {
-      const socket = t.kind === 'unix' ? net.connect({ path: t.path }) : net.connect({ host: t.host, port: t.port, noDelay: true });
+      const slab = new ReadSlab();
+      let stream: ByteStream | null = null;
+      // The first buffer is asked for when the socket connects, before the stream exists.
+      const onread = {
+        buffer: () => (stream ? stream.nextReadBuffer() : slab.region()),
+        callback: (n: number, buf: Uint8Array) => {
+          stream!.landed(n, buf);
+          return true;
+        },
+      };
+      const where = t.kind === 'unix' ? { path: t.path } : { host: t.host, port: t.port, noDelay: true };
+      const socket = net.connect({ ...where, onread });
       const timer = setTimeout(() => {
         socket.destroy();
         reject(new NbddError(Errno.ETIMEDOUT, `connecting to NBD server ${peer} timed out after ${timeoutMs} ms`));
@@ -104,7 +152,8 @@ export class ByteStream {
         clearTimeout(timer);
         socket.off('error', onError);
         if (t.kind === 'tcp') socket.setNoDelay(true);
-        resolve(new ByteStream(socket, peer));
+        stream = new ByteStream(socket, peer, slab);
+        resolve(stream);
       });
     });
   }

@@ -24,7 +24,7 @@ import { Negotiation, type ExportDirectory } from './negotiation.js';
 import { validateRequest } from './requests.js';
 import { ReplyWriter } from './replies.js';
 import { upgradeToTls, type ServerTls } from '../tls.js';
-import { ReadSlab, slabSocket } from './read-slab.js';
+import { ReadSlab, slabSocket } from '../read-slab.js';
 import { BudgetShare, SMALL_READ, type ReplyBudget } from './reply-budget.js';
 
 const log = logger('nbd');
