@@ -19,13 +19,15 @@ export class TurnWriter {
     this.socket = socket;
   }
 
-  write(buf: Buffer): void {
+  /** `written`: called once the socket is done with `buf` (written, or failed: `ok` false). */
+  write(buf: Buffer, written?: (ok: boolean) => void): void {
     if (!this.corked) {
       this.corked = true;
       this.socket.cork();
       void turnEnd().then(this.uncork);
     }
-    this.socket.write(buf);
+    if (written) this.socket.write(buf, (err) => written(!err));
+    else this.socket.write(buf);
   }
 
   /** Sends what this turn queued now (before `end()`, for example). */

@@ -1,0 +1,53 @@
+/**
+ * Recycled buffers for large READ data on the proxy path: the NBD client takes its destination
+ * here (`take`) and the NBD server gives it back once the reply carrying it was written to the
+ * client socket (`give`). A fresh 1 MiB ArrayBuffer per read otherwise costs V8 a full
+ * mark-compact every dozen MiB (external memory counts against a small heap's GC limit).
+ *
+ * Only buffers this pool handed out, whole (not views of them), are taken back, and only up to
+ * FREE_BYTES_MAX idle bytes; everything else is left to the GC. Whoever gives a buffer back
+ * promises nothing else still uses it (a READ's buffer belongs to its caller).
+ */
+/** Lengths pooled: between these, inclusive (smaller reads are cheap to allocate). */
+const POOL_MIN = 128 * 1024;
+const POOL_MAX = 4 * 1024 * 1024;
+/** Most idle bytes kept over all lengths. */
+const FREE_BYTES_MAX = 16 * 1024 * 1024;
+
+export class ReadBuffers {
+  private readonly free = new Map<number, Buffer[]>();
+  private freeBytes = 0;
+  /** Buffers handed out and not yet given back. */
+  private readonly lent = new WeakSet<Buffer>();
+
+  constructor(private readonly freeBytesMax = FREE_BYTES_MAX) {}
+
+  /** A buffer of `length` bytes with unspecified contents, owned by the caller. */
+  take(length: number): Buffer {
+    if (length < POOL_MIN || length > POOL_MAX) return Buffer.allocUnsafe(length);
+    let buf = this.free.get(length)?.pop();
+    if (buf) this.freeBytes -= length;
+    else buf = Buffer.allocUnsafeSlow(length);
+    this.lent.add(buf);
+    return buf;
+  }
+
+  /** `buf` is no longer used by anyone; kept for reuse when it came from `take`. */
+  give(buf: Buffer): void {
+    if (!this.lent.has(buf)) return;
+    this.lent.delete(buf);
+    if (this.freeBytes + buf.length > this.freeBytesMax) return;
+    let list = this.free.get(buf.length);
+    if (!list) this.free.set(buf.length, (list = []));
+    list.push(buf);
+    this.freeBytes += buf.length;
+  }
+
+  /** Idle bytes held for reuse. */
+  get idleBytes(): number {
+    return this.freeBytes;
+  }
+}
+
+/** The process's pool (client destinations, server replies). */
+export const readBuffers = new ReadBuffers();

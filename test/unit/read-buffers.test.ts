@@ -1,0 +1,27 @@
+import { describe, expect, it } from 'vitest';
+import { ReadBuffers } from '../../src/core/read-buffers.js';
+
+describe('ReadBuffers', () => {
+  it('reuses a large buffer given back whole, and nothing else', () => {
+    const pool = new ReadBuffers(4 * 1024 * 1024);
+    const a = pool.take(1024 * 1024);
+    pool.give(a.subarray(0, 1024)); // a view: ignored
+    pool.give(Buffer.alloc(1024 * 1024)); // not from the pool: ignored
+    expect(pool.idleBytes).toBe(0);
+    pool.give(a);
+    pool.give(a); // twice: once
+    expect(pool.idleBytes).toBe(1024 * 1024);
+    expect(pool.take(1024 * 1024)).toBe(a);
+    expect(pool.idleBytes).toBe(0);
+  });
+
+  it('leaves small buffers and idle bytes past its bound to the GC', () => {
+    const pool = new ReadBuffers(2 * 1024 * 1024);
+    const small = pool.take(4096);
+    pool.give(small);
+    expect(pool.idleBytes).toBe(0);
+    const bufs = [1, 2, 3].map(() => pool.take(1024 * 1024));
+    for (const b of bufs) pool.give(b);
+    expect(pool.idleBytes).toBe(2 * 1024 * 1024);
+  });
+});
