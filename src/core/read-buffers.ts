@@ -6,7 +6,8 @@
  *
  * Only buffers this pool handed out, whole (not views of them), are taken back, and only up to
  * FREE_BYTES_MAX idle bytes; everything else is left to the GC. Whoever gives a buffer back
- * promises nothing else still uses it (a READ's buffer belongs to its caller).
+ * promises nothing else still uses it (a READ's buffer belongs to its caller); whatever holds a
+ * buffer past its request calls `keep` first, so a later give cannot recycle it under the holder.
  */
 /** Lengths pooled: between these, inclusive (smaller reads are cheap to allocate). */
 const POOL_MIN = 128 * 1024;
@@ -41,6 +42,14 @@ export class ReadBuffers {
     if (!list) this.free.set(buf.length, (list = []));
     list.push(buf);
     this.freeBytes += buf.length;
+  }
+
+  /**
+   * `buf` is kept beyond its request (copy-before-write's scratch copies): it must never be
+   * recycled, even if a READ that returns it later is given back.
+   */
+  keep(buf: Buffer): void {
+    this.lent.delete(buf);
   }
 
   /** Idle bytes held for reuse. */

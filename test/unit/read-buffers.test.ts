@@ -24,4 +24,13 @@ describe('ReadBuffers', () => {
     for (const b of bufs) pool.give(b);
     expect(pool.idleBytes).toBe(2 * 1024 * 1024);
   });
+
+  it('never recycles a buffer someone keeps (a scratch copy later served by a READ)', () => {
+    const pool = new ReadBuffers();
+    const held = pool.take(1024 * 1024);
+    pool.keep(held);
+    pool.give(held); // the server wrote a reply carrying it
+    expect(pool.idleBytes).toBe(0);
+    expect(pool.take(1024 * 1024)).not.toBe(held);
+  });
 });
