@@ -126,12 +126,12 @@ bdev=$(nbdd attach bk.img --name bk)
 mkfs.ext4 -q $bdev && mkdir -p /mnt/bk && mount $bdev /mnt/bk
 head -c 16M /dev/urandom > /mnt/bk/a.bin && sync
 fsfreeze -f /mnt/bk
-sha256sum < $bdev > $WORK/bk.at1.sha
+sha256sum < bk.img > $WORK/bk.at1.sha # the image nbdd serves (the bdev page cache may hold blocks ext4 rewrote since)
 nbdd backup bk --repo /tmp/bkrepo --json > $WORK/bk.p1.json; echo $? > $WORK/bk.p1.rc
 fsfreeze -u /mnt/bk
 head -c 24M /dev/urandom > /mnt/bk/b.bin && sync
 fsfreeze -f /mnt/bk
-sha256sum < $bdev > $WORK/bk.at2.sha
+sha256sum < bk.img > $WORK/bk.at2.sha
 nbdd backup bk --repo /tmp/bkrepo --json > $WORK/bk.p2.json & job=$!
 for i in $(seq 600); do nbdd status bk --json | grep -q '"backup": {' && break; sleep 0.05; done
 fsfreeze -u /mnt/bk
