@@ -131,7 +131,9 @@ head -c 24M /dev/urandom > /mnt/bk/b.bin && sync
 fsfreeze -f /mnt/bk
 sha256sum < bk.img > $WORK/bk.at2.sha
 nbdd backup bk --repo /tmp/bkrepo --json > $WORK/bk.p2.json & job=$!
-for i in $(seq 1200); do grep -q "backup of 'bk' started" /run/nbdd/bk.log && break; sleep 0.05; done # (each nbdd call costs ~10 s of node startup under TCG)
+# The daemon logs each begin; the second one is this backup's (each nbdd call costs ~10 s of
+# node startup under TCG, so the log is watched instead of polling nbdd status).
+for i in $(seq 1200); do [ "$(grep -c "backup of 'bk' started" /run/nbdd/bk.log)" -ge 2 ] && break; sleep 0.05; done
 fsfreeze -u /mnt/bk
 head -c 8M /dev/urandom > /mnt/bk/c.bin && sync
 kill -0 $job 2>/dev/null && echo running > $WORK/bk.running-after-write
