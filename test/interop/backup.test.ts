@@ -145,6 +145,48 @@ describe('nbdd backup of a served qcow2 (sidecar)', () => {
     }
   });
 
+  it('random unaligned writes, zeroes and trims all through the backup do not reach its point (raw image, twice)', async () => {
+    const img = join(dir.path, `mess-${n++}.img`);
+    run('truncate', ['-s', String(64 * MiB), img]);
+    const { srv, name, client } = await served(img);
+    const repo = join(dir.path, 'repo-mess');
+    const control = await ControlClient.connect(join('/run/nbdd', name, 'control.sock'));
+    const rnd = (k: number): number => Math.floor(Math.random() * k);
+    const mess = async (count: number): Promise<void> => {
+      const ops: Promise<void>[] = [];
+      for (let i = 0; i < count; i++) {
+        const offset = rnd(64 * 2048 - 300) * 512;
+        const length = (1 + rnd(256)) * 512;
+        const k = rnd(10);
+        ops.push(k < 7 ? client.write(offset, randomBytes(length), { fua: k === 0 }) : k < 9 ? client.writeZeroes(offset, length) : client.trim(offset, length));
+      }
+      await Promise.all(ops);
+      await client.flush();
+    };
+    try {
+      await client.write(0, randomBytes(32 * MiB));
+      await backupOf(name, repo);
+      for (let round = 0; round < 2; round++) {
+        await mess(300);
+        const atBegin = readFileSync(img);
+        const job = runAsync(NBDD, ['backup', name, '--repo', repo, '--json'], 120_000);
+        expect(await backupBegun(control)).toBe(true);
+        let running = true;
+        void job.then(() => (running = false));
+        let batches = 0;
+        for (; running; batches++) await mess(20);
+        const r = await job;
+        expect(r.code, r.stderr).toBe(0);
+        expect(batches, 'writes landed while the backup ran').toBeGreaterThan(0);
+        expect(sha(await restored(repo))).toBe(sha(atBegin));
+      }
+    } finally {
+      await control.close();
+      await client.close();
+      await srv.stop();
+    }
+  });
+
   it('a SIGKILLed daemon (between backups) and a SIGKILLed backup (mid-copy) cost nothing: the next backup is incremental and exact', async () => {
     const img = qcow2(96 * MiB);
     let { srv, name, client } = await served(img);
