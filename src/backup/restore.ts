@@ -19,6 +19,7 @@ import { checkQcow2 } from '../backends/qcow2/check/index.js';
 import { createQcow2 } from '../backends/qcow2/create.js';
 import { openQcow2 } from '../backends/qcow2/open.js';
 import { isNbdUri } from '../nbd/uri.js';
+import { chunkSums } from './copy.js';
 import { Progress } from './progress.js';
 import { CHUNK_SIZE, Repo, type Point } from './repo.js';
 import { blockSumsOf, chunkSum, isZero, zeroChunkSum } from './sums.js';
@@ -131,9 +132,11 @@ export async function verify(repoDir: string, point?: string): Promise<VerifyRep
     }
     const disk = await openQcow2(path, { readOnly: true });
     try {
-      for (let i = 0; i < p.chunks.length; i++) {
-        const c = await readChunk(disk, i);
-        if (sumOf(c) !== p.chunks[i]) throw mismatch(p, c.offset, `the disk's ${c.length}-byte chunk`);
+      const sums = await chunkSums(disk, new Map(), null, null);
+      const bad = sums.findIndex((sum, i) => sum !== p.chunks[i]);
+      if (bad >= 0 || sums.length !== p.chunks.length) {
+        const at = bad >= 0 ? bad : Math.min(sums.length, p.chunks.length);
+        throw mismatch(p, at * CHUNK_SIZE, `the disk's ${Math.min(CHUNK_SIZE, disk.size - at * CHUNK_SIZE)}-byte chunk`);
       }
     } finally {
       await disk.close();
