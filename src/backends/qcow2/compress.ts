@@ -1,13 +1,17 @@
 /**
- * Decompression of qcow2 compressed clusters: raw deflate (compression_type 0, node:zlib) and
- * zstd (compression_type 1, the pure-JS `fzstd`). The input is the whole sector run the L2 entry
- * names, which usually ends with unrelated bytes (the start of the next compressed cluster), so
- * both decoders stop at the end of their stream: deflate by itself, zstd by measuring the frame.
+ * The codecs of qcow2 compressed clusters: raw deflate (compression_type 0, node:zlib) and zstd
+ * (compression_type 1). Decompression input is the whole sector run the L2 entry names, which
+ * usually ends with unrelated bytes (the start of the next compressed cluster), so both decoders
+ * stop at the end of their stream: deflate by itself, zstd (the pure-JS `fzstd`) by measuring the
+ * frame. Compression runs off the event loop: deflate in zlib's thread pool, zstd through koffi's
+ * asynchronous calls into the system's libzstd (Node 20 has no zstd; Debian's dpkg needs
+ * libzstd1, so it is on every machine nbdd installs on).
  */
-import { inflateRaw, constants as zlibConstants } from 'node:zlib';
+import { deflateRaw, inflateRaw, constants as zlibConstants } from 'node:zlib';
+import koffi from 'koffi';
 import { decompress as zstdDecompress } from 'fzstd';
-import { Errno, NbddError } from '../../core/errors.js';
-import { COMPRESSION_DEFLATE } from './format/index.js';
+import { Errno, NbddError, messageOf } from '../../core/errors.js';
+import { COMPRESSION_DEFLATE, COMPRESSION_ZSTD } from './format/index.js';
 
 const ZSTD_MAGIC = 0xfd2fb528; // little-endian on disk: 28 b5 2f fd
 
@@ -73,4 +77,62 @@ export async function decompressCluster(type: number, src: Buffer, clusterSize: 
   }
   if (out.length !== clusterSize) throw bad(`decompressed to ${out.length} bytes, expected ${clusterSize}`);
   return out;
+}
+
+/** qemu's deflate settings (qcow2-threads.c): a 4 KiB window, so qemu's inflate (-12) reads ours. */
+const DEFLATE_WINDOW_BITS = 12;
+/** zstd's default level, the one qemu compresses with. */
+const ZSTD_LEVEL = 3;
+
+type KoffiFunction = ReturnType<ReturnType<typeof koffi.load>['func']>;
+
+interface Zstd {
+  compress: KoffiFunction;
+  isError: KoffiFunction;
+}
+let zstd: Zstd | null = null;
+
+function loadZstd(): Zstd {
+  if (zstd) return zstd;
+  let lib: ReturnType<typeof koffi.load>;
+  try {
+    lib = koffi.load('libzstd.so.1');
+  } catch (err) {
+    throw new NbddError(Errno.ENOTSUP, `zstd compression needs libzstd.so.1 (apt-get install libzstd1): ${messageOf(err)}`);
+  }
+  zstd = {
+    compress: lib.func('size_t ZSTD_compress(void *dst, size_t dstCapacity, const void *src, size_t srcSize, int level)'),
+    isError: lib.func('unsigned int ZSTD_isError(size_t code)'),
+  };
+  return zstd;
+}
+
+/** Whether `type` can be written here (deflate always; zstd where libzstd loads). Throws ENOTSUP naming what is missing. */
+export function checkCompressionType(type: number): void {
+  if (type === COMPRESSION_ZSTD) loadZstd();
+  else if (type !== COMPRESSION_DEFLATE) throw new NbddError(Errno.ENOTSUP, `qcow2 compression type ${type} is not supported (0 deflate, 1 zstd)`);
+}
+
+/**
+ * Compresses one cluster (`src`, exactly a cluster; the caller pads the image's last one). Returns
+ * the stream, or null when it is longer than `limit` bytes (the cluster is better written plain).
+ * `src` must not change until the promise settles.
+ */
+export function compressCluster(type: number, src: Buffer, limit: number): Promise<Buffer | null> {
+  if (type === COMPRESSION_DEFLATE) {
+    return new Promise((resolve, reject) => {
+      deflateRaw(src, { windowBits: DEFLATE_WINDOW_BITS, memLevel: 9 }, (err, out) => (err ? reject(err) : resolve(out.length <= limit ? out : null)));
+    });
+  }
+  const z = loadZstd();
+  // Room for the worst case is not needed: a stream over `limit` is not kept, and zstd reports
+  // "destination too small" as an error code, which reads the same as "not worth it".
+  const dst = Buffer.allocUnsafe(limit);
+  return new Promise((resolve, reject) => {
+    z.compress.async(dst, limit, src, src.length, ZSTD_LEVEL, (err: unknown, n: number | bigint) => {
+      if (err) return reject(err);
+      const size = Number(n);
+      resolve(z.isError(n) ? null : dst.subarray(0, size));
+    });
+  });
 }

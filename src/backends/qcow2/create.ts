@@ -10,7 +10,10 @@ import { dirname, isAbsolute, resolve } from 'node:path';
 import { Errno, NbddError } from '../../core/errors.js';
 import { isNbdUri } from '../../nbd/uri.js';
 import {
+  COMPRESSION_DEFLATE,
+  COMPRESSION_ZSTD,
   EXT_BACKING_FORMAT,
+  INCOMPAT_COMPRESSION,
   EXT_END,
   MAX_BACKING_NAME,
   MAX_CLUSTER_BITS,
@@ -38,6 +41,8 @@ export interface NewImageSpec {
   clusterSize: number;
   backingName?: string;
   backingFormat?: string;
+  /** COMPRESSION_DEFLATE (the default) or COMPRESSION_ZSTD, which sets the incompatible bit qemu 5.1+ reads. */
+  compressionType?: number;
 }
 
 function invalid(message: string): NbddError {
@@ -92,12 +97,12 @@ export function layoutNewImage(spec: NewImageSpec): NewImageLayout {
     refcountTableClusters: t,
     nbSnapshots: 0,
     snapshotsOffset: 0,
-    incompatibleFeatures: 0n,
+    incompatibleFeatures: spec.compressionType === COMPRESSION_ZSTD ? INCOMPAT_COMPRESSION : 0n,
     compatibleFeatures: 0n,
     autoclearFeatures: 0n,
     refcountOrder: REFCOUNT_ORDER,
     headerLength: V3_HEADER_LENGTH,
-    compressionType: 0,
+    compressionType: spec.compressionType ?? COMPRESSION_DEFLATE,
   });
   const cluster0 = Buffer.concat([header, ...extensions, name ?? Buffer.alloc(0)]);
   const table = Buffer.alloc(t * cs);
@@ -126,6 +131,8 @@ export interface CreateQcow2Options {
   backingFormat?: string;
   /** The size of the export an NBD URI backing names (the caller connects; without it a URI needs `size`). */
   remoteSize?: (uri: string) => Promise<number>;
+  /** What compressed clusters use (`writeCompressed`): COMPRESSION_DEFLATE (default) or COMPRESSION_ZSTD. */
+  compressionType?: number;
 }
 
 /** Creates (or overwrites, as qemu-img does) an empty qcow2 v3 image. */
@@ -146,7 +153,7 @@ export async function createQcow2(path: string, options: CreateQcow2Options): Pr
     if (size === undefined) size = await virtualSize(backingPath, backingFormat);
   }
   if (size === undefined) throw invalid('an image size is needed (or a backing file to take it from)');
-  const layout = layoutNewImage({ size, clusterSize: options.clusterSize ?? DEFAULT_CLUSTER_SIZE, backingName: options.backing, backingFormat: options.backing ? backingFormat : undefined });
+  const layout = layoutNewImage({ size, clusterSize: options.clusterSize ?? DEFAULT_CLUSTER_SIZE, backingName: options.backing, backingFormat: options.backing ? backingFormat : undefined, compressionType: options.compressionType });
   const fh = await open(path, 'w', 0o644);
   try {
     await fh.truncate(layout.fileLength);

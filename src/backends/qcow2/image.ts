@@ -29,6 +29,7 @@ import type { Qcow2BitmapHost, Qcow2BitmapSource } from '../../bitmaps/store-qco
 import { Allocator } from './allocator.js';
 import { bitmapHost, bitmapSource, prepareForWriting, readBitmapDirectory } from './bitmap-host.js';
 import { Committer } from './commit.js';
+import { CompressedWriter } from './compressed-write.js';
 import { Discarder } from './discard.js';
 import { EntryWrites } from './entry-writes.js';
 import type { BitmapDirectoryEntry, Geometry, HeaderExtensions, Qcow2Header } from './format/index.js';
@@ -63,6 +64,7 @@ export class Qcow2Image implements Backend, ImageLayer {
   private readonly reader: Reader;
   private readonly writer: Writer;
   private readonly discarder: Discarder;
+  private readonly compressed: CompressedWriter;
   private readonly lock = new RangeLock();
   /** Requests (and flushes) in flight; close waits for them before its last commit. */
   private active = 0;
@@ -84,6 +86,7 @@ export class Qcow2Image implements Backend, ImageLayer {
     this.reader = new Reader(st, this.tables);
     this.writer = new Writer(st, this.tables, this.alloc, this.reader, (w) => this.committer.writeEntries(w));
     this.discarder = new Discarder(st, this.tables, this.writer);
+    this.compressed = new CompressedWriter(st, this.tables, this.alloc, this.writer, this.committer);
     const readOnly = st.refs === null;
     this.caps = defaultCaps({
       readOnly,
@@ -125,6 +128,17 @@ export class Qcow2Image implements Backend, ImageLayer {
     return this.update(offset, data.length, options, (w) => this.writer.writeLocked(offset, data, w));
   }
 
+  /**
+   * Writes `data` at guest `offset` as compressed clusters where it covers whole clusters that
+   * map nothing yet (compressed-write.ts); the rest as `write` does. For images written once, in
+   * order — a backup point, a converted image — not for a live disk: a later write to a
+   * compressed cluster moves it out into a plain one.
+   */
+  writeCompressed(offset: number, data: Buffer, options?: WriteOptions): Promise<void> {
+    if (offset < 0 || offset + data.length > this.size) return Promise.reject(new NbddError(Errno.EINVAL, `${this.path}: a compressed write of ${data.length} bytes at ${offset} ends past the image (${this.size} bytes)`));
+    return this.update(offset, data.length, options, (w) => this.compressed.writeLocked(offset, data, w));
+  }
+
   writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
     if (options?.fastZero) return Promise.reject(new NbddError(Errno.ENOTSUP, 'qcow2: fast zero is not offered'));
     return this.update(offset, length, options, (w) => this.discarder.zeroLocked(offset, length, options?.noHole === true, w));
@@ -158,6 +172,7 @@ export class Qcow2Image implements Backend, ImageLayer {
       if (this.active > 0) await new Promise<void>((resolve) => (this.drained = resolve));
       await this.alloc.settled(); // one started ahead of need
       if (st.refs) {
+        this.compressed.release();
         this.alloc.returnAll();
         await this.committer.commitAndSync();
         // Give back the file length the pool added, keeping every cluster still counted.

@@ -39,7 +39,8 @@ export class Refcounts {
   private cursor = 0;
   /** First cluster index past every cluster that is in use or was ever allocated. */
   private end: number;
-  private readonly max: number;
+  /** The largest count the entry width holds. */
+  readonly max: number;
   /** Clusters holding refcount blocks. */
   private readonly blockClusters = new Set<number>();
 

@@ -260,7 +260,7 @@ export class Writer {
    * before their L2 entries are written. A request joins only a sync not yet started, so its data,
    * written before it joined, is covered.
    */
-  private syncData(): Promise<void> {
+  syncData(): Promise<void> {
     this.dataSync ??= turnEnd().then(() => {
       this.dataSync = null;
       return this.st.port.fsync();

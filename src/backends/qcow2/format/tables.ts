@@ -55,6 +55,21 @@ export function decodeCompressed(hi: number, lo: number, clusterBits: number): {
   return { offset, length: (sectors + 1) * 512 - (offset % 512) };
 }
 
+/**
+ * Writes the compressed descriptor of a stream of `length` bytes at host byte `offset` into the
+ * 8 bytes at `at` (the inverse of `decodeCompressed`; the sector count covers the stream's last
+ * byte, as qemu counts it). Throws RangeError where the fields cannot hold it.
+ */
+export function encodeCompressed(buf: Buffer, at: number, offset: number, length: number, clusterBits: number): void {
+  const hiOffsetBits = 62 - (clusterBits - 8) - 32;
+  const sectors = Math.floor(((offset % 512) + length - 1) / 512);
+  if (length <= 0 || sectors >= 2 ** (clusterBits - 8) || offset >= 2 ** (32 + hiOffsetBits)) {
+    throw new RangeError(`compressed stream of ${length} bytes at ${offset} does not fit a descriptor`);
+  }
+  buf.writeUInt32BE((ENTRY_COMPRESSED_HI | (sectors << hiOffsetBits) | Math.floor(offset / 2 ** 32)) >>> 0, at);
+  buf.writeUInt32BE(offset >>> 0, at + 4);
+}
+
 /** Where entry `index` of a sub-byte width (orders 0..2: 1, 2 or 4 bits) sits: LSB first within its byte. */
 function subByte(index: number, order: number): { byte: number; shift: number; mask: number } {
   const bits = 1 << order;
