@@ -9,6 +9,10 @@
  *   data and the ratio nbdcopy time / nbdd time (> 1: nbdd faster).
  * - incremental: after 1 % and then 10 % of the disk is rewritten in random 64 KiB blocks, the
  *   time of `nbdd backup` (incremental) against the full backup's, and the bytes it stored.
+ * - compressed: a second served qcow2 holding BENCH_CDATA (default 512M) of compressible data
+ *   (a tar of /usr/lib: binaries and text, as a system disk holds), `nbdd backup --compress`
+ *   (zstd) against `qemu-img convert -c -O qcow2 -o compression_type=zstd` of the same export.
+ *   Prints times, file sizes and the ratios qemu-img/nbdd.
  *
  * Needs root (the sidecar lives in /run/nbdd), `npm run build`, nbdcopy, qemu-img, qemu-nbd.
  * BENCH_SIZE (default 4G), BENCH_DATA (default 1G), BENCH_DIR (OS temp dir).
@@ -24,6 +28,7 @@ const MiB = 1024 * 1024;
 const parse = (s) => Number(/^(\d+)([KMG]?)$/i.exec(s)[1]) * { '': 1, K: 1024, M: MiB, G: 1024 * MiB }[/^(\d+)([KMG]?)$/i.exec(s)[2].toUpperCase()];
 const SIZE = parse(process.env.BENCH_SIZE ?? '4G');
 const DATA = parse(process.env.BENCH_DATA ?? '1G');
+const CDATA = parse(process.env.BENCH_CDATA ?? '512M');
 const dir = mkdtempSync(join(process.env.BENCH_DIR ?? tmpdir(), 'nbdd-bench-backup-'));
 const name = `bench-backup-${process.pid}`;
 
@@ -73,10 +78,35 @@ async function main() {
       console.log(`incremental ${String(pct).padStart(2)} %   ${inc.seconds.toFixed(2)} s, ${(r.bytesStored / MiB).toFixed(0)} MiB stored (${r.kind})   time/full ${(inc.seconds / full.seconds).toFixed(2)}`);
     }
     await client.close();
+    await compressed();
   } finally {
     server.kill('SIGTERM');
     await new Promise((r) => server.once('exit', r));
     rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+async function compressed() {
+  const data = join(dir, 'usr.tar');
+  execFileSync('sh', ['-c', `tar cf - /usr/lib 2>/dev/null | head -c ${CDATA} > ${data}`]);
+  const img = join(dir, 'cdisk.qcow2');
+  run('qemu-img', ['convert', '-q', '-f', 'raw', '-O', 'qcow2', data, img]);
+  const cname = `${name}-c`;
+  const socket = join(dir, 'cdisk.sock');
+  const server = spawn(NBDD, ['serve', img, '--socket', socket, '--name', cname], { stdio: 'ignore' });
+  try {
+    for (let i = 0; i < 200 && !existsSync(socket); i++) await new Promise((r) => setTimeout(r, 50));
+    const nb = timed(NBDD, ['backup', cname, '--repo', join(dir, 'crepo'), '--json', '--compress']);
+    const r = JSON.parse(nb.out);
+    const out = join(dir, 'qemu-c.qcow2');
+    const q = timed('qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'compression_type=zstd', `nbd+unix:///?socket=${socket}`, out]);
+    const qBytes = Number(run('du', ['-B1', out]).split(/\s/)[0]);
+    const mb = (b) => (b / MiB).toFixed(0);
+    console.log(`compressed full backup (zstd), ${mb(CDATA)} MiB of /usr/lib tar`);
+    console.log(`  nbdd --compress ${nb.seconds.toFixed(2)} s, file ${mb(r.fileBytes)} MiB   qemu-img convert -c ${q.seconds.toFixed(2)} s, file ${mb(qBytes)} MiB   time qemu-img/nbdd ${(q.seconds / nb.seconds).toFixed(2)}   size nbdd/qemu-img ${(r.fileBytes / qBytes).toFixed(3)}`);
+  } finally {
+    server.kill('SIGTERM');
+    await new Promise((r) => server.once('exit', r));
   }
 }
 

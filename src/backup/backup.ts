@@ -29,6 +29,8 @@ import { logger } from '../core/log.js';
 import { openNbd, type NbdBackend } from '../backends/nbd.js';
 import { createQcow2 } from '../backends/qcow2/create.js';
 import { openQcow2 } from '../backends/qcow2/open.js';
+import { checkCompressionType } from '../backends/qcow2/compress.js';
+import { COMPRESSION_DEFLATE, COMPRESSION_ZSTD } from '../backends/qcow2/format/index.js';
 import { callOn, ControlClient } from '../control/control-client.js';
 import { isNbdUri } from '../nbd/uri.js';
 import { controlSocketOf } from '../sidecar/locate.js';
@@ -36,7 +38,7 @@ import { DIRTY_BITMAP_CONTEXT_PREFIX } from '../nbd/wire/contexts.js';
 import { chunkSums, copyRanges, dirtyRanges, touchedChunks, type Range } from './copy.js';
 import { diskSum } from './sums.js';
 import { Progress } from './progress.js';
-import { Repo, type Point } from './repo.js';
+import { Repo, type Compression, type Point } from './repo.js';
 
 const log = logger('backup');
 
@@ -50,6 +52,8 @@ export interface BackupOptions {
   bitmap?: string;
   connections?: number;
   progress?: boolean;
+  /** Store data as compressed qcow2 clusters with this codec. */
+  compress?: Compression;
 }
 
 export interface BackupResult {
@@ -59,6 +63,8 @@ export interface BackupResult {
   bytesRead: number;
   bytesStored: number;
   zeroBytes: number;
+  /** What the point's file takes on disk (allocated bytes, metadata included). */
+  fileBytes: number;
   seconds: number;
 }
 
@@ -192,14 +198,16 @@ async function writePoint(repo: Repo, sourceName: string, options: BackupOptions
   const size = s.source.size;
   let committed = false;
   try {
-    await createQcow2(repo.path(partial), { size, ...(prev ? { backing: prev.file, backingFormat: 'qcow2' } : {}) });
+    const compressionType = options.compress === 'zstd' ? COMPRESSION_ZSTD : COMPRESSION_DEFLATE;
+    if (options.compress) checkCompressionType(compressionType); // before anything is read
+    await createQcow2(repo.path(partial), { size, compressionType, ...(prev ? { backing: prev.file, backingFormat: 'qcow2' } : {}) });
     const ranges: Range[] = s.context ? await dirtyRanges(s.source, s.context) : [[0, size]];
     const total = ranges.reduce((n, r) => n + r[1], 0);
     const progress = new Progress(`backup ${kind} ${id}`, total, options.progress ?? false);
     const target = await openQcow2(repo.path(partial), { readOnly: false });
     let copied;
     try {
-      copied = await copyRanges(s.source, target, ranges, { incremental: kind === 'incremental', progress: (d) => progress.update(d), release: s.release });
+      copied = await copyRanges(s.source, target, ranges, { incremental: kind === 'incremental', compress: options.compress !== undefined, progress: (d) => progress.update(d), release: s.release });
       await target.flush();
     } finally {
       await target.close();
@@ -213,6 +221,7 @@ async function writePoint(repo: Repo, sourceName: string, options: BackupOptions
     } finally {
       await disk.close();
     }
+    const fileBytes = (await fsp.stat(repo.path(partial))).blocks * 512;
     const point: Point = {
       id,
       kind,
@@ -222,6 +231,8 @@ async function writePoint(repo: Repo, sourceName: string, options: BackupOptions
       source: sourceName,
       virtualSize: size,
       bytes: copied.bytesStored,
+      ...(options.compress ? { compression: options.compress } : {}),
+      fileBytes,
       bitmap: s.bitmap,
       extents: copied.extents,
       chunks,
@@ -233,7 +244,7 @@ async function writePoint(repo: Repo, sourceName: string, options: BackupOptions
     await s.committed();
     const seconds = (Date.now() - started) / 1000;
     log.info(`point ${id} (${kind}) of '${sourceName}': ${copied.bytesStored} bytes stored, ${copied.zeroBytes} zero, in ${seconds.toFixed(1)} s`);
-    return { point: id, kind, file, bytesRead: copied.bytesRead, bytesStored: copied.bytesStored, zeroBytes: copied.zeroBytes, seconds };
+    return { point: id, kind, file, bytesRead: copied.bytesRead, bytesStored: copied.bytesStored, zeroBytes: copied.zeroBytes, fileBytes, seconds };
   } catch (err) {
     if (!committed) {
       await fsp.rm(repo.path(partial), { force: true });

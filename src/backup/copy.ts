@@ -50,6 +50,11 @@ export async function dirtyRanges(source: NbdBackend, context: string): Promise<
   return out;
 }
 
+/** A new point's image: a Backend that can also store compressed clusters (Qcow2Image). */
+export interface PointTarget extends Backend {
+  writeCompressed(offset: number, data: Buffer): Promise<void>;
+}
+
 export interface CopyProgress {
   (bytesDone: number): void;
 }
@@ -113,13 +118,13 @@ interface Piece {
 /**
  * Copies `ranges` of `source` into `target`, PARALLEL pieces at a time over all ranges.
  * `incremental`: zero ranges are written as zeroes (the target has a backing file); else they are
- * left alone. `release` runs for every piece once it is in the target (the backup TRIMs the view).
+ * left alone. `compress`: data goes in as compressed clusters where it compresses. `release` runs for every piece once it is in the target (the backup TRIMs the view).
  */
 export async function copyRanges(
   source: NbdBackend,
-  target: Backend,
+  target: PointTarget,
   ranges: Range[],
-  options: { incremental: boolean; progress?: CopyProgress; release?: (r: Range) => Promise<void> },
+  options: { incremental: boolean; compress?: boolean; progress?: CopyProgress; release?: (r: Range) => Promise<void> },
 ): Promise<CopyResult> {
   const result: CopyResult = { extents: [], blocks: new Map(), bytesRead: 0, bytesStored: 0, zeroBytes: 0 };
   const pieces = await plan(source, ranges);
@@ -150,7 +155,7 @@ export async function copyRanges(
       } else {
         const data = await source.read(p.offset, p.length);
         result.bytesRead += data.length;
-        await target.write(p.offset, data);
+        await (options.compress ? target.writeCompressed(p.offset, data) : target.write(p.offset, data));
         result.bytesStored += data.length;
         stored[i] = [p.offset, p.length, createHash('sha256').update(data).digest('hex')];
         noteBlocks(p.offset, p.length, data);

@@ -26,6 +26,8 @@ export const CHUNK_SIZE = 4 * 1024 * 1024;
 /** One stored range of a point: data with its SHA-256, or zeroes (null). */
 export type StoredExtent = [offset: number, length: number, sha256: string | null];
 
+export type Compression = 'zstd' | 'deflate';
+
 export interface Point {
   id: string;
   kind: 'full' | 'incremental';
@@ -37,8 +39,11 @@ export interface Point {
   backing: string | null;
   source: string;
   virtualSize: number;
-  /** Data bytes stored in this point's file (zero ranges not counted). */
+  /** Data bytes stored in this point's file (zero ranges not counted), before compression. */
   bytes: number;
+  /** With `--compress`: the codec of its compressed clusters, and the bytes its file takes on disk. */
+  compression?: Compression;
+  fileBytes?: number;
   /** The dirty bitmap that tracks changes since this point began (sidecar sources), or the one read (URI --bitmap). */
   bitmap: string | null;
   extents: StoredExtent[];

@@ -5,7 +5,7 @@
 import { Command, Option } from 'commander';
 import { formatSize } from '../core/units.js';
 import { backup } from '../backup/backup.js';
-import { Repo } from '../backup/repo.js';
+import { Repo, type Compression } from '../backup/repo.js';
 import { restore, verify } from '../backup/restore.js';
 import { intArg } from './options.js';
 import { MAX_NBD_CONNECTIONS } from '../backends/nbd.js';
@@ -17,6 +17,7 @@ interface BackupCli {
   connections: number;
   progress: boolean;
   json?: boolean;
+  compress?: Compression;
 }
 
 export function register(program: Command): void {
@@ -28,14 +29,19 @@ export function register(program: Command): void {
     .option('--full', 'a full point even if the repo has one to build on')
     .option('--bitmap <name>', 'NBD URI sources: read changes from qemu:dirty-bitmap:NAME (e.g. qemu-nbd -B NAME)')
     .option('-c, --connections <n>', 'NBD connections to read with (when the export allows multi-conn)', intArg(1, MAX_NBD_CONNECTIONS), 1)
+    .addOption(
+      new Option('--compress [codec]', 'store data as compressed qcow2 clusters: zstd (the default; qemu 5.1 and later read it) or deflate (every qemu)')
+        .choices(['zstd', 'deflate'])
+        .preset('zstd'),
+    )
     .option('--no-progress', 'no progress bar (there is none without a terminal either)')
     .option('--json', 'print a JSON summary')
     .action(async (source: string, opts: BackupCli) => {
-      const r = await backup(source, { repo: opts.repo, full: opts.full, bitmap: opts.bitmap, connections: opts.connections, progress: opts.progress && !opts.json });
+      const r = await backup(source, { repo: opts.repo, full: opts.full, bitmap: opts.bitmap, connections: opts.connections, progress: opts.progress && !opts.json, compress: opts.compress });
       process.stdout.write(
         opts.json
           ? `${JSON.stringify(r)}\n`
-          : `point ${r.point} (${r.kind}): ${r.file}, ${formatSize(r.bytesStored)} stored, ${formatSize(r.zeroBytes)} zero, ${r.seconds.toFixed(1)} s\n`,
+          : `point ${r.point} (${r.kind}): ${r.file}, ${formatSize(r.bytesStored)} of data, ${formatSize(r.zeroBytes)} zero, file ${formatSize(r.fileBytes)}, ${r.seconds.toFixed(1)} s\n`,
       );
     });
 
@@ -46,7 +52,7 @@ export function register(program: Command): void {
     .option('--json', 'a JSON array')
     .action(async (opts: { repo: string; json?: boolean }) => {
       const repo = await Repo.open(opts.repo);
-      const rows = repo.points.map((p) => ({ id: p.id, kind: p.kind, time: p.time, file: p.file, backing: p.backing, bytes: p.bytes, virtualSize: p.virtualSize, bitmap: p.bitmap, diskSha256: p.diskSha256 }));
+      const rows = repo.points.map((p) => ({ id: p.id, kind: p.kind, time: p.time, file: p.file, backing: p.backing, bytes: p.bytes, fileBytes: p.fileBytes, compression: p.compression ?? null, virtualSize: p.virtualSize, bitmap: p.bitmap, diskSha256: p.diskSha256 }));
       if (opts.json) {
         process.stdout.write(`${JSON.stringify(rows, null, 2)}\n`);
         return;
