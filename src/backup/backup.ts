@@ -35,8 +35,8 @@ import { callOn, ControlClient } from '../control/control-client.js';
 import { isNbdUri } from '../nbd/uri.js';
 import { controlSocketOf } from '../sidecar/locate.js';
 import { DIRTY_BITMAP_CONTEXT_PREFIX } from '../nbd/wire/contexts.js';
-import { chunkSums, copyRanges, dirtyRanges, touchedChunks, type Range } from './copy.js';
-import { diskSum } from './sums.js';
+import { changedBlocks, chunkSums, copyRanges, dirtyRanges, touchedChunks, type Range } from './copy.js';
+import { BLOCK_SIZE, diskSum, zeroBlockSum } from './sums.js';
 import { Progress } from './progress.js';
 import { Repo, type Compression, type Point } from './repo.js';
 
@@ -214,13 +214,18 @@ async function writePoint(repo: Repo, sourceName: string, options: BackupOptions
     }
     progress.done();
     const copiedAt = Date.now();
+    const base = prev ? { chunks: prev.chunks, blocks: await repo.blockSumsAt(prev), touched: touchedChunks(copied.extents), changed: changedBlocks(copied.extents) } : null;
     const disk = await openQcow2(repo.path(partial), { readOnly: true });
-    let chunks: string[];
+    let sums;
     try {
-      chunks = await chunkSums(disk, copied.blocks, prev?.chunks ?? null, prev ? touchedChunks(copied.extents) : null);
+      sums = await chunkSums(disk, copied.blocks, base);
     } finally {
       await disk.close();
     }
+    const chunks = sums.chunks;
+    // A full point records its nonzero blocks (a block on no record is zero); an incremental
+    // every block it changed, zeroes too, since they replace what the points below recorded.
+    const records = kind === 'full' ? new Map([...sums.computed].filter(([b, sum]) => !sum.equals(zeroBlockSum(Math.min(BLOCK_SIZE, size - b * BLOCK_SIZE))))) : sums.computed;
     const fileBytes = (await fsp.stat(repo.path(partial))).blocks * 512;
     const point: Point = {
       id,
@@ -239,7 +244,7 @@ async function writePoint(repo: Repo, sourceName: string, options: BackupOptions
       diskSha256: diskSum(chunks),
     };
     log.debug(`point ${id}: copy ${(copiedAt - started) / 1000} s, checksums ${(Date.now() - copiedAt) / 1000} s`);
-    await repo.commit(point, partial);
+    await repo.commit(point, partial, records);
     committed = true;
     await s.committed();
     const seconds = (Date.now() - started) / 1000;

@@ -12,7 +12,7 @@ import type { NbdBackend } from '../backends/nbd.js';
 import { BASE_ALLOCATION } from '../nbd/wire/contexts.js';
 import { NBD_STATE_ZERO } from '../nbd/wire/constants.js';
 import { CHUNK_SIZE, type StoredExtent } from './repo.js';
-import { BLOCK_SIZE, BLOCKS_PER_CHUNK, blockSum, chunkSum, zeroBlockSum } from './sums.js';
+import { BLOCK_SIZE, BLOCKS_PER_CHUNK, blockSum, chunkSum, zeroBlockSum, type BlockSums } from './sums.js';
 
 /** Most bytes one read asks for; pieces never cross a CHUNK_SIZE boundary either. */
 const PIECE = 4 * 1024 * 1024;
@@ -171,30 +171,60 @@ export async function copyRanges(
 }
 
 /**
- * The sum of every CHUNK_SIZE chunk of `disk` (sums.ts). With `previous` (the point below) only
- * the chunks in `touched` are computed, the rest carried over. Block sums come from `known` (what
- * the copy hashed) where it has them; other blocks are read from `disk` unless it reports them
- * zero.
+ * What an incremental point's sums start from: the point below's chunk sums, its disk's block
+ * sums (repo.ts `blockSumsAt`; null when they are not on record), and what this point changed.
  */
-export async function chunkSums(disk: Backend, known: Map<number, Buffer>, previous: string[] | null, touched: Set<number> | null): Promise<string[]> {
+export interface SumsBase {
+  chunks: string[];
+  blocks: BlockSums | null;
+  /** Chunks this point's stored extents overlap; the others are carried over. */
+  touched: Set<number>;
+  /** Blocks this point's stored extents overlap; the others of a touched chunk are as below. */
+  changed: Set<number>;
+}
+
+export interface ChunkSumsResult {
+  chunks: string[];
+  /** The block sums taken from `known` or read (not those carried over), by block index. */
+  computed: Map<number, Buffer>;
+}
+
+/**
+ * The sum of every CHUNK_SIZE chunk of `disk` (sums.ts). With `base` only the touched chunks are
+ * computed, the rest carried over, and in those only the changed blocks are needed: the others'
+ * sums come from `base.blocks` (so scattered small changes cost no re-reading). Block sums come
+ * from `known` (what the copy hashed) where it has them; other blocks are read from `disk` unless
+ * it reports them zero.
+ */
+export async function chunkSums(disk: Backend, known: Map<number, Buffer>, base: SumsBase | null): Promise<ChunkSumsResult> {
   const count = Math.ceil(disk.size / CHUNK_SIZE);
   const sums: string[] = new Array(count);
+  const computed = new Map<number, Buffer>();
   const todo: number[] = [];
   for (let i = 0; i < count; i++) {
-    if (previous && touched && !touched.has(i)) sums[i] = previous[i]!;
+    if (base && !base.touched.has(i)) sums[i] = base.chunks[i]!;
     else todo.push(i);
   }
   const totalBlocks = Math.ceil(disk.size / BLOCK_SIZE);
+  const blockLength = (b: number): number => Math.min(BLOCK_SIZE, disk.size - b * BLOCK_SIZE);
   let next = 0;
   const worker = async (): Promise<void> => {
     while (next < todo.length) {
       const i = todo[next++]!;
       const first = i * BLOCKS_PER_CHUNK;
       const last = Math.min(first + BLOCKS_PER_CHUNK, totalBlocks);
-      const blocks: (Buffer | undefined)[] = [];
-      for (let b = first; b < last; b++) blocks.push(known.get(b));
+      const blocks = new Array<Buffer | undefined>(last - first).fill(undefined);
+      for (let b = first; b < last; b++) {
+        const k = known.get(b);
+        if (k) {
+          blocks[b - first] = k;
+          computed.set(b, k);
+        } else if (base?.blocks && !base.changed.has(b)) {
+          blocks[b - first] = base.blocks.get(b) ?? zeroBlockSum(blockLength(b));
+        }
+      }
       if (blocks.some((x) => !x)) {
-        // One status call and at most one read for the chunk's blocks the copy did not hash.
+        // One status call and at most one read for the chunk's blocks not known otherwise.
         const offset = first * BLOCK_SIZE;
         const length = Math.min(CHUNK_SIZE, disk.size - offset);
         const zero = new Array<boolean>(last - first).fill(false);
@@ -209,21 +239,29 @@ export async function chunkSums(disk: Backend, known: Map<number, Buffer>, previ
           }
         }
         let data: Buffer | null = null;
-        for (let k = 0; k < blocks.length; k++) {
+        for (let k = 0; k < last - first; k++) {
           if (blocks[k]) continue;
-          const n = Math.min(BLOCK_SIZE, disk.size - (first + k) * BLOCK_SIZE);
+          const n = blockLength(first + k);
           if (zero[k]) blocks[k] = zeroBlockSum(n);
           else {
             data ??= await disk.read(offset, length);
             blocks[k] = blockSum(data.subarray(k * BLOCK_SIZE, k * BLOCK_SIZE + n));
           }
+          computed.set(first + k, blocks[k]!);
         }
       }
       sums[i] = chunkSum(blocks as Buffer[]);
     }
   };
   await Promise.all(Array.from({ length: Math.min(4, todo.length) }, worker));
-  return sums;
+  return { chunks: sums, computed };
+}
+
+/** The blocks the stored extents overlap. */
+export function changedBlocks(extents: StoredExtent[]): Set<number> {
+  const out = new Set<number>();
+  for (const [offset, length] of extents) for (let b = Math.floor(offset / BLOCK_SIZE); b * BLOCK_SIZE < offset + length; b++) out.add(b);
+  return out;
 }
 
 /** The chunks the stored extents overlap. */

@@ -4,6 +4,7 @@
  *   DIR/manifest.json        the repo and its points, oldest first (written by rename: never half)
  *   DIR/0001-full.qcow2      a full point
  *   DIR/0002-inc.qcow2       an incremental: a qcow2 overlay whose backing file is "0001-full.qcow2"
+ *   DIR/0002.sums            the block sums the point computed (sums.ts), so the next one needs no re-read
  *   DIR/.partial-0003.qcow2  a point being written (removed by the next backup if the writer died)
  *   DIR/lock                 flock'd by whoever writes the repo
  *
@@ -11,17 +12,20 @@
  * manifest names it. So a backup killed at any moment leaves the repo as it was (plus a partial
  * file), and qemu-img, `nbdd serve` and `nbdd attach --read-only` open any point directly.
  */
-import { randomUUID } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import { closeSync, openSync } from 'node:fs';
 import fsp from 'node:fs/promises';
 import { join } from 'node:path';
 import { Errno, NbddError } from '../core/errors.js';
+import { logger } from '../core/log.js';
 import { LOCK_EX, tryFlock } from '../sys/libc.js';
+import { BLOCK_SIZE, CHUNK_SIZE, decodeBlockSums, encodeBlockSums, type BlockSums } from './sums.js';
+
+const log = logger('backup');
 
 export const MANIFEST = 'manifest.json';
 const FORMAT = 'nbdd-backup-repo';
-/** The disk is summed in chunks of this size; a point's disk checksum is over the chunk sums. */
-export const CHUNK_SIZE = 4 * 1024 * 1024;
+export { CHUNK_SIZE };
 
 /** One stored range of a point: data with its SHA-256, or zeroes (null). */
 export type StoredExtent = [offset: number, length: number, sha256: string | null];
@@ -47,6 +51,9 @@ export interface Point {
   /** The dirty bitmap that tracks changes since this point began (sidecar sources), or the one read (URI --bitmap). */
   bitmap: string | null;
   extents: StoredExtent[];
+  /** The block sums file (sums.ts) and its SHA-256; absent in points of repos made before it. */
+  sums?: string;
+  sumsSha256?: string;
   /** The sum of every CHUNK_SIZE chunk of the disk at this point, and over those (the disk's checksum); see sums.ts. */
   chunks: string[];
   diskSha256: string;
@@ -94,6 +101,30 @@ export class Repo {
     let start = i;
     while (start > 0 && this.points[start]!.kind !== 'full') start--;
     return this.points.slice(start, i + 1);
+  }
+
+  /**
+   * Every nonzero block's sum on the disk at point `p`, from the sums files of its chain (full
+   * point first); null when a point has none (made before they were kept) or, unless `strict`
+   * (verify), one is missing or does not match the manifest — then the caller reads the blocks
+   * instead, which is slower but as exact. `strict` throws EUCLEAN naming the file.
+   */
+  async blockSumsAt(p: Point, strict = false): Promise<BlockSums | null> {
+    const out: BlockSums = new Map();
+    const count = Math.ceil(p.virtualSize / BLOCK_SIZE);
+    for (const q of this.chainOf(p)) {
+      if (!q.sums) return null;
+      try {
+        const data = await fsp.readFile(this.path(q.sums));
+        if (createHash('sha256').update(data).digest('hex') !== q.sumsSha256) throw new Error('its SHA-256 is not the one the manifest records');
+        decodeBlockSums(data, count, out);
+      } catch (err) {
+        if (strict) throw new NbddError(Errno.EUCLEAN, `point ${q.id}: its block sums file ${q.sums} is damaged: ${(err as Error).message}`);
+        log.warn(`${this.path(q.sums)}: ${(err as Error).message}; reading the blocks instead`);
+        return null;
+      }
+    }
+    return out;
   }
 
   path(file: string): string {
@@ -154,15 +185,26 @@ export class Repo {
     for (const f of await fsp.readdir(this.dir)) if (f.startsWith('.partial-')) await fsp.rm(join(this.dir, f), { force: true });
   }
 
-  /** Makes `point` (whose file is at `partial`) part of the repo: sync, rename, manifest. */
-  async commit(point: Point, partial: string): Promise<void> {
-    const fh = await fsp.open(this.path(partial), 'r');
-    try {
-      await fh.datasync();
-    } finally {
-      await fh.close();
+  /**
+   * Makes `point` (whose file is at `partial`) part of the repo with its block sums: both synced
+   * and renamed into place, then the manifest.
+   */
+  async commit(point: Point, partial: string, sums: BlockSums): Promise<void> {
+    const data = encodeBlockSums(sums);
+    const sumsFile = `${point.id}.sums`;
+    const sumsPartial = `.partial-${point.id}.sums`;
+    await fsp.writeFile(this.path(sumsPartial), data);
+    for (const f of [partial, sumsPartial]) {
+      const fh = await fsp.open(this.path(f), 'r');
+      try {
+        await fh.datasync();
+      } finally {
+        await fh.close();
+      }
     }
     await fsp.rename(this.path(partial), this.path(point.file));
+    await fsp.rename(this.path(sumsPartial), this.path(sumsFile));
+    point = { ...point, sums: sumsFile, sumsSha256: createHash('sha256').update(data).digest('hex') };
     this.manifest = { ...this.manifest, points: [...this.manifest.points, point] };
     await this.writeManifest();
   }

@@ -22,7 +22,7 @@ import { isNbdUri } from '../nbd/uri.js';
 import { chunkSums } from './copy.js';
 import { Progress } from './progress.js';
 import { CHUNK_SIZE, Repo, type Point } from './repo.js';
-import { blockSumsOf, chunkSum, isZero, zeroChunkSum } from './sums.js';
+import { BLOCK_SIZE, blockSumsOf, chunkSum, isZero, zeroBlockSum, zeroChunkSum } from './sums.js';
 
 export interface RestoreOptions {
   point?: string;
@@ -132,11 +132,20 @@ export async function verify(repoDir: string, point?: string): Promise<VerifyRep
     }
     const disk = await openQcow2(path, { readOnly: true });
     try {
-      const sums = await chunkSums(disk, new Map(), null, null);
+      const { chunks: sums, computed } = await chunkSums(disk, new Map(), null);
       const bad = sums.findIndex((sum, i) => sum !== p.chunks[i]);
       if (bad >= 0 || sums.length !== p.chunks.length) {
         const at = bad >= 0 ? bad : Math.min(sums.length, p.chunks.length);
         throw mismatch(p, at * CHUNK_SIZE, `the disk's ${Math.min(CHUNK_SIZE, disk.size - at * CHUNK_SIZE)}-byte chunk`);
+      }
+      // The block sums the next incremental will build on must be the disk's.
+      const recorded = await repo.blockSumsAt(p, true);
+      if (recorded) {
+        for (const [b, sum] of computed) {
+          if (!(recorded.get(b) ?? zeroBlockSum(Math.min(BLOCK_SIZE, disk.size - b * BLOCK_SIZE))).equals(sum)) {
+            throw mismatch(p, b * BLOCK_SIZE, `the block sums on record (${p.sums}) for the ${Math.min(BLOCK_SIZE, disk.size - b * BLOCK_SIZE)}-byte block`);
+          }
+        }
       }
     } finally {
       await disk.close();

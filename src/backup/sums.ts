@@ -7,11 +7,17 @@
  *   disk sum   = SHA-256 over the chunk sums (32 bytes each, in order)
  *
  * Every level is a function of the disk's bytes alone, whatever the repo stores them as.
+ *
+ * Each point also keeps the block sums it computed in a file beside it (`NNNN.sums`): a full point
+ * every nonzero block's, an incremental every block it changed (zeroes included). Read from the
+ * full point up, they give every block's sum at any point (a block on no record is zero), so an
+ * incremental sums only the blocks it changed.
  */
 import { createHash } from 'node:crypto';
-import { CHUNK_SIZE } from './repo.js';
 
 export const BLOCK_SIZE = 64 * 1024;
+/** The disk is summed in chunks of this size; a point's disk checksum is over the chunk sums. */
+export const CHUNK_SIZE = 4 * 1024 * 1024;
 
 const ZERO = Buffer.alloc(BLOCK_SIZE);
 const zeroBlockSums = new Map<number, Buffer>();
@@ -62,3 +68,31 @@ export function diskSum(chunks: string[]): string {
 }
 
 export const BLOCKS_PER_CHUNK = CHUNK_SIZE / BLOCK_SIZE;
+
+/** Block index → SHA-256 of the block (32 bytes). */
+export type BlockSums = Map<number, Buffer>;
+
+const RECORD = 8 + 32;
+
+/** A block sums file: records of a u64be block index and the block's 32-byte SHA-256, indices ascending. */
+export function encodeBlockSums(sums: BlockSums): Buffer {
+  const indices = [...sums.keys()].sort((a, b) => a - b);
+  const out = Buffer.alloc(indices.length * RECORD);
+  indices.forEach((b, i) => {
+    out.writeBigUInt64BE(BigInt(b), i * RECORD);
+    sums.get(b)!.copy(out, i * RECORD + 8);
+  });
+  return out;
+}
+
+/** Decodes a block sums file into `into` (later records replace earlier ones); throws on a damaged file. */
+export function decodeBlockSums(buf: Buffer, blockCount: number, into: BlockSums): void {
+  if (buf.length % RECORD !== 0) throw new Error(`${buf.length} bytes is not a whole number of ${RECORD}-byte records`);
+  let prev = -1;
+  for (let at = 0; at < buf.length; at += RECORD) {
+    const b = Number(buf.readBigUInt64BE(at));
+    if (b <= prev || b >= blockCount) throw new Error(`record ${at / RECORD} names block ${b} (after ${prev}, of ${blockCount})`);
+    prev = b;
+    into.set(b, buf.subarray(at + 8, at + RECORD));
+  }
+}

@@ -362,6 +362,36 @@ describe('nbdd verify and bad input', () => {
     expect(rr.stderr).toMatch(/point 0001 .*does not match the manifest/);
   });
 
+  it('a damaged block sums file fails verify, naming it; the next backup reads the blocks instead and is exact', async () => {
+    const img = qcow2(32 * MiB);
+    const { srv, name, client } = await served(img);
+    const repo = join(dir.path, 'repo-sums');
+    try {
+      await client.write(0, randomBytes(8 * MiB));
+      await backupOf(name, repo);
+      // Scattered changes: the second point sums its changed blocks only, the rest from 0001.sums.
+      for (const o of [1, 3, 5, 7]) await client.write(o * MiB + 4096, randomBytes(4096));
+      await backupOf(name, repo);
+      expect(readdirSync(repo).filter((f) => f.endsWith('.sums')).sort()).toEqual(['0001.sums', '0002.sums']);
+      expect(runStatus(NBDD, ['verify', '--repo', repo]).status).toBe(0);
+      const sums = join(repo, '0001.sums');
+      const bytes = readFileSync(sums);
+      bytes[bytes.length - 1] ^= 0x40; // the last record's sum
+      writeFileSync(sums, bytes);
+      const r = runStatus(NBDD, ['verify', '--repo', repo]);
+      expect(r.status).not.toBe(0);
+      expect(r.stderr).toMatch(/point 0001: its block sums file 0001\.sums is damaged/);
+      await client.write(2 * MiB, randomBytes(4096));
+      const now = await contents(srv.uri);
+      const p3 = await backupOf(name, repo);
+      expect(p3.kind).toBe('incremental');
+      expect(sha(await restored(repo))).toBe(sha(now));
+    } finally {
+      await client.close();
+      await srv.stop();
+    }
+  });
+
   it('refuses a repo of another disk, a missing point, a directory that is not a repo and a source without a sidecar; nothing is touched', async () => {
     const small = qcow2(16 * MiB);
     const big = qcow2(32 * MiB);
