@@ -21,6 +21,7 @@ import { BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH } from '../nbd/wire/contexts.js'
 import { parseNbdUri } from '../nbd/uri.js';
 import { clientTlsOptions } from '../nbd/tls.js';
 import { NBD_FLAG, NBD_STATE_HOLE, NBD_STATE_ZERO } from '../nbd/wire/constants.js';
+import { Slots } from '../core/slots.js';
 
 
 /** How long requests wait for a lost connection by default (qemu's reconnect-delay is off by default; nbd-client's is not configurable). */
@@ -69,10 +70,8 @@ export class NbdBackend implements Backend, RemoteLink {
   readonly caps: BackendCaps;
   private next = 0;
   private closing: Promise<void> | null = null;
-  private readonly maxInFlight: number;
-  private inFlight = 0;
-  /** Requests waiting for one of the `maxInFlight` slots, oldest first. */
-  private readonly slotWaiters: (() => void)[] = [];
+  /** At most `maxInFlight` requests at the server; the rest wait, oldest first. */
+  private readonly slots: Slots;
 
   /** The first connection: its negotiated info (contexts, flags) is the backend's. */
   get primary(): NbdClient {
@@ -85,7 +84,7 @@ export class NbdBackend implements Backend, RemoteLink {
     readOnly: boolean,
     maxInFlight = DEFAULT_MAX_IN_FLIGHT,
   ) {
-    this.maxInFlight = Math.max(1, maxInFlight);
+    this.slots = new Slots(Math.max(1, maxInFlight));
     const c = clients[0]!.first;
     const i = c.info;
     this.size = i.size;
@@ -135,29 +134,22 @@ export class NbdBackend implements Backend, RemoteLink {
 
   /** Requests in flight to the server now (at most `maxInFlight`). */
   get requestsInFlight(): number {
-    return this.inFlight;
+    return this.slots.active;
   }
 
   /**
    * Runs `op` on the next connection (round robin; `first` pins it to the first one) once one of
-   * the `maxInFlight` slots is free. A finished request hands its slot straight to the oldest
-   * waiter, so waiters go in order.
+   * the `maxInFlight` slots is free.
    */
-  private async send<T>(op: (c: NbdClient) => Promise<T>, first = false): Promise<T> {
-    if (this.inFlight < this.maxInFlight) this.inFlight++;
-    else await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
-    try {
+  private send<T>(op: (c: NbdClient) => Promise<T>, first = false): Promise<T> {
+    return this.slots.run(() => {
       let c = this.clients[0]!;
       if (!first) {
         c = this.clients[this.next]!;
         this.next = (this.next + 1) % this.clients.length;
       }
-      return await c.run(op);
-    } finally {
-      const waiter = this.slotWaiters.shift();
-      if (waiter) waiter();
-      else this.inFlight--;
-    }
+      return c.run(op);
+    });
   }
 
   read(offset: number, length: number): Promise<Buffer> {

@@ -11,6 +11,7 @@ import { deflateRaw, inflateRaw, constants as zlibConstants } from 'node:zlib';
 import koffi from 'koffi';
 import { decompress as zstdDecompress } from 'fzstd';
 import { Errno, NbddError, messageOf } from '../../core/errors.js';
+import { Slots } from '../../core/slots.js';
 import { COMPRESSION_DEFLATE, COMPRESSION_ZSTD } from './format/index.js';
 
 const ZSTD_MAGIC = 0xfd2fb528; // little-endian on disk: 28 b5 2f fd
@@ -125,14 +126,19 @@ export function compressCluster(type: number, src: Buffer, limit: number): Promi
     });
   }
   const z = loadZstd();
-  // Room for the worst case is not needed: a stream over `limit` is not kept, and zstd reports
-  // "destination too small" as an error code, which reads the same as "not worth it".
-  const dst = Buffer.allocUnsafe(limit);
-  return new Promise((resolve, reject) => {
-    z.compress.async(dst, limit, src, src.length, ZSTD_LEVEL, (err: unknown, n: number | bigint) => {
-      if (err) return reject(err);
-      const size = Number(n);
-      resolve(z.isError(n) ? null : dst.subarray(0, size));
-    });
-  });
+  return zstdSlots.run(
+    () =>
+      new Promise<Buffer | null>((resolve, reject) => {
+        // Room for the worst case is not needed: a stream over `limit` is not kept, and zstd
+        // reports "destination too small" as an error code, which reads as "not worth it".
+        const dst = Buffer.allocUnsafe(limit);
+        z.compress.async(dst, limit, src, src.length, ZSTD_LEVEL, (err: unknown, n: number | bigint) => {
+          if (err) return reject(err);
+          resolve(z.isError(n) ? null : dst.subarray(0, Number(n)));
+        });
+      }),
+  );
 }
+
+/** koffi refuses async calls past its queue (256); more in flight than worker threads gains nothing. */
+const zstdSlots = new Slots(16);
