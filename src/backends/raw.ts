@@ -41,6 +41,7 @@ import {
 } from '../sys/libc.js';
 import { tryCall } from '../core/try-call.js';
 import { QCOW2_MAGIC } from './qcow2/format/header.js';
+import { requestBuffers } from '../core/request-buffers.js';
 
 const fstatAsync = promisify(fstat);
 
@@ -169,7 +170,7 @@ export class RawBackend implements Backend {
   read(offset: number, length: number): Promise<Buffer> {
     return tryCall(() => {
       assertRange(this.size, offset, length);
-      const buf = this.direct ? alignedBuffer(length, RAW_DIRECT_ALIGNMENT) : Buffer.allocUnsafe(length);
+      const buf = this.direct ? alignedBuffer(length, RAW_DIRECT_ALIGNMENT) : requestBuffers.take(length);
       return this.port.readAt(buf, offset);
     });
   }

@@ -6,7 +6,7 @@
  * Buffers: `put` copies nothing and keeps `data` (the caller hands it over); `get` returns the
  * kept buffer or a fresh one read from the file — callers must not modify it.
  */
-import { readBuffers } from '../core/read-buffers.js';
+import { requestBuffers } from '../core/request-buffers.js';
 import { promises as fsp, constants as fsConstants } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -71,7 +71,7 @@ export class ScratchStore {
     if (this.closed) throw new NbddError(Errno.ESHUTDOWN, 'the scratch store is closed');
     if (this.memoryUsed + data.length <= this.limits.memoryBytes) {
       this.memoryUsed += data.length;
-      readBuffers.keep(data); // held until the backup ends, and served by view READs meanwhile
+      requestBuffers.keep(data); // held until the backup ends, and served by view READs meanwhile
       this.slots.set(key, { where: 'memory', data });
       return;
     }

@@ -40,6 +40,7 @@ import { RangeLock } from './range-lock.js';
 import { Reader } from './read.js';
 import { ImageState, type Qcow2Parts } from './state.js';
 import { Writer } from './write.js';
+import { requestBuffers } from '../../core/request-buffers.js';
 
 export type { Qcow2Parts } from './state.js';
 
@@ -115,7 +116,7 @@ export class Qcow2Image implements Backend, ImageLayer {
   // ---------------------------------------------------------------- Backend
 
   async read(offset: number, length: number): Promise<Buffer> {
-    const buf = Buffer.allocUnsafe(length);
+    const buf = requestBuffers.take(length);
     await this.readInto(buf, offset);
     return buf;
   }

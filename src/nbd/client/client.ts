@@ -12,14 +12,14 @@
  *   libnbd's strict mode does. `strict: false` sends them anyway (tests of server errors).
  * - Error replies reject with NbddError carrying the server's errno; a broken reply or a lost
  *   connection rejects every request in flight (EPROTO / ECONNRESET) and the client is dead.
- * - `read` returns a fresh Buffer owned by the caller (large ones from `readBuffers`, which the
+ * - `read` returns a fresh Buffer owned by the caller (large ones from `requestBuffers`, which the
  *   NBD server recycles once it has sent them); `write`'s buffer must not change until the
  *   promise settles.
  */
 import type { ConnectionOptions as TlsConnectionOptions } from 'node:tls';
 import { Errno, NbddError, messageOf } from '../../core/errors.js';
 import { logger } from '../../core/log.js';
-import { readBuffers } from '../../core/read-buffers.js';
+import { requestBuffers } from '../../core/request-buffers.js';
 import type { StatusExtent } from '../../core/meta-context.js';
 import type { WriteOptions, ZeroOptions } from '../../core/backend.js';
 import type { NbdTransport } from '../uri.js';
@@ -147,7 +147,7 @@ export class NbdClient implements ReplyTarget {
   /** Reads `length` bytes at `offset` into a new Buffer (the caller's). */
   async read(offset: number, length: number): Promise<Buffer> {
     this.check(NBD_CMD.READ, 0, offset, length);
-    const out = readBuffers.take(length);
+    const out = requestBuffers.take(length);
     if (length === 0) return out;
     await this.split(offset, length, this.info.maxPayload, (o, l) => this.submit(NBD_CMD.READ, 0, o, l, out.subarray(o - offset, o - offset + l)));
     return out;

@@ -8,7 +8,7 @@ import type { MetaContext } from '../../core/meta-context.js';
 import { NbddError, errnoOf, messageOf } from '../../core/errors.js';
 import type { BlockQueue } from '../../core/queue.js';
 import { logger } from '../../core/log.js';
-import { readBuffers } from '../../core/read-buffers.js';
+import { requestBuffers } from '../../core/request-buffers.js';
 import type { TurnWriter } from '../turn-writer.js';
 import { LIMITS, NBD_CMD, NBD_CMD_FLAG, NBD_ERR, nameOfNbdCmd, nbdErrorFromErrno } from '../wire/constants.js';
 import {
@@ -69,8 +69,8 @@ export class ReplyWriter {
   readData(h: RequestHeader, offset: number, data: Buffer, done: boolean, onSent?: () => void): void {
     if (!this.isClosed()) {
       this.send(this.structured ? encodeChunkOffsetDataHeader(h.cookieHi, h.cookieLo, done, offset, data.length) : encodeSimpleReply(0, h.cookieHi, h.cookieLo));
-      // Once written, the data's buffer may serve another READ (when it came from readBuffers).
-      if (data.length > 0) this.out.write(data, (ok) => ok && readBuffers.give(data));
+      // Once written, the data's buffer may serve another READ (when it came from requestBuffers).
+      if (data.length > 0) this.out.write(data, (ok) => ok && requestBuffers.give(data));
     }
     onSent?.();
   }

@@ -26,6 +26,7 @@ import { ReplyWriter } from './replies.js';
 import { upgradeToTls, type ServerTls } from '../tls.js';
 import { ReadSlab, slabSocket } from '../read-slab.js';
 import { BudgetShare, SMALL_READ, type ReplyBudget } from './reply-budget.js';
+import { requestBuffers } from '../../core/request-buffers.js';
 
 const log = logger('nbd');
 
@@ -329,7 +330,7 @@ export class NbdSession {
         this.replies.error(h, NBD_ERR.EINVAL, `write of ${h.length} bytes exceeds ${exp.maxPayload}`);
         return this.beginDraining();
       }
-      const buf = !error && h.length >= OWN_PAYLOAD_MIN ? Buffer.allocUnsafe(h.length) : null;
+      const buf = !error && h.length >= OWN_PAYLOAD_MIN ? requestBuffers.take(h.length) : null;
       this.wait = { kind: 'payload', header: h, error, buf, filled: 0 };
       return;
     }
@@ -366,7 +367,13 @@ export class NbdSession {
   private handleWrite(h: RequestHeader, data: Buffer): void {
     const fua = (h.flags & NBD_CMD_FLAG.FUA) !== 0;
     if (h.length === 0) return this.replies.ok(h);
-    this.track(h, this.export!.queue.write(h.offset, data, { fua }).then(() => this.replies.ok(h)));
+    this.track(
+      h,
+      this.export!.queue.write(h.offset, data, { fua }).then(() => {
+        requestBuffers.give(data); // written: the payload may carry the next large WRITE
+        this.replies.ok(h);
+      }),
+    );
   }
 
   /** Counts a request in flight; its failure becomes an error reply for `h` (and `onFail` runs). */

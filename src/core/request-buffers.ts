@@ -1,8 +1,10 @@
 /**
- * Recycled buffers for large READ data on the proxy path: the NBD client takes its destination
- * here (`take`) and the NBD server gives it back once the reply carrying it was written to the
- * client socket (`give`). A fresh 1 MiB ArrayBuffer per read otherwise costs V8 a full
- * mark-compact every dozen MiB (external memory counts against a small heap's GC limit).
+ * Recycled buffers for large request data: READ results (the raw and qcow2 backends and the NBD
+ * client take their destination here) go back when the NBD server has written the reply carrying
+ * them to the client socket; WRITE payloads (the NBD server takes them here) go back when the
+ * write completed. A fresh 1 MiB ArrayBuffer per request otherwise costs V8 a full mark-compact
+ * every dozen MiB (external memory counts against a small heap's GC limit), and the process's
+ * peak memory grows with the garbage it has not collected yet.
  *
  * Only buffers this pool handed out, whole (not views of them), are taken back, and only up to
  * FREE_BYTES_MAX idle bytes; everything else is left to the GC. Whoever gives a buffer back
@@ -15,7 +17,7 @@ const POOL_MAX = 4 * 1024 * 1024;
 /** Most idle bytes kept over all lengths. */
 const FREE_BYTES_MAX = 16 * 1024 * 1024;
 
-export class ReadBuffers {
+export class RequestBuffers {
   private readonly free = new Map<number, Buffer[]>();
   private freeBytes = 0;
   /** Buffers handed out and not yet given back. */
@@ -46,7 +48,8 @@ export class ReadBuffers {
 
   /**
    * `buf` is kept beyond its request (copy-before-write's scratch copies): it must never be
-   * recycled, even if a READ that returns it later is given back.
+   * recycled, even if a READ that returns it later is given back. Whatever holds a READ result
+   * or a WRITE payload past its request must call this.
    */
   keep(buf: Buffer): void {
     this.lent.delete(buf);
@@ -58,5 +61,5 @@ export class ReadBuffers {
   }
 }
 
-/** The process's pool (client destinations, server replies). */
-export const readBuffers = new ReadBuffers();
+/** The process's pool. */
+export const requestBuffers = new RequestBuffers();

@@ -1,9 +1,9 @@
 import { describe, expect, it } from 'vitest';
-import { ReadBuffers } from '../../src/core/read-buffers.js';
+import { RequestBuffers } from '../../src/core/request-buffers.js';
 
-describe('ReadBuffers', () => {
+describe('RequestBuffers', () => {
   it('reuses a large buffer given back whole, and nothing else', () => {
-    const pool = new ReadBuffers(4 * 1024 * 1024);
+    const pool = new RequestBuffers(4 * 1024 * 1024);
     const a = pool.take(1024 * 1024);
     pool.give(a.subarray(0, 1024)); // a view: ignored
     pool.give(Buffer.alloc(1024 * 1024)); // not from the pool: ignored
@@ -16,7 +16,7 @@ describe('ReadBuffers', () => {
   });
 
   it('leaves small buffers and idle bytes past its bound to the GC', () => {
-    const pool = new ReadBuffers(2 * 1024 * 1024);
+    const pool = new RequestBuffers(2 * 1024 * 1024);
     const small = pool.take(4096);
     pool.give(small);
     expect(pool.idleBytes).toBe(0);
@@ -26,7 +26,7 @@ describe('ReadBuffers', () => {
   });
 
   it('never recycles a buffer someone keeps (a scratch copy later served by a READ)', () => {
-    const pool = new ReadBuffers();
+    const pool = new RequestBuffers();
     const held = pool.take(1024 * 1024);
     pool.keep(held);
     pool.give(held); // the server wrote a reply carrying it
