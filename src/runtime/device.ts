@@ -80,7 +80,7 @@ export class DeviceRuntime {
           runtime.sidecar?.events.publish(type, data);
       });
       if (options.metrics) {
-        metrics = runtime.metricsServer = await MetricsServer.start(options.metrics.listen, deviceRegistry(runtime, options.metrics.name));
+        metrics = runtime.metricsServer = await MetricsServer.start(options.metrics.listen, await deviceRegistry(runtime, options.metrics.name));
         log.info(`metrics at ${metrics.url}`);
       }
       let started = false;
