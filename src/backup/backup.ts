@@ -240,6 +240,7 @@ async function writePoint(repo: Repo, sourceName: string, options: BackupOptions
       fileBytes,
       bitmap: s.bitmap,
       extents: copied.extents,
+      extentSums: 'slices',
       chunks,
       diskSha256: diskSum(chunks),
     };

@@ -4,7 +4,6 @@
  * written) and zeroes (written as zero clusters in an incremental, so they hide the older data
  * below; skipped in a full point, which starts all zero). Also the disk checksums of a point.
  */
-import { createHash } from 'node:crypto';
 import type { Backend } from '../core/backend.js';
 import { Errno, NbddError } from '../core/errors.js';
 import type { StatusExtent } from '../core/meta-context.js';
@@ -12,12 +11,17 @@ import type { NbdBackend } from '../backends/nbd.js';
 import { BASE_ALLOCATION } from '../nbd/wire/contexts.js';
 import { NBD_STATE_ZERO } from '../nbd/wire/constants.js';
 import { CHUNK_SIZE, type StoredExtent } from './repo.js';
-import { BLOCK_SIZE, BLOCKS_PER_CHUNK, blockSum, chunkSum, zeroBlockSum, type BlockSums } from './sums.js';
+import { BLOCK_SIZE, BLOCKS_PER_CHUNK, blockSum, blockSumsOf, chunkSum, rangeSum, zeroBlockSum, type BlockSums } from './sums.js';
 
 /** Most bytes one read asks for; pieces never cross a CHUNK_SIZE boundary either. */
 const PIECE = 4 * 1024 * 1024;
-/** Pieces in flight at once. */
-const PARALLEL = 8;
+/**
+ * Pieces in flight at once, within BYTES_IN_FLIGHT of data: eight whole pieces, or many small
+ * ones (a scattered incremental is a stream of 64 KiB pieces, each a read, a write and a TRIM
+ * round trip, which only parallelism hides).
+ */
+const PARALLEL = 32;
+const BYTES_IN_FLIGHT = 8 * PIECE;
 
 export type Range = [offset: number, length: number];
 
@@ -116,7 +120,7 @@ interface Piece {
 }
 
 /**
- * Copies `ranges` of `source` into `target`, PARALLEL pieces at a time over all ranges.
+ * Copies `ranges` of `source` into `target`, PARALLEL pieces (and BYTES_IN_FLIGHT) at a time over all ranges.
  * `incremental`: zero ranges are written as zeroes (the target has a backing file); else they are
  * left alone. `compress`: data goes in as compressed clusters where it compresses. `release` runs for every piece once it is in the target (the backup TRIMs the view).
  */
@@ -138,32 +142,57 @@ export async function copyRanges(
       result.blocks.set(b, data ? blockSum(data.subarray(start - offset, start - offset + n)) : zeroBlockSum(n));
     }
   };
+  /** Records `sums`, the sums of the BLOCK_SIZE slices of [offset, offset + length) (offset block-aligned), for its whole blocks. */
+  const noteSums = (offset: number, length: number, sums: Buffer[]): void => {
+    const end = offset + length;
+    sums.forEach((sum, k) => {
+      const start = offset + k * BLOCK_SIZE;
+      if (Math.min(start + BLOCK_SIZE, source.size) <= end) result.blocks.set(start / BLOCK_SIZE, sum);
+    });
+  };
   const stored: (StoredExtent | null)[] = new Array(pieces.length).fill(null);
   let done = 0;
   let next = 0;
+  let inFlight = 0;
+  const waiting: (() => void)[] = [];
   const worker = async (): Promise<void> => {
     while (next < pieces.length) {
       const i = next++;
       const p = pieces[i]!;
-      if (p.zero) {
-        result.zeroBytes += p.length;
-        noteBlocks(p.offset, p.length, null);
-        if (options.incremental) {
-          await target.writeZeroes!(p.offset, p.length);
-          stored[i] = [p.offset, p.length, null]; // a full point stores nothing for zeroes
-        }
-      } else {
-        const data = await source.read(p.offset, p.length);
-        result.bytesRead += data.length;
-        await (options.compress ? target.writeCompressed(p.offset, data) : target.write(p.offset, data));
-        result.bytesStored += data.length;
-        stored[i] = [p.offset, p.length, createHash('sha256').update(data).digest('hex')];
-        noteBlocks(p.offset, p.length, data);
+      const bytes = p.zero ? 0 : p.length;
+      while (inFlight > 0 && inFlight + bytes > BYTES_IN_FLIGHT) await new Promise<void>((resolve) => waiting.push(resolve));
+      inFlight += bytes;
+      try {
+        await copyPiece(i, p);
+      } finally {
+        inFlight -= bytes;
+        for (const wake of waiting.splice(0)) wake();
       }
-      await options.release?.([p.offset, p.length]);
       done += p.length;
       options.progress?.(done);
     }
+  };
+  const copyPiece = async (i: number, p: Piece): Promise<void> => {
+    if (p.zero) {
+      result.zeroBytes += p.length;
+      noteBlocks(p.offset, p.length, null);
+      if (options.incremental) {
+        await target.writeZeroes!(p.offset, p.length);
+        stored[i] = [p.offset, p.length, null]; // a full point stores nothing for zeroes
+      }
+    } else {
+      const data = await source.read(p.offset, p.length);
+      result.bytesRead += data.length;
+      const written = options.compress ? target.writeCompressed(p.offset, data) : target.write(p.offset, data);
+      // Hashed while the write runs. A block-aligned piece's slices are its blocks: one pass.
+      const slices = blockSumsOf(data);
+      stored[i] = [p.offset, p.length, rangeSum(slices)];
+      if (p.offset % BLOCK_SIZE === 0) noteSums(p.offset, p.length, slices);
+      else noteBlocks(p.offset, p.length, data);
+      await written;
+      result.bytesStored += data.length;
+    }
+    await options.release?.([p.offset, p.length]);
   };
   await Promise.all(Array.from({ length: Math.min(PARALLEL, pieces.length) }, worker));
   result.extents = stored.filter((e): e is StoredExtent => e !== null);

@@ -27,8 +27,8 @@ export const MANIFEST = 'manifest.json';
 const FORMAT = 'nbdd-backup-repo';
 export { CHUNK_SIZE };
 
-/** One stored range of a point: data with its SHA-256, or zeroes (null). */
-export type StoredExtent = [offset: number, length: number, sha256: string | null];
+/** One stored range of a point: data with its sum (sums.ts `rangeSum`, or the SHA-256 of its bytes in older points), or zeroes (null). */
+export type StoredExtent = [offset: number, length: number, sum: string | null];
 
 export type Compression = 'zstd' | 'deflate';
 
@@ -51,6 +51,8 @@ export interface Point {
   /** The dirty bitmap that tracks changes since this point began (sidecar sources), or the one read (URI --bitmap). */
   bitmap: string | null;
   extents: StoredExtent[];
+  /** How `extents` are summed: 'slices' (sums.ts `rangeSum`); absent: the SHA-256 of the range's bytes (repos made before). */
+  extentSums?: 'slices';
   /** The block sums file (sums.ts) and its SHA-256; absent in points of repos made before it. */
   sums?: string;
   sumsSha256?: string;

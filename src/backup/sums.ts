@@ -48,6 +48,15 @@ export function blockSumsOf(data: Buffer): Buffer[] {
   return out;
 }
 
+/**
+ * The sum of a stored range (a point's `extents`, with `extentSums: 'slices'`): the SHA-256 over
+ * the SHA-256s of its BLOCK_SIZE slices from its start — for a block-aligned range, its block
+ * sums, so the copy hashes the data once for both.
+ */
+export function rangeSum(sliceSums: Buffer[]): string {
+  return chunkSum(sliceSums);
+}
+
 export function chunkSum(blockSums: Buffer[]): string {
   const h = createHash('sha256');
   for (const s of blockSums) h.update(s);

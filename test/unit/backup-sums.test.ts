@@ -4,7 +4,7 @@ import { describe, expect, it } from 'vitest';
 import { MemoryBackend } from '../../src/backends/memory.js';
 import { changedBlocks, chunkSums, touchedChunks } from '../../src/backup/copy.js';
 import { CHUNK_SIZE, type StoredExtent } from '../../src/backup/repo.js';
-import { BLOCK_SIZE, blockSum, chunkSum, decodeBlockSums, diskSum, encodeBlockSums, zeroChunkSum } from '../../src/backup/sums.js';
+import { BLOCK_SIZE, blockSum, blockSumsOf, chunkSum, decodeBlockSums, diskSum, encodeBlockSums, rangeSum, zeroChunkSum } from '../../src/backup/sums.js';
 
 const sha = (b: Buffer): Buffer => createHash('sha256').update(b).digest();
 
@@ -77,6 +77,14 @@ describe('backup checksums', () => {
     // A wrong carried-over sum is carried over: the shortcut trusts the point below (verify re-reads).
     expect((await chunkSums(disk, new Map(), { chunks: ['x', 'y', 'z', 'w'], blocks: null, touched, changed: new Set() })).chunks[0]).toBe('x');
     expect(chunkSum([sha(Buffer.from('a'))])).toHaveLength(64);
+  });
+
+  it('a stored range sums as the SHA-256 over its 64 KiB slices from its start', () => {
+    const data = randomBytes(3 * BLOCK_SIZE + 999);
+    const h = createHash('sha256');
+    for (let at = 0; at < data.length; at += BLOCK_SIZE) h.update(sha(data.subarray(at, at + BLOCK_SIZE)));
+    expect(rangeSum(blockSumsOf(data))).toBe(h.digest('hex'));
+    expect(rangeSum(blockSumsOf(data))).not.toBe(rangeSum(blockSumsOf(data.subarray(1))));
   });
 
   it('block sums files: round trip, later records win, damage refused', () => {
