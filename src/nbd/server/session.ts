@@ -367,13 +367,9 @@ export class NbdSession {
   private handleWrite(h: RequestHeader, data: Buffer): void {
     const fua = (h.flags & NBD_CMD_FLAG.FUA) !== 0;
     if (h.length === 0) return this.replies.ok(h);
-    this.track(
-      h,
-      this.export!.queue.write(h.offset, data, { fua }).then(() => {
-        requestBuffers.give(data); // written: the payload may carry the next large WRITE
-        this.replies.ok(h);
-      }),
-    );
+    // Once written, the payload's buffer may carry the next large WRITE (or READ).
+    const written = this.export!.queue.write(h.offset, data, { fua });
+    this.track(h, written.then(() => (requestBuffers.give(data), this.replies.ok(h))));
   }
 
   /** Counts a request in flight; its failure becomes an error reply for `h` (and `onFail` runs). */
