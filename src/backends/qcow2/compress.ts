@@ -2,10 +2,11 @@
  * The codecs of qcow2 compressed clusters: raw deflate (compression_type 0, node:zlib) and zstd
  * (compression_type 1). Decompression input is the whole sector run the L2 entry names, which
  * usually ends with unrelated bytes (the start of the next compressed cluster), so both decoders
- * stop at the end of their stream: deflate by itself, zstd (the pure-JS `fzstd`) by measuring the
- * frame. Compression runs off the event loop: deflate in zlib's thread pool, zstd through koffi's
+ * stop at the end of their stream: deflate by itself, zstd by measuring the frame. Both
+ * directions run off the event loop: deflate in zlib's thread pool, zstd through koffi's
  * asynchronous calls into the system's libzstd (Node 20 has no zstd; Debian's dpkg needs
- * libzstd1, so it is on every machine nbdd installs on).
+ * libzstd1, so it is on every machine nbdd installs on), with the pure-JS `fzstd` decoding where
+ * libzstd does not load.
  */
 import { deflateRaw, inflateRaw, constants as zlibConstants } from 'node:zlib';
 import koffi from 'koffi';
@@ -67,14 +68,29 @@ export async function decompressCluster(type: number, src: Buffer, clusterSize: 
     out = await inflateRawAsync(src, clusterSize);
   } else {
     const frame = src.subarray(0, zstdFrameLength(src));
-    const target = Buffer.alloc(clusterSize);
-    let produced: Uint8Array;
-    try {
-      produced = zstdDecompress(frame, target);
-    } catch (err) {
-      throw bad(`zstd: ${(err as Error).message}`);
+    const z = tryZstd();
+    if (z) {
+      out = await zstdSlots.run(
+        () =>
+          new Promise<Buffer>((resolve, reject) => {
+            const target = Buffer.allocUnsafe(clusterSize);
+            z.decompress.async(target, clusterSize, frame, frame.length, (err: unknown, n: number | bigint) => {
+              if (err) return reject(err);
+              if (z.isError(n)) return reject(bad(`zstd: ${String(z.getErrorName(n))}`));
+              resolve(target.subarray(0, Number(n)));
+            });
+          }),
+      );
+    } else {
+      const target = Buffer.alloc(clusterSize);
+      let produced: Uint8Array;
+      try {
+        produced = zstdDecompress(frame, target);
+      } catch (err) {
+        throw bad(`zstd: ${(err as Error).message}`);
+      }
+      out = produced === target ? target : Buffer.from(produced.buffer, produced.byteOffset, produced.length);
     }
-    out = produced === target ? target : Buffer.from(produced.buffer, produced.byteOffset, produced.length);
   }
   if (out.length !== clusterSize) throw bad(`decompressed to ${out.length} bytes, expected ${clusterSize}`);
   return out;
@@ -89,9 +105,23 @@ type KoffiFunction = ReturnType<ReturnType<typeof koffi.load>['func']>;
 
 interface Zstd {
   compress: KoffiFunction;
+  decompress: KoffiFunction;
   isError: KoffiFunction;
+  getErrorName: KoffiFunction;
 }
 let zstd: Zstd | null = null;
+let zstdMissing = false;
+
+/** libzstd when it loads (decompression falls back to fzstd without it). */
+function tryZstd(): Zstd | null {
+  if (zstd || zstdMissing) return zstd;
+  try {
+    return loadZstd();
+  } catch {
+    zstdMissing = true;
+    return null;
+  }
+}
 
 function loadZstd(): Zstd {
   if (zstd) return zstd;
@@ -103,7 +133,9 @@ function loadZstd(): Zstd {
   }
   zstd = {
     compress: lib.func('size_t ZSTD_compress(void *dst, size_t dstCapacity, const void *src, size_t srcSize, int level)'),
+    decompress: lib.func('size_t ZSTD_decompress(void *dst, size_t dstCapacity, const void *src, size_t srcSize)'),
     isError: lib.func('unsigned int ZSTD_isError(size_t code)'),
+    getErrorName: lib.func('const char *ZSTD_getErrorName(size_t code)'),
   };
   return zstd;
 }
