@@ -44,7 +44,12 @@ import { requestBuffers } from '../../core/request-buffers.js';
 
 export type { Qcow2Parts } from './state.js';
 
-export const DEFAULT_L2_CACHE_BYTES = 4 * 1024 * 1024;
+/**
+ * The most L2 tables a cache holds, in bytes: 32 MiB, qemu's default on Linux, which covers 256
+ * GiB of image with 64 KiB clusters. Tables are cached as they are used, so an image smaller than
+ * that never holds more than its own tables (a 1 GiB image: 128 KiB).
+ */
+export const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024;
 
 export class Qcow2Image implements Backend, ImageLayer {
   readonly kind = 'qcow2';
