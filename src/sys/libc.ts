@@ -12,6 +12,8 @@ const lib = koffi.load('libc.so.6');
 
 // Registered by name for the preadv2 prototype below.
 koffi.struct('nbdd_iovec', { iov_base: 'void *', iov_len: 'size_t' });
+// struct flock (x86_64 and aarch64 glibc: 32 bytes, natural alignment).
+koffi.struct('nbdd_flock', { l_type: 'int16_t', l_whence: 'int16_t', l_start: 'int64_t', l_len: 'int64_t', l_pid: 'int32_t' });
 
 const c = {
   errnoLocation: lib.func('int *__errno_location()'),
@@ -23,6 +25,7 @@ const c = {
   socketpair: lib.func('int socketpair(int domain, int type, int protocol, _Out_ int *sv)'),
   close: lib.func('int close(int fd)'),
   preadv2: lib.func('int64_t preadv2(int fd, const nbdd_iovec *iov, int iovcnt, int64_t offset, int flags)'),
+  fcntlLock: lib.func('int fcntl(int fd, int cmd, _Inout_ nbdd_flock *lock)'),
   getuid: lib.func('uint32_t getuid()'),
   geteuid: lib.func('uint32_t geteuid()'),
   socket: lib.func('int socket(int domain, int type, int protocol)'),
@@ -98,6 +101,28 @@ export function tryFlock(fd: number, operation: number): boolean {
   const errno = lastErrno();
   if (errno === 11 /* EWOULDBLOCK */) return false;
   throw sysError('flock', errno);
+}
+
+const F_OFD_GETLK = 36;
+const F_OFD_SETLK = 37;
+const F_RDLCK = 0;
+const F_WRLCK = 1;
+const F_UNLCK = 2;
+
+/** Takes a shared open-file-description lock on byte `offset` (what qemu's image locking uses); false when a conflicting lock is held. */
+export function tryOfdReadLock(fd: number, offset: number): boolean {
+  const fl = { l_type: F_RDLCK, l_whence: 0, l_start: offset, l_len: 1, l_pid: 0 };
+  if (c.fcntlLock(fd, F_OFD_SETLK, fl) === 0) return true;
+  const errno = lastErrno();
+  if (errno === 11 /* EAGAIN */ || errno === 13 /* EACCES */) return false;
+  throw sysError('fcntl(F_OFD_SETLK)', errno);
+}
+
+/** Whether another open file description holds any lock on byte `offset`. */
+export function ofdLockedByOther(fd: number, offset: number): boolean {
+  const fl = { l_type: F_WRLCK, l_whence: 0, l_start: offset, l_len: 1, l_pid: 0 };
+  if (c.fcntlLock(fd, F_OFD_GETLK, fl) !== 0) throw sysError('fcntl(F_OFD_GETLK)', lastErrno());
+  return fl.l_type !== F_UNLCK;
 }
 
 export function unlock(fd: number): void {

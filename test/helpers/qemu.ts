@@ -29,10 +29,13 @@ export function qemuIo(path: string, commands: string[], format = 'qcow2'): stri
   return run('qemu-io', args);
 }
 
-/** The guest contents of `path` as qemu sees them (`qemu-img convert -O raw`). */
-export function qemuRaw(path: string, dir: string, format = 'qcow2'): Buffer {
+/**
+ * The guest contents of `path` as qemu sees them (`qemu-img convert -O raw`). `shared`: the image
+ * is open for writing (by nbdd), so qemu must not take its locks (`-U`).
+ */
+export function qemuRaw(path: string, dir: string, format = 'qcow2', shared = false): Buffer {
   const out = join(dir, `raw-${Math.random().toString(36).slice(2)}.img`);
-  run('qemu-img', ['convert', '-f', format, '-O', 'raw', path, out]);
+  run('qemu-img', ['convert', ...(shared ? ['-U'] : []), '-f', format, '-O', 'raw', path, out]);
   return readFileSync(out);
 }
 
@@ -41,10 +44,21 @@ export interface CheckResult {
   output: string;
 }
 
-/** `qemu-img check`: status 0 clean, 1 errors, 2 corruption, 3 leaks only. */
-export function qemuCheck(path: string): CheckResult {
-  const r = runStatus('qemu-img', ['check', path]);
-  return { status: r.status, output: r.stdout + r.stderr };
+/**
+ * `qemu-img check`: status 0 clean, 1 errors, 2 corruption, 3 leaks only. `shared`: of an image
+ * nbdd has open for writing (`-U`; nbdd takes QEMU's image locks). A process that has just died
+ * may hold its locks a moment longer (an io_uring instance closes its files after the process
+ * exits): a lock refusal is retried for up to 5 s.
+ */
+export function qemuCheck(path: string, shared = false): CheckResult {
+  for (let attempt = 0; ; attempt++) {
+    const r = runStatus('qemu-img', ['check', ...(shared ? ['-U'] : []), path]);
+    if (attempt < 50 && /Failed to get .*lock/.test(r.stderr)) {
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 100);
+      continue;
+    }
+    return { status: r.status, output: r.stdout + r.stderr };
+  }
 }
 
 /** `qemu-img compare` status: 0 equal, 1 different, >= 2 error. */

@@ -35,8 +35,8 @@ describe('qcow2 close with requests in flight', () => {
   it('waits for them, commits their frees, and refuses requests that arrive later', async () => {
     const path = join(dir.path, 'ours.qcow2');
     copyFileSync(compressed, path);
-    const img = await openQcow2(path, { readOnly: false });
     const expected = qemuRaw(path, dir.path);
+    const img = await openQcow2(path, { readOnly: false });
     // Partial overwrites (copy-on-write from the decompressed cluster), whole-cluster discards
     // and zero writes: each drops references to the shared compressed host cluster.
     const requests: Promise<unknown>[] = [];

@@ -123,16 +123,16 @@ describe('qcow2 writes', () => {
     const img = await openQcow2(path, { readOnly: false });
     try {
       await img.write(3 * MiB, Buffer.alloc(100 * KiB, 0xf1), { fua: true });
-      let raw = qemuRaw(path, dir.path);
+      let raw = qemuRaw(path, dir.path, 'qcow2', true);
       expect(raw.subarray(3 * MiB, 3 * MiB + 100 * KiB).every((b) => b === 0xf1)).toBe(true);
-      expectOnlyPoolLeaks(qemuCheck(path));
+      expectOnlyPoolLeaks(qemuCheck(path, true));
       await img.write(5 * MiB, Buffer.alloc(64 * KiB, 0xf2));
       await img.writeZeroes(3 * MiB, 64 * KiB);
       await img.flush();
-      raw = qemuRaw(path, dir.path);
+      raw = qemuRaw(path, dir.path, 'qcow2', true);
       expect(raw.subarray(5 * MiB, 5 * MiB + 64 * KiB).every((b) => b === 0xf2)).toBe(true);
       expect(raw.subarray(3 * MiB, 3 * MiB + 64 * KiB).every((b) => b === 0)).toBe(true);
-      expectOnlyPoolLeaks(qemuCheck(path));
+      expectOnlyPoolLeaks(qemuCheck(path, true));
     } finally {
       await img.close();
     }
@@ -149,7 +149,7 @@ describe('qcow2 writes', () => {
     await img.trim(0, 8 * MiB);
     await img.flush();
     await img.flush();
-    expectOnlyPoolLeaks(qemuCheck(path)); // the freed clusters wait in the pool
+    expectOnlyPoolLeaks(qemuCheck(path, true)); // the freed clusters wait in the pool
     expect(statSync(path).blocks * 512).toBeLessThan(full / 2); // punched
     await img.write(32 * MiB, Buffer.alloc(8 * MiB, 0xbb));
     await img.close();
