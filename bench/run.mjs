@@ -32,12 +32,12 @@
  * image format it can serve).
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, openSync, closeSync, writeSync, fdatasyncSync, readFileSync, rmSync, existsSync, writeFileSync } from 'node:fs';
-import net from 'node:net';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, existsSync, writeFileSync } from 'node:fs';
 import { cpus, release, tmpdir } from 'node:os';
 import { randomBytes } from 'node:crypto';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { connectionsTo, fillWithData, firstLine, peakRssKiB, stopServer, waitForSocket } from './common.mjs';
 
 const ROOT = dirname(dirname(fileURLToPath(import.meta.url)));
 const MiB = 1024 * 1024;
@@ -165,15 +165,6 @@ function startRemote(dir, size, name, extra) {
   return socket;
 }
 
-/** Connected sockets the server end of unix socket `path` holds (from /proc/net/unix; state 03). */
-function connectionsTo(path) {
-  return readFileSync('/proc/net/unix', 'utf8')
-    .split('\n')
-    .filter((line) => {
-      const f = line.trim().split(/\s+/);
-      return f[5] === '03' && f[7] === path;
-    }).length;
-}
 
 /** Servers: `argv(image, socket, c)` for the formats they serve (c: the case); `check()` returns why not, or null. */
 const SERVERS = {
@@ -268,61 +259,10 @@ function toolMissing(cmd, args, pkg) {
   return r.status === 0 ? null : `${cmd} is missing (apt-get install ${pkg})`;
 }
 
-function firstLine(cmd, args) {
-  return spawnSync(cmd, args, { encoding: 'utf8' }).stdout.split('\n')[0].trim();
-}
 
-/** Writes a non-zero pattern over the whole file (1 MiB at a time) and makes it durable. */
-function fillWithData(path, size) {
-  const chunk = Buffer.alloc(MiB);
-  for (let i = 0; i < chunk.length; i += 8) chunk.writeUInt32LE((i * 2654435761) >>> 0, i);
-  const fd = openSync(path, 'r+');
-  try {
-    for (let at = 0; at < size; at += chunk.length) writeSync(fd, chunk, 0, Math.min(chunk.length, size - at), at);
-    fdatasyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-}
 
-/** Resolves once `socket` accepts a connection; rejects if the server exits or 30 s pass. */
-function waitForSocket(socket, child, stderr) {
-  const deadline = Date.now() + 30_000;
-  return new Promise((resolve, reject) => {
-    const onExit = (code) => reject(new Error(`server exited (${code}) before listening: ${stderr.join('').trim()}`));
-    child.once('exit', onExit);
-    const attempt = () => {
-      if (Date.now() > deadline) return reject(new Error(`server did not listen on ${socket} within 30 s`));
-      const conn = net.createConnection(socket);
-      conn.once('connect', () => {
-        conn.destroy();
-        child.off('exit', onExit);
-        resolve();
-      });
-      conn.once('error', () => setTimeout(attempt, 50));
-    };
-    attempt();
-  });
-}
 
-/** Peak resident set (VmHWM) of a live process, in KiB. */
-function peakRssKiB(pid) {
-  const m = /^VmHWM:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-  return m ? Number(m[1]) : null;
-}
 
-/** SIGTERM, then SIGKILL after 10 s; resolves with how it ended. */
-function stopServer(child) {
-  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve('already exited');
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
-    child.once('exit', (code, signal) => {
-      clearTimeout(timer);
-      resolve(signal ?? `exit ${code}`);
-    });
-    child.kill('SIGTERM');
-  });
-}
 
 function runFio(socket, job) {
   const args = [

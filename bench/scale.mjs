@@ -40,11 +40,11 @@
  * About 8 minutes with the defaults on 2 cores.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { closeSync, copyFileSync, existsSync, fdatasyncSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
-import net from 'node:net';
+import { closeSync, copyFileSync, existsSync, fdatasyncSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, release, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { connectionsTo, fillWithData, firstLine, peakRssKiB, stopServer, waitForSocket } from './common.mjs';
 
 const ROOT = dirname(dirname(fileURLToPath(import.meta.url)));
 const NBDD = join(ROOT, 'bin/nbdd');
@@ -108,22 +108,7 @@ function run(cmd, args) {
   return r.stdout;
 }
 
-function firstLine(cmd, args) {
-  return spawnSync(cmd, args, { encoding: 'utf8' }).stdout.split('\n')[0].trim();
-}
 
-/** Writes a non-zero pattern over the whole file (1 MiB at a time) and makes it durable. */
-function fillWithData(path, size) {
-  const chunk = Buffer.alloc(MiB);
-  for (let i = 0; i < chunk.length; i += 8) chunk.writeUInt32LE((i * 2654435761) >>> 0, i);
-  const fd = openSync(path, 'r+');
-  try {
-    for (let at = 0; at < size; at += chunk.length) writeSync(fd, chunk, 0, Math.min(chunk.length, size - at), at);
-    fdatasyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-}
 
 function syncFile(path) {
   const fd = openSync(path, 'r+');
@@ -150,31 +135,7 @@ function allocatedShare(path, size) {
   return map.filter((e) => e.data).reduce((sum, e) => sum + e.length, 0) / size;
 }
 
-/** Resolves once `socket` accepts a connection; rejects if the server exits or 30 s pass. */
-function waitForSocket(socket, child, stderr) {
-  const deadline = Date.now() + 30_000;
-  return new Promise((resolve, reject) => {
-    const onExit = (code) => reject(new Error(`server exited (${code}) before listening: ${stderr.join('').trim()}`));
-    child.once('exit', onExit);
-    const attempt = () => {
-      if (Date.now() > deadline) return reject(new Error(`server did not listen on ${socket} within 30 s`));
-      const conn = net.createConnection(socket);
-      conn.once('connect', () => {
-        conn.destroy();
-        child.off('exit', onExit);
-        resolve();
-      });
-      conn.once('error', () => setTimeout(attempt, 50));
-    };
-    attempt();
-  });
-}
 
-/** Peak resident set (VmHWM) of a live process, in KiB. */
-function peakRssKiB(pid) {
-  const m = /^VmHWM:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-  return m ? Number(m[1]) : null;
-}
 
 /** utime + stime of every thread of a live process, in seconds. */
 function cpuSeconds(pid) {
@@ -183,26 +144,7 @@ function cpuSeconds(pid) {
   return (Number(f[11]) + Number(f[12])) / CLK_TCK;
 }
 
-/** Connected sockets the server end of unix socket `path` holds (from /proc/net/unix; state 03). */
-function connectionsTo(path) {
-  return readFileSync('/proc/net/unix', 'utf8').split('\n').filter((line) => {
-    const f = line.trim().split(/\s+/);
-    return f[5] === '03' && f[7] === path;
-  }).length;
-}
 
-/** SIGTERM, then SIGKILL after 10 s. */
-function stopServer(child) {
-  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
-  return new Promise((resolve) => {
-    const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
-    child.once('exit', () => {
-      clearTimeout(timer);
-      resolve();
-    });
-    child.kill('SIGTERM');
-  });
-}
 
 /** Live servers, killed if the run dies (a live child would keep node from exiting). */
 const live = new Set();
