@@ -132,23 +132,18 @@ export async function copyRanges(
 ): Promise<CopyResult> {
   const result: CopyResult = { extents: [], blocks: new Map(), bytesRead: 0, bytesStored: 0, zeroBytes: 0 };
   const pieces = await plan(source, ranges);
-  /** Records the sums of the whole blocks inside [offset, offset + length), from `data` or as zeroes. */
-  const noteBlocks = (offset: number, length: number, data: Buffer | null): void => {
+  /**
+   * Records the sums of the whole blocks inside [offset, offset + length): `sumOf(start, n)` is
+   * the sum of the n bytes at disk offset `start`.
+   */
+  const noteBlocks = (offset: number, length: number, sumOf: (start: number, n: number) => Buffer): void => {
     const end = offset + length;
     for (let b = Math.ceil(offset / BLOCK_SIZE); b * BLOCK_SIZE < end; b++) {
       const start = b * BLOCK_SIZE;
       const n = Math.min(BLOCK_SIZE, source.size - start);
       if (start + n > end) break;
-      result.blocks.set(b, data ? blockSum(data.subarray(start - offset, start - offset + n)) : zeroBlockSum(n));
+      result.blocks.set(b, sumOf(start, n));
     }
-  };
-  /** Records `sums`, the sums of the BLOCK_SIZE slices of [offset, offset + length) (offset block-aligned), for its whole blocks. */
-  const noteSums = (offset: number, length: number, sums: Buffer[]): void => {
-    const end = offset + length;
-    sums.forEach((sum, k) => {
-      const start = offset + k * BLOCK_SIZE;
-      if (Math.min(start + BLOCK_SIZE, source.size) <= end) result.blocks.set(start / BLOCK_SIZE, sum);
-    });
   };
   const stored: (StoredExtent | null)[] = new Array(pieces.length).fill(null);
   let done = 0;
@@ -175,7 +170,7 @@ export async function copyRanges(
   const copyPiece = async (i: number, p: Piece): Promise<void> => {
     if (p.zero) {
       result.zeroBytes += p.length;
-      noteBlocks(p.offset, p.length, null);
+      noteBlocks(p.offset, p.length, (_, n) => zeroBlockSum(n));
       if (options.incremental) {
         await target.writeZeroes!(p.offset, p.length);
         stored[i] = [p.offset, p.length, null]; // a full point stores nothing for zeroes
@@ -187,8 +182,8 @@ export async function copyRanges(
       // Hashed while the write runs. A block-aligned piece's slices are its blocks: one pass.
       const slices = blockSumsOf(data);
       stored[i] = [p.offset, p.length, rangeSum(slices)];
-      if (p.offset % BLOCK_SIZE === 0) noteSums(p.offset, p.length, slices);
-      else noteBlocks(p.offset, p.length, data);
+      const aligned = p.offset % BLOCK_SIZE === 0;
+      noteBlocks(p.offset, p.length, (start, n) => (aligned ? slices[(start - p.offset) / BLOCK_SIZE]! : blockSum(data.subarray(start - p.offset, start - p.offset + n))));
       await written;
       result.bytesStored += data.length;
     }

@@ -23,12 +23,10 @@ import type { EntryWrites } from './entry-writes.js';
 import { encodeCompressed, L2_ALLOC_BITS, L2_ZERO_BITS } from './format/index.js';
 import type { L2Table, L2Tables } from './l2-tables.js';
 import type { ImageState } from './state.js';
-import type { Writer } from './write.js';
+import { isZero, type Writer } from './write.js';
 
 /** A stream must save at least this much of its cluster to be kept (else the cluster goes plain). */
 const MIN_SAVING = 512;
-
-const ZEROES = Buffer.alloc(2 ** 21); // one cluster of the largest size
 
 interface Candidate {
   table: L2Table;
@@ -87,7 +85,7 @@ export class CompressedWriter {
           const readsAsZero = st.backing === null || ci * cs >= st.backing.size;
           if (cluster.length < cs) cluster = Buffer.concat([cluster, Buffer.alloc(cs - cluster.length)]);
           // Zeroes over nothing stay unallocated, as `qemu-img convert -c` leaves them.
-          if (!(readsAsZero && cluster.equals(ZEROES.subarray(0, cs)))) candidates.push({ table, entry, ci, data: cluster, stream: null, host: 0 });
+          if (!(readsAsZero && isZero(cluster))) candidates.push({ table, entry, ci, data: cluster, stream: null, host: 0 });
         }
         pos = to;
       }

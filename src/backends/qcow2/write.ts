@@ -14,7 +14,8 @@ import type { ImageState } from './state.js';
 
 const ZEROES = Buffer.alloc(2 ** 21); // one cluster of the largest size
 
-function isZero(buf: Buffer | undefined): boolean {
+/** Whether `buf` (at most one cluster of the largest size) is all zeroes; true when absent. */
+export function isZero(buf: Buffer | undefined): boolean {
   return !buf || buf.equals(ZEROES.subarray(0, buf.length));
 }
 
