@@ -1,6 +1,7 @@
 /**
  * Receive buffers for a socket read through `net.Socket`'s `onread` option (the server's kernel
- * sockets, see `NbdSession.overFd`; the client's plain sockets, see `ByteStream`): each read lands
+ * sockets and plain client connections, see `NbdSession.overSlab`; the client's plain sockets, see
+ * `ByteStream`): each read lands
  * in the unused tail of a slab, so a read allocates nothing and skips Node's stream machinery, and
  * the bytes it brought stay valid as views (the slab is never written twice at the same place; a
  * new one is started when the tail gets short). Both ends point large payloads' reads at the
@@ -37,16 +38,40 @@ export class ReadSlab {
   }
 }
 
+/** Where a slab socket's reads land: `buffer()` says where the next one goes, `landed` hears of it. */
+export interface SlabReads {
+  buffer: () => Buffer;
+  landed: (n: number, buf: Uint8Array) => void;
+}
+
 /**
  * A socket over `fd` whose reads land where `buffer()` says (a slab region, or a payload's own
  * buffer) and are reported to `landed`, without Node's stream machinery.
  */
-export function slabSocket(fd: number, buffer: () => Buffer, landed: (n: number, buf: Uint8Array) => void): Socket {
-  // `onread` is documented for net.Socket (Node >= 12) but missing from @types/node's constructor options.
-  return new net.Socket({
-    fd,
-    readable: true,
-    writable: true,
+export function slabSocket(fd: number, reads: SlabReads): Socket {
+  return new net.Socket({ fd, readable: true, writable: true, ...onread(reads) } as net.SocketConstructorOpts);
+}
+
+/**
+ * The same for a connection a `net.Server` accepted (paused: `pauseOnConnect`): the connection's
+ * handle moves to a new socket that reads through `onread`, and the accepted socket, left without
+ * it, is destroyed (which tells the server the connection is no longer its). Node lets no other
+ * way give an accepted connection `onread`; where the handle is not there to move, null (the
+ * caller keeps the stream socket).
+ */
+export function slabSocketFrom(accepted: Socket, reads: SlabReads): Socket | null {
+  const holder = accepted as unknown as { _handle?: { readStart?: unknown } | null };
+  const handle = holder._handle;
+  if (!handle || typeof handle.readStart !== 'function' || accepted.destroyed) return null;
+  const socket = new net.Socket({ handle, readable: true, writable: true, ...onread(reads) } as net.SocketConstructorOpts);
+  holder._handle = null;
+  accepted.destroy();
+  return socket;
+}
+
+// `onread` is documented for net.Socket (Node >= 12) but missing from @types/node's constructor options.
+function onread({ buffer, landed }: SlabReads): { onread: object } {
+  return {
     onread: {
       buffer,
       callback: (n: number, buf: Uint8Array) => {
@@ -54,5 +79,5 @@ export function slabSocket(fd: number, buffer: () => Buffer, landed: (n: number,
         return true;
       },
     },
-  } as net.SocketConstructorOpts);
+  };
 }

@@ -11,6 +11,7 @@ import { unixSocketPath } from '../../sys/libc.js';
 import { NbdExport } from './export.js';
 import { ReplyBudget } from './reply-budget.js';
 import { NbdSession, type SessionHost } from './session.js';
+import { slabSocket, slabSocketFrom } from '../read-slab.js';
 
 const log = logger('server');
 
@@ -124,7 +125,7 @@ export class NbdServer implements SessionHost {
   }
 
   private listen(what: string, start: (srv: net.Server) => void): Promise<net.Server> {
-    const srv = net.createServer({ noDelay: true, pauseOnConnect: false }, (socket) => this.accept(socket));
+    const srv = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.accept(socket));
     return new Promise((resolve, reject) => {
       srv.once('error', (err: NodeJS.ErrnoException) => {
         reject(new NbddError(Errno.EADDRINUSE, `cannot listen on ${what}: ${err.message}`));
@@ -153,7 +154,14 @@ export class NbdServer implements SessionHost {
       return;
     }
     this.clientCount++;
-    const session = new NbdSession(socket, this, { handshakeTimeoutMs: this.handshakeTimeoutMs, replyBudget: this.replyBudget, tls: this.tls });
+    const options = { handshakeTimeoutMs: this.handshakeTimeoutMs, replyBudget: this.replyBudget, tls: this.tls };
+    // Plain connections read into a slab; where STARTTLS may come, Node's TLS needs the stream
+    // (accepted paused, it flows once the session listens).
+    let session = this.tls ? null : NbdSession.overSlab((reads) => slabSocketFrom(socket, reads), this, options);
+    if (!session) {
+      session = new NbdSession(socket, this, options);
+      socket.resume();
+    }
     session.closed.then(() => this.clientCount--);
     this.sessions.add(session);
     this.clientSessions.add(session);
@@ -171,7 +179,7 @@ export class NbdServer implements SessionHost {
   serveTransmission(fd: number, exportName: string): NbdSession {
     const exp = this.exports.get(exportName);
     if (!exp) throw new NbddError(Errno.ENOENT, `no export named '${exportName}'`);
-    const session = NbdSession.overFd(fd, this, { handshakeTimeoutMs: 0 });
+    const session = NbdSession.overSlab((reads) => slabSocket(fd, reads), this, { handshakeTimeoutMs: 0 })!;
     this.sessions.add(session);
     session.startTransmission(exp);
     return session;

@@ -24,7 +24,7 @@ import { Negotiation, type ExportDirectory } from './negotiation.js';
 import { validateRequest } from './requests.js';
 import { ReplyWriter } from './replies.js';
 import { upgradeToTls, type ServerTls } from '../tls.js';
-import { ReadSlab, slabSocket } from '../read-slab.js';
+import { ReadSlab, type SlabReads } from '../read-slab.js';
 import { BudgetShare, SMALL_READ, type ReplyBudget } from './reply-budget.js';
 import { requestBuffers } from '../../core/request-buffers.js';
 
@@ -65,7 +65,7 @@ type Wait =
 
 /**
  * WRITE payloads at least this long get a buffer of their own, which socket reads fill directly
- * on kernel sockets (`overFd`) and input chunks are copied into otherwise; shorter ones are views
+ * on slab sockets (`overSlab`) and input chunks are copied into otherwise; shorter ones are views
  * of the received bytes.
  */
 const OWN_PAYLOAD_MIN = 64 * 1024;
@@ -94,9 +94,9 @@ export class NbdSession {
   /** Resolves when the connection has closed and every reply was sent or abandoned. */
   readonly closed: Promise<void> = new Promise((r) => (this.closedResolve = r));
 
-  /** With `overFd`: where socket reads land (else Node's stream delivers 'data' chunks). */
+  /** With `overSlab`: where socket reads land (else Node's stream delivers 'data' chunks). */
   private readonly slab: ReadSlab | null;
-  /** With `overFd`: the payload buffer handed out for the next read, when it is one. */
+  /** With `overSlab`: the payload buffer handed out for the next read, when it is one. */
   private payloadTarget: Buffer | null = null;
 
   constructor(
@@ -126,18 +126,19 @@ export class NbdSession {
   }
 
   /**
-   * A session over a connected socket fd (a kernel socketpair end) whose reads skip Node's stream:
-   * they land in a slab (`ReadSlab`), or straight in a large WRITE's payload buffer, so a payload
-   * is copied once, by the kernel.
+   * A session whose socket reads skip Node's stream: they land in a slab (`ReadSlab`), or straight
+   * in a large WRITE's payload buffer, so a payload is copied once, by the kernel, and reads
+   * allocate nothing. `open` makes the socket (`slabSocket` over a kernel socketpair end,
+   * `slabSocketFrom` over an accepted connection); null when it cannot.
    */
-  static overFd(fd: number, host: SessionHost, options: SessionOptions): NbdSession {
+  static overSlab(open: (reads: SlabReads) => Socket | null, host: SessionHost, options: SessionOptions): NbdSession | null {
     const slab = new ReadSlab();
     let session: NbdSession | null = null;
-    const socket = slabSocket(
-      fd,
-      () => (session ? session.nextReadBuffer() : slab.region()), // the first read comes before the session
-      (n, buf) => session!.landed(n, buf),
-    );
+    const socket = open({
+      buffer: () => (session ? session.nextReadBuffer() : slab.region()), // the first read may come before the session
+      landed: (n, buf) => session!.landed(n, buf),
+    });
+    if (!socket) return null;
     session = new NbdSession(socket, host, options, slab);
     return session;
   }
@@ -178,7 +179,7 @@ export class NbdSession {
     this.pump();
   };
 
-  /** `overFd`: the buffer the next socket read fills. */
+  /** `overSlab`: the buffer the next socket read fills. */
   private nextReadBuffer(): Buffer {
     const w = this.wait;
     // Everything buffered was consumed by pump(), so the payload's next bytes are the socket's.
@@ -190,7 +191,7 @@ export class NbdSession {
     return this.slab!.region();
   }
 
-  /** `overFd`: `n` bytes arrived in `buf`, the last buffer `nextReadBuffer` returned. */
+  /** `overSlab`: `n` bytes arrived in `buf`, the last buffer `nextReadBuffer` returned. */
   private landed(n: number, buf: Uint8Array): void {
     if (buf === this.payloadTarget) {
       this.payloadTarget = null;
