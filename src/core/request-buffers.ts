@@ -12,7 +12,7 @@
  * buffer past its request calls `keep` first, so a later give cannot recycle it under the holder.
  */
 /** Lengths pooled: between these, inclusive (smaller reads are cheap to allocate). */
-const POOL_MIN = 128 * 1024;
+export const POOL_MIN = 128 * 1024;
 const POOL_MAX = 4 * 1024 * 1024;
 /** Most idle bytes kept over all lengths. */
 const FREE_BYTES_MAX = 16 * 1024 * 1024;

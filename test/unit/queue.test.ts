@@ -200,6 +200,19 @@ describe('BlockQueue: read coalescing', () => {
     ]);
   });
 
+  it('merges no further than 128 KiB, where reads get pooled buffers of their own', async () => {
+    const { gate, queue } = setup();
+    gate.open();
+    const k = 1024;
+    await Promise.all([queue.read(0, 64 * k), queue.read(64 * k, 64 * k), queue.read(128 * k, 4 * k), queue.read(132 * k, 128 * k), queue.read(260 * k, 256 * k)]);
+    expect(gate.issued.map((x) => [x.offset! / k, x.length! / k])).toEqual([
+      [0, 128],
+      [128, 4],
+      [132, 128],
+      [260, 256],
+    ]);
+  });
+
   it('when a merged read fails, tries each of its reads alone: a bad sector fails only its own request', async () => {
     const { inner, gate, queue } = setup();
     inner.data.fill(7, 0, 512);
