@@ -464,18 +464,33 @@ static napi_value slot_value(napi_env env, int64_t slot) {
 }
 
 /*
- * IOSQE_ASYNC when `offload` is true: the kernel hands the request straight to its io-wq workers
- * instead of first trying it inline inside io_uring_enter. For buffered writes the inline attempt
- * usually succeeds, which means the page-cache copy and filesystem work run on the event-loop
- * thread; offloading keeps that thread free (docs/io-engine.md has the measurement).
+ * `how`, the last argument of read/write/writev: a number, a bitwise OR of
+ * - HOW_OFFLOAD: IOSQE_ASYNC. The kernel hands the request straight to its io-wq workers instead
+ *   of first trying it inline inside io_uring_enter. For buffered writes the inline attempt usually
+ *   succeeds, which means the page-cache copy and filesystem work run on the event-loop thread;
+ *   offloading keeps that thread free (docs/io-engine.md has the measurement).
+ * - HOW_DSYNC: RWF_DSYNC (writes). The write completes once its bytes are durable, as if an
+ *   fdatasync of that range alone followed: the kernel writes back only those pages (ext4, xfs and
+ *   btrfs sync the written range, not the file) and flushes the device cache.
  */
-static bool get_offload(napi_env env, napi_value v) {
-  bool offload = false;
-  napi_get_value_bool(env, v, &offload);
-  return offload;
+#define HOW_OFFLOAD 1u
+#define HOW_DSYNC 2u
+#ifndef RWF_DSYNC
+#define RWF_DSYNC 0x00000002
+#endif
+
+static uint32_t get_how(napi_env env, napi_value v) {
+  uint32_t how = 0;
+  napi_get_value_uint32(env, v, &how);
+  return how;
 }
 
-/* read/write(ring, fd, buf, offset, offload) -> slot, or -1 when full. */
+static void set_how(struct io_uring_sqe *sqe, uint32_t how) {
+  sqe->flags = (how & HOW_OFFLOAD) ? IOSQE_ASYNC : 0;
+  sqe->rw_flags = (how & HOW_DSYNC) ? RWF_DSYNC : 0;
+}
+
+/* read/write(ring, fd, buf, offset, how) -> slot, or -1 when full. */
 static napi_value queue_rw(napi_env env, napi_callback_info info, uint8_t opcode) {
   call_t c;
   if (!get_call(env, info, 5, &c)) return NULL;
@@ -484,7 +499,7 @@ static napi_value queue_rw(napi_env env, napi_callback_info info, uint8_t opcode
   int64_t offset;
   if (get_u8(env, c.argv[2], &data, &len) < 0) return NULL;
   CHECK(napi_get_value_int64(env, c.argv[3], &offset));
-  bool offload = get_offload(env, c.argv[4]);
+  uint32_t how = get_how(env, c.argv[4]);
   unsigned slot;
   struct io_uring_sqe *sqe = take_sqe(c.r, &slot);
   if (!sqe) return slot_value(env, -1);
@@ -494,7 +509,7 @@ static napi_value queue_rw(napi_env env, napi_callback_info info, uint8_t opcode
     return NULL;
   }
   sqe->opcode = opcode;
-  sqe->flags = offload ? IOSQE_ASYNC : 0;
+  set_how(sqe, how);
   sqe->fd = c.fd;
   sqe->addr = (uintptr_t)data;
   sqe->len = (uint32_t)len;
@@ -506,7 +521,7 @@ static napi_value queue_rw(napi_env env, napi_callback_info info, uint8_t opcode
 static napi_value js_read(napi_env env, napi_callback_info info) { return queue_rw(env, info, IORING_OP_READ); }
 static napi_value js_write(napi_env env, napi_callback_info info) { return queue_rw(env, info, IORING_OP_WRITE); }
 
-/* writev(ring, fd, buffers[], offset, offload) -> slot, or -1 when full. */
+/* writev(ring, fd, buffers[], offset, how) -> slot, or -1 when full. */
 static napi_value js_writev(napi_env env, napi_callback_info info) {
   call_t c;
   if (!get_call(env, info, 5, &c)) return NULL;
@@ -514,7 +529,7 @@ static napi_value js_writev(napi_env env, napi_callback_info info) {
   int64_t offset;
   CHECK(napi_get_array_length(env, c.argv[2], &n));
   CHECK(napi_get_value_int64(env, c.argv[3], &offset));
-  bool offload = get_offload(env, c.argv[4]);
+  uint32_t how = get_how(env, c.argv[4]);
   if (n == 0 || n > IOV_MAX) return throw_errno(env, EINVAL, "io_uring writev: 1..IOV_MAX buffers");
   unsigned slot;
   struct io_uring_sqe *sqe = take_sqe(c.r, &slot);
@@ -537,7 +552,7 @@ static napi_value js_writev(napi_env env, napi_callback_info info) {
     s->nrefs = i + 1;
   }
   sqe->opcode = IORING_OP_WRITEV;
-  sqe->flags = offload ? IOSQE_ASYNC : 0;
+  set_how(sqe, how);
   sqe->fd = c.fd;
   sqe->addr = (uintptr_t)s->iov;
   sqe->len = n;

@@ -4,8 +4,9 @@
  * them). See docs/sidecar.md, "Relation to qcow2's in_use flag".
  *
  * Layout policy: every enabled bitmap has a data cluster for every table entry (zero-filled where
- * clean), so write-intent is a write into a fixed cluster plus one fdatasync — no allocation or
- * metadata change on the write path. Disabled bitmaps get data clusters only where bits are set.
+ * clean), so write-intent is a durable write into a fixed cluster (`FilePort.writeDurable`: synced
+ * by range, not an fdatasync of the whole image) — no allocation or metadata change on the write
+ * path. Disabled bitmaps get data clusters only where bits are set.
  * `in_use` stays clear while nbdd runs (the bits on disk are never behind the image) and the
  * bitmaps autoclear bit stays set.
  *
@@ -18,7 +19,7 @@
  */
 import { Errno, NbddError } from '../core/errors.js';
 import { logger } from '../core/log.js';
-import type { FilePort } from '../io/file-port.js';
+import type { FilePiece, FilePort } from '../io/file-port.js';
 import { DirtyBitmap, granularityBits } from './dirty-bitmap.js';
 import {
   BITMAP_AUTO,
@@ -176,7 +177,7 @@ export class Qcow2BitmapStore implements BitmapStore {
 
   writeBits(changes: BitsChange[]): Promise<void> {
     return this.chain.run(async () => {
-      const writes: { data: Buffer; at: number }[] = [];
+      const writes: FilePiece[] = [];
       for (const change of changes) {
         const p = this.placed.get(change.name);
         if (!p) continue;
@@ -192,13 +193,14 @@ export class Qcow2BitmapStore implements BitmapStore {
               await this.rewrite(this.metas(), [change.name]);
               return;
             }
-            writes.push({ data: Buffer.from(change.bits.view(at, stop)), at: e.offset + (at - i * this.cs) });
+            writes.push({ buf: Buffer.from(change.bits.view(at, stop)), offset: e.offset + (at - i * this.cs) });
             at = stop;
           }
         }
       }
-      await Promise.all(writes.map((w) => this.host.port.writeAt(w.data, w.at)));
-      await this.host.port.fsync();
+      // Durable before the writes they cover go on; synced by range where the port can, so the
+      // image's dirty data pages are not written back with them (docs/sidecar.md, write-intent).
+      await this.host.port.writeDurable(writes);
     });
   }
 

@@ -10,6 +10,12 @@ import { Errno, NbddError } from '../core/errors.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, alignedBuffer, fallocate, preadNowait } from '../sys/libc.js';
 import { tryCall } from '../core/try-call.js';
 
+/** Bytes to write at a file offset. */
+export interface FilePiece {
+  buf: Buffer;
+  offset: number;
+}
+
 export interface FilePort {
   readonly path: string;
   readonly fd: number;
@@ -20,6 +26,12 @@ export interface FilePort {
   writeAt(buf: Buffer, offset: number): Promise<void>;
   /** Writes several buffers back to back starting at `offset` (one pwritev). */
   writevAt(bufs: Buffer[], offset: number): Promise<void>;
+  /**
+   * Writes every piece and makes those bytes durable before resolving, as `writeAt`s and an
+   * `fsync` would, but where the engine can (io_uring's RWF_DSYNC) without waiting for the rest of
+   * the file's dirty pages: the kernel writes back these ranges alone.
+   */
+  writeDurable(pieces: readonly FilePiece[]): Promise<void>;
   /** Deallocates a range; it reads as zeroes afterwards. Size unchanged. */
   punchHole(offset: number, length: number): Promise<void>;
   /** Zeroes a range, keeping it allocated where the filesystem can (ZERO_RANGE), else writes zeroes. */
@@ -254,6 +266,12 @@ export class NodeFilePort implements FilePort {
 
   fsync(): Promise<void> {
     return new Promise((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(err) : resolve())));
+  }
+
+  /** node:fs has no pwritev2 flags: the writes, then an fdatasync of the whole file. */
+  async writeDurable(pieces: readonly FilePiece[]): Promise<void> {
+    await Promise.all(pieces.map((p) => this.writeAt(p.buf, p.offset)));
+    await this.fsync();
   }
 
   length(): Promise<number> {

@@ -1,10 +1,11 @@
 /**
  * A FilePort that records every change it passes through, with a logical clock, so a test can
  * build the file as a power loss at any moment could have left it: the state made durable by
- * the last fdatasync that returned, plus any subset of the changes issued after that fdatasync
- * was called (the page cache writes pages back in no particular order).
+ * the last fdatasync that returned and by durable writes that completed, plus any subset of the
+ * changes issued after that fdatasync was called (the page cache writes pages back in no
+ * particular order).
  */
-import type { FilePort } from '../../src/io/file-port.js';
+import type { FilePiece, FilePort } from '../../src/io/file-port.js';
 
 export interface LoggedChange {
   issued: number;
@@ -13,6 +14,8 @@ export interface LoggedChange {
   offset: number;
   /** The bytes the range holds afterwards (zeroes for punch and zero-range). */
   data: Buffer;
+  /** Durable once done (`writeDurable`), whatever the syncs. */
+  durable?: true;
   /** A truncate to `offset` bytes (data empty). */
   truncate?: true;
 }
@@ -56,6 +59,11 @@ export class RecordingPort implements FilePort {
     return this.record(offset, Buffer.concat(bufs), () => this.inner.writevAt(bufs, offset));
   }
 
+  /** Each piece is recorded as its own change, durable once it is done (RWF_DSYNC's contract). */
+  async writeDurable(pieces: readonly FilePiece[]): Promise<void> {
+    await Promise.all(pieces.map((p) => this.record(p.offset, Buffer.from(p.buf), () => this.inner.writeDurable([p]), undefined, true)));
+  }
+
   punchHole(offset: number, length: number): Promise<void> {
     return this.record(offset, Buffer.alloc(length), () => this.inner.punchHole(offset, length));
   }
@@ -90,8 +98,9 @@ export class RecordingPort implements FilePort {
    */
   crashImage(base: Buffer, t: number, rnd: () => number): Buffer {
     const lastSync = Math.max(0, ...this.syncs.filter((s) => s.returned <= t).map((s) => s.called));
-    const durable = this.changes.filter((c) => c.done < lastSync).sort((a, b) => a.done - b.done);
-    const maybe = this.changes.filter((c) => c.issued <= t && !(c.done < lastSync));
+    const isDurable = (c: LoggedChange) => c.done < lastSync || (c.durable === true && c.done <= t);
+    const durable = this.changes.filter(isDurable).sort((a, b) => a.done - b.done);
+    const maybe = this.changes.filter((c) => c.issued <= t && !isDurable(c));
     let file = Buffer.from(base);
     for (const c of durable.concat(maybe.filter(() => rnd() < 0.5))) {
       const end = c.truncate ? c.offset : c.offset + c.data.length;
@@ -102,8 +111,8 @@ export class RecordingPort implements FilePort {
     return file;
   }
 
-  private async record(offset: number, data: Buffer, op: () => Promise<void>, truncate?: true): Promise<void> {
-    const change: LoggedChange = { issued: this.tick(), done: Infinity, offset, data, ...(truncate ? { truncate } : {}) };
+  private async record(offset: number, data: Buffer, op: () => Promise<void>, truncate?: true, durable?: true): Promise<void> {
+    const change: LoggedChange = { issued: this.tick(), done: Infinity, offset, data, ...(truncate ? { truncate } : {}), ...(durable ? { durable } : {}) };
     this.changes.push(change);
     try {
       await op();

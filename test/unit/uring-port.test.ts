@@ -137,6 +137,22 @@ describe('UringFilePort', () => {
     expect(await port.length()).toBe(size);
   });
 
+  it('writeDurable: one piece in a file that did not grow is one RWF_DSYNC write (the kernel takes the flag), several are writes and an fdatasync', async () => {
+    const port = await openNew({ size: MiB });
+    await port.fsync(); // the file's size is synced: a single piece goes as RWF_DSYNC
+    const one = { buf: pattern(3000, 77), offset: 5000 };
+    await port.writeDurable([one]);
+    const pieces = Array.from({ length: 40 }, (_, i) => ({ buf: pattern(1000 + i, i), offset: i * 20 * KiB + i + 100 * KiB }));
+    await port.writeDurable(pieces);
+    const file = readFileSync(port.path);
+    for (const p of [one, ...pieces]) expect(file.subarray(p.offset, p.offset + p.buf.length).equals(p.buf)).toBe(true);
+    const path = join(dir, `ro-${++seq}`);
+    writeFileSync(path, 'x');
+    const ro = await UringFilePort.open(engine, path, { readOnly: true });
+    ports.push(ro);
+    await expect(ro.writeDurable([{ buf: Buffer.from('y'), offset: 0 }])).rejects.toMatchObject({ errno: Errno.EROFS });
+  });
+
   it('close waits for operations in flight before closing the fd', async () => {
     const port = await openNew();
     const writes = Array.from({ length: 800 }, (_, i) => port.writeAt(pattern(4 * KiB, i), i * 4 * KiB));
