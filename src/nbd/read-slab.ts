@@ -12,7 +12,7 @@ import net, { type Socket } from 'node:net';
 const SLAB_BYTES = 1024 * 1024;
 /**
  * Most one read may bring. Enough for a whole batch of small requests, and small enough that a
- * large WRITE's payload mostly lands in its own buffer (`NbdSession.overFd`) rather than here,
+ * large WRITE's payload mostly lands in its own buffer (`NbdSession.overSlab`) rather than here,
  * where it must be copied out.
  */
 const REGION = 64 * 1024;
