@@ -540,14 +540,24 @@ describe('server limits and shutdown', () => {
 });
 
 
-describe('kernel sockets (serveTransmission over a socketpair fd: reads land in a slab or in the payload)', () => {
-  /** Serves one end of a socketpair as the kernel's connections are served; the test speaks on the other. */
-  async function kernelPair(): Promise<ScriptClient> {
-    await start();
-    const [peer, ours] = socketPair();
-    server.serveTransmission(ours, 'disk');
-    return ScriptClient.over(new net.Socket({ fd: peer, readable: true, writable: true }));
-  }
+/** Serves one end of a socketpair as the kernel's connections are served; the test speaks on the other. */
+async function kernelPair(): Promise<ScriptClient> {
+  await start();
+  const [peer, ours] = socketPair();
+  server.serveTransmission(ours, 'disk');
+  return ScriptClient.over(new net.Socket({ fd: peer, readable: true, writable: true }));
+}
+
+/** A client connection the listener accepted, negotiated to simple replies. */
+async function acceptedPlain(): Promise<ScriptClient> {
+  await start();
+  return connectGo(false);
+}
+
+describe.each([
+  ['kernel sockets (serveTransmission over a socketpair fd)', kernelPair],
+  ['client connections (accepted by the listener, moved to a socket with onread)', acceptedPlain],
+])('%s: reads land in a slab or in the payload', (_name, kernelPair) => {
 
   it('serves small and large writes and reads however the stream is cut', async () => {
     // Payloads below and above the size that gets its own buffer (64 KiB), one straddling it.
