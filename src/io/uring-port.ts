@@ -43,8 +43,8 @@ interface UringAddon {
 }
 
 /** `how` bits of read/write/writev (native/uring.c): IOSQE_ASYNC, RWF_DSYNC. */
-export const HOW_OFFLOAD = 1;
-export const HOW_DSYNC = 2;
+const HOW_OFFLOAD = 1;
+const HOW_DSYNC = 2;
 
 const enum OpKind {
   Read,
@@ -301,7 +301,11 @@ export class UringFilePort implements FilePort {
    */
   async writeDurable(pieces: readonly FilePiece[]): Promise<void> {
     this.assertWritable();
-    if (pieces.length === 1 && this.end <= this.syncedEnd) return this.writeRing(pieces[0]!.buf, pieces[0]!.offset, this.writeHow | HOW_DSYNC);
+    const [one] = pieces;
+    if (pieces.length === 1 && this.end <= this.syncedEnd) {
+      this.grow(one!.offset + one!.buf.length); // RWF_DSYNC makes a new size durable too
+      return this.writeRing(one!.buf, one!.offset, this.writeHow | HOW_DSYNC);
+    }
     await Promise.all(pieces.map((p) => this.writeAt(p.buf, p.offset)));
     await this.fsync();
   }

@@ -1,11 +1,10 @@
 /**
  * Receive buffers for a socket read through `net.Socket`'s `onread` option (the server's kernel
  * sockets and plain client connections, see `NbdSession.overSlab`; the client's plain sockets, see
- * `ByteStream`): each read lands
- * in the unused tail of a slab, so a read allocates nothing and skips Node's stream machinery, and
- * the bytes it brought stay valid as views (the slab is never written twice at the same place; a
- * new one is started when the tail gets short). Both ends point large payloads' reads at the
- * payload's own buffer instead.
+ * `ByteStream`): each read lands in the unused tail of a slab, so a read allocates nothing and
+ * skips Node's stream machinery, and the bytes it brought stay valid as views (the slab is never
+ * written twice at the same place; a new one is started when the tail gets short). Both ends point
+ * large payloads' reads at the payload's own buffer instead.
  */
 import net, { type Socket } from 'node:net';
 
