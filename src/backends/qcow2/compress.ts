@@ -82,18 +82,26 @@ export async function decompressCluster(type: number, src: Buffer, clusterSize: 
           }),
       );
     } else {
-      const target = Buffer.alloc(clusterSize);
-      let produced: Uint8Array;
-      try {
-        produced = zstdDecompress(frame, target);
-      } catch (err) {
-        throw bad(`zstd: ${(err as Error).message}`);
-      }
-      out = produced === target ? target : Buffer.from(produced.buffer, produced.byteOffset, produced.length);
+      out = decompressZstdFrameJs(frame, clusterSize);
     }
   }
   if (out.length !== clusterSize) throw bad(`decompressed to ${out.length} bytes, expected ${clusterSize}`);
   return out;
+}
+
+/**
+ * One zstd frame decoded by the pure-JavaScript `fzstd`, on this thread: the fallback where
+ * libzstd does not load (exported so the tests run it where libzstd does). Throws EUCLEAN.
+ */
+export function decompressZstdFrameJs(frame: Uint8Array, clusterSize: number): Buffer {
+  const target = Buffer.alloc(clusterSize);
+  let produced: Uint8Array;
+  try {
+    produced = zstdDecompress(frame, target);
+  } catch (err) {
+    throw bad(`zstd: ${(err as Error).message}`);
+  }
+  return produced === target ? target : Buffer.from(produced.buffer, produced.byteOffset, produced.length);
 }
 
 /** qemu's deflate settings (qcow2-threads.c): a 4 KiB window, so qemu's inflate (-12) reads ours. */
