@@ -7,10 +7,11 @@
  * leaves the repo untouched.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdirSync, readFileSync, readdirSync, writeFileSync, openSync, writeSync, closeSync } from 'node:fs';
+import { mkdirSync, readFileSync, readSync, readdirSync, rmSync, writeFileSync, openSync, writeSync, closeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openNbd, type NbdBackend } from '../../src/backends/nbd.js';
+import { openQcow2 } from '../../src/backends/qcow2/open.js';
 import { ControlClient } from '../../src/control/control-client.js';
 import { runAsync, runAsyncOk } from '../helpers/run-async.js';
 import { NBDD, requireTool, run, runStatus, serveNbdd, tempDir, type Served } from '../helpers/tools.js';
@@ -349,7 +350,6 @@ describe('nbdd verify and bad input', () => {
     const data = map.find((e) => e.data && e.offset !== undefined)!;
     const fd = openSync(join(repo, '0001-full.qcow2'), 'r+');
     const b = Buffer.alloc(1);
-    const { readSync } = await import('node:fs');
     readSync(fd, b, 0, 1, data.offset! + 100);
     b[0] ^= 0x01;
     writeSync(fd, b, 0, 1, data.offset! + 100);
@@ -386,6 +386,64 @@ describe('nbdd verify and bad input', () => {
       const p3 = await backupOf(name, repo);
       expect(p3.kind).toBe('incremental');
       expect(sha(await restored(repo))).toBe(sha(now));
+    } finally {
+      await client.close();
+      await srv.stop();
+    }
+  });
+
+  it('a repo made before block sums and slice sums (its manifest rewritten to that form) verifies, restores, and takes an exact incremental', async () => {
+    const img = qcow2(16 * MiB);
+    const { srv, name, client } = await served(img);
+    const repo = join(dir.path, 'repo-old');
+    try {
+      await client.write(MiB, randomBytes(3 * MiB + 1234));
+      const disk1 = sha(await contents(srv.uri));
+      await backupOf(name, repo);
+      await client.write(9 * MiB + 512, randomBytes(70_000));
+      const disk2 = sha(await contents(srv.uri));
+      await backupOf(name, repo);
+      // What the code before block sums wrote: no .sums files, no extentSums, and each stored
+      // range summed as the SHA-256 of its bytes.
+      const manifestPath = join(repo, 'manifest.json');
+      const manifest = JSON.parse(readFileSync(manifestPath, 'utf8')) as { points: Record<string, unknown>[] };
+      for (const p of manifest.points) {
+        expect(p.extentSums).toBe('slices');
+        const own = await openQcow2(join(repo, p.file as string), { readOnly: true, openBacking: false });
+        try {
+          const extents = p.extents as [number, number, string | null][];
+          for (const e of extents) if (e[2] !== null) e[2] = sha(await own.read(e[0], e[1]));
+        } finally {
+          await own.close();
+        }
+        rmSync(join(repo, p.sums as string));
+        delete p.extentSums;
+        delete p.sums;
+        delete p.sumsSha256;
+      }
+      writeFileSync(manifestPath, JSON.stringify(manifest, null, 2));
+      expect(runStatus(NBDD, ['verify', '--repo', repo]).status).toBe(0);
+      expect(sha(await restored(repo, '0001'))).toBe(disk1);
+      expect(sha(await restored(repo, '0002'))).toBe(disk2);
+      // The old sums still catch a damaged range: flip a byte of 0002's stored data.
+      const map = JSON.parse(run('qemu-img', ['map', '--output=json', join(repo, manifest.points[1]!.file as string)])) as { start: number; data: boolean; depth: number; offset?: number }[];
+      const own = map.find((e) => e.data && e.depth === 0 && e.offset !== undefined)!;
+      const fd = openSync(join(repo, manifest.points[1]!.file as string), 'r+');
+      const byte = Buffer.alloc(1);
+      readSync(fd, byte, 0, 1, own.offset!);
+      writeSync(fd, Buffer.from([byte[0]! ^ 0x80]), 0, 1, own.offset!);
+      const bad = runStatus(NBDD, ['verify', '--repo', repo]);
+      writeSync(fd, byte, 0, 1, own.offset!);
+      closeSync(fd);
+      expect(bad.status).not.toBe(0);
+      expect(bad.stderr).toMatch(/point 0002 .*does not match/);
+      // The next backup builds on the old points (no block sums to take: it reads the blocks).
+      await client.write(200_000, randomBytes(5000));
+      const disk3 = sha(await contents(srv.uri));
+      const p3 = await backupOf(name, repo);
+      expect(p3.kind).toBe('incremental');
+      expect(sha(await restored(repo))).toBe(disk3);
+      expect(runStatus(NBDD, ['verify', '--repo', repo]).status).toBe(0);
     } finally {
       await client.close();
       await srv.stop();
