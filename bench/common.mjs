@@ -1,12 +1,66 @@
 /**
- * What the benchmarks share (run.mjs, scale.mjs): starting and stopping a server, waiting for its
- * socket, reading its peak memory and connections from /proc, filling an image with data.
+ * What the benchmarks share (run.mjs, scale.mjs): messages, commands and `--save`, starting and
+ * stopping a server, waiting for its socket, reading its peak memory and connections from /proc,
+ * filling an image with data.
  */
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { closeSync, fdatasyncSync, openSync, readFileSync, writeSync } from 'node:fs';
 import net from 'node:net';
 
 const MiB = 1024 * 1024;
+
+/**
+ * One benchmark's helpers, its messages on stderr prefixed `NAME: `: `fail` (and exit 1),
+ * `progress`, `run` (a command's stdout, or `fail` naming it), `envNumber` (a variable's
+ * non-negative number, or the fallback when unset) and `saveFile` (`--save FILE`).
+ */
+export function benchTools(name) {
+  const fail = (message) => {
+    process.stderr.write(`${name}: ${message}\n`);
+    process.exit(1);
+  };
+  const progress = (message) => process.stderr.write(`${name}: ${message}\n`);
+  const run = (cmd, args) => {
+    const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 256 * MiB });
+    if (r.status !== 0) fail(`${cmd} ${args.join(' ')} failed: ${r.error?.message ?? r.stderr}`);
+    return r.stdout;
+  };
+  const envNumber = (variable, fallback) => {
+    const raw = process.env[variable];
+    if (raw === undefined || raw === '') return fallback;
+    const value = Number(raw);
+    if (!Number.isFinite(value) || value < 0) fail(`${variable}=${raw} is not a number`);
+    return value;
+  };
+  const saveIndex = process.argv.indexOf('--save');
+  const saveFile = saveIndex > 0 ? process.argv[saveIndex + 1] : undefined;
+  if (saveIndex > 0 && !saveFile) fail('--save needs a file name');
+  return { fail, progress, run, envNumber, saveFile };
+}
+
+/**
+ * Runs fio with `args` (which ask for `--output-format=json`) and resolves with the first job's
+ * read or write side (`rw` says which). `onStart` runs when fio has started.
+ */
+export function fioSide(args, rw, onStart) {
+  return new Promise((resolve, reject) => {
+    const child = spawn('fio', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    onStart?.();
+    const out = [];
+    const err = [];
+    child.stdout.on('data', (d) => out.push(d));
+    child.stderr.on('data', (d) => err.push(d));
+    child.once('error', reject);
+    child.once('exit', (code) => {
+      const text = Buffer.concat(out).toString();
+      const start = text.indexOf('{'); // the nbd engine prints "fio: connected to NBD server" first
+      if (code !== 0 || start < 0) return reject(new Error(`fio exited ${code}: ${Buffer.concat(err).toString().trim()}`));
+      const j = JSON.parse(text.slice(start)).jobs[0];
+      if (j.error) return reject(new Error(`fio job error ${j.error}`));
+      resolve(rw.includes('read') ? j.read : j.write);
+    });
+  });
+}
 
 export function firstLine(cmd, args) {
   return spawnSync(cmd, args, { encoding: 'utf8' }).stdout.split('\n')[0].trim();

@@ -37,7 +37,9 @@ import { cpus, release, tmpdir } from 'node:os';
 import { randomBytes } from 'node:crypto';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { connectionsTo, fillWithData, firstLine, peakRssKiB, stopServer, waitForSocket } from './common.mjs';
+import { benchTools, connectionsTo, fioSide, fillWithData, firstLine, peakRssKiB, stopServer, waitForSocket } from './common.mjs';
+
+const { fail, progress, run, envNumber, saveFile } = benchTools('bench');
 
 const ROOT = dirname(dirname(fileURLToPath(import.meta.url)));
 const MiB = 1024 * 1024;
@@ -209,14 +211,6 @@ const SERVERS = {
 
 /* ------------------------------------------------------------------ settings */
 
-function envNumber(name, fallback) {
-  const raw = process.env[name];
-  if (raw === undefined || raw === '') return fallback;
-  const value = Number(raw);
-  if (!Number.isFinite(value) || value < 0) fail(`${name}=${raw} is not a number`);
-  return value;
-}
-
 function parseSize(text) {
   const m = /^(\d+)([KMG]?)$/i.exec(text.trim());
   if (!m) fail(`BENCH_SIZE=${text}: use e.g. 256M or 1G`);
@@ -233,26 +227,8 @@ const settings = {
 const serverFilter = process.env.BENCH_SERVERS ? process.env.BENCH_SERVERS.split(',').map((s) => s.trim()) : null;
 const caseFilter = process.env.BENCH_CASES ? new RegExp(process.env.BENCH_CASES) : null;
 const asJson = process.argv.includes('--json');
-const saveIndex = process.argv.indexOf('--save');
-const saveFile = saveIndex > 0 ? process.argv[saveIndex + 1] : undefined;
-if (saveIndex > 0 && !saveFile) fail('--save needs a file name');
 
 /* ------------------------------------------------------------------ helpers */
-
-function fail(message) {
-  process.stderr.write(`bench: ${message}\n`);
-  process.exit(1);
-}
-
-function progress(message) {
-  process.stderr.write(`bench: ${message}\n`);
-}
-
-function run(cmd, args) {
-  const r = spawnSync(cmd, args, { encoding: 'utf8' });
-  if (r.status !== 0) fail(`${cmd} ${args.join(' ')} failed: ${r.error?.message ?? r.stderr}`);
-  return r.stdout;
-}
 
 function toolMissing(cmd, args, pkg) {
   const r = spawnSync(cmd, args, { encoding: 'utf8' });
@@ -281,28 +257,12 @@ function runFio(socket, job) {
     '--randrepeat=0',
     '--output-format=json',
   ];
-  return new Promise((resolve, reject) => {
-    const child = spawn('fio', args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    const out = [];
-    const err = [];
-    child.stdout.on('data', (d) => out.push(d));
-    child.stderr.on('data', (d) => err.push(d));
-    child.once('error', reject);
-    child.once('exit', (code) => {
-      const text = Buffer.concat(out).toString();
-      const start = text.indexOf('{'); // the nbd engine prints "fio: connected to NBD server" first
-      if (code !== 0 || start < 0) return reject(new Error(`fio exited ${code}: ${Buffer.concat(err).toString().trim()}`));
-      const j = JSON.parse(text.slice(start)).jobs[0];
-      if (j.error) return reject(new Error(`fio job error ${j.error}`));
-      const side = job.rw.includes('read') ? j.read : j.write;
-      resolve({
-        iops: side.iops,
-        mibps: side.bw_bytes / MiB,
-        latMeanUs: side.clat_ns.mean / 1000,
-        latP99Us: (side.clat_ns.percentile?.['99.000000'] ?? NaN) / 1000,
-      });
-    });
-  });
+  return fioSide(args, job.rw).then((side) => ({
+    iops: side.iops,
+    mibps: side.bw_bytes / MiB,
+    latMeanUs: side.clat_ns.mean / 1000,
+    latP99Us: (side.clat_ns.percentile?.['99.000000'] ?? NaN) / 1000,
+  }));
 }
 
 /** One cell: fresh server, one fio run (c.fio.jobs jobs, 1 by default), its peak RSS. */

@@ -44,7 +44,9 @@ import { closeSync, copyFileSync, existsSync, fdatasyncSync, mkdtempSync, openSy
 import { cpus, release, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { connectionsTo, fillWithData, firstLine, peakRssKiB, stopServer, waitForSocket } from './common.mjs';
+import { benchTools, connectionsTo, fioSide, fillWithData, firstLine, peakRssKiB, stopServer, waitForSocket } from './common.mjs';
+
+const { fail, progress, run, envNumber, saveFile } = benchTools('scale');
 
 const ROOT = dirname(dirname(fileURLToPath(import.meta.url)));
 const NBDD = join(ROOT, 'bin/nbdd');
@@ -54,14 +56,6 @@ const GiB = 1024 * MiB;
 const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout) || 100;
 
 /* ------------------------------------------------------------------ settings */
-
-function envNumber(name, fallback) {
-  const raw = process.env[name];
-  if (raw === undefined || raw === '') return fallback;
-  const value = Number(raw);
-  if (!Number.isFinite(value) || value < 0) fail(`${name}=${raw} is not a number`);
-  return value;
-}
 
 function envList(name, all) {
   const raw = process.env[name];
@@ -78,9 +72,6 @@ const settings = {
   series: envList('BENCH_SERIES', ['size', 'clients', 'bitmaps']),
   servers: envList('BENCH_SERVERS', ['nbdd', 'qemu-nbd']),
 };
-const saveIndex = process.argv.indexOf('--save');
-const saveFile = saveIndex > 0 ? process.argv[saveIndex + 1] : undefined;
-if (saveIndex > 0 && !saveFile) fail('--save needs a file name');
 
 const SIZES = [['1 GiB', GiB], ['64 GiB', 64 * GiB], ['1 TiB', 1024 * GiB]];
 const CLIENTS = [1, 4, 16];
@@ -92,21 +83,6 @@ const RANDREAD = { rw: 'randread', bs: '4k', iodepth: 16 };
 const RANDWRITE = { rw: 'randwrite', bs: '4k', iodepth: 16 };
 
 /* ------------------------------------------------------------------ helpers */
-
-function fail(message) {
-  process.stderr.write(`scale: ${message}\n`);
-  process.exit(1);
-}
-
-function progress(message) {
-  process.stderr.write(`scale: ${message}\n`);
-}
-
-function run(cmd, args) {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 256 * MiB });
-  if (r.status !== 0) fail(`${cmd} ${args.join(' ')} failed: ${r.error?.message ?? r.stderr}`);
-  return r.stdout;
-}
 
 
 
@@ -188,25 +164,11 @@ function runFio(socket, job, onRampEnd) {
     ...(job.untimed ? [] : ['--time_based=1', `--runtime=${settings.runtimeSeconds}`, `--ramp_time=${settings.rampSeconds}`, '--randrepeat=0']),
     ...(job.extra ?? []),
   ];
-  return new Promise((resolve, reject) => {
-    const child = spawn('fio', args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    const out = [];
-    const err = [];
-    const timer = onRampEnd && setTimeout(onRampEnd, settings.rampSeconds * 1000 + 100);
-    child.stdout.on('data', (d) => out.push(d));
-    child.stderr.on('data', (d) => err.push(d));
-    child.once('error', reject);
-    child.once('exit', (code) => {
-      clearTimeout(timer);
-      const text = Buffer.concat(out).toString();
-      const start = text.indexOf('{'); // the nbd engine prints "fio: connected to NBD server" first
-      if (code !== 0 || start < 0) return reject(new Error(`fio exited ${code}: ${Buffer.concat(err).toString().trim()}`));
-      const j = JSON.parse(text.slice(start)).jobs[0];
-      if (j.error) return reject(new Error(`fio job error ${j.error}`));
-      const side = job.rw.includes('read') ? j.read : j.write;
-      resolve({ iops: side.iops, ios: side.total_ios, latP99Us: (side.clat_ns.percentile?.['99.000000'] ?? NaN) / 1000 });
-    });
-  });
+  let timer;
+  const started = onRampEnd && (() => (timer = setTimeout(onRampEnd, settings.rampSeconds * 1000 + 100)));
+  return fioSide(args, job.rw, started)
+    .finally(() => clearTimeout(timer))
+    .then((side) => ({ iops: side.iops, ios: side.total_ios, latP99Us: (side.clat_ns.percentile?.['99.000000'] ?? NaN) / 1000 }));
 }
 
 /**
