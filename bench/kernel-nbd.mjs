@@ -41,7 +41,7 @@ const profile = process.env.BENCH_PROFILE === '1';
 const strace = process.env.BENCH_STRACE === '1';
 const threads = process.env.BENCH_THREADS === '1';
 const ublkQueues = Number(process.env.BENCH_UBLK_QUEUES ?? 1);
-const SERVERS = ['nbdd', 'ublk', 'qemu-nbd'].filter((s) => (process.env.BENCH_SERVERS ?? 'nbdd,ublk,qemu-nbd').split(',').includes(s));
+const SERVERS = ['nbdd', 'ublk', 'ublk-thread', 'qemu-nbd'].filter((s) => (process.env.BENCH_SERVERS ?? 'nbdd,ublk,qemu-nbd').split(',').includes(s));
 const jobFilter = new RegExp(process.env.BENCH_JOBS ?? '.');
 
 const ALL_JOBS = [
@@ -92,9 +92,17 @@ pid_nbdd=$(sed 's/.*"pid":\\([0-9]*\\).*/\\1/' attach.json)`
 ${
   SERVERS.includes('ublk')
     ? `cp nbdd.img ublk.img
-node $REPO/bin/nbdd attach ublk.img --driver ublk --name bench-ublk --queues ${ublkQueues} --json > attach-ublk.json
+${process.env.BENCH_UBLK_ENV ?? ''} node $REPO/bin/nbdd attach ublk.img --driver ublk --name bench-ublk --queues ${ublkQueues} --json > attach-ublk.json
 dev_ublk=$(sed 's/.*"device":"\\([^"]*\\)".*/\\1/' attach-ublk.json)
 pid_ublk=$(sed 's/.*"pid":\\([0-9]*\\).*/\\1/' attach-ublk.json)`
+    : ''
+}
+${
+  SERVERS.includes('ublk-thread')
+    ? `cp nbdd.img ublk-thread.img
+node $REPO/bin/nbdd attach ublk-thread.img --driver ublk --queue-threads --name bench-ublk-thread --queues ${ublkQueues} --json > attach-ublk-thread.json
+dev_ublk_thread=$(sed 's/.*"device":"\\([^"]*\\)".*/\\1/' attach-ublk-thread.json)
+pid_ublk_thread=$(sed 's/.*"pid":\\([0-9]*\\).*/\\1/' attach-ublk-thread.json)`
     : ''
 }
 ${
@@ -108,6 +116,7 @@ pid_qemu_nbd=$(pgrep -n qemu-nbd)`
 ${Array.from({ length: rounds }, (_, round) => JOBS.map((j) => SERVERS.map((s) => fio(s, j, round + 1)).join('\n')).join('\n')).join('\n')}
 ${SERVERS.includes('qemu-nbd') ? 'qemu-nbd --disconnect $dev_qemu_nbd' : ''}
 ${SERVERS.includes('ublk') ? 'node $REPO/bin/nbdd detach bench-ublk' : ''}
+${SERVERS.includes('ublk-thread') ? 'node $REPO/bin/nbdd detach bench-ublk-thread' : ''}
 ${
   SERVERS.includes('nbdd')
     ? `node $REPO/bin/nbdd detach bench
@@ -149,6 +158,7 @@ const rows = JOBS.map((job) => {
   const nbdd = SERVERS.includes('nbdd') ? best('nbdd', job) : none;
   const ublk = SERVERS.includes('ublk') ? best('ublk', job) : none;
   const qemu = SERVERS.includes('qemu-nbd') ? best('qemu-nbd', job) : none;
+  const ublkThread = SERVERS.includes('ublk-thread') ? best('ublk-thread', job) : none;
   return {
     job: job.name,
     unit: job.unit,
@@ -158,6 +168,7 @@ const rows = JOBS.map((job) => {
     ratio: nbdd.figure / qemu.figure,
     ublkRatio: ublk.figure / qemu.figure,
     ublkVsNbd: ublk.figure / nbdd.figure,
+    ...(SERVERS.includes('ublk-thread') ? { 'ublk-thread': ublkThread, ublkThreadVsNbd: ublkThread.figure / nbdd.figure } : {}),
   };
 });
 
@@ -185,5 +196,7 @@ if (process.argv.includes('--json')) {
       `${row.job.padEnd(20)}${row.unit.padEnd(7)}${num(row.nbdd.figure, 8)}${num(row.ublk.figure, 8)}${num(row['qemu-nbd'].figure, 10)}${ratio(row.ratio)}${ratio(row.ublkRatio)}${ratio(row.ublkVsNbd).padStart(9)}` +
         `   ${cpu(row.nbdd.cpuUs)} | ${cpu(row.ublk.cpuUs)} | ${cpu(row['qemu-nbd'].cpuUs)}\n`,
     );
+    const t = row['ublk-thread'];
+    if (t) process.stdout.write(`${''.padEnd(20)}ublk with queue threads: ${num(t.figure, 8)} ${row.unit}, ${ratio(row.ublkThreadVsNbd)} of nbd   CPU ${cpu(t.cpuUs)}\n`);
   }
 }

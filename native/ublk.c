@@ -51,6 +51,8 @@
 
 #include <linux/io_uring.h>
 #include <node_api.h>
+#include <stdbool.h>
+#include <uv.h>
 
 #ifndef PR_SET_IO_FLUSHER
 #define PR_SET_IO_FLUSHER 57
@@ -696,6 +698,333 @@ static napi_value js_queue_stop(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/* ---- queues served on the event-loop thread ------------------------------------------------- */
+/*
+ * loopQueueStart(): the same queue without a thread of its own. The event-loop thread owns the
+ * queue's io_uring (it issues the FETCHes, so it is the queue's daemon task for the kernel); a
+ * uv_poll on the ring's fd wakes it when CQEs arrive, and everything reaped in one wakeup is one
+ * call into JavaScript. loopCommit() writes a COMMIT_AND_FETCH SQE into the ring's memory without
+ * entering the kernel; a uv_prepare handle submits everything queued in one io_uring_enter just
+ * before libuv blocks for I/O, so the results of one event-loop turn are one system call. There is
+ * no hop between threads: the kernel's task work for a new request wakes the event loop itself.
+ *
+ * Safety (buffer ownership) is that of queueStart(), with complete() replaced by loopCommit(): a
+ * tag's buffer is JavaScript's from delivery until loopCommit() for the tag, then the kernel's.
+ * `records` (depth × 5 u32) is written here only just before onEvent is called and is read by
+ * JavaScript only inside that call. Both buffers are held by strong references until the ring is
+ * closed (loopStop(), or every command aborted), which cancels every command that names them.
+ * Every function here runs on the event-loop thread, so nothing is locked.
+ */
+
+typedef struct {
+  int refs; /* JavaScript's handle + the open ring (dropped when the handles have closed) */
+  napi_env env;
+  mini_ring_t r;
+  uv_poll_t poll;
+  uv_prepare_t prepare;
+  int handles_open;
+  int closed;
+
+  int cdev_fd;
+  uint16_t qid;
+  uint32_t depth, max_io, commit_op, done;
+  uint8_t *buf, *state;
+  uint32_t *recs;
+  const struct nbdd_ublk_iod *iods;
+  size_t iod_len;
+  napi_ref buf_ref, recs_ref, cb_ref;
+  napi_async_context actx;
+} lq_t;
+
+static void lq_unref(lq_t *q) {
+  if (--q->refs == 0) {
+    free(q->state);
+    free(q);
+  }
+}
+
+static void lq_handle_closed(uv_handle_t *h) {
+  lq_t *q = h->data;
+  if (--q->handles_open == 0) lq_unref(q);
+}
+
+/* Closes the ring (the kernel cancels the commands still in it) and stops the handles. */
+static void lq_close_ring(lq_t *q) {
+  if (q->closed) return;
+  q->closed = 1;
+  uv_poll_stop(&q->poll);
+  uv_prepare_stop(&q->prepare);
+  uv_close((uv_handle_t *)&q->poll, lq_handle_closed);
+  uv_close((uv_handle_t *)&q->prepare, lq_handle_closed);
+  mini_ring_close(&q->r);
+  if (q->iods) munmap((void *)q->iods, q->iod_len);
+  q->iods = NULL;
+}
+
+/* After lq_close_ring: the buffers, the callback and its async context go (no more calls). */
+static void lq_release(lq_t *q) {
+  if (!q->buf_ref) return;
+  napi_delete_reference(q->env, q->buf_ref);
+  napi_delete_reference(q->env, q->recs_ref);
+  napi_delete_reference(q->env, q->cb_ref);
+  napi_async_destroy(q->env, q->actx);
+  q->buf_ref = q->recs_ref = q->cb_ref = NULL;
+}
+
+/* onEvent(kind, count or code): inside a handle scope, microtasks run when it returns. */
+static void lq_call(lq_t *q, int kind, int value) {
+  napi_env env = q->env;
+  napi_value argv[2], fn, recv, result;
+  napi_create_int32(env, kind, &argv[0]);
+  napi_create_int32(env, value, &argv[1]);
+  napi_get_reference_value(env, q->cb_ref, &fn);
+  napi_get_global(env, &recv);
+  if (napi_make_callback(env, q->actx, recv, fn, 2, argv, &result) == napi_pending_exception) {
+    napi_value exc;
+    napi_get_and_clear_last_exception(env, &exc);
+    napi_fatal_exception(env, exc);
+  }
+}
+
+static void lq_on_poll(uv_poll_t *h, int status, int events) {
+  (void)status;
+  (void)events;
+  lq_t *q = h->data;
+  if (q->closed) return;
+  q->refs++; /* JavaScript may stop the queue inside the call */
+  uint32_t nrec = 0;
+  unsigned head = *q->r.cq_head, tail = __atomic_load_n(q->r.cq_tail, __ATOMIC_ACQUIRE);
+  for (; head != tail; head++) {
+    const struct io_uring_cqe *cqe = &q->r.cqes[head & q->r.cq_mask];
+    uint32_t tag = (uint32_t)cqe->user_data;
+    if (tag >= q->depth) continue;
+    if (cqe->res == 0) {
+      const struct nbdd_ublk_iod *d = &q->iods[tag];
+      uint32_t *rec = &q->recs[nrec++ * REC_WORDS];
+      rec[0] = tag;
+      rec[1] = __atomic_load_n(&d->op_flags, __ATOMIC_ACQUIRE);
+      rec[2] = d->nr_sectors;
+      rec[3] = (uint32_t)d->start_sector;
+      rec[4] = (uint32_t)(d->start_sector >> 32);
+      q->state[tag] = TAG_USER;
+    } else if (q->state[tag] != TAG_DONE) {
+      if (cqe->res != UBLK_IO_RES_ABORT) fprintf(stderr, "nbdd ublk q%u tag %u: command failed: %s\n", q->qid, tag, strerror(-cqe->res));
+      q->state[tag] = TAG_DONE;
+      q->done++;
+    }
+  }
+  __atomic_store_n(q->r.cq_head, head, __ATOMIC_RELEASE);
+  napi_handle_scope scope;
+  if (napi_open_handle_scope(q->env, &scope) == napi_ok) {
+    if (nrec && !q->closed) lq_call(q, MSG_REQUESTS, (int)nrec);
+    if (q->done == q->depth && !q->closed) {
+      /* Every FETCH ended with ABORT: the device stopped. The ring is closed before JavaScript
+       * hears of it (it closes /dev/ublkcN and deletes the device next). */
+      lq_close_ring(q);
+      lq_call(q, MSG_EXITED, 0);
+      lq_release(q);
+    }
+    napi_close_handle_scope(q->env, scope);
+  }
+  lq_unref(q);
+}
+
+/* Submits every SQE the kernel has not consumed yet; what EAGAIN/EBUSY leaves waits for the next turn. */
+static void lq_on_prepare(uv_prepare_t *h) {
+  lq_t *q = h->data;
+  if (q->closed) return;
+  mini_ring_t *r = &q->r;
+  unsigned tail = *r->sq_tail + r->queued;
+  __atomic_store_n(r->sq_tail, tail, __ATOMIC_RELEASE);
+  r->queued = 0;
+  for (;;) {
+    unsigned n = tail - __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
+    if (n == 0) return;
+    long rc = syscall(__NR_io_uring_enter, r->fd, n, 0, 0, NULL, 0);
+    if (rc > 0) continue;
+    if (rc == 0) return;
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EBUSY) fprintf(stderr, "nbdd ublk q%u: io_uring_enter: %s\n", q->qid, strerror(errno));
+    return;
+  }
+}
+
+static void lq_handle_finalize(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  lq_unref(data);
+}
+
+static napi_value throw_errno_ublk(napi_env env, int err, const char *what) {
+  char msg[160];
+  snprintf(msg, sizeof msg, "%s: %s", what, strerror(err));
+  napi_value m, e, n;
+  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &m);
+  napi_create_error(env, NULL, m, &e);
+  napi_create_int32(env, err, &n);
+  napi_set_named_property(env, e, "errno", n);
+  napi_throw(env, e);
+  return NULL;
+}
+
+/*
+ * loopQueueStart(cdevFd, qid, depth, maxIo, buffer, fetchOp, commitOp, records, onEvent) -> handle
+ * Every FETCH is queued when it returns (throws an Error with errno otherwise, leaving nothing
+ * open). onEvent(kind, value): REQUESTS with the number of 5-word records now in `records` (tag,
+ * op_flags, nr_sectors, start sector low, high); EXITED (value 0) once every command has been
+ * aborted (the device stopped) — after loopStop() there is no EXITED.
+ */
+static napi_value js_loop_queue_start(napi_env env, napi_callback_info info) {
+  size_t argc = 9;
+  napi_value argv[9];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 9) {
+    napi_throw_type_error(env, NULL, "nbdd_ublk.loopQueueStart: 9 arguments");
+    return NULL;
+  }
+  int32_t fd;
+  uint32_t qid, depth, max_io, fetch_op, commit_op;
+  CHECK(napi_get_value_int32(env, argv[0], &fd));
+  CHECK(napi_get_value_uint32(env, argv[1], &qid));
+  CHECK(napi_get_value_uint32(env, argv[2], &depth));
+  CHECK(napi_get_value_uint32(env, argv[3], &max_io));
+  CHECK(napi_get_value_uint32(env, argv[5], &fetch_op));
+  CHECK(napi_get_value_uint32(env, argv[6], &commit_op));
+  void *buf, *recs;
+  size_t buf_len, recs_len, recs_off;
+  napi_typedarray_type recs_type;
+  napi_value recs_ab;
+  if (napi_get_buffer_info(env, argv[4], &buf, &buf_len) != napi_ok || depth == 0 || depth > UBLK_MAX_QUEUE_DEPTH ||
+      max_io == 0 || buf_len < (size_t)depth * max_io || qid > 0xffff ||
+      napi_get_typedarray_info(env, argv[7], &recs_type, &recs_len, &recs, &recs_ab, &recs_off) != napi_ok ||
+      recs_type != napi_uint32_array || recs_len < (size_t)depth * REC_WORDS) {
+    napi_throw_range_error(env, NULL, "nbdd_ublk.loopQueueStart: need 1 <= depth <= 4096, a Buffer of depth * maxIo bytes and a Uint32Array of depth * 5");
+    return NULL;
+  }
+  lq_t *q = calloc(1, sizeof *q);
+  uint8_t *state = calloc(depth, 1);
+  if (!q || !state) {
+    free(q);
+    free(state);
+    return throw_errno_ublk(env, ENOMEM, "ublk queue");
+  }
+  q->env = env;
+  q->state = state;
+  q->cdev_fd = fd;
+  q->qid = (uint16_t)qid;
+  q->depth = depth;
+  q->max_io = max_io;
+  q->commit_op = commit_op;
+  q->buf = buf;
+  q->recs = recs;
+  q->r.fd = -1;
+
+  long page = sysconf(_SC_PAGESIZE);
+  q->iod_len = ((size_t)depth * sizeof(struct nbdd_ublk_iod) + page - 1) / page * page;
+  off_t iod_off = (off_t)qid * (off_t)(((size_t)UBLK_MAX_QUEUE_DEPTH * sizeof(struct nbdd_ublk_iod) + page - 1) / page * page);
+  void *iods = mmap(NULL, q->iod_len, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, iod_off);
+  if (iods == MAP_FAILED) {
+    int e = errno;
+    free(state);
+    free(q);
+    return throw_errno_ublk(env, e, "mmap of the ublk I/O descriptors");
+  }
+  q->iods = iods;
+  /* COOP_TASKRUN: a new request's task work does not interrupt JavaScript; it runs at the next
+   * system call, or wakes the loop from epoll_wait. */
+  int err = mini_ring_setup(&q->r, depth, IORING_SETUP_COOP_TASKRUN);
+  for (uint32_t tag = 0; !err && tag < depth; tag++) {
+    struct io_uring_sqe *sqe = mini_ring_sqe(&q->r);
+    if (!sqe) {
+      err = -ENOSPC;
+      break;
+    }
+    uring_cmd_sqe(sqe, fd, fetch_op, tag);
+    struct nbdd_ublk_io_cmd c = {.q_id = q->qid, .tag = (uint16_t)tag, .result = 0, .addr = (uint64_t)(uintptr_t)(q->buf + (size_t)tag * max_io)};
+    memcpy(sqe_cmd(sqe), &c, sizeof c);
+  }
+  if (!err) err = mini_ring_enter(&q->r, 0);
+  if (err) {
+    if (q->r.fd >= 0) mini_ring_close(&q->r);
+    munmap(iods, q->iod_len);
+    free(state);
+    free(q);
+    return throw_errno_ublk(env, -err, "ublk queue ring (FETCH)");
+  }
+
+  struct uv_loop_s *loop;
+  napi_value name, resource, handle;
+  CHECK(napi_get_uv_event_loop(env, &loop));
+  CHECK(napi_create_reference(env, argv[4], 1, &q->buf_ref));
+  CHECK(napi_create_reference(env, argv[7], 1, &q->recs_ref));
+  CHECK(napi_create_reference(env, argv[8], 1, &q->cb_ref));
+  CHECK(napi_create_string_utf8(env, "nbdd:ublk-queue", NAPI_AUTO_LENGTH, &name));
+  CHECK(napi_create_object(env, &resource));
+  CHECK(napi_async_init(env, resource, name, &q->actx));
+  uv_poll_init(loop, &q->poll, q->r.fd);
+  uv_prepare_init(loop, &q->prepare);
+  q->poll.data = q->prepare.data = q;
+  q->handles_open = 2;
+  q->refs = 2;
+  uv_poll_start(&q->poll, UV_READABLE, lq_on_poll);
+  uv_prepare_start(&q->prepare, lq_on_prepare);
+  uv_unref((uv_handle_t *)&q->prepare);
+  CHECK(napi_create_external(env, q, lq_handle_finalize, NULL, &handle));
+  return handle;
+}
+
+static lq_t *get_loop_queue(napi_env env, napi_value v) {
+  void *p;
+  if (napi_get_value_external(env, v, &p) != napi_ok) {
+    napi_throw_type_error(env, NULL, "nbdd_ublk: expected a loop queue handle");
+    return NULL;
+  }
+  return p;
+}
+
+/*
+ * loopCommit(handle, tag, result) -> boolean: queues COMMIT_AND_FETCH for a delivered tag (result
+ * as i32: bytes done, 0, or -errno); submitted before the loop next blocks. false when the tag is
+ * not JavaScript's (never delivered, already committed) or the queue is closed.
+ */
+static napi_value js_loop_commit(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3], ret;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  lq_t *q = get_loop_queue(env, argv[0]);
+  if (!q) return NULL;
+  uint32_t tag;
+  int32_t result;
+  CHECK(napi_get_value_uint32(env, argv[1], &tag));
+  CHECK(napi_get_value_int32(env, argv[2], &result));
+  bool ok = false;
+  if (!q->closed && tag < q->depth && q->state[tag] == TAG_USER) {
+    /* Cannot be NULL: the SQ has at least depth entries and a tag has one command at a time. */
+    struct io_uring_sqe *sqe = mini_ring_sqe(&q->r);
+    if (sqe) {
+      uring_cmd_sqe(sqe, q->cdev_fd, q->commit_op, tag);
+      struct nbdd_ublk_io_cmd c = {.q_id = q->qid, .tag = (uint16_t)tag, .result = result, .addr = (uint64_t)(uintptr_t)(q->buf + (size_t)tag * q->max_io)};
+      memcpy(sqe_cmd(sqe), &c, sizeof c);
+      q->state[tag] = TAG_KERNEL;
+      ok = true;
+    }
+  }
+  CHECK(napi_get_boolean(env, ok, &ret));
+  return ret;
+}
+
+/* loopStop(handle): closes the ring now (the kernel cancels its commands); no EXITED follows. */
+static napi_value js_loop_stop(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  lq_t *q = get_loop_queue(env, argv[0]);
+  if (!q) return NULL;
+  lq_close_ring(q);
+  lq_release(q);
+  return NULL;
+}
+
 napi_value nbdd_ublk_init(napi_env env, napi_value exports) {
   const struct {
     const char *name;
@@ -705,6 +1034,9 @@ napi_value nbdd_ublk_init(napi_env env, napi_value exports) {
     {"ublkQueueStart", js_queue_start},
     {"ublkComplete", js_complete},
     {"ublkQueueStop", js_queue_stop},
+    {"ublkLoopQueueStart", js_loop_queue_start},
+    {"ublkLoopCommit", js_loop_commit},
+    {"ublkLoopStop", js_loop_stop},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value f;

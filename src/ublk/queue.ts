@@ -1,22 +1,32 @@
 /**
- * One ublk hardware queue on the JavaScript side: the queue thread (native/ublk.c) delivers every
- * request it reaped in one wakeup as one batch; each goes into the device's BlockQueue (so the
- * BlockQueue's one dispatch per turn sees them together), and the results of one event-loop turn
- * go back to the thread as one batch (one eventfd write, one io_uring_enter of COMMIT_AND_FETCH).
+ * One ublk hardware queue on the JavaScript side. Every request the queue reaped in one wakeup
+ * arrives as one batch; each goes into the device's BlockQueue (so the BlockQueue's one dispatch
+ * per turn sees them together), and its result goes back as a COMMIT_AND_FETCH. Two carriers
+ * (native/ublk.c; docs/kernel.md, "Data path"):
+ *
+ *   loop    the event-loop thread owns the queue's io_uring: the ring's fd wakes the loop, a result
+ *           is an SQE written at once (`ublkLoopCommit`), and everything written during a turn is
+ *           submitted by one io_uring_enter just before the loop blocks again. No thread hop.
+ *   thread  a pthread owns the ring and hands each wakeup's requests over in one threadsafe call;
+ *           the results of one turn go back together (`turnEnd()`: one mutex push and one eventfd
+ *           write), and the thread submits them on its next enter.
  *
  * Buffers: tag t's I/O buffer is `buffer[t*maxIo, t*maxIo + maxIo)`. WRITE payloads are views of
  * it, handed to the queue without a copy; READ data is copied into it before the result is
- * returned. A tag's buffer is ours from delivery until its result is queued (the Safety rules in
- * native/ublk.c); `finish` is the only place that gives it back.
+ * returned. A tag's buffer is ours from delivery until its result is given back (the Safety rules
+ * in native/ublk.c); `finish` is the only place that gives it back.
  */
 import { errnoOf, Errno } from '../core/errors.js';
 import { logger } from '../core/log.js';
 import type { BlockQueue } from '../core/queue.js';
 import { turnEnd } from '../core/batch.js';
-import { QUEUE_EVENT, ublkAddon, type QueueHandle } from './addon.js';
+import { QUEUE_EVENT, ublkAddon, type LoopQueueHandle, type QueueHandle } from './addon.js';
 import { REC_WORDS, requestInBounds, SECTOR_SHIFT, UBLK_IO, UBLK_IO_F, UBLK_OP } from './uapi.js';
 
 const log = logger('ublk');
+
+/** Where a queue's io_uring lives: on the event-loop thread, or on a thread of its own. */
+export type QueueMode = 'loop' | 'thread';
 
 export interface QueueConfig {
   cdevFd: number;
@@ -25,12 +35,14 @@ export interface QueueConfig {
   maxIo: number;
   queue: BlockQueue;
   readOnly: boolean;
+  mode: QueueMode;
 }
 
 export class UblkQueue {
   private readonly buffer: Buffer;
-  private readonly handle: QueueHandle;
-  /** Results waiting for the end of the turn: (tag, result) pairs. */
+  private readonly handle: QueueHandle | null = null;
+  private readonly loop: LoopQueueHandle | null = null;
+  /** thread mode: results waiting for the end of the turn, as (tag, result) pairs. */
   private readonly results: Uint32Array;
   private nresults = 0;
   private flushing = false;
@@ -38,30 +50,44 @@ export class UblkQueue {
   private readyResolve!: (ioFlusherErrno: number) => void;
   private readyReject!: (err: Error) => void;
   private exitResolve!: (code: number) => void;
-  /** Resolves when every FETCH is queued (with PR_SET_IO_FLUSHER's errno, 0 when set). */
+  /** Resolves when every FETCH is queued (with PR_SET_IO_FLUSHER's errno on the queue's thread, 0 when set). */
   readonly ready = new Promise<number>((resolve, reject) => {
     this.readyResolve = resolve;
     this.readyReject = reject;
   });
-  /** Resolves with the thread's exit code: 0 the device stopped, 1 stop(), < 0 -errno. */
+  /** Resolves with the queue's exit code: 0 the device stopped, 1 stop(), < 0 -errno. */
   readonly exited = new Promise<number>((resolve) => (this.exitResolve = resolve));
   private exitedFlag = false;
 
   constructor(private readonly cfg: QueueConfig) {
     this.buffer = Buffer.allocUnsafeSlow(cfg.depth * cfg.maxIo);
-    this.results = new Uint32Array(cfg.depth * 2);
     // `ready` is awaited by the frontend; an exit after that must not be an unhandled rejection.
     this.ready.catch(() => undefined);
-    this.handle = ublkAddon().ublkQueueStart(
-      cfg.cdevFd,
-      cfg.qid,
-      cfg.depth,
-      cfg.maxIo,
-      this.buffer,
-      UBLK_IO.FETCH_REQ,
-      UBLK_IO.COMMIT_AND_FETCH_REQ,
-      (kind, code, extra, records) => this.onEvent(kind, code, extra, records),
-    );
+    const addon = ublkAddon();
+    if (cfg.mode === 'loop') {
+      this.results = new Uint32Array(0);
+      const records = new Uint32Array(cfg.depth * REC_WORDS);
+      try {
+        this.loop = addon.ublkLoopQueueStart(cfg.cdevFd, cfg.qid, cfg.depth, cfg.maxIo, this.buffer, UBLK_IO.FETCH_REQ, UBLK_IO.COMMIT_AND_FETCH_REQ, records, (kind, value) => {
+          if (kind === QUEUE_EVENT.REQUESTS) this.deliver(records, value);
+          else this.onExit(value);
+        });
+      } catch (err) {
+        this.onExit(-errnoOf(err));
+        return;
+      }
+      // The event-loop thread's PR_SET_IO_FLUSHER is set (and reported) by the attach command.
+      this.readyResolve(0);
+    } else {
+      this.results = new Uint32Array(cfg.depth * 2);
+      this.handle = addon.ublkQueueStart(cfg.cdevFd, cfg.qid, cfg.depth, cfg.maxIo, this.buffer, UBLK_IO.FETCH_REQ, UBLK_IO.COMMIT_AND_FETCH_REQ, (kind, code, extra, records) => {
+        if (kind === QUEUE_EVENT.REQUESTS && records) this.deliver(records, records.length / REC_WORDS);
+        else if (kind === QUEUE_EVENT.READY) {
+          if (code < 0) this.readyReject(new Error(`ublk queue ${cfg.qid}: errno ${-code}`));
+          else this.readyResolve(extra);
+        } else if (kind === QUEUE_EVENT.EXITED) this.onExit(code);
+      });
+    }
   }
 
   /** Requests delivered and not yet answered. */
@@ -73,24 +99,27 @@ export class UblkQueue {
     return this.exitedFlag;
   }
 
-  /** Asks the thread to leave its loop; its ring closes and the kernel cancels its commands. */
+  /** Stops serving: the queue's ring closes and the kernel cancels its commands. */
   stop(): void {
-    ublkAddon().ublkQueueStop(this.handle);
+    if (this.loop) {
+      if (this.exitedFlag) return;
+      ublkAddon().ublkLoopStop(this.loop);
+      this.onExit(1);
+    } else if (this.handle) ublkAddon().ublkQueueStop(this.handle);
   }
 
-  private onEvent(kind: number, code: number, extra: number, records: Uint32Array | null): void {
-    if (kind === QUEUE_EVENT.REQUESTS && records) {
-      for (let i = 0; i < records.length; i += REC_WORDS) {
-        this.handle1(records[i]!, records[i + 1]!, records[i + 2]!, records[i + 3]! + records[i + 4]! * 0x100000000);
-      }
-    } else if (kind === QUEUE_EVENT.READY) {
-      if (code < 0) this.readyReject(new Error(`ublk queue ${this.cfg.qid}: ${Errno.EIO === -code ? 'I/O error' : `errno ${-code}`}`));
-      else this.readyResolve(extra);
-    } else if (kind === QUEUE_EVENT.EXITED) {
-      this.exitedFlag = true;
-      if (code < 0) log.error(`ublk queue ${this.cfg.qid}: the queue thread failed (errno ${-code})`);
-      this.readyReject(new Error(`ublk queue ${this.cfg.qid} exited before it was ready (errno ${-code})`));
-      this.exitResolve(code);
+  private onExit(code: number): void {
+    if (this.exitedFlag) return;
+    this.exitedFlag = true;
+    if (code < 0) log.error(`ublk queue ${this.cfg.qid}: the queue failed (errno ${-code})`);
+    this.readyReject(new Error(`ublk queue ${this.cfg.qid} exited before it was ready (errno ${-code})`));
+    this.exitResolve(code);
+  }
+
+  /** The first `n` records of one wakeup, each (tag, op_flags, nr_sectors, sector lo, sector hi). */
+  private deliver(records: Uint32Array, n: number): void {
+    for (let i = 0; i < n * REC_WORDS; i += REC_WORDS) {
+      this.handle1(records[i]!, records[i + 1]!, records[i + 2]!, records[i + 3]! + records[i + 4]! * 0x100000000);
     }
   }
 
@@ -134,9 +163,14 @@ export class UblkQueue {
     }
   }
 
-  /** Queues a result; the turn's results go to the thread together. */
+  /** Gives the tag back with its result (bytes done, 0, or -errno). */
   private finish(tag: number, result: number): void {
     this.inUser--;
+    if (this.loop) {
+      // Written into the ring now, submitted with the rest of the turn's before the loop blocks.
+      ublkAddon().ublkLoopCommit(this.loop, tag, result);
+      return;
+    }
     this.results[this.nresults * 2] = tag;
     this.results[this.nresults * 2 + 1] = result >>> 0;
     this.nresults++;
@@ -150,6 +184,6 @@ export class UblkQueue {
     this.flushing = false;
     const n = this.nresults;
     this.nresults = 0;
-    if (n) ublkAddon().ublkComplete(this.handle, this.results, n);
+    if (n) ublkAddon().ublkComplete(this.handle!, this.results, n);
   };
 }
