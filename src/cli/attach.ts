@@ -21,7 +21,7 @@ import { logPath, loadState, type Driver } from '../kernel/registry.js';
 import { parseDeviceArg } from '../kernel/sysfs.js';
 import { sdNotify } from '../sys/systemd.js';
 import { becomeIoFlusher } from '../sys/io-flusher.js';
-import { UblkDevice, ublkAvailable } from '../ublk/frontend.js';
+import { UblkDevice, ublkUsable } from '../ublk/frontend.js';
 import { parseUblkDevice, ublkDevicePath } from '../ublk/uapi.js';
 import type { MetricsListen } from '../runtime/metrics.js';
 import { addRemoteOptions, intArg, METRICS_HELP, metricsArg, remoteArgs, remoteOptions, sizeArg, type RemoteCliOptions } from './options.js';
@@ -33,6 +33,8 @@ interface AttachCliOptions extends RemoteCliOptions {
   driver?: Driver | 'auto';
   queues: number;
   depth: number;
+  /** ublk: each queue on a thread of its own instead of the event loop. */
+  queueThreads?: boolean;
   device?: string;
   readOnly?: boolean;
   format: Format;
@@ -80,6 +82,7 @@ function childArgs(image: string, name: string, driver: Driver, opts: AttachCliO
   args.push('--timeout', String(opts.timeout), '--dead-conn-timeout', String(opts.deadConnTimeout), ...remoteArgs(opts));
   if (opts.device) args.push('--device', opts.device);
   if (opts.readOnly) args.push('--read-only');
+  if (opts.queueThreads) args.push('--queue-threads');
   if (!opts.partitions) args.push('--no-partitions');
   args.push('--max-bitmaps', String(opts.maxBitmaps));
   if (opts.metrics) args.push('--metrics', `${opts.metrics.host.includes(':') ? `[${opts.metrics.host}]` : opts.metrics.host}:${opts.metrics.port}`);
@@ -138,7 +141,7 @@ async function serveUblkForeground(image: string, name: string, id: number | und
   let attached: Awaited<ReturnType<typeof UblkDevice.attach>>;
   await becomeIoFlusher(true); // before the queue threads start: they inherit it
   try {
-    attached = await UblkDevice.attach({ image, name, id, format: opts.format, readOnly: !!opts.readOnly, remote: remoteOptions(opts), queues: opts.queues, depth: opts.depth, metrics: opts.metrics, maxBitmaps: opts.maxBitmaps });
+    attached = await UblkDevice.attach({ image, name, id, format: opts.format, readOnly: !!opts.readOnly, remote: remoteOptions(opts), queues: opts.queues, depth: opts.depth, queueMode: opts.queueThreads ? 'thread' : 'loop', metrics: opts.metrics, maxBitmaps: opts.maxBitmaps });
   } catch (err) {
     if (opts.readyFd !== undefined) await reportReadiness(opts.readyFd, { ok: false, errno: errnoOf(err), message: messageOf(err) });
     throw err;
@@ -153,26 +156,36 @@ async function serveUblkForeground(image: string, name: string, id: number | und
  * restarts the unit): attach re-attaches it, so I/O the kernel holds resumes on the same device.
  * A device of that name with a live daemon is refused.
  */
-async function orphanedDevice(name: string, driver: Driver): Promise<number | undefined> {
+async function orphanedDevice(name: string, driver: Driver | undefined): Promise<{ index: number; driver: Driver } | undefined> {
   const all = await inventory().catch(() => []);
-  const mine = all.filter((d) => d.driver === driver && d.name === name);
+  const mine = all.filter((d) => (driver === undefined || d.driver === driver) && d.name === name);
   const live = mine.find((d) => d.daemonPid !== null);
   if (live) throw new NbddError(Errno.EBUSY, `'${name}' is already attached as ${live.device} (nbdd pid ${live.daemonPid})`);
   const orphan = mine.find((d) => d.state === 'daemon-dead');
   if (orphan) log.info(`${orphan.device} ('${name}') has no daemon; re-attaching it`);
-  return orphan?.index;
+  return orphan && { index: orphan.index, driver: orphan.driver };
 }
 
-/** The driver: --driver, else what --device names, else nbd; `auto` is ublk where the driver is loaded. */
-function resolveDriver(opts: AttachCliOptions): Driver {
-  const named = opts.device === undefined ? undefined : parseUblkDevice(opts.device) !== undefined ? 'ublk' : 'nbd';
-  if (opts.driver === undefined) return named ?? 'nbd';
-  if (opts.driver === 'auto') return named ?? (ublkAvailable() ? 'ublk' : 'nbd');
-  return opts.driver;
+/** Options only one driver has: given on the command line, they choose that driver for `auto`. */
+const NBD_ONLY = ['connections', 'timeout', 'deadConnTimeout', 'partitions'] as const;
+const UBLK_ONLY = ['queues', 'depth', 'queueThreads'] as const;
+
+/**
+ * The driver: --driver nbd|ublk; else what --device names; else (`auto`, the default) the driver
+ * the other options belong to, else ublk where it works (docs/kernel.md, "Which driver"), else nbd.
+ * `undefined` while it is still open to an orphaned device of either driver with the same name.
+ */
+export function explicitDriver(opts: Pick<AttachCliOptions, 'driver' | 'device'>, given: (option: string) => boolean): Driver | undefined {
+  if (opts.driver === 'nbd' || opts.driver === 'ublk') return opts.driver;
+  if (opts.device !== undefined) return parseUblkDevice(opts.device) !== undefined ? 'ublk' : 'nbd';
+  if (NBD_ONLY.some(given)) return 'nbd';
+  if (UBLK_ONLY.some(given)) return 'ublk';
+  return undefined;
 }
 
-async function attach(image: string, opts: AttachCliOptions): Promise<void> {
-  const driver = resolveDriver(opts);
+async function attach(image: string, opts: AttachCliOptions, cmd: Command): Promise<void> {
+  const given = (option: string): boolean => cmd.getOptionValueSource(option) === 'cli';
+  let driver = explicitDriver(opts, given);
   let index: number | undefined;
   if (opts.device !== undefined) {
     index = driver === 'ublk' ? parseUblkDevice(opts.device) : parseDeviceArg(opts.device);
@@ -182,7 +195,11 @@ async function attach(image: string, opts: AttachCliOptions): Promise<void> {
   if (!isMemorySpec(image) && !/^[a-z][a-z0-9+.-]*:\/\//i.test(image) && !existsSync(image)) {
     throw new NbddError(Errno.ENOENT, `${image} does not exist (use --create SIZE to make a new qcow2 image)`);
   }
-  if (index === undefined && opts.name !== undefined) index = await orphanedDevice(checkName(opts.name), driver);
+  if (index === undefined && opts.name !== undefined) {
+    const orphan = await orphanedDevice(checkName(opts.name), driver);
+    if (orphan) ({ index, driver } = orphan);
+  }
+  driver ??= (await ublkUsable()) ? 'ublk' : 'nbd';
   const name = resolveName(image, driver, index, opts.name);
   if (opts.foreground) return driver === 'ublk' ? serveUblkForeground(image, name, index, opts) : serveForeground(image, name, index, opts);
   // A ublk daemon gets its own mount namespace (docs/kernel.md, "ublk traps"): it must never be
@@ -196,10 +213,11 @@ export function register(program: Command): void {
     .command('attach')
     .description('attach an image as /dev/nbdN (kernel NBD) or /dev/ublkbN (ublk); prints the device once usable')
     .argument('<image>', 'image file, block device, or memory:SIZE')
-    .addOption(new Option('--driver <driver>', 'kernel driver: nbd, ublk, or auto (ublk where ublk_drv is loaded); default: what --device names, else nbd').choices(['nbd', 'ublk', 'auto']))
+    .addOption(new Option('--driver <driver>', 'kernel driver: nbd, ublk, or auto (the default: what --device or the driver-only options name, else ublk where ublk_drv works, else nbd)').choices(['nbd', 'ublk', 'auto']))
     .option('-d, --device <dev>', '/dev/nbdN or /dev/ublkbN to use (default: the kernel picks); a device this image still owns is re-attached / recovered')
-    .option('-q, --queues <n>', 'ublk: hardware queues (one thread each)', intArg(1, 64), 1)
+    .option('-q, --queues <n>', 'ublk: hardware queues', intArg(1, 64), 1)
     .option('--depth <n>', 'ublk: requests in flight per queue', intArg(1, 4096), 128)
+    .option('--queue-threads', 'ublk: serve each queue from a thread of its own instead of the event loop (kernel copies of large requests off the event loop, at the price of two thread hops per request)')
     .option('-r, --read-only', 'attach read-only')
     .addOption(new Option('-f, --format <format>', 'image format').choices([...FORMATS]).default('auto'))
     .option('-c, --connections <n>', 'connections (kernel hardware queues); >1 needs a multi-conn backend', intArg(1, 64), 1)
@@ -213,5 +231,5 @@ export function register(program: Command): void {
     .option('--max-bitmaps <n>', 'most dirty bitmaps the device keeps (each enabled one is marked on every write)', intArg(1, 65535), DEFAULT_BITMAP_LIMITS.maxBitmaps)
     .option('--json', 'print the device as a JSON object')
     .addOption(new Option('--ready-fd <fd>', 'internal: report readiness on this fd').argParser(intArg(3, 1023)).hideHelp());
-  addRemoteOptions(cmd).action((image: string, opts: AttachCliOptions) => attach(image, opts));
+  addRemoteOptions(cmd).action((image: string, opts: AttachCliOptions, command: Command) => attach(image, opts, command));
 }

@@ -26,7 +26,7 @@ import { requireSysAdmin } from '../kernel/nbd-control.js';
 import { loadState, processAlive, removeState, saveState, type DeviceState } from '../kernel/registry.js';
 import { ublkAddon } from './addon.js';
 import * as ctl from './control.js';
-import { UblkQueue } from './queue.js';
+import { UblkQueue, type QueueMode } from './queue.js';
 import { UBLK_F, UBLK_STATE, UBLK_STATE_NAME, ublkCharPath, ublkDevicePath, type DeviceParams, type DevInfo } from './uapi.js';
 
 const log = logger('ublk');
@@ -46,6 +46,8 @@ export interface UblkAttachOptions {
   metrics?: MetricsListen;
   /** Most dirty bitmaps the device keeps (default DEFAULT_BITMAP_LIMITS). */
   maxBitmaps?: number;
+  /** Where each queue's io_uring lives (default: on the event loop). */
+  queueMode?: QueueMode;
 }
 
 /** Per-tag buffer, and so the largest request (max_sectors = 1024). */
@@ -220,7 +222,7 @@ export class UblkFrontend implements Frontend {
   private async startQueues(info: DevInfo, readOnly: boolean, ctx: FrontendContext): Promise<void> {
     this.cdevFd = await openCharDevice(info.devId);
     for (let q = 0; q < info.nrHwQueues; q++) {
-      this.queues.push(new UblkQueue({ cdevFd: this.cdevFd, qid: q, depth: info.queueDepth, maxIo: info.maxIoBufBytes, queue: ctx.stack.queue, readOnly }));
+      this.queues.push(new UblkQueue({ cdevFd: this.cdevFd, qid: q, depth: info.queueDepth, maxIo: info.maxIoBufBytes, queue: ctx.stack.queue, readOnly, mode: this.opts.queueMode ?? 'loop' }));
     }
     const flusher = await Promise.all(this.queues.map((q) => q.ready));
     if (flusher.some((e) => e !== 0)) log.warn('PR_SET_IO_FLUSHER refused on a queue thread (needs CAP_SYS_RESOURCE): memory reclaim may wait on this device');
@@ -232,6 +234,7 @@ export class UblkFrontend implements Frontend {
       driver: 'ublk',
       queues: this.queues.length,
       depth: this.info?.queueDepth ?? 0,
+      queueThreads: (this.opts.queueMode ?? 'loop') === 'thread',
       inFlight: this.queues.reduce((n, q) => n + q.inFlight, 0),
     };
   }
@@ -331,11 +334,15 @@ export class UblkDevice {
   }
 }
 
-/** Whether the ublk driver is there (for --driver auto). */
-export function ublkAvailable(): boolean {
+/**
+ * Whether ublk works here, for `--driver auto`: /dev/ublk-control is there, the addon loads and
+ * the driver has what nbdd needs (GET_FEATURES; it also fails without CAP_SYS_ADMIN).
+ */
+export async function ublkUsable(): Promise<boolean> {
   if (!existsSync('/dev/ublk-control')) return false;
   try {
     ublkAddon();
+    await ctl.getFeatures();
     return true;
   } catch {
     return false;

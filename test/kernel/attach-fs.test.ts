@@ -16,7 +16,7 @@ beforeAll(async () => {
 # roundtrip TAG IMAGE [attach options...]: writes files through ext4, detaches, re-attaches, reads them.
 roundtrip() {
   local tag=$1 img=$2; shift 2
-  local dev; dev=$(nbdd attach "$img" --name "$tag" --json "$@") || return 1
+  local dev; dev=$(nbdd attach "$img" --driver nbd --name "$tag" --json "$@") || return 1
   echo "$dev" > $WORK/$tag.attach1.json
   # The daemon's threads' task flags (/proc/PID/task/TID/stat field 9): PR_SET_IO_FLUSHER shows as PF_MEMALLOC_NOIO.
   local pid; pid=$(sed -n 's/.*"pid":\\([0-9]*\\).*/\\1/p' $WORK/$tag.attach1.json)
@@ -39,7 +39,7 @@ roundtrip() {
   cat /sys/block/\${dev#/dev/}/size > $WORK/$tag.size-after-detach
   cp /run/nbdd/$tag.log $WORK/$tag.daemon1.log
   if [ "\${img##*.}" = qcow2 ]; then qemu-img check --output=json "$img" > $WORK/$tag.check.json; echo $? > $WORK/$tag.check.rc; fi
-  dev=$(nbdd attach "$img" --name "$tag") || return 1
+  dev=$(nbdd attach "$img" --driver nbd --name "$tag") || return 1
   mount "$dev" /mnt/$tag || return 1
   (cd /mnt/$tag && sha256sum random numbers dir/greeting) > $WORK/$tag.sums-read
   umount /mnt/$tag && nbdd detach "$tag"
@@ -53,10 +53,10 @@ roundtrip raw /tmp/disk.raw --connections 2; echo $? > $WORK/raw.rc
 truncate -s 64M /tmp/parts.raw
 printf 'label: gpt\n,24M\n,\n' | sfdisk -q /tmp/parts.raw > $WORK/sfdisk.out 2>&1
 qemu-img convert -O qcow2 /tmp/parts.raw /tmp/parts.qcow2
-dev=$(nbdd attach /tmp/parts.qcow2 --name parts --no-partitions)
+dev=$(nbdd attach /tmp/parts.qcow2 --driver nbd --name parts --no-partitions)
 ls /dev | grep "^\${dev#/dev/}p" > $WORK/parts.noscan
 nbdd detach parts
-dev=$(nbdd attach /tmp/parts.qcow2 --name parts)
+dev=$(nbdd attach /tmp/parts.qcow2 --driver nbd --name parts)
 ls /dev | grep "^\${dev#/dev/}p" > $WORK/parts.scan
 mkfs.ext4 -q \${dev}p1 && mkdir -p /mnt/p1 && mount \${dev}p1 /mnt/p1 && echo part-data > /mnt/p1/f
 record detach-mounted nbdd detach parts
@@ -72,7 +72,7 @@ umount -l /mnt/p1
 ls /run/nbdd > $WORK/parts.run-after-force
 node $REPO/test/kernel/notify-listen.mjs /tmp/notify.sock $WORK/notify.json & lp=$!
 for i in $(seq 100); do [ -e $WORK/notify.json.bound ] && break; sleep 0.1; done
-NOTIFY_SOCKET=/tmp/notify.sock nbdd attach /tmp/parts.qcow2 --name sd --foreground > $WORK/sd.out 2> $WORK/sd.err & ap=$!
+NOTIFY_SOCKET=/tmp/notify.sock nbdd attach /tmp/parts.qcow2 --driver nbd --name sd --foreground > $WORK/sd.out 2> $WORK/sd.err & ap=$!
 wait $lp
 nbdd detach sd; wait $ap; echo $? > $WORK/sd.rc
 `);

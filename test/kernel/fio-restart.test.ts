@@ -64,7 +64,7 @@ truncate -s 64M remote.img
 dmesg -C # the kernel log from here on is this part's
 nbdkit -f -U /tmp/remote.sock file file=/tmp/remote.img & srv=$!
 for i in $(seq 100); do [ -S /tmp/remote.sock ] && break; sleep 0.1; done
-rdev=$(nbdd attach 'nbd+unix:///?socket=/tmp/remote.sock' --name remote --reconnect-delay 60)
+rdev=$(nbdd attach 'nbd+unix:///?socket=/tmp/remote.sock' --driver nbd --name remote --reconnect-delay 60)
 $FIO --name=remote --filename=$rdev --size=24M --rate_iops=500 --output=$WORK/remote.fio.json & fio=$!
 sleep 4
 kill -0 $fio && echo running > $WORK/remote-running-at-kill
@@ -87,13 +87,13 @@ sha256sum < rbase.img > $WORK/rb.remote.before
 nbdkit -f -U /tmp/rbase.sock file file=/tmp/rbase.img & rsrv=$!
 for i in $(seq 100); do [ -S /tmp/rbase.sock ] && break; sleep 0.1; done
 nbdd create -f qcow2 rov.qcow2 -b 'nbd+unix:///?socket=/tmp/rbase.sock' > /dev/null
-rdev=$(nbdd attach rov.qcow2 --name rov --allow-remote-backing)
+rdev=$(nbdd attach rov.qcow2 --driver nbd --name rov --allow-remote-backing)
 mkdir -p /mnt/rov && mount $rdev /mnt/rov
 sha256sum < /mnt/rov/from-base.bin > $WORK/rb.read.sha
 head -c 2M /dev/urandom > local.bin && sha256sum < local.bin > $WORK/rb.local.sha && cp local.bin /mnt/rov/
 sync && umount /mnt/rov
 nbdd detach rov; echo $? > $WORK/rb.detach.rc
-rdev=$(nbdd attach rov.qcow2 --name rov --allow-remote-backing) && mount $rdev /mnt/rov
+rdev=$(nbdd attach rov.qcow2 --driver nbd --name rov --allow-remote-backing) && mount $rdev /mnt/rov
 cat /mnt/rov/from-base.bin | sha256sum > $WORK/rb.again-base.sha
 cat /mnt/rov/local.bin | sha256sum > $WORK/rb.again-local.sha
 umount /mnt/rov && nbdd detach rov
@@ -107,8 +107,8 @@ printf 'alice:%s\n' $(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n') > /tm
 truncate -s 32M tls.img
 nbdkit -f --tls=require --tls-psk=/tmp/keys.psk -U /tmp/tls.sock file file=/tmp/tls.img & tsrv=$!
 for i in $(seq 100); do [ -S /tmp/tls.sock ] && break; sleep 0.1; done
-record tls-wrong nbdd attach 'nbds+unix:///?socket=/tmp/tls.sock&tls-psk-file=/tmp/wrong.psk&tls-username=alice' --name tls-wrong
-tdev=$(nbdd attach 'nbds+unix:///?socket=/tmp/tls.sock&tls-psk-file=/tmp/keys.psk&tls-username=alice' --name tls)
+record tls-wrong nbdd attach 'nbds+unix:///?socket=/tmp/tls.sock&tls-psk-file=/tmp/wrong.psk&tls-username=alice' --driver nbd --name tls-wrong
+tdev=$(nbdd attach 'nbds+unix:///?socket=/tmp/tls.sock&tls-psk-file=/tmp/keys.psk&tls-username=alice' --driver nbd --name tls)
 head -c 8M /dev/urandom > tls-data.bin
 dd if=tls-data.bin of=$tdev bs=1M oflag=direct status=none; echo $? > $WORK/tls.dd.rc
 dd if=$tdev bs=1M count=8 iflag=direct status=none | cmp - tls-data.bin; echo $? > $WORK/tls.readback.rc
@@ -120,7 +120,7 @@ head -c 8M tls.img | cmp - tls-data.bin; echo $? > $WORK/tls.remote.rc
 # point is a clean filesystem; for point 2 it thaws as soon as the backup has begun and takes a
 # file while the backup runs, which the point must not have.
 truncate -s 96M bk.img
-bdev=$(nbdd attach bk.img --name bk)
+bdev=$(nbdd attach bk.img --driver nbd --name bk)
 mkfs.ext4 -q $bdev && mkdir -p /mnt/bk && mount $bdev /mnt/bk
 head -c 16M /dev/urandom > /mnt/bk/a.bin && sync
 fsfreeze -f /mnt/bk
@@ -143,7 +143,7 @@ nbdd verify --repo /tmp/bkrepo > $WORK/bk.verify 2>&1; echo $? > $WORK/bk.verify
 nbdd restore --repo /tmp/bkrepo --point 0001 bk-r1.raw && sha256sum < bk-r1.raw > $WORK/bk.r1.sha
 nbdd restore --repo /tmp/bkrepo bk-r2.raw && sha256sum < bk-r2.raw > $WORK/bk.r2.sha
 # Instant recovery: the point's qcow2 file itself, attached read-only, mounts.
-rdev=$(nbdd attach /tmp/bkrepo/0002-inc.qcow2 --name bkr --read-only)
+rdev=$(nbdd attach /tmp/bkrepo/0002-inc.qcow2 --driver nbd --name bkr --read-only)
 mkdir -p /mnt/bkr && mount -o ro,noload $rdev /mnt/bkr && ls /mnt/bkr > $WORK/bk.r2.ls
 umount /mnt/bkr; nbdd detach bkr
 `, { timeoutMs: 900_000 }); // four parts of about two minutes each under emulation

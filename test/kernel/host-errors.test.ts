@@ -60,6 +60,12 @@ describe('without ublk_drv', () => {
     expect(r.stderr).toContain(message);
   });
 
+  it('a ublk-only option (--queues) chooses ublk for the default driver, and so names modprobe ublk_drv', () => {
+    const r = runStatus(NBDD, ['attach', 'memory:16M', '--queues', '2', '--foreground']);
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toContain('nbdd: the ublk driver is not loaded: /dev/ublk-control is missing (modprobe ublk_drv');
+  });
+
   it('--driver auto falls back to nbd (and so names modprobe nbd)', () => {
     const r = runStatus(NBDD, ['attach', 'memory:16M', '--driver', 'auto', '--foreground']);
     expect(r.status).not.toBe(0);

@@ -51,7 +51,7 @@ write() {
 }
 run() {
   local dev
-  dev=$(nbdd attach $WORK/nbdd.qcow2 --create 1G --name mp) && setup nbdd $dev || return 1
+  dev=$(nbdd attach $WORK/nbdd.qcow2 --driver nbd --create 1G --name mp) && setup nbdd $dev || return 1
   qemu-img create -q -f qcow2 $WORK/qemu.qcow2 1G &&
     qemu-nbd --connect=/dev/nbd1 -f qcow2 --cache=writeback $WORK/qemu.qcow2 && setup qemu /dev/nbd1 || return 1
   # Rounds in the order nbdd qemu qemu nbdd: a load on the host that grows or fades during the runs

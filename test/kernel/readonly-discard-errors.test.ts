@@ -14,7 +14,7 @@ beforeAll(async () => {
 mkdir -p rosrc /mnt/ro && echo "kept" > rosrc/file
 truncate -s 32M ro.img && mkfs.ext4 -q -d rosrc ro.img
 sha256sum < ro.img > $WORK/ro.sha-before
-dev=$(nbdd attach ro.img --name ro --read-only --json | sed 's/.*"device":"\\([^"]*\\)".*/\\1/')
+dev=$(nbdd attach ro.img --driver nbd --name ro --read-only --json | sed 's/.*"device":"\\([^"]*\\)".*/\\1/')
 blockdev --getro $dev > $WORK/ro.getro
 nbdd list --json > $WORK/ro.list.json
 record ro-dd dd if=/dev/zero of=$dev bs=4k count=1 oflag=direct
@@ -28,7 +28,7 @@ sha256sum < ro.img > $WORK/ro.sha-after
 # --- discard and write-zeroes reach the backend
 truncate -s 32M d.img
 # The thread-pool engine makes fallocate a system call strace can see (io_uring would hide it).
-dev=$(NBDD_IO_ENGINE=threads nbdd attach d.img --name d)
+dev=$(NBDD_IO_ENGINE=threads nbdd attach d.img --driver nbd --name d)
 cat /sys/block/\${dev#/dev/}/queue/discard_max_bytes > $WORK/d.discard_max
 cat /sys/block/\${dev#/dev/}/queue/write_zeroes_max_bytes > $WORK/d.write_zeroes_max
 dd if=/dev/urandom of=$dev bs=1M count=16 oflag=direct status=none
@@ -53,12 +53,12 @@ nbdd install-udev --no-reload > $WORK/udev.installed
 udevadm test --action=change /sys/block/nbd2 > $WORK/udev-connected.txt 2>&1
 udevadm test --action=change /sys/block/nbd3 > $WORK/udev-idle.txt 2>&1
 nbdd detach busy
-record missing nbdd attach /tmp/no-such.img
+record missing nbdd attach /tmp/no-such.img --driver nbd
 flock -x locked.img sleep 300 & holder=$!
 sleep 1
-record locked nbdd attach locked.img
+record locked nbdd attach locked.img --driver nbd
 kill $holder
-record notroot setpriv --reuid=65534 --regid=65534 --clear-groups node $REPO/bin/nbdd attach /tmp/user.img --foreground
+record notroot setpriv --reuid=65534 --regid=65534 --clear-groups node $REPO/bin/nbdd attach /tmp/user.img --driver nbd --foreground
 record final-list nbdd list --json
 `);
 }, 1_800_000); // may wait for other VM runs (one at a time)
