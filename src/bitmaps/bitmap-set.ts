@@ -5,9 +5,13 @@
  *
  * Write-intent (see docs/sidecar.md, "Crash safety"): `mark(offset, length)` sets the bits of
  * every enabled bitmap in memory and returns a promise the caller must await before issuing the
- * write that dirtied them. Newly dirtied granules of persistent bitmaps are gathered until the
- * end of the current event-loop turn (all requests of one batch arrive in one turn), then one
- * `store.writeBits` (one write per touched span + one fdatasync) covers them all; while it runs,
+ * write that dirtied them. A persistent bitmap has two sets of bits: `bits`, exactly the
+ * granules written (what the sidecar serves, backups read and a clean close stores), and
+ * `durable`, what the store holds meanwhile — a superset that grows by whole intent regions
+ * (INTENT_REGION bytes): the first write into a region makes the whole region dirty on disk, so
+ * later first touches in it need no store write at all. Newly covered regions are gathered until
+ * the end of the current event-loop turn (all requests of one batch arrive in one turn), then one
+ * `store.writeBits` (one write per touched span + one sync) covers them all; while it runs,
  * later turns gather into the next one (group commit). A write whose granules are all dirty
  * already waits only if a store operation that may still be adding those bits is in flight —
  * in the steady state `mark` returns `null` and costs one bitmap scan.
@@ -23,6 +27,14 @@ import { BITMAP_LIMITS, DEFAULT_GRANULARITY, DirtyBitmap, granularityBits, type 
 import type { BitmapStore, BitsChange, StoredBitmap } from './store.js';
 
 const log = logger('bitmaps');
+
+/**
+ * The unit in which write-intent grows a persistent bitmap on disk while the device runs: the
+ * first write into a 4 MiB region marks the whole region there (md-raid's bitmap chunk, smaller).
+ * After a crash a bitmap may so claim up to a region more per region written (an incremental
+ * backup copies that much more); a clean close stores the exact bits.
+ */
+export const INTENT_REGION = 4 * 1024 * 1024;
 
 /** Longest bitmap name in UTF-8 bytes (qcow2's limit, QEMU's BME_MAX_NAME_SIZE). */
 export const MAX_BITMAP_NAME_BYTES = 1023;
@@ -42,6 +54,8 @@ export const DEFAULT_BITMAP_LIMITS: BitmapSetLimits = { maxBitmaps: 256, maxMemo
 export interface OpenSetOptions extends Partial<BitmapSetLimits> {
   /** Bitmaps to start with that nothing stores (a read-only image's). */
   transient?: StoredBitmap[];
+  /** Bytes by which write-intent grows a bitmap on disk (default INTENT_REGION; 0: the granule). */
+  intentRegion?: number;
 }
 
 export interface BitmapInfo {
@@ -65,7 +79,13 @@ export interface AddOptions {
 
 interface Entry {
   name: string;
+  /** The granules written since the last clear: what is served, frozen and stored at close. */
   bits: DirtyBitmap;
+  /**
+   * A persistent bitmap's bits as the store has them (the object the store was given or loaded):
+   * ⊇ `bits`, grown by whole intent regions. `bits` itself for a transient bitmap.
+   */
+  durable: DirtyBitmap;
   enabled: boolean;
   persistent: boolean;
   busy: boolean;
@@ -81,6 +101,7 @@ export class BitmapSet extends EventEmitter {
   private readonly entries = new Map<string, Entry>();
   /** Reused by `mark` (the hot path allocates nothing when no granule turns dirty). */
   private readonly scratchRuns: GranuleRun[] = [];
+  private readonly scratchDurable: GranuleRun[] = [];
 
   /** Runs gathered in this turn for the next `writeBits`. */
   private pendingChanges = new Map<string, { entry: Entry; runs: GranuleRun[] }>();
@@ -96,6 +117,7 @@ export class BitmapSet extends EventEmitter {
     size: number,
     store: BitmapStore | null,
     readonly limits: BitmapSetLimits,
+    private readonly intentRegion: number,
   ) {
     super();
     this.size = size;
@@ -107,14 +129,14 @@ export class BitmapSet extends EventEmitter {
    * the limits: they exist already), plus `options.transient` bitmaps to start with.
    */
   static async open(size: number, store: BitmapStore | null, options: OpenSetOptions = {}): Promise<BitmapSet> {
-    const { transient = [], ...limits } = options;
-    const set = new BitmapSet(size, store, { ...DEFAULT_BITMAP_LIMITS, ...limits });
+    const { transient = [], intentRegion = INTENT_REGION, ...limits } = options;
+    const set = new BitmapSet(size, store, { ...DEFAULT_BITMAP_LIMITS, ...limits }, intentRegion);
     for (const b of store ? await store.load() : []) {
-      set.entries.set(b.name, { name: b.name, bits: b.bits, enabled: b.enabled, persistent: true, busy: false });
+      set.entries.set(b.name, { name: b.name, bits: b.bits.copy(), durable: b.bits, enabled: b.enabled, persistent: true, busy: false });
     }
     for (const b of transient) {
       if (set.entries.has(b.name)) throw new NbddError(Errno.EEXIST, `bitmap '${b.name}' is stored twice`);
-      set.entries.set(b.name, { name: b.name, bits: b.bits, enabled: b.enabled, persistent: false, busy: false });
+      set.entries.set(b.name, { name: b.name, bits: b.bits, durable: b.bits, enabled: b.enabled, persistent: false, busy: false });
     }
     return set;
   }
@@ -162,7 +184,15 @@ export class BitmapSet extends EventEmitter {
     for (const e of this.entries.values()) {
       if (!e.enabled) continue;
       runs.length = 0;
-      if (e.bits.markRange(offset, length, runs) > 0 && e.persistent && this.store) wait = this.queueIntent(e, runs.slice());
+      if (e.bits.markRange(offset, length, runs) > 0 && e.persistent && this.store) {
+        // Newly dirty granules: durable already, unless their region is new to the store.
+        const region = Math.max(this.intentRegion, e.durable.granularity);
+        const from = Math.floor(offset / region) * region;
+        const to = Math.min(Math.ceil((offset + length) / region) * region, this.size);
+        const grown = this.scratchDurable;
+        grown.length = 0;
+        if (e.durable.markRange(from, to - from, grown) > 0) wait = this.queueIntent(e, grown.slice());
+      }
     }
     if (this.listenerCount('dirty') > 0) this.emit('dirty', offset, length);
     if (wait) return wait;
@@ -187,7 +217,7 @@ export class BitmapSet extends EventEmitter {
       this.pendingDurable = null;
       const list: BitsChange[] = [...changes.values()]
         .filter(({ entry }) => this.entries.get(entry.name) === entry && entry.persistent)
-        .map(({ entry, runs }) => ({ name: entry.name, bits: entry.bits, runs }));
+        .map(({ entry, runs }) => ({ name: entry.name, bits: entry.durable, runs }));
       return this.storeOp(() => this.store!.writeBits(list)).then(
         () => {
           this.failed = false;
@@ -236,16 +266,17 @@ export class BitmapSet extends EventEmitter {
     if (this.entries.has(name)) throw new NbddError(Errno.EEXIST, `bitmap '${name}' already exists`);
     const granularity = options.granularity ?? DEFAULT_GRANULARITY;
     granularityBits(granularity);
-    this.checkRoomFor(name, granularity);
     const persistent = options.persistent ?? this.store !== null;
+    this.checkRoomFor(name, granularity, persistent);
     if (persistent && !this.store) {
       throw new NbddError(Errno.ENOTSUP, `bitmap '${name}' cannot be persistent: this disk has no bitmap store (use --bitmap-store)`);
     }
-    const e: Entry = { name, bits: new DirtyBitmap(this.size, granularity), enabled: options.enabled ?? true, persistent, busy: false };
+    const bits = new DirtyBitmap(this.size, granularity);
+    const e: Entry = { name, bits, durable: persistent ? new DirtyBitmap(this.size, granularity) : bits, enabled: options.enabled ?? true, persistent, busy: false };
     this.entries.set(name, e);
     if (persistent) {
       try {
-        await this.storeOp(() => this.store!.add({ name, granularity, enabled: e.enabled }, e.bits));
+        await this.storeOp(() => this.store!.add({ name, granularity, enabled: e.enabled }, e.durable));
       } catch (err) {
         if (this.entries.get(name) === e) this.entries.delete(name);
         undo(e);
@@ -266,7 +297,10 @@ export class BitmapSet extends EventEmitter {
     const e = this.entry(name);
     this.assertNotBusy(e);
     e.bits.clear();
-    if (e.persistent) await this.storeOp(() => this.store!.writeAll(name, e.bits));
+    if (e.persistent) {
+      e.durable.clear();
+      await this.storeOp(() => this.store!.writeAll(name, e.durable));
+    }
   }
 
   async enable(name: string): Promise<void> {
@@ -289,8 +323,11 @@ export class BitmapSet extends EventEmitter {
     const t = this.entry(target);
     this.assertNotBusy(t);
     const srcs = sources.map((s) => this.entry(s));
-    for (const s of srcs) t.bits.merge(s.bits);
-    if (t.persistent) await this.storeOp(() => this.store!.writeAll(target, t.bits));
+    for (const s of srcs) {
+      t.bits.merge(s.bits);
+      if (t.durable !== t.bits) t.durable.merge(s.bits);
+    }
+    if (t.persistent) await this.storeOp(() => this.store!.writeAll(target, t.durable));
   }
 
   /**
@@ -311,6 +348,7 @@ export class BitmapSet extends EventEmitter {
       for (const e of wasEnabled) {
         e.enabled = true;
         e.bits.merge(failed.bits);
+        if (e.durable !== e.bits) e.durable.merge(failed.bits);
       }
     });
     const persisted = wasEnabled.filter((e) => e.persistent).map((e) => this.storeOp(() => this.store!.setEnabled(e.name, false)));
@@ -352,15 +390,16 @@ export class BitmapSet extends EventEmitter {
   }
 
   /** Refuses, before allocating anything, a bitmap past the count or memory limit. */
-  private checkRoomFor(name: string, granularity: number): void {
+  private checkRoomFor(name: string, granularity: number, persistent: boolean): void {
     const { maxBitmaps, maxMemoryBytes } = this.limits;
     if (this.entries.size >= maxBitmaps) {
       throw new NbddError(Errno.ENOSPC, `bitmap '${name}': this device has ${this.entries.size} bitmaps, the most it keeps (--max-bitmaps ${maxBitmaps})`);
     }
-    const bytes = DirtyBitmap.bytesFor(this.size, granularity);
-    const used = [...this.entries.values()].reduce((n, e) => n + e.bits.byteLength, 0);
-    if (bytes > BITMAP_LIMITS.maxDataBytes || used + bytes > maxMemoryBytes) {
-      const limit = bytes > BITMAP_LIMITS.maxDataBytes ? `more than the ${formatSize(BITMAP_LIMITS.maxDataBytes)} one bitmap may have` : `and the device's bitmaps have ${formatSize(used)} of ${formatSize(maxMemoryBytes)}`;
+    const bits = DirtyBitmap.bytesFor(this.size, granularity);
+    const bytes = persistent ? 2 * bits : bits; // a persistent bitmap also keeps what its store holds
+    const used = [...this.entries.values()].reduce((n, e) => n + e.bits.byteLength * (e.durable === e.bits ? 1 : 2), 0);
+    if (bits > BITMAP_LIMITS.maxDataBytes || used + bytes > maxMemoryBytes) {
+      const limit = bits > BITMAP_LIMITS.maxDataBytes ? `more than the ${formatSize(BITMAP_LIMITS.maxDataBytes)} one bitmap may have` : `and the device's bitmaps have ${formatSize(used)} of ${formatSize(maxMemoryBytes)}`;
       throw new NbddError(Errno.ENOMEM, `bitmap '${name}' at granularity ${granularity} needs ${formatSize(bytes)}, ${limit}; use a larger granularity`);
     }
   }

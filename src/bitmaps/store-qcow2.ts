@@ -212,9 +212,37 @@ export class Qcow2BitmapStore implements BitmapStore {
     });
   }
 
-  /** The bits are in sync already: nothing to store but a last sync. */
-  close(): Promise<void> {
-    return this.chain.run(() => this.host.port.fsync());
+  /**
+   * Clean close: the exact bits replace the intent regions write-intent stored (BitmapSet,
+   * INTENT_REGION) — in place, cluster by cluster where they differ, so a crash half way leaves
+   * each cluster either exact or the superset it was — then a last sync.
+   */
+  close(bitmaps: StoredBitmap[]): Promise<void> {
+    return this.chain.run(async () => {
+      const writes: FilePiece[] = [];
+      const relayout: string[] = [];
+      for (const b of bitmaps) {
+        const p = this.placed.get(b.name);
+        const stored = this.bits.get(b.name);
+        if (!p || !stored || stored === b.bits) continue;
+        for (let i = 0; i < p.table.length; i++) {
+          const first = i * this.cs;
+          const end = Math.min(first + this.cs, b.bits.byteLength);
+          const exact = b.bits.view(first, end);
+          if (Buffer.compare(exact, stored.view(first, end)) === 0) continue;
+          const e = p.table[i]!;
+          if (e.kind !== 'data') {
+            relayout.push(b.name); // cannot happen (exact ⊆ stored), but never lose a bit
+            break;
+          }
+          writes.push({ buf: Buffer.from(exact), offset: e.offset });
+        }
+        this.bits.set(b.name, b.bits);
+      }
+      await Promise.all(writes.map((w) => this.host.port.writeAt(w.buf, w.offset)));
+      if (relayout.length > 0) await this.rewrite(this.metas(), relayout);
+      await this.host.port.fsync();
+    });
   }
 
   /* ------------------------------------------------------------ internals */

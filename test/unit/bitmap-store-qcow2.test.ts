@@ -8,6 +8,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { DirtyBitmap } from '../../src/bitmaps/dirty-bitmap.js';
+import { BitmapSet } from '../../src/bitmaps/bitmap-set.js';
 import { BITMAP_AUTO, BITMAP_IN_USE, decodeBitmapDirectory, decodeBitmapTable, type BitmapsExtension } from '../../src/backends/qcow2/format/bitmaps.js';
 import { Qcow2BitmapStore, type Qcow2BitmapHost } from '../../src/bitmaps/store-qcow2.js';
 import { NodeFilePort, type FilePort } from '../../src/io/file-port.js';
@@ -80,6 +81,25 @@ describe('Qcow2BitmapStore', () => {
     await store.writeBits([{ name: 'on', bits: on, runs }, { name: 'gone', bits: on, runs }]);
     const dataAt = (tables[0]![0] as { offset: number }).offset;
     expect((await port.readAt(Buffer.alloc(1), dataAt + 100))[0]).toBe(1 << 3);
+  });
+
+  it('under a BitmapSet: intent regions on disk while it runs, the exact bits after a clean close (in place)', async () => {
+    const host = new FakeHost(port);
+    const set = await BitmapSet.open(DISK, new Qcow2BitmapStore(host));
+    await set.add('b', { granularity: 65536 });
+    const [entry] = await host.directory();
+    const [data] = decodeBitmapTable(await port.readAt(Buffer.alloc(8 * entry!.tableSize), entry!.tableOffset), entry!.tableSize, CS, await port.length());
+    const at = (data as { offset: number }).offset;
+    const stored = async (): Promise<number[]> => [...(await port.readAt(Buffer.alloc(16), at))];
+    await set.mark(65536 * 70, 1); // region 1 (granules 64..127)
+    expect(await stored()).toEqual([...Array(8).fill(0), ...Array(8).fill(0xff)]);
+    const allocated = host.next;
+    await set.close();
+    const exact = Array(16).fill(0);
+    exact[8] = 1 << 6; // granule 70
+    expect(await stored()).toEqual(exact);
+    expect(host.next).toBe(allocated); // written in place: no new clusters, no new directory
+    expect((await new Qcow2BitmapStore(host).load()).map((b) => [b.name, b.bits.count()])).toEqual([['b', 1]]);
   });
 
   it('trusts neither in_use bitmaps nor any bitmap of an image without the autoclear bit', async () => {

@@ -85,17 +85,34 @@ describe('SidecarFileStore and BitmapSet', () => {
     await store.close([]);
   });
 
-  it('write-intent bits are on disk before mark() resolves, without a clean close', async () => {
+  it('write-intent bits are on disk before mark() resolves, by whole 4 MiB regions; a clean close stores the exact bits', async () => {
     const size = 8 * MiB;
     const set = await BitmapSet.open(size, await SidecarFileStore.open(path, size));
     await set.add('b0', { granularity: 65536 });
-    await set.mark(65536 * 9, 1);
     // Read the file behind the daemon's back, as a restart after SIGKILL would.
-    const file = readFileSync(path);
-    const h = decodeHeader(file.subarray(0, HEADER_LENGTH));
-    const [entry] = decodeDirectory(file.subarray(HEADER_LENGTH, HEADER_LENGTH + h.directoryLength), h, file.length);
-    expect(file[entry!.dataOffset + 1]).toBe(0b10);
+    const onDisk = (): number[] => {
+      const file = readFileSync(path);
+      const h = decodeHeader(file.subarray(0, HEADER_LENGTH));
+      const [entry] = decodeDirectory(file.subarray(HEADER_LENGTH, HEADER_LENGTH + h.directoryLength), h, file.length);
+      return [...file.subarray(entry!.dataOffset, entry!.dataOffset + 16)];
+    };
+    await set.mark(65536 * 9, 1);
+    // Granule 9 lies in the first region (granules 0..63): all of it is dirty on disk.
+    expect(onDisk()).toEqual([...Array(8).fill(0xff), ...Array(8).fill(0)]);
+    // Another first touch in that region needs no store write; in memory the bits stay exact.
+    expect(set.mark(65536 * 40, 1)).toBeNull();
+    expect(set.info('b0').dirtyBytes).toBe(2 * 65536);
+    expect(onDisk()).toEqual([...Array(8).fill(0xff), ...Array(8).fill(0)]);
+    // The second region grows on disk at its first write.
+    await set.mark(65536 * 100, 1);
+    expect(onDisk()).toEqual(Array(16).fill(0xff));
     await set.close();
+    // Granules 9, 40 and 100: byte 1 bit 1, byte 5 bit 0, byte 12 bit 4.
+    const exact = Array(16).fill(0);
+    exact[1] = 0b10;
+    exact[5] = 0b1;
+    exact[12] = 0b10000;
+    expect(onDisk()).toEqual(exact);
   });
 
   it('refuses a second opener and a disk of another size', async () => {
@@ -113,7 +130,7 @@ describe('SidecarFileStore and BitmapSet', () => {
 describe('BitmapSet write-intent batching', () => {
   it('persists all granules dirtied in one turn with one writeBits, and group-commits later turns', async () => {
     const store = new CountingStore();
-    const set = await BitmapSet.open(16 * MiB, store);
+    const set = await BitmapSet.open(16 * MiB, store, { intentRegion: 0 }); // exact granules: the runs are countable
     await set.add('a', { granularity: 65536 });
     await set.add('b', { granularity: 4096 });
     const waits = [set.mark(0, 4096), set.mark(MiB, 4096), set.mark(2 * MiB, 8192)];
@@ -136,7 +153,7 @@ describe('BitmapSet write-intent batching', () => {
 
   it('fails the writes of a batch whose bits could not be stored, and retries them with the next write', async () => {
     const store = new CountingStore();
-    const set = await BitmapSet.open(MiB, store);
+    const set = await BitmapSet.open(MiB, store, { intentRegion: 0 });
     const errors: unknown[] = [];
     set.on('persist-error', (e) => errors.push(e));
     await set.add('a');

@@ -55,10 +55,11 @@ let store: HeldStore;
 let gate: GatedBackend;
 const violations: string[] = [];
 
-async function setup(): Promise<void> {
+/** intentRegion 0: write-intent stores exactly the granules written (the default stores regions). */
+async function setup(intentRegion = 0): Promise<void> {
   violations.length = 0;
   store = new HeldStore();
-  const bitmaps = await BitmapSet.open(SIZE, store);
+  const bitmaps = await BitmapSet.open(SIZE, store, { intentRegion });
   await bitmaps.add('b0', { granularity: G });
   // The backend below dirty tracking checks the invariant at every mutating call it receives.
   gate = new GatedBackend(new TestBackend(SIZE));
@@ -144,6 +145,26 @@ describe('write-intent through the queue', () => {
     store.calls.splice(0)[0]!.fail(new Error('disk on fire'));
     await expect(doomed).rejects.toMatchObject({ errno: Errno.EIO });
     expect(gate.issued.filter((c) => c.offset === 2 * G)).toHaveLength(0);
+    expect(violations).toEqual([]);
+  });
+
+  it('default intent regions: the first write into a region stores the whole region; later first touches in it go straight through', async () => {
+    await setup(256 * 1024); // 4 granules a region in this 1 MiB disk
+    const first = queue.write(G + 100, data(512));
+    await turns();
+    expect(store.calls).toHaveLength(1);
+    expect(store.calls[0]!.granules.sort((a, b) => a - b)).toEqual([0, 1, 2, 3]);
+    expect(gate.issued).toHaveLength(0);
+    store.releaseAll();
+    await first;
+    await queue.write(3 * G, data(G)); // granule 3: clean in memory, durable on disk already
+    expect(store.calls).toHaveLength(0);
+    const next = queue.write(4 * G, data(512)); // region 1: held until granules 4..7 are durable
+    await turns();
+    expect(store.calls[0]!.granules.sort((a, b) => a - b)).toEqual([4, 5, 6, 7]);
+    expect(gate.issued.filter((c) => c.offset === 4 * G)).toHaveLength(0);
+    store.releaseAll();
+    await next;
     expect(violations).toEqual([]);
   });
 });
