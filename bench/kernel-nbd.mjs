@@ -28,7 +28,7 @@
  * BENCH_STRACE=1 counts the daemon's system calls per job (`strace -c -f`) into bench/profiles/;
  * BENCH_THREADS=1 saves each server's CPU ticks per thread (cumulative, at each job's end) there.
  * For experiments: BENCH_NBDD_ENV ("NAME=value ...") is set for the daemon, BENCH_NODE_FLAGS are
- * given to its node.
+ * given to its node instead of nbdd's own (src/core/node-flags.ts).
  */
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { runnerImport } from 'vite';
@@ -84,7 +84,7 @@ getconf CLK_TCK > $WORK/hz
 ${
   SERVERS.includes('nbdd')
     ? `# The daemon is started with this node's own flags (process.execArgv).
-${process.env.BENCH_NBDD_ENV ?? ''} node ${process.env.BENCH_NODE_FLAGS ?? ''} ${profile ? `--cpu-prof --cpu-prof-dir=$WORK --cpu-prof-interval=${process.env.BENCH_PROFILE_INTERVAL ?? 5000} ` : ''}$REPO/bin/nbdd attach nbdd.img --name bench --connections ${connections} --json > attach.json
+${process.env.BENCH_NBDD_ENV ?? ''} node ${process.env.BENCH_NODE_FLAGS ?? '--max-semi-space-size=4'} ${profile ? `--cpu-prof --cpu-prof-dir=$WORK --cpu-prof-interval=${process.env.BENCH_PROFILE_INTERVAL ?? 5000} ` : ''}$REPO/bin/nbdd attach nbdd.img --name bench --connections ${connections} --json > attach.json
 dev_nbdd=$(sed 's/.*"device":"\\([^"]*\\)".*/\\1/' attach.json)
 pid_nbdd=$(sed 's/.*"pid":\\([0-9]*\\).*/\\1/' attach.json)`
     : ''
@@ -92,7 +92,7 @@ pid_nbdd=$(sed 's/.*"pid":\\([0-9]*\\).*/\\1/' attach.json)`
 ${
   SERVERS.includes('ublk')
     ? `cp nbdd.img ublk.img
-${process.env.BENCH_UBLK_ENV ?? ''} node $REPO/bin/nbdd attach ublk.img --driver ublk --name bench-ublk --queues ${ublkQueues} --json > attach-ublk.json
+${process.env.BENCH_UBLK_ENV ?? ''} $REPO/bin/nbdd attach ublk.img --driver ublk --name bench-ublk --queues ${ublkQueues} --json > attach-ublk.json
 dev_ublk=$(sed 's/.*"device":"\\([^"]*\\)".*/\\1/' attach-ublk.json)
 pid_ublk=$(sed 's/.*"pid":\\([0-9]*\\).*/\\1/' attach-ublk.json)`
     : ''
@@ -100,7 +100,7 @@ pid_ublk=$(sed 's/.*"pid":\\([0-9]*\\).*/\\1/' attach-ublk.json)`
 ${
   SERVERS.includes('ublk-thread')
     ? `cp nbdd.img ublk-thread.img
-node $REPO/bin/nbdd attach ublk-thread.img --driver ublk --queue-threads --name bench-ublk-thread --queues ${ublkQueues} --json > attach-ublk-thread.json
+$REPO/bin/nbdd attach ublk-thread.img --driver ublk --queue-threads --name bench-ublk-thread --queues ${ublkQueues} --json > attach-ublk-thread.json
 dev_ublk_thread=$(sed 's/.*"device":"\\([^"]*\\)".*/\\1/' attach-ublk-thread.json)
 pid_ublk_thread=$(sed 's/.*"pid":\\([0-9]*\\).*/\\1/' attach-ublk-thread.json)`
     : ''
@@ -115,11 +115,11 @@ pid_qemu_nbd=$(pgrep -n qemu-nbd)`
 }
 ${Array.from({ length: rounds }, (_, round) => JOBS.map((j) => SERVERS.map((s) => fio(s, j, round + 1)).join('\n')).join('\n')).join('\n')}
 ${SERVERS.includes('qemu-nbd') ? 'qemu-nbd --disconnect $dev_qemu_nbd' : ''}
-${SERVERS.includes('ublk') ? 'node $REPO/bin/nbdd detach bench-ublk' : ''}
-${SERVERS.includes('ublk-thread') ? 'node $REPO/bin/nbdd detach bench-ublk-thread' : ''}
+${SERVERS.includes('ublk') ? '$REPO/bin/nbdd detach bench-ublk' : ''}
+${SERVERS.includes('ublk-thread') ? '$REPO/bin/nbdd detach bench-ublk-thread' : ''}
 ${
   SERVERS.includes('nbdd')
-    ? `node $REPO/bin/nbdd detach bench
+    ? `$REPO/bin/nbdd detach bench
 # The daemon writes its profile when it exits.
 while kill -0 $pid_nbdd 2>/dev/null; do sleep 0.2; done`
     : ''

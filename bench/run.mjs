@@ -173,7 +173,7 @@ const SERVERS = {
   nbdd: {
     formats: ['raw', 'qcow2'],
     argv: (image, socket, c) => [
-      process.execPath, join(ROOT, 'bin/nbdd'), 'serve', image.path, '--socket', socket,
+      join(ROOT, 'bin/nbdd'), 'serve', image.path, '--socket', socket, // through its first line: node with nbdd's flags
       ...(c.connections > 1 ? ['--connections', String(c.connections)] : []),
     ],
     check: () => {

@@ -145,7 +145,7 @@ async function startServer(argv, socket) {
 }
 
 const SERVERS = {
-  nbdd: (image, socket) => [process.execPath, NBDD, 'serve', image.path, '--socket', socket],
+  nbdd: (image, socket) => [NBDD, 'serve', image.path, '--socket', socket], // through its first line: node with nbdd's flags
   'qemu-nbd': (image, socket, clients) => [
     'qemu-nbd', '-t', '-k', socket, ...(clients > 1 ? ['-e', String(clients)] : []),
     '-f', image.format, '--cache=writeback', '--aio=threads', image.path,
@@ -201,7 +201,7 @@ async function runCell(server, image, job, dir, prefill) {
 async function bitmapCheck(path, dir) {
   const name = `scale-${process.pid}`;
   const socket = join(dir, 'check.sock');
-  const child = await startServer([process.execPath, NBDD, 'serve', path, '-r', '--socket', socket, '--name', name], socket);
+  const child = await startServer([NBDD, 'serve', path, '-r', '--socket', socket, '--name', name], socket);
   try {
     const list = JSON.parse(run(process.execPath, [NBDD, 'bitmap', 'list', name, '--json']));
     return { count: list.length, enabled: list.filter((b) => b.enabled).length, minDirty: Math.min(...list.map((b) => b.dirtyBytes)) };

@@ -10,12 +10,13 @@ import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Command } from 'commander';
 import { Errno, NbddError } from '../core/errors.js';
+import { NODE_FLAGS } from '../core/node-flags.js';
 
 export const UNITS = ['nbdd@.service', 'nbdd-serve@.socket', 'nbdd-serve@.service'] as const;
 /** The units shipped in the package (dist/cli → ../../systemd). */
 const UNIT_DIR = fileURLToPath(new URL('../../systemd/', import.meta.url));
-/** This nbdd as a command line: node and the bin/nbdd script, both absolute (systemd wants that). */
-const NBDD_COMMAND = `${process.execPath} ${resolve(fileURLToPath(new URL('../../bin/nbdd', import.meta.url)))}`;
+/** This nbdd as a command line: node (with nbdd's flags) and the bin/nbdd script, both absolute (systemd wants that). */
+const NBDD_COMMAND = [process.execPath, ...NODE_FLAGS, resolve(fileURLToPath(new URL('../../bin/nbdd', import.meta.url)))].join(' ');
 
 /** A unit's text with ExecStart pointing at `command`. */
 export function unitText(unit: (typeof UNITS)[number], command = NBDD_COMMAND): string {

@@ -8,6 +8,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { NODE_FLAGS } from '../../src/core/node-flags.js';
 import { listenFds, sdNotify } from '../../src/sys/systemd.js';
 import { NotifySocket } from '../helpers/notify-socket.js';
 import { runAsync, runAsyncOk } from '../helpers/run-async.js';
@@ -37,7 +38,7 @@ describe('units', () => {
     expect(r.status, r.stderr).toBe(0);
     expect(existsSync(join(dir.path, 'etc-nbdd'))).toBe(true);
     const service = readFileSync(join(units, 'nbdd@.service'), 'utf8');
-    expect(service).toMatch(new RegExp(`^ExecStart=${process.execPath} /\\S+/bin/nbdd attach --foreground --name %i \\$NBDD_OPTIONS \\$\\{IMAGE\\}$`, 'm'));
+    expect(service).toMatch(new RegExp(`^ExecStart=${process.execPath} ${NODE_FLAGS.join(' ')} /\\S+/bin/nbdd attach --foreground --name %i \\$NBDD_OPTIONS \\$\\{IMAGE\\}$`, 'm'));
     expect(service).toMatch(/^Type=notify$/m);
     // verify wants instances of the templates.
     for (const [template, instance] of [['nbdd@.service', 'nbdd@disk0.service'], ['nbdd-serve@.service', 'nbdd-serve@disk0.service'], ['nbdd-serve@.socket', 'nbdd-serve@disk0.socket']]) {

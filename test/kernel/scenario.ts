@@ -12,7 +12,7 @@ import { describeRun, runInVm, type VmOptions, type VmResult } from './vm.js';
 export const PRELUDE = `
 PS4='+\${SECONDS}s '
 set -x
-nbdd() { node "$REPO/bin/nbdd" "$@"; }
+nbdd() { "$REPO/bin/nbdd" "$@"; } # through its first line: node with nbdd's flags
 record() { local name=$1; shift; "$@" > "$WORK/$name.out" 2> "$WORK/$name.err"; echo $? > "$WORK/$name.rc"; }
 daemon_pid() { grep '"pid"' "/run/nbdd/$1.json" | tr -dc 0-9; }
 cd /tmp
