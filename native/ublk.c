@@ -1,5 +1,5 @@
 /*
- * nbdd ublk shim: the two things JavaScript cannot do for a ublk server (docs/kernel.md, "ublk").
+ * nbdd ublk shim: what JavaScript cannot do for a ublk server (docs/kernel.md, "ublk").
  *
  *   - ctrl(): one control command on /dev/ublk-control. The driver wants an io_uring set up with
  *     IORING_SETUP_SQE128, and commands may block for a long time (START_DEV waits for every
@@ -7,9 +7,11 @@
  *     runs on a libuv pool thread (napi_async_work): open, ring, submit, wait, close. The event
  *     loop stays free to serve the I/O a command causes. Encoding of the command (opcode numbers,
  *     the 32-byte header's fields and the payload buffer) is JavaScript's (src/ublk/control.ts).
- *   - queueStart(): one pthread per hardware queue that owns its io_uring for the queue's whole
- *     life (≤ 6.15 the kernel accepts a queue's FETCH/COMMIT commands only from one task). The
- *     thread mmaps the queue's I/O descriptors, issues FETCH_REQ for every tag and then loops:
+ *   - loopQueueStart() (the default): a hardware queue whose io_uring the event-loop thread owns,
+ *     polled by libuv; no thread of its own (below, "queues served on the event-loop thread").
+ *   - queueStart() (`attach --queue-threads`): one pthread per hardware queue that owns its
+ *     io_uring for the queue's whole life (≤ 6.15 the kernel accepts a queue's FETCH/COMMIT
+ *     commands only from one task). The thread mmaps the queue's I/O descriptors, issues FETCH_REQ for every tag and then loops:
  *     one blocking io_uring_enter, reap every CQE, hand all new requests to JavaScript as ONE
  *     threadsafe-function call, and turn the completions JavaScript returned (complete(): pairs
  *     of tag and result, pushed under a mutex, then one eventfd write) into COMMIT_AND_FETCH_REQ
@@ -339,10 +341,93 @@ static napi_value js_ctrl(napi_env env, napi_callback_info info) {
   return promise;
 }
 
-/* ---- queue threads ------------------------------------------------------------------------- */
+/* ---- what both queue carriers share ------------------------------------------------------- */
 
 enum { TAG_KERNEL = 0, TAG_USER = 1, TAG_DONE = 2 };
 enum { MSG_READY = 0, MSG_REQUESTS = 1, MSG_EXITED = 2 };
+
+/* One hardware queue: the arguments both constructors start with. */
+typedef struct {
+  int32_t fd; /* /dev/ublkcN */
+  uint16_t qid;
+  uint32_t depth, max_io, fetch_op, commit_op;
+  uint8_t *buf; /* depth × max_io bytes: tag t's I/O buffer at t × max_io */
+} queue_args_t;
+
+/* (cdevFd, qid, depth, maxIo, buffer, fetchOp, commitOp) from argv[0..6]; false after throwing. */
+static bool parse_queue_args(napi_env env, napi_value *argv, queue_args_t *a) {
+  uint32_t qid;
+  void *buf;
+  size_t buf_len;
+  if (napi_get_value_int32(env, argv[0], &a->fd) != napi_ok || napi_get_value_uint32(env, argv[1], &qid) != napi_ok ||
+      napi_get_value_uint32(env, argv[2], &a->depth) != napi_ok || napi_get_value_uint32(env, argv[3], &a->max_io) != napi_ok ||
+      napi_get_value_uint32(env, argv[5], &a->fetch_op) != napi_ok || napi_get_value_uint32(env, argv[6], &a->commit_op) != napi_ok ||
+      napi_get_buffer_info(env, argv[4], &buf, &buf_len) != napi_ok || a->depth == 0 || a->depth > UBLK_MAX_QUEUE_DEPTH ||
+      a->max_io == 0 || buf_len < (size_t)a->depth * a->max_io || qid > 0xffff) {
+    napi_throw_range_error(env, NULL, "nbdd_ublk: a queue needs numbers, 1 <= depth <= 4096 and a Buffer of depth * maxIo bytes");
+    return false;
+  }
+  a->qid = (uint16_t)qid;
+  a->buf = buf;
+  return true;
+}
+
+/* The queue's I/O descriptors, mapped read-only (MAP_FAILED and errno on failure). */
+static const struct nbdd_ublk_iod *map_iods(const queue_args_t *a, size_t *len) {
+  long page = sysconf(_SC_PAGESIZE);
+  *len = ((size_t)a->depth * sizeof(struct nbdd_ublk_iod) + page - 1) / page * page;
+  off_t off = (off_t)a->qid * (off_t)(((size_t)UBLK_MAX_QUEUE_DEPTH * sizeof(struct nbdd_ublk_iod) + page - 1) / page * page);
+  return mmap(NULL, *len, PROT_READ, MAP_SHARED | MAP_POPULATE, a->fd, off);
+}
+
+/* Queues FETCH_REQ (op = fetch_op) or COMMIT_AND_FETCH_REQ (commit_op, with result) for a tag. */
+static int queue_io_cmd(mini_ring_t *r, const queue_args_t *a, uint32_t op, uint32_t tag, int32_t result) {
+  struct io_uring_sqe *sqe = mini_ring_sqe(r);
+  if (!sqe) return -ENOSPC; /* cannot happen: the SQ has a slot per tag, and a tag one command */
+  uring_cmd_sqe(sqe, a->fd, op, tag);
+  struct nbdd_ublk_io_cmd c = {.q_id = a->qid, .tag = (uint16_t)tag, .result = result, .addr = (uint64_t)(uintptr_t)(a->buf + (size_t)tag * a->max_io)};
+  memcpy(sqe_cmd(sqe), &c, sizeof c);
+  return 0;
+}
+
+/*
+ * Reaps every CQE: a new request (res 0) becomes a record of REC_WORDS words in `recs` and its
+ * tag is JavaScript's; an aborted command (the device is stopping) ends its tag (counted in
+ * *done). The CQE of the eventfd read (thread carrier) sets *woken. Returns the records written.
+ */
+static uint32_t reap(mini_ring_t *r, const queue_args_t *a, const struct nbdd_ublk_iod *iods, uint8_t *state, uint32_t *recs, uint32_t *done, int *woken) {
+  uint32_t nrec = 0;
+  unsigned head = *r->cq_head, tail = __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE);
+  for (; head != tail; head++) {
+    const struct io_uring_cqe *cqe = &r->cqes[head & r->cq_mask];
+    if (cqe->user_data == EFD_USER_DATA) {
+      if (woken) *woken = 1;
+      continue;
+    }
+    uint32_t tag = (uint32_t)cqe->user_data;
+    if (tag >= a->depth) continue;
+    if (cqe->res == 0) {
+      const struct nbdd_ublk_iod *d = &iods[tag];
+      uint32_t *rec = &recs[nrec++ * REC_WORDS];
+      rec[0] = tag;
+      rec[1] = __atomic_load_n(&d->op_flags, __ATOMIC_ACQUIRE);
+      rec[2] = d->nr_sectors;
+      rec[3] = (uint32_t)d->start_sector;
+      rec[4] = (uint32_t)(d->start_sector >> 32);
+      state[tag] = TAG_USER;
+    } else if (state[tag] != TAG_DONE) {
+      /* UBLK_IO_RES_ABORT: the device is stopping; anything else is misuse. Either way the tag
+       * has no command in the kernel any more. */
+      if (cqe->res != UBLK_IO_RES_ABORT) fprintf(stderr, "nbdd ublk q%u tag %u: command failed: %s\n", a->qid, tag, strerror(-cqe->res));
+      state[tag] = TAG_DONE;
+      (*done)++;
+    }
+  }
+  __atomic_store_n(r->cq_head, head, __ATOMIC_RELEASE);
+  return nrec;
+}
+
+/* ---- queue threads ------------------------------------------------------------------------- */
 
 typedef struct {
   int kind;
@@ -358,10 +443,8 @@ typedef struct {
   pthread_t thread;
   int thread_started;
 
-  int cdev_fd, efd;
-  uint16_t qid;
-  uint32_t depth, max_io, fetch_op, commit_op;
-  uint8_t *buf;
+  queue_args_t a;
+  int efd;
   napi_ref buf_ref;
   napi_threadsafe_function tsfn;
 
@@ -393,46 +476,41 @@ static void post(queue_t *q, int kind, int code, int extra, const uint32_t *recs
   if (napi_call_threadsafe_function(q->tsfn, m, napi_tsfn_blocking) != napi_ok) free(m);
 }
 
+/* The eventfd read that wakes the thread when JavaScript has queued results. */
+static void queue_efd_read(mini_ring_t *r, int efd, uint64_t *val) {
+  struct io_uring_sqe *sqe = mini_ring_sqe(r);
+  sqe->opcode = IORING_OP_READ;
+  sqe->fd = efd;
+  sqe->addr = (uint64_t)(uintptr_t)val;
+  sqe->len = sizeof *val;
+  sqe->user_data = EFD_USER_DATA;
+}
+
 static void *queue_main(void *arg) {
   queue_t *q = arg;
+  const queue_args_t *a = &q->a;
   int flusher_err = prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) == 0 ? 0 : errno;
-  long page = sysconf(_SC_PAGESIZE);
-  size_t iod_len = ((size_t)q->depth * sizeof(struct nbdd_ublk_iod) + page - 1) / page * page;
-  off_t iod_off = (off_t)q->qid * (off_t)(((size_t)UBLK_MAX_QUEUE_DEPTH * sizeof(struct nbdd_ublk_iod) + page - 1) / page * page);
-  uint8_t *state = calloc(q->depth, 1);
-  uint32_t *recs = malloc((size_t)q->depth * REC_WORDS * sizeof(uint32_t));
-  uint32_t *taken = malloc((size_t)q->depth * 2 * sizeof(uint32_t));
+  size_t iod_len = 0;
+  uint8_t *state = calloc(a->depth, 1);
+  uint32_t *recs = malloc((size_t)a->depth * REC_WORDS * sizeof(uint32_t));
+  uint32_t *taken = malloc((size_t)a->depth * 2 * sizeof(uint32_t));
   mini_ring_t r = {.fd = -1};
   const struct nbdd_ublk_iod *iods = MAP_FAILED;
-  int code = 0;
+  int code = 0, err = 0;
   if (!state || !recs || !taken) {
     code = -ENOMEM;
     goto out;
   }
-  iods = mmap(NULL, iod_len, PROT_READ, MAP_SHARED | MAP_POPULATE, q->cdev_fd, iod_off);
+  iods = map_iods(a, &iod_len);
   if (iods == MAP_FAILED) {
     code = -errno;
     goto out;
   }
-  int err = mini_ring_setup(&r, q->depth + 1, IORING_SETUP_COOP_TASKRUN);
-  if (err) {
-    code = err;
-    goto out;
-  }
+  err = mini_ring_setup(&r, a->depth + 1, IORING_SETUP_COOP_TASKRUN);
   uint64_t efd_val;
-  struct io_uring_sqe *sqe = mini_ring_sqe(&r);
-  sqe->opcode = IORING_OP_READ;
-  sqe->fd = q->efd;
-  sqe->addr = (uint64_t)(uintptr_t)&efd_val;
-  sqe->len = sizeof efd_val;
-  sqe->user_data = EFD_USER_DATA;
-  for (uint32_t tag = 0; tag < q->depth; tag++) {
-    sqe = mini_ring_sqe(&r);
-    uring_cmd_sqe(sqe, q->cdev_fd, q->fetch_op, tag);
-    struct nbdd_ublk_io_cmd c = {.q_id = q->qid, .tag = (uint16_t)tag, .result = 0, .addr = (uint64_t)(uintptr_t)(q->buf + (size_t)tag * q->max_io)};
-    memcpy(sqe_cmd(sqe), &c, sizeof c);
-  }
-  err = mini_ring_enter(&r, 0);
+  if (!err) queue_efd_read(&r, q->efd, &efd_val);
+  for (uint32_t tag = 0; !err && tag < a->depth; tag++) err = queue_io_cmd(&r, a, a->fetch_op, tag, 0);
+  if (!err) err = mini_ring_enter(&r, 0);
   if (err) {
     code = err;
     goto out;
@@ -446,42 +524,15 @@ static void *queue_main(void *arg) {
       code = err;
       break;
     }
-    uint32_t nrec = 0;
     int woken = 0;
-    unsigned head = *r.cq_head, tail = __atomic_load_n(r.cq_tail, __ATOMIC_ACQUIRE);
-    for (; head != tail; head++) {
-      const struct io_uring_cqe *cqe = &r.cqes[head & r.cq_mask];
-      if (cqe->user_data == EFD_USER_DATA) {
-        woken = 1;
-        continue;
-      }
-      uint32_t tag = (uint32_t)cqe->user_data;
-      if (tag >= q->depth) continue;
-      if (cqe->res == 0) {
-        const struct nbdd_ublk_iod *d = &iods[tag];
-        uint32_t *rec = &recs[nrec++ * REC_WORDS];
-        rec[0] = tag;
-        rec[1] = __atomic_load_n(&d->op_flags, __ATOMIC_ACQUIRE);
-        rec[2] = d->nr_sectors;
-        rec[3] = (uint32_t)d->start_sector;
-        rec[4] = (uint32_t)(d->start_sector >> 32);
-        state[tag] = TAG_USER;
-      } else if (state[tag] != TAG_DONE) {
-        /* UBLK_IO_RES_ABORT: the device is stopping; anything else is misuse. Either way the tag
-         * has no command in the kernel any more. */
-        if (cqe->res != UBLK_IO_RES_ABORT) fprintf(stderr, "nbdd ublk q%u tag %u: command failed: %s\n", q->qid, tag, strerror(-cqe->res));
-        state[tag] = TAG_DONE;
-        done++;
-      }
-    }
-    __atomic_store_n(r.cq_head, head, __ATOMIC_RELEASE);
+    uint32_t nrec = reap(&r, a, iods, state, recs, &done, &woken);
     if (nrec) post(q, MSG_REQUESTS, 0, 0, recs, nrec);
 
     if (woken) {
       pthread_mutex_lock(&q->mu);
       uint32_t n = q->npending;
       int quit = q->quit;
-      if (n > q->depth) n = q->depth; /* JavaScript never has more than depth requests */
+      if (n > a->depth) n = a->depth; /* JavaScript never has more than depth requests */
       memcpy(taken, q->pending, (size_t)n * 2 * sizeof(uint32_t));
       q->npending = 0;
       pthread_mutex_unlock(&q->mu);
@@ -491,22 +542,13 @@ static void *queue_main(void *arg) {
       }
       for (uint32_t i = 0; i < n; i++) {
         uint32_t tag = taken[2 * i];
-        if (tag >= q->depth || state[tag] != TAG_USER) continue;
-        sqe = mini_ring_sqe(&r);
-        if (!sqe) break; /* cannot happen: depth + 1 SQEs, one command per tag plus the eventfd read */
-        uring_cmd_sqe(sqe, q->cdev_fd, q->commit_op, tag);
-        struct nbdd_ublk_io_cmd c = {.q_id = q->qid, .tag = (uint16_t)tag, .result = (int32_t)taken[2 * i + 1], .addr = (uint64_t)(uintptr_t)(q->buf + (size_t)tag * q->max_io)};
-        memcpy(sqe_cmd(sqe), &c, sizeof c);
+        if (tag >= a->depth || state[tag] != TAG_USER) continue;
+        if (queue_io_cmd(&r, a, a->commit_op, tag, (int32_t)taken[2 * i + 1])) break;
         state[tag] = TAG_KERNEL;
       }
-      sqe = mini_ring_sqe(&r);
-      sqe->opcode = IORING_OP_READ;
-      sqe->fd = q->efd;
-      sqe->addr = (uint64_t)(uintptr_t)&efd_val;
-      sqe->len = sizeof efd_val;
-      sqe->user_data = EFD_USER_DATA;
+      queue_efd_read(&r, q->efd, &efd_val); /* depth + 1 SQEs: one command per tag plus this read */
     }
-    if (done == q->depth) break; /* every tag aborted: the device stopped */
+    if (done == a->depth) break; /* every tag aborted: the device stopped */
   }
 out:
   /* Closing the ring cancels the commands still in it (the kernel's ublk cancel callback). */
@@ -580,27 +622,15 @@ static napi_value js_queue_start(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, NULL, "nbdd_ublk.queueStart: 8 arguments");
     return NULL;
   }
-  int32_t fd;
-  uint32_t qid, depth, max_io, fetch_op, commit_op;
-  CHECK(napi_get_value_int32(env, argv[0], &fd));
-  CHECK(napi_get_value_uint32(env, argv[1], &qid));
-  CHECK(napi_get_value_uint32(env, argv[2], &depth));
-  CHECK(napi_get_value_uint32(env, argv[3], &max_io));
-  CHECK(napi_get_value_uint32(env, argv[5], &fetch_op));
-  CHECK(napi_get_value_uint32(env, argv[6], &commit_op));
-  void *buf;
-  size_t buf_len;
-  if (napi_get_buffer_info(env, argv[4], &buf, &buf_len) != napi_ok || depth == 0 || depth > UBLK_MAX_QUEUE_DEPTH ||
-      max_io == 0 || buf_len < (size_t)depth * max_io || qid > 0xffff) {
-    napi_throw_range_error(env, NULL, "nbdd_ublk.queueStart: need 1 <= depth <= 4096 and a Buffer of depth * maxIo bytes");
-    return NULL;
-  }
+  queue_args_t a;
+  if (!parse_queue_args(env, argv, &a)) return NULL;
   queue_t *q = calloc(1, sizeof *q);
   if (!q) {
     napi_throw_error(env, NULL, "nbdd_ublk: out of memory");
     return NULL;
   }
-  q->pending = malloc((size_t)depth * 2 * sizeof(uint32_t));
+  q->a = a;
+  q->pending = malloc((size_t)a.depth * 2 * sizeof(uint32_t));
   q->efd = eventfd(0, EFD_CLOEXEC);
   if (!q->pending || q->efd < 0) {
     if (q->efd >= 0) close(q->efd);
@@ -611,13 +641,6 @@ static napi_value js_queue_start(napi_env env, napi_callback_info info) {
   }
   pthread_mutex_init(&q->mu, NULL);
   q->refs = 2;
-  q->cdev_fd = fd;
-  q->qid = (uint16_t)qid;
-  q->depth = depth;
-  q->max_io = max_io;
-  q->fetch_op = fetch_op;
-  q->commit_op = commit_op;
-  q->buf = buf;
   CHECK(napi_create_reference(env, argv[4], 1, &q->buf_ref));
   napi_value name, handle;
   CHECK(napi_create_string_utf8(env, "nbdd:ublk-queue", NAPI_AUTO_LENGTH, &name));
@@ -672,7 +695,7 @@ static napi_value js_complete(napi_env env, napi_callback_info info) {
   pthread_mutex_lock(&q->mu);
   int live = !q->exited;
   if (live) {
-    for (uint32_t i = 0; i < count && q->npending < q->depth; i++) {
+    for (uint32_t i = 0; i < count && q->npending < q->a.depth; i++) {
       q->pending[2 * q->npending] = pairs[2 * i];
       q->pending[2 * q->npending + 1] = pairs[2 * i + 1];
       q->npending++;
@@ -725,10 +748,9 @@ typedef struct {
   int handles_open;
   int closed;
 
-  int cdev_fd;
-  uint16_t qid;
-  uint32_t depth, max_io, commit_op, done;
-  uint8_t *buf, *state;
+  queue_args_t a;
+  uint32_t done;
+  uint8_t *state;
   uint32_t *recs;
   const struct nbdd_ublk_iod *iods;
   size_t iod_len;
@@ -792,32 +814,11 @@ static void lq_on_poll(uv_poll_t *h, int status, int events) {
   lq_t *q = h->data;
   if (q->closed) return;
   q->refs++; /* JavaScript may stop the queue inside the call */
-  uint32_t nrec = 0;
-  unsigned head = *q->r.cq_head, tail = __atomic_load_n(q->r.cq_tail, __ATOMIC_ACQUIRE);
-  for (; head != tail; head++) {
-    const struct io_uring_cqe *cqe = &q->r.cqes[head & q->r.cq_mask];
-    uint32_t tag = (uint32_t)cqe->user_data;
-    if (tag >= q->depth) continue;
-    if (cqe->res == 0) {
-      const struct nbdd_ublk_iod *d = &q->iods[tag];
-      uint32_t *rec = &q->recs[nrec++ * REC_WORDS];
-      rec[0] = tag;
-      rec[1] = __atomic_load_n(&d->op_flags, __ATOMIC_ACQUIRE);
-      rec[2] = d->nr_sectors;
-      rec[3] = (uint32_t)d->start_sector;
-      rec[4] = (uint32_t)(d->start_sector >> 32);
-      q->state[tag] = TAG_USER;
-    } else if (q->state[tag] != TAG_DONE) {
-      if (cqe->res != UBLK_IO_RES_ABORT) fprintf(stderr, "nbdd ublk q%u tag %u: command failed: %s\n", q->qid, tag, strerror(-cqe->res));
-      q->state[tag] = TAG_DONE;
-      q->done++;
-    }
-  }
-  __atomic_store_n(q->r.cq_head, head, __ATOMIC_RELEASE);
+  uint32_t nrec = reap(&q->r, &q->a, q->iods, q->state, q->recs, &q->done, NULL);
   napi_handle_scope scope;
   if (napi_open_handle_scope(q->env, &scope) == napi_ok) {
     if (nrec && !q->closed) lq_call(q, MSG_REQUESTS, (int)nrec);
-    if (q->done == q->depth && !q->closed) {
+    if (q->done == q->a.depth && !q->closed) {
       /* Every FETCH ended with ABORT: the device stopped. The ring is closed before JavaScript
        * hears of it (it closes /dev/ublkcN and deletes the device next). */
       lq_close_ring(q);
@@ -844,7 +845,7 @@ static void lq_on_prepare(uv_prepare_t *h) {
     if (rc > 0) continue;
     if (rc == 0) return;
     if (errno == EINTR) continue;
-    if (errno != EAGAIN && errno != EBUSY) fprintf(stderr, "nbdd ublk q%u: io_uring_enter: %s\n", q->qid, strerror(errno));
+    if (errno != EAGAIN && errno != EBUSY) fprintf(stderr, "nbdd ublk q%u: io_uring_enter: %s\n", q->a.qid, strerror(errno));
     return;
   }
 }
@@ -882,47 +883,30 @@ static napi_value js_loop_queue_start(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, NULL, "nbdd_ublk.loopQueueStart: 9 arguments");
     return NULL;
   }
-  int32_t fd;
-  uint32_t qid, depth, max_io, fetch_op, commit_op;
-  CHECK(napi_get_value_int32(env, argv[0], &fd));
-  CHECK(napi_get_value_uint32(env, argv[1], &qid));
-  CHECK(napi_get_value_uint32(env, argv[2], &depth));
-  CHECK(napi_get_value_uint32(env, argv[3], &max_io));
-  CHECK(napi_get_value_uint32(env, argv[5], &fetch_op));
-  CHECK(napi_get_value_uint32(env, argv[6], &commit_op));
-  void *buf, *recs;
-  size_t buf_len, recs_len, recs_off;
+  queue_args_t a;
+  if (!parse_queue_args(env, argv, &a)) return NULL;
+  void *recs;
+  size_t recs_len, recs_off;
   napi_typedarray_type recs_type;
   napi_value recs_ab;
-  if (napi_get_buffer_info(env, argv[4], &buf, &buf_len) != napi_ok || depth == 0 || depth > UBLK_MAX_QUEUE_DEPTH ||
-      max_io == 0 || buf_len < (size_t)depth * max_io || qid > 0xffff ||
-      napi_get_typedarray_info(env, argv[7], &recs_type, &recs_len, &recs, &recs_ab, &recs_off) != napi_ok ||
-      recs_type != napi_uint32_array || recs_len < (size_t)depth * REC_WORDS) {
-    napi_throw_range_error(env, NULL, "nbdd_ublk.loopQueueStart: need 1 <= depth <= 4096, a Buffer of depth * maxIo bytes and a Uint32Array of depth * 5");
+  if (napi_get_typedarray_info(env, argv[7], &recs_type, &recs_len, &recs, &recs_ab, &recs_off) != napi_ok ||
+      recs_type != napi_uint32_array || recs_len < (size_t)a.depth * REC_WORDS) {
+    napi_throw_range_error(env, NULL, "nbdd_ublk.loopQueueStart: records must be a Uint32Array of depth * 5");
     return NULL;
   }
   lq_t *q = calloc(1, sizeof *q);
-  uint8_t *state = calloc(depth, 1);
+  uint8_t *state = calloc(a.depth, 1);
   if (!q || !state) {
     free(q);
     free(state);
     return throw_errno_ublk(env, ENOMEM, "ublk queue");
   }
   q->env = env;
+  q->a = a;
   q->state = state;
-  q->cdev_fd = fd;
-  q->qid = (uint16_t)qid;
-  q->depth = depth;
-  q->max_io = max_io;
-  q->commit_op = commit_op;
-  q->buf = buf;
   q->recs = recs;
   q->r.fd = -1;
-
-  long page = sysconf(_SC_PAGESIZE);
-  q->iod_len = ((size_t)depth * sizeof(struct nbdd_ublk_iod) + page - 1) / page * page;
-  off_t iod_off = (off_t)qid * (off_t)(((size_t)UBLK_MAX_QUEUE_DEPTH * sizeof(struct nbdd_ublk_iod) + page - 1) / page * page);
-  void *iods = mmap(NULL, q->iod_len, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, iod_off);
+  const struct nbdd_ublk_iod *iods = map_iods(&a, &q->iod_len);
   if (iods == MAP_FAILED) {
     int e = errno;
     free(state);
@@ -932,21 +916,12 @@ static napi_value js_loop_queue_start(napi_env env, napi_callback_info info) {
   q->iods = iods;
   /* COOP_TASKRUN: a new request's task work does not interrupt JavaScript; it runs at the next
    * system call, or wakes the loop from epoll_wait. */
-  int err = mini_ring_setup(&q->r, depth, IORING_SETUP_COOP_TASKRUN);
-  for (uint32_t tag = 0; !err && tag < depth; tag++) {
-    struct io_uring_sqe *sqe = mini_ring_sqe(&q->r);
-    if (!sqe) {
-      err = -ENOSPC;
-      break;
-    }
-    uring_cmd_sqe(sqe, fd, fetch_op, tag);
-    struct nbdd_ublk_io_cmd c = {.q_id = q->qid, .tag = (uint16_t)tag, .result = 0, .addr = (uint64_t)(uintptr_t)(q->buf + (size_t)tag * max_io)};
-    memcpy(sqe_cmd(sqe), &c, sizeof c);
-  }
+  int err = mini_ring_setup(&q->r, a.depth, IORING_SETUP_COOP_TASKRUN);
+  for (uint32_t tag = 0; !err && tag < a.depth; tag++) err = queue_io_cmd(&q->r, &a, a.fetch_op, tag, 0);
   if (!err) err = mini_ring_enter(&q->r, 0);
   if (err) {
     if (q->r.fd >= 0) mini_ring_close(&q->r);
-    munmap(iods, q->iod_len);
+    munmap((void *)iods, q->iod_len);
     free(state);
     free(q);
     return throw_errno_ublk(env, -err, "ublk queue ring (FETCH)");
@@ -997,18 +972,8 @@ static napi_value js_loop_commit(napi_env env, napi_callback_info info) {
   int32_t result;
   CHECK(napi_get_value_uint32(env, argv[1], &tag));
   CHECK(napi_get_value_int32(env, argv[2], &result));
-  bool ok = false;
-  if (!q->closed && tag < q->depth && q->state[tag] == TAG_USER) {
-    /* Cannot be NULL: the SQ has at least depth entries and a tag has one command at a time. */
-    struct io_uring_sqe *sqe = mini_ring_sqe(&q->r);
-    if (sqe) {
-      uring_cmd_sqe(sqe, q->cdev_fd, q->commit_op, tag);
-      struct nbdd_ublk_io_cmd c = {.q_id = q->qid, .tag = (uint16_t)tag, .result = result, .addr = (uint64_t)(uintptr_t)(q->buf + (size_t)tag * q->max_io)};
-      memcpy(sqe_cmd(sqe), &c, sizeof c);
-      q->state[tag] = TAG_KERNEL;
-      ok = true;
-    }
-  }
+  bool ok = !q->closed && tag < q->a.depth && q->state[tag] == TAG_USER && queue_io_cmd(&q->r, &q->a, q->a.commit_op, tag, result) == 0;
+  if (ok) q->state[tag] = TAG_KERNEL;
   CHECK(napi_get_boolean(env, ok, &ret));
   return ret;
 }
