@@ -56,6 +56,8 @@
 #include <stdbool.h>
 #include <uv.h>
 
+#include "napi-util.h"
+
 #ifndef PR_SET_IO_FLUSHER
 #define PR_SET_IO_FLUSHER 57
 #endif
@@ -185,27 +187,29 @@ static struct io_uring_sqe *mini_ring_sqe(mini_ring_t *r) {
   return sqe;
 }
 
-/* Submits what is queued and waits for at least `wait` completions (EINTR retried). */
+/*
+ * Publishes what is queued, submits every SQE the kernel has not consumed yet (also ones an
+ * earlier call left), and waits for at least `wait` completions; EINTR is retried. Without a
+ * wait, EAGAIN/EBUSY (a transient shortage) return -EAGAIN and the SQEs stay for the next call;
+ * with one, the call waits for completions (which free what was short) and submits again.
+ */
 static int mini_ring_enter(mini_ring_t *r, unsigned wait) {
-  unsigned n = r->queued;
-  __atomic_store_n(r->sq_tail, *r->sq_tail + n, __ATOMIC_RELEASE);
+  unsigned tail = *r->sq_tail + r->queued;
+  __atomic_store_n(r->sq_tail, tail, __ATOMIC_RELEASE);
   r->queued = 0;
   for (;;) {
+    unsigned n = tail - __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
+    if (n == 0 && wait == 0) return 0;
     int rc = (int)syscall(__NR_io_uring_enter, r->fd, n, wait, wait ? IORING_ENTER_GETEVENTS : 0, NULL, 0);
-    if (rc >= 0) {
-      if ((unsigned)rc >= n) return 0;
-      n -= (unsigned)rc; /* not all consumed (a transient shortage): enter again */
-      continue;
+    if (rc < 0 && errno == EINTR) continue; /* what was submitted is off the SQ: n is recomputed */
+    if (rc < 0 && errno != EAGAIN && errno != EBUSY) return -errno;
+    if (rc >= 0 && (unsigned)rc >= n) return 0;
+    if (rc > 0) continue; /* partly consumed: submit the rest */
+    /* EAGAIN/EBUSY, or nothing consumed: a shortage that completions end. */
+    if (!wait) return -EAGAIN;
+    while ((rc = (int)syscall(__NR_io_uring_enter, r->fd, 0, wait, IORING_ENTER_GETEVENTS, NULL, 0)) < 0 && errno == EINTR) {
     }
-    if (errno == EINTR) {
-      n = 0; /* submission happened before the wait was interrupted */
-      continue;
-    }
-    if (errno == EAGAIN || errno == EBUSY) {
-      n = 0;
-      continue;
-    }
-    return -errno;
+    if (rc < 0 && errno != EAGAIN && errno != EBUSY) return -errno;
   }
 }
 
@@ -796,16 +800,11 @@ static void lq_release(lq_t *q) {
 /* onEvent(kind, count or code): inside a handle scope, microtasks run when it returns. */
 static void lq_call(lq_t *q, int kind, int value) {
   napi_env env = q->env;
-  napi_value argv[2], fn, recv, result;
+  napi_value argv[2], fn;
   napi_create_int32(env, kind, &argv[0]);
   napi_create_int32(env, value, &argv[1]);
   napi_get_reference_value(env, q->cb_ref, &fn);
-  napi_get_global(env, &recv);
-  if (napi_make_callback(env, q->actx, recv, fn, 2, argv, &result) == napi_pending_exception) {
-    napi_value exc;
-    napi_get_and_clear_last_exception(env, &exc);
-    napi_fatal_exception(env, exc);
-  }
+  nbdd_make_callback(env, q->actx, fn, 2, argv);
 }
 
 static void lq_on_poll(uv_poll_t *h, int status, int events) {
@@ -830,42 +829,18 @@ static void lq_on_poll(uv_poll_t *h, int status, int events) {
   lq_unref(q);
 }
 
-/* Submits every SQE the kernel has not consumed yet; what EAGAIN/EBUSY leaves waits for the next turn. */
+/* Just before libuv blocks: the turn's COMMIT_AND_FETCH SQEs in one io_uring_enter. */
 static void lq_on_prepare(uv_prepare_t *h) {
   lq_t *q = h->data;
   if (q->closed) return;
-  mini_ring_t *r = &q->r;
-  unsigned tail = *r->sq_tail + r->queued;
-  __atomic_store_n(r->sq_tail, tail, __ATOMIC_RELEASE);
-  r->queued = 0;
-  for (;;) {
-    unsigned n = tail - __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
-    if (n == 0) return;
-    long rc = syscall(__NR_io_uring_enter, r->fd, n, 0, 0, NULL, 0);
-    if (rc > 0) continue;
-    if (rc == 0) return;
-    if (errno == EINTR) continue;
-    if (errno != EAGAIN && errno != EBUSY) fprintf(stderr, "nbdd ublk q%u: io_uring_enter: %s\n", q->a.qid, strerror(errno));
-    return;
-  }
+  int err = mini_ring_enter(&q->r, 0);
+  if (err && err != -EAGAIN) fprintf(stderr, "nbdd ublk q%u: io_uring_enter: %s\n", q->a.qid, strerror(-err));
 }
 
 static void lq_handle_finalize(napi_env env, void *data, void *hint) {
   (void)env;
   (void)hint;
   lq_unref(data);
-}
-
-static napi_value throw_errno_ublk(napi_env env, int err, const char *what) {
-  char msg[160];
-  snprintf(msg, sizeof msg, "%s: %s", what, strerror(err));
-  napi_value m, e, n;
-  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &m);
-  napi_create_error(env, NULL, m, &e);
-  napi_create_int32(env, err, &n);
-  napi_set_named_property(env, e, "errno", n);
-  napi_throw(env, e);
-  return NULL;
 }
 
 /*
@@ -899,7 +874,7 @@ static napi_value js_loop_queue_start(napi_env env, napi_callback_info info) {
   if (!q || !state) {
     free(q);
     free(state);
-    return throw_errno_ublk(env, ENOMEM, "ublk queue");
+    return nbdd_throw_errno(env, ENOMEM, "ublk queue");
   }
   q->env = env;
   q->a = a;
@@ -911,7 +886,7 @@ static napi_value js_loop_queue_start(napi_env env, napi_callback_info info) {
     int e = errno;
     free(state);
     free(q);
-    return throw_errno_ublk(env, e, "mmap of the ublk I/O descriptors");
+    return nbdd_throw_errno(env, e, "mmap of the ublk I/O descriptors");
   }
   q->iods = iods;
   /* COOP_TASKRUN: a new request's task work does not interrupt JavaScript; it runs at the next
@@ -924,7 +899,7 @@ static napi_value js_loop_queue_start(napi_env env, napi_callback_info info) {
     munmap((void *)iods, q->iod_len);
     free(state);
     free(q);
-    return throw_errno_ublk(env, -err, "ublk queue ring (FETCH)");
+    return nbdd_throw_errno(env, -err, "ublk queue ring (FETCH)");
   }
 
   struct uv_loop_s *loop;

@@ -52,6 +52,8 @@
 #include <node_api.h>
 #include <uv.h>
 
+#include "napi-util.h"
+
 /* The ABI this file relies on, checked against the UAPI header it is compiled with. */
 _Static_assert(sizeof(struct io_uring_sqe) == 64, "io_uring_sqe is 64 bytes");
 _Static_assert(sizeof(struct io_uring_cqe) == 16, "io_uring_cqe is 16 bytes (no CQE32)");
@@ -109,21 +111,6 @@ static int sys_enter(int fd, unsigned to_submit, unsigned min_complete, unsigned
 }
 static int sys_register(int fd, unsigned op, void *arg, unsigned nr) {
   return (int)syscall(__NR_io_uring_register, fd, op, arg, nr);
-}
-
-/* ---- errors to JavaScript ---------------------------------------------------------------- */
-
-/* Throws an Error whose `errno` property is the positive errno; returns NULL for the caller. */
-static napi_value throw_errno(napi_env env, int err, const char *what) {
-  char msg[160];
-  snprintf(msg, sizeof msg, "%s: %s", what, strerror(err));
-  napi_value m, e, n;
-  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &m);
-  napi_create_error(env, NULL, m, &e);
-  napi_create_int32(env, err, &n);
-  napi_set_named_property(env, e, "errno", n);
-  napi_throw(env, e);
-  return NULL;
 }
 
 #define CHECK(call)                                                            \
@@ -214,15 +201,10 @@ static void drain(ring_t *r, int deliver) {
   }
   __atomic_store_n(r->cq_head, tail, __ATOMIC_RELEASE);
   if (!deliver) return;
-  napi_value fn, recv, result;
+  napi_value fn;
   napi_create_typedarray(env, napi_int32_array, (size_t)n * 2, ab, 0, &arr);
   napi_get_reference_value(env, r->on_complete, &fn);
-  napi_get_global(env, &recv); /* napi_make_callback needs an object receiver */
-  if (napi_make_callback(env, r->async_ctx, recv, fn, 1, &arr, &result) == napi_pending_exception) {
-    napi_value exc;
-    napi_get_and_clear_last_exception(env, &exc);
-    napi_fatal_exception(env, exc);
-  }
+  nbdd_make_callback(env, r->async_ctx, fn, 1, &arr);
 }
 
 static void on_poll(uv_poll_t *h, int status, int events) {
@@ -374,13 +356,13 @@ static napi_value js_setup(napi_env env, napi_callback_info info) {
   CHECK(napi_get_value_uint32(env, argv[1], &cq_entries));
 
   ring_t *r = calloc(1, sizeof *r);
-  if (!r) return throw_errno(env, ENOMEM, "io_uring setup");
+  if (!r) return nbdd_throw_errno(env, ENOMEM, "io_uring setup");
   r->env = env;
   r->ring_fd = r->event_fd = -1;
   int err = map_ring(r, entries, cq_entries);
   if (err) {
     unmap_failed(r);
-    return throw_errno(env, err, "io_uring setup");
+    return nbdd_throw_errno(env, err, "io_uring setup");
   }
   r->slots = calloc(r->nslots, sizeof *r->slots);
   r->free_slots = malloc(r->nslots * sizeof *r->free_slots);
@@ -388,7 +370,7 @@ static napi_value js_setup(napi_env env, napi_callback_info info) {
     free(r->slots);
     free(r->free_slots);
     unmap_failed(r);
-    return throw_errno(env, ENOMEM, "io_uring setup");
+    return nbdd_throw_errno(env, ENOMEM, "io_uring setup");
   }
   for (unsigned i = 0; i < r->nslots; i++) r->free_slots[i] = r->nslots - 1 - i;
   r->nfree = r->nslots;
@@ -436,7 +418,7 @@ static ring_t *get_call(napi_env env, napi_callback_info info, size_t want, call
   }
   c->r = p;
   if (c->r->closed) {
-    throw_errno(env, EBADF, "io_uring: ring is closed");
+    nbdd_throw_errno(env, EBADF, "io_uring: ring is closed");
     return NULL;
   }
   return c->r;
@@ -530,7 +512,7 @@ static napi_value js_writev(napi_env env, napi_callback_info info) {
   CHECK(napi_get_array_length(env, c.argv[2], &n));
   CHECK(napi_get_value_int64(env, c.argv[3], &offset));
   uint32_t how = get_how(env, c.argv[4]);
-  if (n == 0 || n > IOV_MAX) return throw_errno(env, EINVAL, "io_uring writev: 1..IOV_MAX buffers");
+  if (n == 0 || n > IOV_MAX) return nbdd_throw_errno(env, EINVAL, "io_uring writev: 1..IOV_MAX buffers");
   unsigned slot;
   struct io_uring_sqe *sqe = take_sqe(c.r, &slot);
   if (!sqe) return slot_value(env, -1);
@@ -539,7 +521,7 @@ static napi_value js_writev(napi_env env, napi_callback_info info) {
   s->iov = malloc(n * (sizeof *s->iov + sizeof *s->refs));
   if (!s->iov) {
     release_slot(c.r, slot);
-    return throw_errno(env, ENOMEM, "io_uring writev");
+    return nbdd_throw_errno(env, ENOMEM, "io_uring writev");
   }
   s->refs = (napi_ref *)(s->iov + n);
   for (uint32_t i = 0; i < n; i++) {
