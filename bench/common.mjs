@@ -99,6 +99,15 @@ export function waitForSocket(socket, child, stderr) {
   });
 }
 
+const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout) || 100;
+
+/** utime + stime of every thread of a live process, in seconds. */
+export function cpuSeconds(pid) {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // fields from 3 (state) on
+  return (Number(f[11]) + Number(f[12])) / CLK_TCK;
+}
+
 /** Peak resident set (VmHWM) of a live process, in KiB. */
 export function peakRssKiB(pid) {
   const m = /^VmHWM:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));

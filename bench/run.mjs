@@ -2,7 +2,8 @@
 /**
  * `npm run bench`: nbdd against qemu-nbd and nbdkit on the same image, in the same run, with fio's
  * `nbd` engine (libnbd) over a unix socket. Prints a table (or JSON with --json) of IOPS / MiB/s
- * per case and server, the ratio nbdd/peer, and each server's peak RSS (VmHWM).
+ * per case and server, the ratio nbdd/peer, each server's peak RSS (VmHWM) and its CPU time per
+ * request (all threads, from the end of the ramp to fio's exit; the least over the rounds).
  *
  * Method
  * - One image per image kind, made once per run in a temporary directory: `raw` is fallocated and
@@ -37,7 +38,7 @@ import { cpus, release, tmpdir } from 'node:os';
 import { randomBytes } from 'node:crypto';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { benchTools, connectionsTo, fioSide, fillWithData, firstLine, peakRssKiB, stopServer, waitForSocket } from './common.mjs';
+import { benchTools, connectionsTo, cpuSeconds, fioSide, fillWithData, firstLine, peakRssKiB, stopServer, waitForSocket } from './common.mjs';
 
 const { fail, progress, run, envNumber, saveFile } = benchTools('bench');
 
@@ -240,7 +241,7 @@ function toolMissing(cmd, args, pkg) {
 
 
 
-function runFio(socket, job) {
+function runFio(socket, job, onStart) {
   const args = [
     '--name=bench',
     '--ioengine=nbd',
@@ -257,15 +258,19 @@ function runFio(socket, job) {
     '--randrepeat=0',
     '--output-format=json',
   ];
-  return fioSide(args, job.rw).then((side) => ({
+  return fioSide(args, job.rw, onStart).then((side) => ({
     iops: side.iops,
+    ios: side.total_ios,
     mibps: side.bw_bytes / MiB,
     latMeanUs: side.clat_ns.mean / 1000,
     latP99Us: (side.clat_ns.percentile?.['99.000000'] ?? NaN) / 1000,
   }));
 }
 
-/** One cell: fresh server, one fio run (c.fio.jobs jobs, 1 by default), its peak RSS. */
+/**
+ * One cell: fresh server, one fio run (c.fio.jobs jobs, 1 by default), its peak RSS and its CPU
+ * time (all threads) per request measured, from the end of the ramp to fio's exit.
+ */
 async function runCell(serverName, image, c, dir) {
   const job = c.fio;
   const socket = join(dir, `${serverName}.sock`);
@@ -276,7 +281,12 @@ async function runCell(serverName, image, c, dir) {
   child.stderr.on('data', (d) => stderr.push(d.toString()));
   try {
     await waitForSocket(socket, child, stderr);
-    const result = await runFio(socket, job);
+    let cpuAtRampEnd;
+    let rampTimer;
+    const result = await runFio(socket, job, () => {
+      rampTimer = setTimeout(() => (cpuAtRampEnd = cpuSeconds(child.pid)), settings.rampSeconds * 1000);
+    }).finally(() => clearTimeout(rampTimer));
+    if (cpuAtRampEnd !== undefined && result.ios > 0) result.cpuUsPerIo = ((cpuSeconds(child.pid) - cpuAtRampEnd) * 1e6) / result.ios;
     result.rssKiB = peakRssKiB(child.pid);
     if (image.remoteSocket) result.remoteConnections = connectionsTo(image.remoteSocket);
     return result;
@@ -304,6 +314,17 @@ function printTable(report) {
   const widths = head.map((_, i) => Math.max(...all.map((r) => r[i].length)));
   const line = (r) => r.map((cell, i) => (i < 2 ? cell.padEnd(widths[i]) : cell.padStart(widths[i]))).join('  ');
   const lines = [line(head), widths.map((w) => '-'.repeat(w)).join('  '), ...rows.map(line), line(rss)];
+  // CPU per request is steadier than throughput on a shared host: the least over the rounds.
+  const cpuHead = ['case', 'CPU µs/req', ...report.servers];
+  const cpuRows = report.cases.map((c) => [
+    c.name,
+    '',
+    ...report.servers.map((s) => (c.results[s]?.leastCpuUsPerIo === undefined ? '—' : c.results[s].leastCpuUsPerIo.toFixed(1))),
+  ]);
+  const cpuAll = [cpuHead, ...cpuRows];
+  const cpuWidths = cpuHead.map((_, i) => Math.max(...cpuAll.map((r) => r[i].length)));
+  const cpuLine = (r) => r.map((cell, i) => (i < 2 ? cell.padEnd(cpuWidths[i]) : cell.padStart(cpuWidths[i]))).join('  ');
+  lines.push('', cpuLine(cpuHead), cpuWidths.map((w) => '-'.repeat(w)).join('  '), ...cpuRows.map(cpuLine));
   lines.push('', `${settings.runtimeSeconds} s per cell after ${settings.rampSeconds} s ramp, ${report.settings.imageMiB} MiB image, best of ${settings.rounds} rounds; fio ${report.versions.fio}`);
   for (const n of NOTES) if (report.cases.some((c) => n.match.test(c.name))) lines.push(n.text);
   for (const [s, why] of Object.entries(report.skipped)) lines.push(`${s}: skipped (${why})`);
@@ -372,6 +393,7 @@ async function main() {
               report.warnings.push(`${c.name} / ${s} / round ${round}: ${r.remoteConnections} connections to the remote, expected ${expected}`);
             }
             if (!entry.best || r[c.metric] > entry.best[c.metric]) entry.best = r;
+            if (r.cpuUsPerIo !== undefined) entry.leastCpuUsPerIo = Math.min(entry.leastCpuUsPerIo ?? Infinity, r.cpuUsPerIo);
             report.peakRssKiB[s] = Math.max(report.peakRssKiB[s] ?? 0, r.rssKiB ?? 0);
           } catch (err) {
             entry.rounds.push({ error: err.message });

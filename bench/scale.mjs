@@ -44,7 +44,7 @@ import { closeSync, copyFileSync, existsSync, fdatasyncSync, mkdtempSync, openSy
 import { cpus, release, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { benchTools, connectionsTo, fioSide, fillWithData, firstLine, peakRssKiB, stopServer, waitForSocket } from './common.mjs';
+import { benchTools, connectionsTo, cpuSeconds, fioSide, fillWithData, firstLine, peakRssKiB, stopServer, waitForSocket } from './common.mjs';
 
 const { fail, progress, run, envNumber, saveFile } = benchTools('scale');
 
@@ -53,7 +53,6 @@ const NBDD = join(ROOT, 'bin/nbdd');
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const GiB = 1024 * MiB;
-const CLK_TCK = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout) || 100;
 
 /* ------------------------------------------------------------------ settings */
 
@@ -113,12 +112,6 @@ function allocatedShare(path, size) {
 
 
 
-/** utime + stime of every thread of a live process, in seconds. */
-function cpuSeconds(pid) {
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-  const f = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // fields from 3 (state) on
-  return (Number(f[11]) + Number(f[12])) / CLK_TCK;
-}
 
 
 
