@@ -13,11 +13,17 @@ function version(): string {
   return pkg.version;
 }
 
+/** `NBDD_LOG` when it names a level (log.ts reads it too, for what runs before the CLI), else info. */
+function defaultLogLevel(): LogLevel {
+  const env = process.env.NBDD_LOG;
+  return LogLevels.find((l) => l === env) ?? 'info';
+}
+
 export function buildProgram(): Command {
   const program = new Command('nbdd')
     .description('Block-device daemon: serve and attach qcow2, raw and remote NBD images')
     .version(version())
-    .addOption(new Option('--log-level <level>', 'log verbosity').choices([...LogLevels]).default('info'))
+    .addOption(new Option('--log-level <level>', 'log verbosity').choices([...LogLevels]).default(defaultLogLevel()))
     .showHelpAfterError()
     .hook('preAction', (cmd) => setLogLevel(cmd.opts().logLevel as LogLevel));
   for (const register of commands) register(program);

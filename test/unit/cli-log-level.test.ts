@@ -1,0 +1,20 @@
+/** The CLI's `--log-level` default follows NBDD_LOG, as the README says. */
+import { afterEach, describe, expect, it } from 'vitest';
+import { buildProgram } from '../../src/cli/main.js';
+
+describe('--log-level default', () => {
+  const saved = process.env.NBDD_LOG;
+  afterEach(() => {
+    if (saved === undefined) delete process.env.NBDD_LOG;
+    else process.env.NBDD_LOG = saved;
+  });
+
+  it('is NBDD_LOG when that names a level, info otherwise', () => {
+    process.env.NBDD_LOG = 'debug';
+    expect(buildProgram().opts().logLevel).toBe('debug');
+    process.env.NBDD_LOG = 'chatty';
+    expect(buildProgram().opts().logLevel).toBe('info');
+    delete process.env.NBDD_LOG;
+    expect(buildProgram().opts().logLevel).toBe('info');
+  });
+});
