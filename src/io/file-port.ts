@@ -8,7 +8,10 @@
 import fs from 'node:fs';
 import { Errno, NbddError } from '../core/errors.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, alignedBuffer, fallocate, preadNowait } from '../sys/libc.js';
+import { logger } from '../core/log.js';
 import { tryCall } from '../core/try-call.js';
+
+const log = logger('io');
 
 /** Bytes to write at a file offset. */
 export interface FilePiece {
@@ -84,11 +87,89 @@ export class RangeZeroer {
  */
 export const INLINE_READ_MAX = 128 * 1024;
 
-/** Largest write done inline on a memory-backed file (see `InlineIo`). */
+/** Largest write done inline (see `InlineWrites`). */
 export const INLINE_WRITE_MAX = 128 * 1024;
+
+/**
+ * An inline write that took longer than this (ms) is taken to have slept (see `InlineWrites`):
+ * a 128 KiB copy into the page cache takes tens of µs.
+ */
+export const SLOW_INLINE_WRITE_MS = 2;
+/** The first backoff after a slow inline write (ms), its ceiling, and how long without slow writes resets it. */
+export const INLINE_WRITE_BACKOFF_MS = 1000;
+export const INLINE_WRITE_BACKOFF_MAX_MS = 60_000;
+export const INLINE_WRITE_BACKOFF_RESET_MS = 300_000;
 
 /** statfs f_type of tmpfs (also /dev/shm, /run) and ramfs: files whose pages live only in memory. */
 const MEMORY_FS_MAGIC = new Set([0x01021994, 0x858458f6]);
+
+/**
+ * Small buffered writes on the event-loop thread, for as long as they stay fast.
+ *
+ * A buffered write is a copy into the page cache, a few µs, unless the kernel makes it sleep:
+ * dirty-page throttling, a journal commit, a partial page to read first, memory reclaim. ext4 and
+ * tmpfs refuse RWF_NOWAIT for buffered writes, so io_uring cannot try one without sleeping and
+ * hands each to one of its worker threads, and the thread pool always does: a thread wake-up and a
+ * completion round trip around a copy (docs/io-engine.md, "Writes on the event-loop thread":
+ * 47–59 µs of CPU per 4 KiB write through the workers, 29–34 inline).
+ *
+ * So small writes run inline and are timed. One slower than SLOW_INLINE_WRITE_MS probably slept;
+ * it sends this file's writes to the engine for a backoff of INLINE_WRITE_BACKOFF_MS, doubled for
+ * each further slow write up to INLINE_WRITE_BACKOFF_MAX_MS, and back to the first value after
+ * INLINE_WRITE_BACKOFF_RESET_MS without one. Under sustained throttling the loop thus sleeps at
+ * most once per backoff; a false alarm (the thread preempted mid-write) costs one short backoff of
+ * engine writes, which is what every write cost before.
+ *
+ * Never while a write, writev, fallocate or truncate of this file is on the engine: the inline
+ * write could land before an earlier one to the same range, and a table written twice would be
+ * left stale. `track` counts those.
+ */
+export class InlineWrites {
+  /** Slow inline writes seen (each started a backoff). */
+  slowWrites = 0;
+  private onEngine = 0;
+  private offloadUntil = -Infinity;
+  private backoffMs = 0;
+  private lastSlowAt = -Infinity;
+
+  constructor(
+    /** What the debug log calls the file. */
+    private readonly name: string,
+    private readonly now: () => number = () => performance.now(),
+    private readonly write: (fd: number, buf: Buffer, off: number, len: number, pos: number) => number = fs.writeSync,
+  ) {}
+
+  /**
+   * Writes `buf` at `offset` on this thread and returns true, or returns false without writing:
+   * the caller's engine must. Throws the system call's error.
+   */
+  tryWrite(fd: number, buf: Buffer, offset: number): boolean {
+    if (buf.length > INLINE_WRITE_MAX || this.onEngine > 0) return false;
+    const start = this.now();
+    if (start < this.offloadUntil) return false;
+    let done = 0;
+    while (done < buf.length) done += this.write(fd, buf, done, buf.length - done, offset + done);
+    const end = this.now();
+    if (end - start > SLOW_INLINE_WRITE_MS) this.slow(end, end - start);
+    return true;
+  }
+
+  /** Counts `p`, a mutation of the file on the engine, until it settles. */
+  track<T>(p: Promise<T>): Promise<T> {
+    this.onEngine++;
+    const settle = (): void => void this.onEngine--;
+    p.then(settle, settle);
+    return p;
+  }
+
+  private slow(at: number, tookMs: number): void {
+    this.slowWrites++;
+    this.backoffMs = at - this.lastSlowAt < INLINE_WRITE_BACKOFF_RESET_MS ? Math.min(this.backoffMs * 2, INLINE_WRITE_BACKOFF_MAX_MS) : INLINE_WRITE_BACKOFF_MS;
+    this.lastSlowAt = at;
+    this.offloadUntil = at + this.backoffMs;
+    log.debug(`${this.name}: a write on the event-loop thread took ${tookMs.toFixed(1)} ms; writes go through the I/O engine for ${this.backoffMs / 1000} s`);
+  }
+}
 
 /**
  * What may run on the event-loop thread for one open file, decided once at open:
@@ -96,20 +177,22 @@ const MEMORY_FS_MAGIC = new Set([0x01021994, 0x858458f6]);
  * - `nowait`: reads try `preadv2(RWF_NOWAIT)` first (a page-cache hit completes in the same turn;
  *   a miss goes to the engine). Turned off for good when the kernel or filesystem refuses it.
  * - `memory`: the file lives on tmpfs or ramfs, where I/O never waits for a device but RWF_NOWAIT
- *   is refused, so io_uring would hand every request to a worker thread (and the thread pool
- *   always does): a thread wake-up and a completion round trip around a memcpy. Small reads and
- *   writes are plain pread/pwrite on this thread instead.
+ *   is refused, so io_uring would hand every read to a worker thread (and the thread pool always
+ *   does): a thread wake-up and a completion round trip around a memcpy. Small reads are plain
+ *   pread on this thread instead.
+ * - `writes`: small buffered writes, inline while they stay fast (see InlineWrites).
  *
- * O_DIRECT files have neither (their reads would wait for the device).
+ * O_DIRECT files have none of these (their reads and writes would wait for the device).
  */
 export interface InlineIo {
   nowait: boolean;
   memory: boolean;
+  writes: InlineWrites | null;
 }
 
-/** The inline policy for a freshly opened `fd` (see InlineIo). */
-export function inlineIoFor(fd: number, direct: boolean): InlineIo {
-  if (direct) return { nowait: false, memory: false };
+/** The inline policy for `fd`, freshly opened at `path` (see InlineIo). */
+export function inlineIoFor(fd: number, direct: boolean, path: string): InlineIo {
+  if (direct) return { nowait: false, memory: false, writes: null };
   let memory = false;
   try {
     // statfs follows the /proc magic link to the open file itself (no race with a renamed path).
@@ -117,7 +200,7 @@ export function inlineIoFor(fd: number, direct: boolean): InlineIo {
   } catch {
     memory = false; // no /proc: the general path is always correct
   }
-  return { nowait: !memory, memory };
+  return { nowait: !memory, memory, writes: new InlineWrites(path) };
 }
 
 /** pread until `buf` is full or end of file (the rest zeroed), on this thread. */
@@ -175,17 +258,6 @@ async function readRest(buf: Buffer, done: number, readSome: (done: number) => P
   return buf;
 }
 
-/**
- * Writes `buf` at `offset` on this thread when `inline.memory` allows it for this size (then
- * true); false leaves the write to the caller's engine. Throws the system call's error.
- */
-export function writeInline(fd: number, buf: Buffer, offset: number, inline: InlineIo): boolean {
-  if (!inline.memory || buf.length > INLINE_WRITE_MAX) return false;
-  let done = 0;
-  while (done < buf.length) done += fs.writeSync(fd, buf, done, buf.length - done, offset + done);
-  return true;
-}
-
 /** Promise wrappers over the fd callback API (cheaper per call than FileHandle). */
 function pread(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
   return new Promise((resolve, reject) => fs.read(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
@@ -199,8 +271,8 @@ function pwritev(fd: number, bufs: Buffer[], pos: number): Promise<number> {
 
 /**
  * FilePort on node:fs. Small reads first try the event-loop thread (see InlineIo: page-cache hits
- * complete without a thread-pool round trip), as do small writes to tmpfs; everything else goes
- * through the pool.
+ * complete without a thread-pool round trip), as do small buffered writes (see InlineWrites);
+ * everything else goes through the pool.
  */
 export class NodeFilePort implements FilePort {
   private closed = false;
@@ -217,7 +289,7 @@ export class NodeFilePort implements FilePort {
     readonly readOnly: boolean,
     direct: boolean,
   ) {
-    this.inline = inlineIoFor(fd, direct);
+    this.inline = inlineIoFor(fd, direct, path);
   }
 
   /** `exclusive` (with `create`) fails with EEXIST when the file exists (O_EXCL). */
@@ -239,15 +311,20 @@ export class NodeFilePort implements FilePort {
 
   async writeAt(buf: Buffer, offset: number): Promise<void> {
     this.assertWritable();
-    if (writeInline(this.fd, buf, offset, this.inline)) return;
+    const writes = this.inline.writes;
+    if (writes?.tryWrite(this.fd, buf, offset)) return;
     let done = 0;
-    while (done < buf.length) done += await pwrite(this.fd, buf, done, buf.length - done, offset + done);
+    while (done < buf.length) {
+      const p = pwrite(this.fd, buf, done, buf.length - done, offset + done);
+      done += await (writes ? writes.track(p) : p);
+    }
   }
 
   async writevAt(bufs: Buffer[], offset: number): Promise<void> {
     this.assertWritable();
     const total = bufs.reduce((n, b) => n + b.length, 0);
-    const written = await pwritev(this.fd, bufs, offset);
+    const p = pwritev(this.fd, bufs, offset);
+    const written = await (this.inline.writes ? this.inline.writes.track(p) : p);
     if (written < total) {
       // Rare short write: finish with one contiguous buffer.
       await this.writeAt(Buffer.concat(bufs).subarray(written), offset + written);
@@ -280,7 +357,8 @@ export class NodeFilePort implements FilePort {
 
   truncate(length: number): Promise<void> {
     this.assertWritable();
-    return new Promise((resolve, reject) => fs.ftruncate(this.fd, length, (err) => (err ? reject(err) : resolve())));
+    const p = new Promise<void>((resolve, reject) => fs.ftruncate(this.fd, length, (err) => (err ? reject(err) : resolve())));
+    return this.inline.writes ? this.inline.writes.track(p) : p;
   }
 
   async close(): Promise<void> {

@@ -14,7 +14,7 @@ import { createRequire } from 'node:module';
 import { constants as osConstants } from 'node:os';
 import { Errno, NbddError, nameOfErrno } from '../core/errors.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../sys/libc.js';
-import { NodeFilePort, RangeZeroer, inlineIoFor, readFully, writeInline, type FilePiece, type FilePort, type InlineIo } from './file-port.js';
+import { NodeFilePort, RangeZeroer, inlineIoFor, readFully, type FilePiece, type FilePort, type InlineIo } from './file-port.js';
 import { tryCall } from '../core/try-call.js';
 
 /** Submission-queue entries; the completion queue (and the in-flight limit) is twice this. */
@@ -212,8 +212,8 @@ export class UringEngine {
  *
  * Reads first try preadv2(RWF_NOWAIT) on the event-loop thread, as NodeFilePort does: a page-cache
  * hit then costs one system call and completes in the same turn (see docs/io-engine.md for the
- * measurement); a miss goes to the ring. On tmpfs, small reads and writes are plain system calls
- * on this thread (see InlineIo).
+ * measurement); a miss goes to the ring. On tmpfs, small reads are plain system calls on this
+ * thread, and so are small buffered writes on any filesystem while they stay fast (see InlineIo).
  */
 export class UringFilePort implements FilePort {
   private pending = 0;
@@ -224,7 +224,7 @@ export class UringFilePort implements FilePort {
   /** `how` of writes: buffered ones go to the kernel's workers (IOSQE_ASYNC); O_DIRECT ones are issued inline. */
   private readonly writeHow: number;
   private readonly zeroer = new RangeZeroer(
-    (offset, length) => this.track(this.engine.fallocate(this.fd, FALLOC_FL_ZERO_RANGE, offset, length)),
+    (offset, length) => this.trackMutation(this.engine.fallocate(this.fd, FALLOC_FL_ZERO_RANGE, offset, length)),
     (buf, offset) => this.writeAt(buf, offset),
   );
 
@@ -242,7 +242,7 @@ export class UringFilePort implements FilePort {
     length: number,
   ) {
     this.end = this.syncedEnd = length;
-    this.inline = inlineIoFor(inner.fd, direct);
+    this.inline = inlineIoFor(inner.fd, direct, inner.path);
     this.writeHow = direct ? 0 : HOW_OFFLOAD;
   }
 
@@ -281,14 +281,14 @@ export class UringFilePort implements FilePort {
     return tryCall(() => {
       this.assertWritable();
       this.grow(offset + buf.length);
-      return writeInline(this.fd, buf, offset, this.inline) ? undefined : this.writeRing(buf, offset);
+      return this.inline.writes?.tryWrite(this.fd, buf, offset) ? undefined : this.writeRing(buf, offset);
     });
   }
 
   private async writeRing(buf: Buffer, offset: number, how = this.writeHow): Promise<void> {
     let done = 0;
     while (done < buf.length) {
-      done += await this.track(this.engine.write(this.fd, done === 0 ? buf : buf.subarray(done), offset + done, how));
+      done += await this.trackMutation(this.engine.write(this.fd, done === 0 ? buf : buf.subarray(done), offset + done, how));
     }
   }
 
@@ -314,14 +314,14 @@ export class UringFilePort implements FilePort {
     this.assertWritable();
     const total = bufs.reduce((n, b) => n + b.length, 0);
     this.grow(offset + total);
-    const written = await this.track(this.engine.writev(this.fd, bufs, offset, this.writeHow));
+    const written = await this.trackMutation(this.engine.writev(this.fd, bufs, offset, this.writeHow));
     // Rare short write: finish with one contiguous buffer.
     if (written < total) await this.writeAt(Buffer.concat(bufs).subarray(written), offset + written);
   }
 
   async punchHole(offset: number, length: number): Promise<void> {
     this.assertWritable();
-    await this.track(this.engine.fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length));
+    await this.trackMutation(this.engine.fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length));
   }
 
   async zeroRange(offset: number, length: number): Promise<void> {
@@ -342,7 +342,7 @@ export class UringFilePort implements FilePort {
 
   truncate(length: number): Promise<void> {
     this.end = length;
-    return this.track(this.inner.truncate(length));
+    return this.trackMutation(this.inner.truncate(length));
   }
 
   /** Waits for this port's operations still in flight (the kernel may be using the fd), then closes. */
@@ -362,6 +362,12 @@ export class UringFilePort implements FilePort {
     };
     p.then(settle, settle);
     return p;
+  }
+
+  /** As `track`, for an operation that changes the file: no inline write overtakes it (see InlineWrites). */
+  private trackMutation<T>(p: Promise<T>): Promise<T> {
+    const writes = this.inline.writes;
+    return this.track(writes ? writes.track(p) : p);
   }
 
   private assertWritable(): void {

@@ -8,7 +8,17 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { Errno, NbddError } from '../../src/core/errors.js';
-import { INLINE_READ_MAX, NodeFilePort, inlineIoFor, type FilePort } from '../../src/io/file-port.js';
+import {
+  INLINE_READ_MAX,
+  INLINE_WRITE_BACKOFF_MAX_MS,
+  INLINE_WRITE_BACKOFF_MS,
+  INLINE_WRITE_BACKOFF_RESET_MS,
+  INLINE_WRITE_MAX,
+  InlineWrites,
+  NodeFilePort,
+  inlineIoFor,
+  type FilePort,
+} from '../../src/io/file-port.js';
 import { openFilePort } from '../../src/io/open-port.js';
 import { URING_CQ_ENTRIES, UringEngine, UringFilePort } from '../../src/io/uring-port.js';
 import { alignedBuffer } from '../../src/sys/libc.js';
@@ -175,6 +185,90 @@ describe('UringFilePort', () => {
   });
 });
 
+describe('InlineWrites: small buffered writes on the event-loop thread while they stay fast', () => {
+  /** A policy on a fake clock whose "system call" records writes and takes `cost` ms. */
+  function fake(): { policy: InlineWrites; writes: number[]; clock: { t: number; cost: number } } {
+    const clock = { t: 1_000_000, cost: 0.005 };
+    const writes: number[] = [];
+    const policy = new InlineWrites(
+      'fake',
+      () => clock.t,
+      (_fd, _buf, _off, len, pos) => {
+        writes.push(pos);
+        clock.t += clock.cost;
+        return len;
+      },
+    );
+    return { policy, writes, clock };
+  }
+  const page = Buffer.alloc(4096);
+
+  it('writes small buffers inline and leaves large ones to the engine', () => {
+    const { policy, writes } = fake();
+    expect(policy.tryWrite(3, page, 0)).toBe(true);
+    expect(policy.tryWrite(3, Buffer.alloc(INLINE_WRITE_MAX), 8192)).toBe(true);
+    expect(policy.tryWrite(3, Buffer.alloc(INLINE_WRITE_MAX + 1), 0)).toBe(false);
+    expect(writes).toEqual([0, 8192]);
+  });
+
+  it('never overtakes a mutation still on the engine', async () => {
+    const { policy, writes } = fake();
+    let settle!: () => void;
+    const onEngine = policy.track(new Promise<void>((resolve) => (settle = resolve)));
+    expect(policy.tryWrite(3, page, 0)).toBe(false);
+    settle();
+    await onEngine;
+    expect(policy.tryWrite(3, page, 0)).toBe(true);
+    // A failed engine operation releases the hold too.
+    const failed = policy.track(Promise.reject(new Error('EIO')));
+    await failed.catch(() => {});
+    expect(policy.tryWrite(3, page, 4096)).toBe(true);
+    expect(writes).toEqual([0, 4096]);
+  });
+
+  it('a slow write backs off, doubling while slow ones recur, capped, and resetting after a quiet spell', () => {
+    const { policy, clock } = fake();
+    const slowWrite = (): void => {
+      clock.cost = 5;
+      expect(policy.tryWrite(3, page, 0)).toBe(true);
+      clock.cost = 0.005;
+    };
+    /** How long (ms, to 1 ms) writes stay on the engine from now. */
+    const backoff = (): number => {
+      const from = clock.t;
+      while (!policy.tryWrite(3, page, 0)) clock.t += 1;
+      return Math.round(clock.t - from);
+    };
+    slowWrite();
+    expect(backoff()).toBe(INLINE_WRITE_BACKOFF_MS);
+    slowWrite();
+    expect(backoff()).toBe(2 * INLINE_WRITE_BACKOFF_MS);
+    for (let i = 0; i < 10; i++) {
+      slowWrite();
+      backoff();
+    }
+    slowWrite();
+    expect(backoff()).toBe(INLINE_WRITE_BACKOFF_MAX_MS);
+    clock.t += INLINE_WRITE_BACKOFF_RESET_MS;
+    slowWrite();
+    expect(backoff()).toBe(INLINE_WRITE_BACKOFF_MS);
+    expect(policy.slowWrites).toBe(14);
+  });
+
+  // io_uring runs a file's buffered writes one after another in the order they were queued; the
+  // thread pool runs concurrent writes in parallel, so it never ordered them and is not tested here.
+  it('a small write issued while a large one to the same range is on the ring lands after it', async () => {
+    const port = await openNew();
+    for (let round = 0; round < 20; round++) {
+      const large = port.writeAt(Buffer.alloc(INLINE_WRITE_MAX * 2, 0x41 + (round % 8)), 0);
+      const small = port.writeAt(Buffer.alloc(4096, 0x61 + (round % 8)), 4096);
+      await Promise.all([large, small]);
+      const got = await port.readAt(Buffer.alloc(3 * 4096), 0);
+      expect([got[0], got[4096], got[8192]]).toEqual([0x41 + (round % 8), 0x61 + (round % 8), 0x41 + (round % 8)]);
+    }
+  });
+});
+
 describe('UringEngine', () => {
   it('close completes every operation already requested (ring and backlog), then rejects new ones with EBADF', async () => {
     const own = UringEngine.create();
@@ -239,8 +333,8 @@ describe.runIf(existsSync('/dev/shm'))('memory-backed files (tmpfs): small I/O i
     writeFileSync(path, 'x');
     const fd = openSync(path, 'r');
     try {
-      expect(inlineIoFor(fd, false)).toEqual({ nowait: false, memory: true });
-      expect(inlineIoFor(fd, true)).toEqual({ nowait: false, memory: false });
+      expect(inlineIoFor(fd, false, path)).toMatchObject({ nowait: false, memory: true, writes: expect.any(InlineWrites) });
+      expect(inlineIoFor(fd, true, path)).toEqual({ nowait: false, memory: false, writes: null });
     } finally {
       closeSync(fd);
     }
