@@ -224,7 +224,7 @@ export class UringFilePort implements FilePort {
   /** `how` of writes: buffered ones go to the kernel's workers (IOSQE_ASYNC); O_DIRECT ones are issued inline. */
   private readonly writeHow: number;
   private readonly zeroer = new RangeZeroer(
-    (offset, length) => this.trackMutation(this.engine.fallocate(this.fd, FALLOC_FL_ZERO_RANGE, offset, length)),
+    (offset, length) => this.trackMutation(this.engine.fallocate(this.fd, FALLOC_FL_ZERO_RANGE, offset, length), offset, length),
     (buf, offset) => this.writeAt(buf, offset),
   );
 
@@ -288,7 +288,7 @@ export class UringFilePort implements FilePort {
   private async writeRing(buf: Buffer, offset: number, how = this.writeHow): Promise<void> {
     let done = 0;
     while (done < buf.length) {
-      done += await this.trackMutation(this.engine.write(this.fd, done === 0 ? buf : buf.subarray(done), offset + done, how));
+      done += await this.trackMutation(this.engine.write(this.fd, done === 0 ? buf : buf.subarray(done), offset + done, how), offset + done, buf.length - done);
     }
   }
 
@@ -314,14 +314,14 @@ export class UringFilePort implements FilePort {
     this.assertWritable();
     const total = bufs.reduce((n, b) => n + b.length, 0);
     this.grow(offset + total);
-    const written = await this.trackMutation(this.engine.writev(this.fd, bufs, offset, this.writeHow));
+    const written = await this.trackMutation(this.engine.writev(this.fd, bufs, offset, this.writeHow), offset, total);
     // Rare short write: finish with one contiguous buffer.
     if (written < total) await this.writeAt(Buffer.concat(bufs).subarray(written), offset + written);
   }
 
   async punchHole(offset: number, length: number): Promise<void> {
     this.assertWritable();
-    await this.trackMutation(this.engine.fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length));
+    await this.trackMutation(this.engine.fallocate(this.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length), offset, length);
   }
 
   async zeroRange(offset: number, length: number): Promise<void> {
@@ -342,7 +342,7 @@ export class UringFilePort implements FilePort {
 
   truncate(length: number): Promise<void> {
     this.end = length;
-    return this.trackMutation(this.inner.truncate(length));
+    return this.trackMutation(this.inner.truncate(length), length, Infinity);
   }
 
   /** Waits for this port's operations still in flight (the kernel may be using the fd), then closes. */
@@ -364,10 +364,13 @@ export class UringFilePort implements FilePort {
     return p;
   }
 
-  /** As `track`, for an operation that changes the file: no inline write overtakes it (see InlineWrites). */
-  private trackMutation<T>(p: Promise<T>): Promise<T> {
+  /**
+   * As `track`, for an operation that changes `length` bytes at `offset` (Infinity: to the end
+   * and beyond): no inline write to that range overtakes it (see InlineWrites).
+   */
+  private trackMutation<T>(p: Promise<T>, offset: number, length: number): Promise<T> {
     const writes = this.inline.writes;
-    return this.track(writes ? writes.track(p) : p);
+    return this.track(writes ? writes.track(p, offset, length) : p);
   }
 
   private assertWritable(): void {

@@ -211,19 +211,25 @@ describe('InlineWrites: small buffered writes on the event-loop thread while the
     expect(writes).toEqual([0, 8192]);
   });
 
-  it('never overtakes a mutation still on the engine', async () => {
+  it('never overtakes a mutation of the same range still on the engine; other ranges go inline', async () => {
     const { policy, writes } = fake();
     let settle!: () => void;
-    const onEngine = policy.track(new Promise<void>((resolve) => (settle = resolve)));
-    expect(policy.tryWrite(3, page, 0)).toBe(false);
+    const onEngine = policy.track(new Promise<void>((resolve) => (settle = resolve)), 4096, 8192);
+    expect(policy.tryWrite(3, page, 0)).toBe(true); // [0, 4096): just below
+    expect(policy.tryWrite(3, page, 1)).toBe(false); // overlaps the first byte
+    expect(policy.tryWrite(3, page, 8192)).toBe(false);
+    expect(policy.tryWrite(3, page, 12287)).toBe(false); // overlaps the last byte
+    expect(policy.tryWrite(3, page, 12288)).toBe(true); // just past
     settle();
     await onEngine;
-    expect(policy.tryWrite(3, page, 0)).toBe(true);
-    // A failed engine operation releases the hold too.
-    const failed = policy.track(Promise.reject(new Error('EIO')));
-    await failed.catch(() => {});
-    expect(policy.tryWrite(3, page, 4096)).toBe(true);
-    expect(writes).toEqual([0, 4096]);
+    expect(policy.tryWrite(3, page, 8192)).toBe(true);
+    // A truncate holds everything from its length on; a failed operation releases its range too.
+    const truncate = policy.track(Promise.reject(new Error('EIO')), 1 << 20, Infinity);
+    expect(policy.tryWrite(3, page, (1 << 20) - 1)).toBe(false);
+    expect(policy.tryWrite(3, page, 2 ** 40)).toBe(false);
+    await truncate.catch(() => {});
+    expect(policy.tryWrite(3, page, 2 ** 40)).toBe(true);
+    expect(writes).toEqual([0, 12288, 8192, 2 ** 40]);
   });
 
   it('a slow write backs off, doubling while slow ones recur, capped, and resetting after a quiet spell', () => {
