@@ -6,7 +6,8 @@
  * caller's buffer until its promise settles.
  */
 import fs from 'node:fs';
-import { Errno, NbddError } from '../core/errors.js';
+import { Errno, NbddError, fileError } from '../core/errors.js';
+import { onUserspaceDevice } from '../kernel/holders.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, alignedBuffer, fallocate, preadNowait } from '../sys/libc.js';
 import { logger } from '../core/log.js';
 import { tryCall } from '../core/try-call.js';
@@ -102,6 +103,12 @@ export const INLINE_WRITE_BACKOFF_RESET_MS = 300_000;
 
 /** statfs f_type of tmpfs (also /dev/shm, /run) and ramfs: files whose pages live only in memory. */
 const MEMORY_FS_MAGIC = new Set([0x01021994, 0x858458f6]);
+/**
+ * statfs f_type of the local disk filesystems whose buffered writes may run inline (see
+ * InlineWrites): ext2/3/4, XFS, F2FS. Not network or FUSE filesystems, where a write can hang for
+ * as long as a server takes; not btrfs, whose devices stat does not name (see onUserspaceDevice).
+ */
+const LOCAL_DISK_FS_MAGIC = new Set([0xef53, 0x58465342, 0xf2f52010]);
 
 /**
  * Small buffered writes on the event-loop thread, for as long as they stay fast.
@@ -122,7 +129,13 @@ const MEMORY_FS_MAGIC = new Set([0x01021994, 0x858458f6]);
  *
  * Never over a range that a write, writev, fallocate or truncate of this file still on the engine
  * covers: the inline write could land before the earlier one, and a table written twice would be
- * left stale. `track` records those ranges. (A count of them measured worse: on a busy fresh
+ * left stale. `track` records those ranges. (A write sent to the engine instead lands after the
+ * earlier engine writes of the file, which io_uring's workers run one at a time in order; after an
+ * earlier fallocate or truncate it has no such promise, as before.)
+ *
+ * Only on files where no write can wait for long on something this loop must do or a server
+ * elsewhere: memory filesystems, and local disk filesystems not on an NBD or ublk device (whose
+ * writeback may need this very process to serve it) — see inlineIoFor. (A count of them measured worse: on a busy fresh
  * qcow2 image one write on the engine let the next ones through only to the engine, and they kept
  * the count above zero, so 40 % of the writes never went inline again.)
  */
@@ -148,14 +161,22 @@ export class InlineWrites {
    */
   tryWrite(fd: number, buf: Buffer, offset: number): boolean {
     if (buf.length > INLINE_WRITE_MAX) return false;
-    const last = offset + buf.length;
-    for (const r of this.onEngine) if (offset < r.end && r.start < last) return false;
     const start = this.now();
     if (start < this.offloadUntil) return false;
-    let done = 0;
-    while (done < buf.length) done += this.write(fd, buf, done, buf.length - done, offset + done);
-    const end = this.now();
-    if (end - start > SLOW_INLINE_WRITE_MS) this.slow(end, end - start);
+    const last = offset + buf.length;
+    for (const r of this.onEngine) if (offset < r.end && r.start < last) return false;
+    try {
+      for (let done = 0; done < buf.length; ) {
+        const n = this.write(fd, buf, done, buf.length - done, offset + done);
+        if (n <= 0) throw new NbddError(Errno.EIO, `cannot write ${this.name}: no progress at offset ${offset + done}`);
+        done += n;
+      }
+    } catch (err) {
+      throw fileError(this.name, err, 'cannot write');
+    } finally {
+      const end = this.now();
+      if (end - start > SLOW_INLINE_WRITE_MS) this.slow(end, end - start);
+    }
     return true;
   }
 
@@ -199,17 +220,31 @@ export interface InlineIo {
   writes: InlineWrites | null;
 }
 
-/** The inline policy for `fd`, freshly opened at `path` (see InlineIo). */
-export function inlineIoFor(fd: number, direct: boolean, path: string): InlineIo {
+/**
+ * The inline policy for `fd`, freshly opened at `path` (see InlineIo). `sys` is the root of sysfs
+ * (tests give a tree of their own).
+ */
+export function inlineIoFor(fd: number, direct: boolean, path: string, sys = '/sys'): InlineIo {
   if (direct) return { nowait: false, memory: false, writes: null };
   let memory = false;
+  let inlineWrites = false;
   try {
+    const st = fs.fstatSync(fd, { bigint: true });
     // statfs follows the /proc magic link to the open file itself (no race with a renamed path).
-    memory = fs.fstatSync(fd).isFile() && MEMORY_FS_MAGIC.has(Number(fs.statfsSync(`/proc/self/fd/${fd}`).type));
+    const type = Number(fs.statfsSync(`/proc/self/fd/${fd}`).type);
+    memory = st.isFile() && MEMORY_FS_MAGIC.has(type);
+    inlineWrites = memory || (st.isFile() && LOCAL_DISK_FS_MAGIC.has(type) && !onUserspaceDevice(majorMinor(st.dev), { sys, proc: '/proc' }));
   } catch {
-    memory = false; // no /proc: the general path is always correct
+    // no /proc: the general path is always correct
   }
-  return { nowait: !memory, memory, writes: new InlineWrites(path) };
+  return { nowait: !memory, memory, writes: inlineWrites ? new InlineWrites(path) : null };
+}
+
+/** "major:minor" of a st_dev (glibc's encoding). */
+function majorMinor(dev: bigint): string {
+  const major = ((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn);
+  const minor = (dev & 0xffn) | ((dev >> 12n) & ~0xffn);
+  return `${major}:${minor}`;
 }
 
 /** pread until `buf` is full or end of file (the rest zeroed), on this thread. */

@@ -6,8 +6,8 @@
  *
  * Every reader takes the roots of /sys and /proc so tests can give it a tree of their own.
  */
-import { readdirSync, readFileSync, readlinkSync } from 'node:fs';
-import { join } from 'node:path';
+import { readdirSync, readFileSync, readlinkSync, realpathSync } from 'node:fs';
+import { basename, join } from 'node:path';
 
 export interface Roots {
   sys: string;
@@ -30,6 +30,29 @@ function list(path: string): string[] {
   } catch {
     return [];
   }
+}
+
+/**
+ * Whether the block device `majorMinor` ("43:1") is an NBD or ublk device, a partition of one, or
+ * stacked on one (device-mapper, md: its sysfs `slaves/`, followed down): its I/O is served by a
+ * process in user space, perhaps this one. False when sysfs has no such device (the anonymous
+ * devices of tmpfs, NFS or btrfs).
+ */
+export function onUserspaceDevice(majorMinor: string, roots: Roots = SYSTEM): boolean {
+  const seen = new Set<string>();
+  const check = (sysDir: string): boolean => {
+    let real: string;
+    try {
+      real = realpathSync(sysDir);
+    } catch {
+      return false;
+    }
+    if (seen.has(real)) return false;
+    seen.add(real);
+    if (/^(nbd|ublkb)\d/.test(basename(real))) return true;
+    return list(join(real, 'slaves')).some((s) => check(join(roots.sys, 'class', 'block', s)));
+  };
+  return check(join(roots.sys, 'dev', 'block', majorMinor));
 }
 
 /** The partitions of `dev` (e.g. nbd0 → nbd0p1, nbd0p2), in number order. */

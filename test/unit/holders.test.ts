@@ -7,7 +7,7 @@ import { mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { deviceUsers, partitionsOf, type Roots } from '../../src/kernel/holders.js';
+import { deviceUsers, onUserspaceDevice, partitionsOf, type Roots } from '../../src/kernel/holders.js';
 
 let root: string;
 let roots: Roots;
@@ -30,6 +30,32 @@ beforeEach(() => {
   put(join(roots.proc, 'swaps'), 'Filename\tType\tSize\tUsed\tPriority\n');
 });
 afterEach(() => rmSync(root, { recursive: true, force: true }));
+
+describe('onUserspaceDevice', () => {
+  /** A sysfs tree in the kernel's shape: devices under devices/, dev/block and class/block links to them. */
+  function device(name: string, majorMinor: string, parent?: string, slaves: string[] = []): void {
+    const dir = join(roots.sys, 'devices/virtual/block', ...(parent ? [parent, name] : [name]));
+    mkdirSync(join(dir, 'slaves'), { recursive: true });
+    for (const s of slaves) symlinkSync(join(roots.sys, 'class/block', s), join(dir, 'slaves', s));
+    for (const link of [join(roots.sys, 'dev/block', majorMinor), join(roots.sys, 'class/block', name)]) {
+      mkdirSync(dirname(link), { recursive: true });
+      symlinkSync(dir, link);
+    }
+  }
+
+  it('finds NBD and ublk disks, their partitions, and devices stacked on them; not others', () => {
+    device('nbd3', '43:96');
+    device('nbd3p1', '43:97', 'nbd3');
+    device('ublkb0', '259:4');
+    device('sda', '8:0');
+    device('sda1', '8:1', 'sda');
+    device('dm-0', '254:0', undefined, ['nbd3p1']);
+    device('md0', '9:0', undefined, ['dm-0']);
+    device('dm-1', '254:1', undefined, ['sda1']);
+    expect(['43:96', '43:97', '259:4', '254:0', '9:0'].map((d) => onUserspaceDevice(d, roots))).toEqual([true, true, true, true, true]);
+    expect(['8:0', '8:1', '254:1', '0:45'].map((d) => onUserspaceDevice(d, roots))).toEqual([false, false, false, false]);
+  });
+});
 
 describe('partitionsOf', () => {
   it('lists partitions in number order, skipping other entries', () => {

@@ -3,7 +3,7 @@
  * model. These tests need the addon (`npm run build:native`) and a kernel that allows io_uring.
  */
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, openSync, closeSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, openSync, closeSync, readFileSync, rmSync, statSync, statfsSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
@@ -202,6 +202,37 @@ describe('InlineWrites: small buffered writes on the event-loop thread while the
     return { policy, writes, clock };
   }
   const page = Buffer.alloc(4096);
+
+  it('are on for files on a local disk filesystem, off where it lies on an NBD or ublk device', () => {
+    const path = join(dir, `dev-${++seq}`);
+    writeFileSync(path, 'x');
+    const fd = openSync(path, 'r');
+    const sys = mkdtempSync(join(tmpdir(), 'nbdd-sys-'));
+    try {
+      const dev = statSync(path, { bigint: true }).dev;
+      const mm = `${((dev >> 8n) & 0xfffn) | ((dev >> 32n) & ~0xfffn)}:${(dev & 0xffn) | ((dev >> 12n) & ~0xffn)}`;
+      const local = inlineIoFor(fd, false, path, sys).writes; // an empty sysfs: no NBD device under it
+      const fsType = Number(statfsSync(path).type);
+      // ext2/3/4, XFS, F2FS, tmpfs get inline writes; elsewhere (say overlayfs) this test has nothing to show.
+      if ([0xef53, 0x58465342, 0xf2f52010, 0x01021994].includes(fsType)) expect(local).toBeInstanceOf(InlineWrites);
+      mkdirSync(join(sys, 'devices/virtual/block/nbd0/nbd0p1'), { recursive: true });
+      mkdirSync(join(sys, 'dev/block'), { recursive: true });
+      symlinkSync(join(sys, 'devices/virtual/block/nbd0/nbd0p1'), join(sys, 'dev/block', mm));
+      if (fsType !== 0x01021994) expect(inlineIoFor(fd, false, path, sys).writes).toBeNull();
+    } finally {
+      closeSync(fd);
+      rmSync(sys, { recursive: true, force: true });
+    }
+  });
+
+  it('an inline write that fails rejects with the errno, naming the file; one that makes no progress is EIO', () => {
+    const failing = new InlineWrites('/img', performance.now.bind(performance), () => {
+      throw Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC', errno: -28 });
+    });
+    expect(() => failing.tryWrite(3, page, 0)).toThrow(expect.objectContaining({ errno: Errno.ENOSPC, message: expect.stringContaining('/img') }));
+    const stuck = new InlineWrites('/img', performance.now.bind(performance), () => 0);
+    expect(() => stuck.tryWrite(3, page, 0)).toThrow(expect.objectContaining({ errno: Errno.EIO }));
+  });
 
   it('writes small buffers inline and leaves large ones to the engine', () => {
     const { policy, writes } = fake();
