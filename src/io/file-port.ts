@@ -129,15 +129,15 @@ const LOCAL_DISK_FS_MAGIC = new Set([0xef53, 0x58465342, 0xf2f52010]);
  *
  * Never over a range that a write, writev, fallocate or truncate of this file still on the engine
  * covers: the inline write could land before the earlier one, and a table written twice would be
- * left stale. `track` records those ranges. (A write sent to the engine instead lands after the
- * earlier engine writes of the file, which io_uring's workers run one at a time in order; after an
- * earlier fallocate or truncate it has no such promise, as before.)
+ * left stale. `track` records those ranges. (A count of them measured worse: on a busy fresh
+ * qcow2 image one write on the engine let the next ones through only to the engine, and they kept
+ * the count above zero, so 40 % of the writes never went inline again.) A write sent to the engine
+ * instead lands after the earlier engine writes of the file, which io_uring's workers run one at a
+ * time in order; after an earlier fallocate or truncate it has no such promise, as before.
  *
  * Only on files where no write can wait for long on something this loop must do or a server
  * elsewhere: memory filesystems, and local disk filesystems not on an NBD or ublk device (whose
- * writeback may need this very process to serve it) — see inlineIoFor. (A count of them measured worse: on a busy fresh
- * qcow2 image one write on the engine let the next ones through only to the engine, and they kept
- * the count above zero, so 40 % of the writes never went inline again.)
+ * writeback may need this very process to serve it) — see inlineIoFor.
  */
 export class InlineWrites {
   /** Slow inline writes seen (each started a backoff). */
@@ -324,8 +324,8 @@ export class NodeFilePort implements FilePort {
     (offset, length) => fallocate(this.fd, FALLOC_FL_ZERO_RANGE, offset, length),
     (buf, offset) => this.writeAt(buf, offset),
   );
-  /** What runs on the event-loop thread (see InlineIo). */
-  private readonly inline: InlineIo;
+  /** What runs on the event-loop thread (see InlineIo); UringFilePort shares it. */
+  readonly inline: InlineIo;
 
   private constructor(
     readonly path: string,
@@ -355,20 +355,15 @@ export class NodeFilePort implements FilePort {
 
   async writeAt(buf: Buffer, offset: number): Promise<void> {
     this.assertWritable();
-    const writes = this.inline.writes;
-    if (writes?.tryWrite(this.fd, buf, offset)) return;
+    if (this.inline.writes?.tryWrite(this.fd, buf, offset)) return;
     let done = 0;
-    while (done < buf.length) {
-      const p = pwrite(this.fd, buf, done, buf.length - done, offset + done);
-      done += await (writes ? writes.track(p, offset + done, buf.length - done) : p);
-    }
+    while (done < buf.length) done += await this.mutation(pwrite(this.fd, buf, done, buf.length - done, offset + done), offset + done, buf.length - done);
   }
 
   async writevAt(bufs: Buffer[], offset: number): Promise<void> {
     this.assertWritable();
     const total = bufs.reduce((n, b) => n + b.length, 0);
-    const p = pwritev(this.fd, bufs, offset);
-    const written = await (this.inline.writes ? this.inline.writes.track(p, offset, total) : p);
+    const written = await this.mutation(pwritev(this.fd, bufs, offset), offset, total);
     if (written < total) {
       // Rare short write: finish with one contiguous buffer.
       await this.writeAt(Buffer.concat(bufs).subarray(written), offset + written);
@@ -401,15 +396,19 @@ export class NodeFilePort implements FilePort {
 
   truncate(length: number): Promise<void> {
     this.assertWritable();
-    const p = new Promise<void>((resolve, reject) => fs.ftruncate(this.fd, length, (err) => (err ? reject(err) : resolve())));
     // A truncate changes every byte from `length` on (and drops what a write past it adds).
-    return this.inline.writes ? this.inline.writes.track(p, length, Infinity) : p;
+    return this.mutation(new Promise<void>((resolve, reject) => fs.ftruncate(this.fd, length, (err) => (err ? reject(err) : resolve()))), length, Infinity);
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     await new Promise<void>((resolve, reject) => fs.close(this.fd, (err) => (err ? reject(err) : resolve())));
+  }
+
+  /** `p`, a pool operation changing `length` bytes at `offset`, recorded for InlineWrites. */
+  private mutation<T>(p: Promise<T>, offset: number, length: number): Promise<T> {
+    return this.inline.writes ? this.inline.writes.track(p, offset, length) : p;
   }
 
   private assertWritable(): void {

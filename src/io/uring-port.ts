@@ -14,7 +14,7 @@ import { createRequire } from 'node:module';
 import { constants as osConstants } from 'node:os';
 import { Errno, NbddError, nameOfErrno } from '../core/errors.js';
 import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../sys/libc.js';
-import { NodeFilePort, RangeZeroer, inlineIoFor, readFully, type FilePiece, type FilePort, type InlineIo } from './file-port.js';
+import { NodeFilePort, RangeZeroer, readFully, type FilePiece, type FilePort, type InlineIo } from './file-port.js';
 import { tryCall } from '../core/try-call.js';
 
 /** Submission-queue entries; the completion queue (and the in-flight limit) is twice this. */
@@ -213,13 +213,14 @@ export class UringEngine {
  * Reads first try preadv2(RWF_NOWAIT) on the event-loop thread, as NodeFilePort does: a page-cache
  * hit then costs one system call and completes in the same turn (see docs/io-engine.md for the
  * measurement); a miss goes to the ring. On tmpfs, small reads are plain system calls on this
- * thread, and so are small buffered writes on any filesystem while they stay fast (see InlineIo).
+ * thread, and so are small buffered writes on local filesystems while they stay fast (see
+ * InlineIo; the policy is the inner NodeFilePort's, decided once at open).
  */
 export class UringFilePort implements FilePort {
   private pending = 0;
   private idle: (() => void) | null = null;
   private closing: Promise<void> | null = null;
-  /** What runs on the event-loop thread (see InlineIo). */
+  /** What runs on the event-loop thread (see InlineIo): the inner port's. */
   private readonly inline: InlineIo;
   /** `how` of writes: buffered ones go to the kernel's workers (IOSQE_ASYNC); O_DIRECT ones are issued inline. */
   private readonly writeHow: number;
@@ -242,7 +243,7 @@ export class UringFilePort implements FilePort {
     length: number,
   ) {
     this.end = this.syncedEnd = length;
-    this.inline = inlineIoFor(inner.fd, direct, inner.path);
+    this.inline = inner.inline;
     this.writeHow = direct ? 0 : HOW_OFFLOAD;
   }
 
@@ -342,7 +343,7 @@ export class UringFilePort implements FilePort {
 
   truncate(length: number): Promise<void> {
     this.end = length;
-    return this.trackMutation(this.inner.truncate(length), length, Infinity);
+    return this.track(this.inner.truncate(length)); // the inner port records it for InlineWrites
   }
 
   /** Waits for this port's operations still in flight (the kernel may be using the fd), then closes. */
