@@ -21,15 +21,14 @@ import { DEFAULT_MAX_TRANSFER, allData, type Backend, type BackendCaps, type Ext
 import { runBatch } from './batch.js';
 import { Errno, NbddError, assert } from './errors.js';
 import { tryCall } from './try-call.js';
-import { POOL_MIN } from './request-buffers.js';
 
 /**
  * Longest coalesced read. Merging saves a backend call per read, which matters for small reads;
  * a merged buffer is answered as views, which the request-buffer pool cannot take back, so runs
- * stop where the pool starts: larger reads each get a pooled buffer of their own (sequential
- * 1 MiB reads merged into fresh 2–8 MiB buffers cost V8 a mark-compact every few dozen ms).
+ * stay short: larger reads each get a pooled buffer of their own (sequential 1 MiB reads merged
+ * into fresh 2–8 MiB buffers cost V8 a mark-compact every few dozen ms).
  */
-const MERGED_READ_MAX = POOL_MIN;
+const MERGED_READ_MAX = 128 * 1024;
 
 type Entry =
   | { op: 'read'; offset: number; length: number; resolve: (b: Buffer) => void; reject: (e: unknown) => void }

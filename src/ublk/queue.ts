@@ -19,6 +19,7 @@
 import { errnoOf, Errno } from '../core/errors.js';
 import { logger } from '../core/log.js';
 import type { BlockQueue } from '../core/queue.js';
+import { requestBuffers } from '../core/request-buffers.js';
 import { turnEnd } from '../core/batch.js';
 import { QUEUE_EVENT, ublkAddon, type LoopQueueHandle, type QueueHandle } from './addon.js';
 import { REC_WORDS, requestInBounds, SECTOR_SHIFT, UBLK_IO, UBLK_IO_F, UBLK_OP } from './uapi.js';
@@ -138,6 +139,7 @@ export class UblkQueue {
       case UBLK_OP.READ:
         queue.read(offset, length).then((data) => {
           data.copy(this.buffer, tag * maxIo, 0, length);
+          requestBuffers.give(data); // copied: the buffer may serve the next READ
           this.finish(tag, length);
         }, fail);
         return;

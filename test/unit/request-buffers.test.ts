@@ -15,9 +15,18 @@ describe('RequestBuffers', () => {
     expect(pool.idleBytes).toBe(0);
   });
 
-  it('leaves small buffers and idle bytes past its bound to the GC', () => {
+  it('reuses a 4 KiB read buffer (the common small READ)', () => {
+    const pool = new RequestBuffers();
+    const a = pool.take(4096);
+    pool.give(a);
+    expect(pool.idleBytes).toBe(4096);
+    expect(pool.take(4096)).toBe(a);
+    expect(pool.take(4096)).not.toBe(a);
+  });
+
+  it('leaves buffers below 4 KiB and idle bytes past its bound to the GC', () => {
     const pool = new RequestBuffers(2 * 1024 * 1024);
-    const small = pool.take(4096);
+    const small = pool.take(4095);
     pool.give(small);
     expect(pool.idleBytes).toBe(0);
     const bufs = [1, 2, 3].map(() => pool.take(1024 * 1024));
