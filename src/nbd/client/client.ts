@@ -20,6 +20,7 @@ import type { ConnectionOptions as TlsConnectionOptions } from 'node:tls';
 import { Errno, NbddError, messageOf } from '../../core/errors.js';
 import { logger } from '../../core/log.js';
 import { requestBuffers } from '../../core/request-buffers.js';
+import { tryCall } from '../../core/try-call.js';
 import type { StatusExtent } from '../../core/meta-context.js';
 import type { WriteOptions, ZeroOptions } from '../../core/backend.js';
 import type { NbdTransport } from '../uri.js';
@@ -72,9 +73,18 @@ async function withHandshake<T>(t: NbdTransport, timeoutMs: number, body: (io: B
   }
 }
 
+/** A request in flight: its reply as it arrives, and what settles its promise. */
+interface InFlight {
+  reply: PendingReply;
+  resolve: (reply: PendingReply) => void;
+  reject: (err: Error) => void;
+}
+
+const noop = (): void => undefined;
+
 export class NbdClient implements ReplyTarget {
-  private readonly pending = new Map<number, PendingReply>();
-  private readonly settlers = new Map<PendingReply, { resolve: () => void; reject: (e: Error) => void }>();
+  /** Requests in flight by cookie, with what settles each. */
+  private readonly pending = new Map<number, InFlight>();
   private readonly parser = new ReplyParser(this);
   private nextCookie = 1;
   private disconnecting = false;
@@ -144,20 +154,28 @@ export class NbdClient implements ReplyTarget {
 
   /* ------------------------------------------------------------ commands */
 
+  // read and write are on every request's path: plain functions returning one request's promise
+  // when it fits one payload (an async frame and the split would add promises and microtasks).
+
   /** Reads `length` bytes at `offset` into a new Buffer (the caller's). */
-  async read(offset: number, length: number): Promise<Buffer> {
-    this.check(NBD_CMD.READ, 0, offset, length);
-    const out = requestBuffers.take(length);
-    if (length === 0) return out;
-    await this.split(offset, length, this.info.maxPayload, (o, l) => this.submit(NBD_CMD.READ, 0, o, l, out.subarray(o - offset, o - offset + l)));
-    return out;
+  read(offset: number, length: number): Promise<Buffer> {
+    return tryCall(() => {
+      this.check(NBD_CMD.READ, 0, offset, length);
+      const out = requestBuffers.take(length);
+      if (length === 0) return out;
+      if (length <= this.info.maxPayload) return this.submit(NBD_CMD.READ, 0, offset, length, out).then(() => out);
+      return this.split(offset, length, this.info.maxPayload, (o, l) => this.submit(NBD_CMD.READ, 0, o, l, out.subarray(o - offset, o - offset + l))).then(() => out);
+    });
   }
 
-  async write(offset: number, data: Buffer, options: WriteOptions = {}): Promise<void> {
-    const flags = options.fua ? NBD_CMD_FLAG.FUA : 0;
-    this.check(NBD_CMD.WRITE, flags, offset, data.length);
-    if (data.length === 0) return;
-    await this.split(offset, data.length, this.info.maxPayload, (o, l) => this.submit(NBD_CMD.WRITE, flags, o, l, null, data.subarray(o - offset, o - offset + l)));
+  write(offset: number, data: Buffer, options: WriteOptions = {}): Promise<void> {
+    return tryCall<void>(() => {
+      const flags = options.fua ? NBD_CMD_FLAG.FUA : 0;
+      this.check(NBD_CMD.WRITE, flags, offset, data.length);
+      if (data.length === 0) return undefined;
+      if (data.length <= this.info.maxPayload) return this.submit(NBD_CMD.WRITE, flags, offset, data.length, null, data).then(noop);
+      return this.split(offset, data.length, this.info.maxPayload, (o, l) => this.submit(NBD_CMD.WRITE, flags, o, l, null, data.subarray(o - offset, o - offset + l)));
+    });
   }
 
   async flush(): Promise<void> {
@@ -276,11 +294,10 @@ export class NbdClient implements ReplyTarget {
     if (this.pending.size >= MAX_IN_FLIGHT) return Promise.reject(new NbddError(Errno.EAGAIN, `more than ${MAX_IN_FLIGHT} NBD requests in flight`));
     const cookie = this.allocateCookie();
     const reply = new PendingReply(type, offset, length, 0, cookie, dest);
-    this.pending.set(cookie, reply);
-    const done = new Promise<void>((resolve, reject) => this.settlers.set(reply, { resolve, reject }));
+    const done = new Promise<PendingReply>((resolve, reject) => this.pending.set(cookie, { reply, resolve, reject }));
     this.io.write(encodeRequest({ flags, type, cookieHi: 0, cookieLo: cookie, offset, length }));
     if (payload) this.io.write(payload);
-    return done.then(() => reply);
+    return done;
   }
 
   private allocateCookie(): number {
@@ -291,16 +308,15 @@ export class NbdClient implements ReplyTarget {
   }
 
   lookup(cookieHi: number, cookieLo: number): PendingReply | undefined {
-    return cookieHi === 0 ? this.pending.get(cookieLo) : undefined;
+    return cookieHi === 0 ? this.pending.get(cookieLo)?.reply : undefined;
   }
 
   done(reply: PendingReply): void {
+    const s = this.pending.get(reply.cookieLo)!;
     this.pending.delete(reply.cookieLo);
-    const s = this.settlers.get(reply)!;
-    this.settlers.delete(reply);
     try {
       reply.check();
-      s.resolve();
+      s.resolve(reply);
     } catch (err) {
       s.reject(err as Error);
     }
@@ -319,11 +335,11 @@ export class NbdClient implements ReplyTarget {
 
   /** Rejects everything in flight: the connection is gone. */
   private failAll(err: NbddError): void {
-    if (this.settlers.size > 0 && !this.disconnecting) log.debug(`${err.message}; failing ${this.settlers.size} requests`);
+    if (this.pending.size > 0 && !this.disconnecting) log.debug(`${err.message}; failing ${this.pending.size} requests`);
     if (!this.disconnecting) this.lostResolve(err);
-    for (const s of this.settlers.values()) s.reject(err);
-    this.settlers.clear();
+    const failed = [...this.pending.values()];
     this.pending.clear();
+    for (const s of failed) s.reject(err);
     this.wakeSettleWaiters();
   }
 

@@ -12,6 +12,7 @@
  */
 import { Errno, NbddError, messageOf } from '../../core/errors.js';
 import { logger } from '../../core/log.js';
+import { tryCall } from '../../core/try-call.js';
 import type { NbdClient } from './client.js';
 
 const log = logger('nbd');
@@ -68,7 +69,29 @@ export class ReconnectingClient {
   }
 
   /** Runs `op` on the live connection, waiting for one and sending it again when the connection drops. */
-  async run<T>(op: (c: NbdClient) => Promise<T>): Promise<T> {
+  run<T>(op: (c: NbdClient) => Promise<T>): Promise<T> {
+    // The common case, a live connection: `op`'s promise, plus a rejection handler (no async frame).
+    const c = this.current;
+    if (!c) return this.runAgain(op);
+    return this.timed(c, op).then(undefined, (err: unknown) => {
+      this.afterFailure(c, err);
+      return this.runAgain(op);
+    });
+  }
+
+  /**
+   * Throws `err` unless it came from the connection `c` being lost (and the daemon reconnects);
+   * else takes `c` out of use, so the request may be sent again.
+   */
+  private afterFailure(c: NbdClient, err: unknown): void {
+    const lost = c.lost;
+    if (!lost || this.state_ === 'closed') throw err;
+    this.lose(c, lost);
+    if (this.options.delayMs === 0) throw new NbddError(Errno.EIO, `${messageOf(lost)} (reconnecting)`, { cause: lost });
+  }
+
+  /** `run` without a live connection at hand: waits for one (up to the reconnect delay), then sends. */
+  private async runAgain<T>(op: (c: NbdClient) => Promise<T>): Promise<T> {
     let deadline: number | null = null;
     for (;;) {
       const c = this.current;
@@ -83,17 +106,14 @@ export class ReconnectingClient {
       try {
         return await this.timed(c, op);
       } catch (err) {
-        const lost = c.lost;
-        if (!lost || this.state_ === 'closed') throw err;
-        this.lose(c, lost);
-        if (this.options.delayMs === 0) throw new NbddError(Errno.EIO, `${messageOf(lost)} (reconnecting)`, { cause: lost });
+        this.afterFailure(c, err);
       }
     }
   }
 
   private timed<T>(c: NbdClient, op: (c: NbdClient) => Promise<T>): Promise<T> {
     const limit = this.options.requestTimeoutMs ?? 0;
-    const p = op(c);
+    const p = tryCall(() => op(c));
     if (limit <= 0) return p;
     const timer = setTimeout(() => {
       log.warn(`a request to ${this.options.peer} had no reply for ${limit / 1000} s: dropping the connection`);
