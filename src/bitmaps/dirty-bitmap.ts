@@ -191,6 +191,12 @@ export class DirtyBitmap {
     this.bytes.fill(0);
   }
 
+  /** Whether every granule touching `[offset, offset+length)` is dirty. */
+  allDirty(offset: number, length: number): boolean {
+    const { first, count } = this.granulesOf(offset, length);
+    return this.find(first, first + count, false) === first + count;
+  }
+
   /** Whether any granule touching `[offset, offset+length)` is dirty. */
   anyDirty(offset: number, length: number): boolean {
     const { first, count } = this.granulesOf(offset, length);
