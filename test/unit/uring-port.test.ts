@@ -21,7 +21,7 @@ import {
 } from '../../src/io/file-port.js';
 import { openFilePort } from '../../src/io/open-port.js';
 import { URING_CQ_ENTRIES, UringEngine, UringFilePort } from '../../src/io/uring-port.js';
-import { alignedBuffer } from '../../src/sys/libc.js';
+import { alignedBuffer, voluntarySwitches } from '../../src/sys/libc.js';
 import { prng } from '../helpers/prng.js';
 
 const KiB = 1024;
@@ -186,9 +186,12 @@ describe('UringFilePort', () => {
 });
 
 describe('InlineWrites: small buffered writes on the event-loop thread while they stay fast', () => {
-  /** A policy on a fake clock whose "system call" records writes and takes `cost` ms. */
-  function fake(): { policy: InlineWrites; writes: number[]; clock: { t: number; cost: number } } {
-    const clock = { t: 1_000_000, cost: 0.005 };
+  /**
+   * A policy on a fake clock whose "system call" records writes and takes `cost` ms; a write
+   * slower than 1 ms sleeps (a voluntary context switch) unless `clock.preempted`.
+   */
+  function fake(): { policy: InlineWrites; writes: number[]; clock: { t: number; cost: number; preempted: boolean } } {
+    const clock = { t: 1_000_000, cost: 0.005, preempted: false, switches: 0 };
     const writes: number[] = [];
     const policy = new InlineWrites(
       'fake',
@@ -196,8 +199,10 @@ describe('InlineWrites: small buffered writes on the event-loop thread while the
       (_fd, _buf, _off, len, pos) => {
         writes.push(pos);
         clock.t += clock.cost;
+        if (clock.cost > 1 && !clock.preempted) clock.switches++;
         return len;
       },
+      () => clock.switches,
     );
     return { policy, writes, clock };
   }
@@ -290,6 +295,32 @@ describe('InlineWrites: small buffered writes on the event-loop thread while the
     slowWrite();
     expect(backoff()).toBe(INLINE_WRITE_BACKOFF_MS);
     expect(policy.slowWrites).toBe(14);
+  });
+
+  it('a slow write that did not sleep (the thread was preempted) starts no backoff', () => {
+    const { policy, clock } = fake();
+    clock.cost = 5;
+    clock.preempted = true;
+    for (let i = 0; i < 3; i++) expect(policy.tryWrite(3, page, 0)).toBe(true);
+    clock.cost = 0.005;
+    expect(policy.tryWrite(3, page, 0)).toBe(true);
+    expect([policy.preemptedWrites, policy.slowWrites]).toEqual([3, 0]);
+  });
+
+  it("counts this thread's voluntary context switches: a sleep is one, a busy loop none", async () => {
+    // A loop that calls nothing is preempted perhaps, never of its own accord. (The first round may
+    // wait once for V8's compiler thread; the least of four rounds counts.)
+    const rounds = [0, 1, 2, 3].map(() => {
+      const before = voluntarySwitches();
+      const stop = performance.now() + 10;
+      while (performance.now() < stop);
+      return voluntarySwitches() - before;
+    });
+    const busy = Math.min(...rounds);
+    const sleeper = voluntarySwitches();
+    Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 20); // sleeps 20 ms in the kernel
+    expect(busy).toBe(0);
+    expect(voluntarySwitches() - sleeper).toBeGreaterThanOrEqual(1);
   });
 
   // io_uring runs a file's buffered writes one after another in the order they were queued; the
