@@ -33,7 +33,8 @@
  *   tells how many bitmaps are enabled and how much each holds dirty (the check column).
  *
  * Environment: BENCH_RUNTIME seconds per cell (5), BENCH_RAMP seconds of warm-up (1), BENCH_ROUNDS
- * (1), BENCH_SERIES comma list of size,clients,bitmaps (all), BENCH_SERVERS comma list of
+ * (1), BENCH_SERIES comma list of size,clients,bitmaps (all), BENCH_BITMAP_COUNTS comma list of
+ * 0,1,8,64 and BENCH_BITMAP_STATES of fresh,allocated,steady (all), BENCH_SERVERS comma list of
  * nbdd,qemu-nbd (both), BENCH_DIR for images and sockets (the OS temp directory; a disk, so the
  * bitmaps' fdatasync costs what it costs on a disk — tmpfs would make it free).
  * Flags: --save FILE writes every cell as JSON. Progress goes to stderr. Needs `npm run build`.
@@ -74,8 +75,8 @@ const settings = {
 
 const SIZES = [['1 GiB', GiB], ['64 GiB', 64 * GiB], ['1 TiB', 1024 * GiB]];
 const CLIENTS = [1, 4, 16];
-const BITMAPS = [0, 1, 8, 64];
-const BITMAP_STATES = ['fresh', 'allocated', 'steady'];
+const BITMAPS = envList('BENCH_BITMAP_COUNTS', ['0', '1', '8', '64']).map(Number);
+const BITMAP_STATES = envList('BENCH_BITMAP_STATES', ['fresh', 'allocated', 'steady']);
 /** Random 4k writes that make each size's read image (fixed seed): 128 MiB of data. */
 const READ_IMAGE_WRITES = 32768;
 const RANDREAD = { rw: 'randread', bs: '4k', iodepth: 16 };
