@@ -222,7 +222,10 @@ export class BitmapSet extends EventEmitter {
     return this.pendingDurable ?? (this.storeOpsInFlight > 0 ? this.lastStoreOp : null);
   }
 
-  /** An empty summary when two or more bitmaps are enabled (see `summary`), else null. */
+  /**
+   * An empty summary when two or more bitmaps are enabled (see `summary`) and it fits in the
+   * memory limit beside them (else writes mark each bitmap, as without it); otherwise null.
+   */
   private newSummary(): DirtyBitmap | null {
     this.summaryDecided = true;
     this.summary = null;
@@ -233,7 +236,7 @@ export class BitmapSet extends EventEmitter {
       enabled++;
       granularity = Math.min(granularity, e.bits.granularity);
     }
-    if (enabled < 2) return null;
+    if (enabled < 2 || this.memoryUsed() + DirtyBitmap.bytesFor(this.size, granularity) > this.limits.maxMemoryBytes) return null;
     this.summary = new DirtyBitmap(this.size, granularity);
     return this.summary;
   }
@@ -309,15 +312,7 @@ export class BitmapSet extends EventEmitter {
    * fails the entry is taken out again and `undo` runs (synchronously, before anything else).
    */
   private async insert(name: string, options: AddOptions, undo: (e: Entry) => void): Promise<BitmapInfo> {
-    validateName(name);
-    if (this.entries.has(name)) throw new NbddError(Errno.EEXIST, `bitmap '${name}' already exists`);
-    const granularity = options.granularity ?? DEFAULT_GRANULARITY;
-    granularityBits(granularity);
-    const persistent = options.persistent ?? this.store !== null;
-    this.checkRoomFor(name, granularity, persistent);
-    if (persistent && !this.store) {
-      throw new NbddError(Errno.ENOTSUP, `bitmap '${name}' cannot be persistent: this disk has no bitmap store (use --bitmap-store)`);
-    }
+    const { granularity, persistent } = this.checkNew(name, options);
     const bits = new DirtyBitmap(this.size, granularity);
     const e: Entry = { name, bits, durable: persistent ? new DirtyBitmap(this.size, granularity) : bits, enabled: options.enabled ?? true, persistent, busy: false };
     this.entries.set(name, e);
@@ -332,6 +327,23 @@ export class BitmapSet extends EventEmitter {
       }
     }
     return this.info(e);
+  }
+
+  /**
+   * Throws (EINVAL, EEXIST, ENOSPC, ENOMEM, ENOTSUP) unless a bitmap `name` with `options` may be
+   * added now; returns its granularity and persistence.
+   */
+  private checkNew(name: string, options: AddOptions): { granularity: number; persistent: boolean } {
+    validateName(name);
+    if (this.entries.has(name)) throw new NbddError(Errno.EEXIST, `bitmap '${name}' already exists`);
+    const granularity = options.granularity ?? DEFAULT_GRANULARITY;
+    granularityBits(granularity);
+    const persistent = options.persistent ?? this.store !== null;
+    this.checkRoomFor(name, granularity, persistent);
+    if (persistent && !this.store) {
+      throw new NbddError(Errno.ENOTSUP, `bitmap '${name}' cannot be persistent: this disk has no bitmap store (use --bitmap-store)`);
+    }
+    return { granularity, persistent };
   }
 
   async remove(name: string): Promise<void> {
@@ -387,8 +399,8 @@ export class BitmapSet extends EventEmitter {
   async checkpoint(name: string, options: AddOptions & { disable?: string[] } = {}): Promise<BitmapInfo> {
     const toDisable = options.disable ? options.disable.map((n) => this.entry(n)) : [...this.entries.values()].filter((e) => e.enabled);
     for (const e of toDisable) this.assertNotBusy(e);
-    validateName(name);
-    if (this.entries.has(name)) throw new NbddError(Errno.EEXIST, `bitmap '${name}' already exists`);
+    // Everything that could refuse the new bitmap, before any old one stops recording.
+    this.checkNew(name, options);
     const wasEnabled = toDisable.filter((e) => e.enabled);
     // The new bitmap starts and the old ones stop in this synchronous stretch; the store learns
     // of both afterwards, in order. If the new one cannot be stored, the old ones take over again
@@ -448,11 +460,16 @@ export class BitmapSet extends EventEmitter {
     }
     const bits = DirtyBitmap.bytesFor(this.size, granularity);
     const bytes = persistent ? 2 * bits : bits; // a persistent bitmap also keeps what its store holds
-    const used = [...this.entries.values()].reduce((n, e) => n + e.bits.byteLength * (e.durable === e.bits ? 1 : 2), 0);
+    const used = this.memoryUsed();
     if (bits > BITMAP_LIMITS.maxDataBytes || used + bytes > maxMemoryBytes) {
       const limit = bits > BITMAP_LIMITS.maxDataBytes ? `more than the ${formatSize(BITMAP_LIMITS.maxDataBytes)} one bitmap may have` : `and the device's bitmaps have ${formatSize(used)} of ${formatSize(maxMemoryBytes)}`;
       throw new NbddError(Errno.ENOMEM, `bitmap '${name}' at granularity ${granularity} needs ${formatSize(bytes)}, ${limit}; use a larger granularity`);
     }
+  }
+
+  /** Bytes the bitmaps' bits take (a persistent one's twice: it also keeps what its store holds). */
+  private memoryUsed(): number {
+    return [...this.entries.values()].reduce((n, e) => n + e.bits.byteLength * (e.durable === e.bits ? 1 : 2), 0);
   }
 
   private assertNotBusy(e: Entry): void {

@@ -14,7 +14,10 @@ export class CountingStore implements BitmapStore {
   }
   async add() {}
   async remove() {}
-  async setEnabled() {}
+  setEnabledCalls: [string, boolean][] = [];
+  async setEnabled(name: string, enabled: boolean) {
+    this.setEnabledCalls.push([name, enabled]);
+  }
   async writeAll() {}
   async close(_bitmaps: StoredBitmap[]): Promise<void> {}
   async writeBits(changes: BitsChange[]) {

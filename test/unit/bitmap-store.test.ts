@@ -191,6 +191,27 @@ describe('BitmapSet write-intent batching', () => {
     expect(set.info('c2').dirtyBytes).toBe(0);
   });
 
+  it('a checkpoint refused (bad granularity, no store, limits) leaves the old bitmaps recording, in memory and in the store', async () => {
+    const store = new CountingStore();
+    const set = await BitmapSet.open(MiB, store, { maxBitmaps: 2 });
+    await set.add('c1');
+    await expect(set.checkpoint('c2', { granularity: 1000 })).rejects.toThrow(/granularity/);
+    await expect(set.checkpoint('c2', { granularity: 2 ** 40 })).rejects.toThrow(/granularity/);
+    const transientOnly = await BitmapSet.open(MiB, null);
+    await transientOnly.add('t1');
+    await expect(transientOnly.checkpoint('t2', { persistent: true })).rejects.toMatchObject({ errno: 95 });
+    expect(transientOnly.info('t1').enabled).toBe(true);
+    await set.add('c0', { enabled: false });
+    await expect(set.checkpoint('c2')).rejects.toMatchObject({ errno: 28 }); // a third bitmap: past --max-bitmaps 2
+    expect(set.list().map((b) => [b.name, b.enabled])).toEqual([
+      ['c1', true],
+      ['c0', false],
+    ]);
+    expect(store.setEnabledCalls).toEqual([]);
+    await set.mark(0, 1);
+    expect(set.info('c1').dirtyBytes).toBe(65536);
+  });
+
   it('validates names and granularities, and refuses persistence without a store', async () => {
     const set = await BitmapSet.open(MiB, null);
     await expect(set.add('')).rejects.toThrow(/non-empty/);

@@ -60,6 +60,16 @@ describe('BitmapSet summary', () => {
     expect([128, 129, 130].map((g) => set.bits('fine512').get(g))).toEqual([true, true, false]);
   });
 
+  it('with no room for a summary in the memory limit, writes still mark every bitmap', async () => {
+    const set = await BitmapSet.open(1024 * MiB, null, { maxMemoryBytes: 5 * KiB }); // 2 KiB per bitmap
+    await set.add('a');
+    await set.add('b');
+    await write(set, 0, 4096);
+    await set.clear('b');
+    await write(set, 0, 4096);
+    expect([set.bits('a').get(0), set.bits('b').get(0)]).toEqual([true, true]);
+  });
+
   it('keeps write-intent: a write into dirty granules still waits for a store write in flight', async () => {
     const store = new CountingStore();
     const set = await BitmapSet.open(16 * MiB, store, { intentRegion: 0 });
