@@ -46,8 +46,9 @@ export const INTENT_REGION = 4 * 1024 * 1024;
 export const MAX_BITMAP_NAME_BYTES = 1023;
 
 /**
- * How many bitmaps a device keeps and how much memory their bits take. Every enabled bitmap is
- * marked on every write, so the count bounds the write path's cost; qcow2 itself allows 65535.
+ * How many bitmaps a device keeps and how much memory their bits take. A write into granules not
+ * yet dirty in every enabled bitmap marks each of them, so the count bounds the write path's
+ * cost; qcow2 itself allows 65535.
  */
 export interface BitmapSetLimits {
   maxBitmaps: number;

@@ -24,7 +24,7 @@ import { becomeIoFlusher } from '../sys/io-flusher.js';
 import { UblkDevice, ublkUsable } from '../ublk/frontend.js';
 import { parseUblkDevice, ublkDevicePath } from '../ublk/uapi.js';
 import type { MetricsListen } from '../runtime/metrics.js';
-import { addRemoteOptions, intArg, METRICS_HELP, metricsArg, remoteArgs, remoteOptions, sizeArg, type RemoteCliOptions } from './options.js';
+import { addRemoteOptions, intArg, MAX_BITMAPS_HELP, METRICS_HELP, metricsArg, remoteArgs, remoteOptions, sizeArg, type RemoteCliOptions } from './options.js';
 
 const log = logger('attach');
 
@@ -228,7 +228,7 @@ export function register(program: Command): void {
     .option('--create <size>', 'create a qcow2 image of this size when IMAGE does not exist', sizeArg)
     .option('--no-partitions', 'nbd: do not have the kernel read the partition table at attach (ublk devices are scanned by the kernel itself)')
     .option('--metrics <addr:port>', METRICS_HELP, metricsArg)
-    .option('--max-bitmaps <n>', 'most dirty bitmaps the device keeps (each enabled one is marked on every write)', intArg(1, 65535), DEFAULT_BITMAP_LIMITS.maxBitmaps)
+    .option('--max-bitmaps <n>', MAX_BITMAPS_HELP, intArg(1, 65535), DEFAULT_BITMAP_LIMITS.maxBitmaps)
     .option('--json', 'print the device as a JSON object')
     .addOption(new Option('--ready-fd <fd>', 'internal: report readiness on this fd').argParser(intArg(3, 1023)).hideHelp());
   addRemoteOptions(cmd).action((image: string, opts: AttachCliOptions, command: Command) => attach(image, opts, command));

@@ -9,6 +9,8 @@ import { parseMetricsAddress, type MetricsListen } from '../runtime/metrics.js';
 /** `--reconnect-delay`, for every command that opens an image that may be an NBD URI. */
 export const RECONNECT_HELP = 'NBD URIs: seconds a request waits for a lost connection to the server to come back before it fails with EIO; nbdd keeps reconnecting (0: fail at once)';
 export const DEFAULT_RECONNECT_DELAY_S = 30;
+/** `--max-bitmaps`, for serve and attach. */
+export const MAX_BITMAPS_HELP = 'most dirty bitmaps the device keeps (a write into granules not yet dirty in all enabled ones marks each of them)';
 export const REQUEST_TIMEOUT_HELP = 'NBD URIs: seconds a request may go without a reply before its connection is dropped and it is sent again on a new one (0: no limit)';
 
 export function sizeArg(value: string): number {

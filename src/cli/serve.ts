@@ -18,7 +18,7 @@ import { DeviceRuntime } from '../runtime/device.js';
 import { NBD_DEFAULT_PORT } from '../nbd/wire/constants.js';
 import type { MetricsListen } from '../runtime/metrics.js';
 import { DEFAULT_BITMAP_LIMITS } from '../bitmaps/bitmap-set.js';
-import { addRemoteOptions, intArg, METRICS_HELP, metricsArg, remoteOptions, type RemoteCliOptions } from './options.js';
+import { addRemoteOptions, intArg, MAX_BITMAPS_HELP, METRICS_HELP, metricsArg, remoteOptions, type RemoteCliOptions } from './options.js';
 import { MAX_NBD_CONNECTIONS } from '../backends/nbd.js';
 
 const log = logger('serve');
@@ -156,7 +156,7 @@ export function register(program: Command): void {
     .option('-n, --name <name>', 'device name: starts the sidecar in /run/nbdd/NAME (nbd.sock, control.sock)')
     .option('--sidecar <dir>', 'start the sidecar in this directory (mode 0700)')
     .option('-B, --bitmap <name>', 'publish dirty bitmap NAME on the export as qemu:dirty-bitmap:NAME (repeatable)', (v: string, all: string[]) => [...all, v], [] as string[])
-    .option('--max-bitmaps <n>', 'most dirty bitmaps the device keeps (each enabled one is marked on every write)', intArg(1, 65535), DEFAULT_BITMAP_LIMITS.maxBitmaps)
+    .option('--max-bitmaps <n>', MAX_BITMAPS_HELP, intArg(1, 65535), DEFAULT_BITMAP_LIMITS.maxBitmaps)
     .option('--bitmap-store <path>', 'keep persistent dirty bitmaps in this file (default IMAGE.nbdd-bitmaps)')
     .option('--metrics <addr:port>', METRICS_HELP, metricsArg)
     .option('--run <command>', 'run COMMAND with $uri set, then stop the server and exit with its status');
