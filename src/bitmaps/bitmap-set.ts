@@ -111,11 +111,10 @@ export class BitmapSet extends EventEmitter {
   private readonly scratchDurable: GranuleRun[] = [];
   /**
    * Granules dirty in every enabled bitmap (see the file comment), at a granularity no coarser
-   * than any enabled bitmap's; null while fewer than two are enabled or after it was dropped.
+   * than any enabled bitmap's; null while there is none (fewer than two enabled, or no room),
+   * undefined until `newSummary` decides again after a drop.
    */
-  private summary: DirtyBitmap | null = null;
-  /** Whether `summary` is what `newSummary` last decided (cleared by `dropSummary`). */
-  private summaryDecided = false;
+  private summary: DirtyBitmap | null | undefined = undefined;
 
   /** Runs gathered in this turn for the next `writeBits`. */
   private pendingChanges = new Map<string, { entry: Entry; runs: GranuleRun[] }>();
@@ -193,14 +192,24 @@ export class BitmapSet extends EventEmitter {
    * the store's error if they could not be made durable: the write must then fail).
    */
   mark(offset: number, length: number): Promise<void> | null {
+    const summary = this.summary === undefined ? this.newSummary() : this.summary;
+    let wait: Promise<void> | null = null;
+    if (!summary?.allDirty(offset, length)) {
+      wait = this.markEach(offset, length);
+      // Every enabled bitmap now has every granule touching the range (each granule of the
+      // summary lies inside one of theirs).
+      summary?.setRange(offset, length);
+    }
+    if (this.listenerCount('dirty') > 0) this.emit('dirty', offset, length);
+    if (wait) return wait;
+    if (this.failed) return this.schedulePending(); // retry the failed bits before this write
+    return this.pendingDurable ?? (this.storeOpsInFlight > 0 ? this.lastStoreOp : null);
+  }
+
+  /** Marks the range in each enabled bitmap; the intent write to wait for when a region is new to the store. */
+  private markEach(offset: number, length: number): Promise<void> | null {
     let wait: Promise<void> | null = null;
     const runs = this.scratchRuns;
-    const summary = this.summaryDecided ? this.summary : this.newSummary();
-    if (summary?.allDirty(offset, length)) {
-      if (this.listenerCount('dirty') > 0) this.emit('dirty', offset, length);
-      if (this.failed) return this.schedulePending();
-      return this.pendingDurable ?? (this.storeOpsInFlight > 0 ? this.lastStoreOp : null);
-    }
     for (const e of this.entries.values()) {
       if (!e.enabled) continue;
       runs.length = 0;
@@ -214,13 +223,7 @@ export class BitmapSet extends EventEmitter {
         if (e.durable.markRange(from, to - from, grown) > 0) wait = this.queueIntent(e, grown.slice());
       }
     }
-    // Every enabled bitmap now has every granule touching the range (each granule of the summary
-    // lies inside one of theirs).
-    summary?.setRange(offset, length);
-    if (this.listenerCount('dirty') > 0) this.emit('dirty', offset, length);
-    if (wait) return wait;
-    if (this.failed) return this.schedulePending(); // retry the failed bits before this write
-    return this.pendingDurable ?? (this.storeOpsInFlight > 0 ? this.lastStoreOp : null);
+    return wait;
   }
 
   /**
@@ -228,7 +231,6 @@ export class BitmapSet extends EventEmitter {
    * memory limit beside them (else writes mark each bitmap, as without it); otherwise null.
    */
   private newSummary(): DirtyBitmap | null {
-    this.summaryDecided = true;
     this.summary = null;
     let enabled = 0;
     let granularity = Infinity;
@@ -247,8 +249,7 @@ export class BitmapSet extends EventEmitter {
    * the change is visible to a write (synchronously with it).
    */
   private dropSummary(): void {
-    this.summary = null;
-    this.summaryDecided = false;
+    this.summary = undefined;
   }
 
   private queueIntent(e: Entry, runs: GranuleRun[]): Promise<void> {
