@@ -29,6 +29,21 @@ describe('ChunkReader', () => {
     }
   });
 
+  it('counts the views it lends, but not copies, skips or on-the-spot decodes', () => {
+    const r = new ChunkReader();
+    r.push(bytes(10));
+    r.push(bytes(10, 10));
+    expect(r.decode(4, (b) => b.readUInt32BE(0))).toBe(0x00010203);
+    r.consumeInto(Buffer.alloc(2), 0, 2);
+    r.skip(1);
+    expect(r.consume(5).length).toBe(5); // straddles the chunks: a copy
+    expect(r.lent).toBe(0);
+    r.consume(3); // a view of the second chunk
+    expect(r.lent).toBe(1);
+    expect(r.decode(3, (b) => [...b])).toEqual([15, 16, 17]);
+    expect(r.lent).toBe(1);
+  });
+
   it('skips across chunks without copying and reports what it dropped', () => {
     const r = new ChunkReader();
     r.push(bytes(5));

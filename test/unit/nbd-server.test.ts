@@ -594,6 +594,28 @@ describe.each([
     c.destroy();
   }, 60_000);
 
+  it('keeps the bytes of a small write in flight when the next reads come in', async () => {
+    // The small payload is a view of the read it came in; the large write's header and first
+    // payload bytes, read after it, are copied out and their room is reused (ReadSlab.reuse):
+    // that must never be the small payload's room while its write is still waiting.
+    const c = await kernelPair();
+    backend.delayMs = 50;
+    const small = pattern(4096, 6);
+    const big = pattern(200_000, 7);
+    c.send(request(NBD_CMD.WRITE, 1, 0, small.length, 0, small));
+    await new Promise((r) => setTimeout(r, 10));
+    for (let i = 0; i < 3; i++) {
+      c.send(request(NBD_CMD.WRITE, 2 + i, 65536 + i * 262144, big.length, 0, big));
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    const cookies = [];
+    for (let i = 0; i < 4; i++) cookies.push((await c.readSimpleReply()).cookie);
+    expect(cookies.sort()).toEqual([1, 2, 3, 4]);
+    expect(backend.data.subarray(0, small.length).equals(small)).toBe(true);
+    for (let i = 0; i < 3; i++) expect(backend.data.subarray(65536 + i * 262144, 65536 + i * 262144 + big.length).equals(big)).toBe(true);
+    c.destroy();
+  });
+
   it('keeps framing after a refused large write, and many pipelined writes all land', async () => {
     const c = await kernelPair();
     const big = pattern(200_000, 5);

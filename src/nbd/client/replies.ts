@@ -221,7 +221,7 @@ export class ReplyParser {
       }
       case 'dataOffset': {
         if (r.length < OFFSET_DATA_PREFIX_LENGTH) return false;
-        const offset = decodeOffsetDataPrefix(r.consume(OFFSET_DATA_PREFIX_LENGTH));
+        const offset = r.decode(OFFSET_DATA_PREFIX_LENGTH, decodeOffsetDataPrefix);
         const at = w.reply.claim(offset, w.dataLength);
         this.wait = { kind: 'data', reply: w.reply, at, remaining: w.dataLength, done: w.done };
         return true;

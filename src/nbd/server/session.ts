@@ -199,7 +199,13 @@ export class NbdSession {
     } else {
       const bytes = this.slab!.take(n);
       if (this.phase === 'closed' || this.phase === 'draining') return;
+      const lent = this.reader.lent;
       this.reader.push(bytes);
+      this.pump();
+      // All of it copied or decoded (a large WRITE's header and first payload bytes): the next
+      // read may land on the same room.
+      if (this.reader.length === 0 && this.reader.lent === lent) this.slab!.reuse(bytes);
+      return;
     }
     if (this.phase === 'closed' || this.phase === 'draining') return;
     this.pump();
@@ -247,7 +253,7 @@ export class NbdSession {
       case 'request': {
         if (this.blocked || this.mustWait()) return false;
         if (r.length < REQUEST_HEADER_LENGTH) return false;
-        const header = decodeRequest(r.consume(REQUEST_HEADER_LENGTH));
+        const header = r.decode(REQUEST_HEADER_LENGTH, decodeRequest);
         this.handleRequestHeader(header);
         return true;
       }

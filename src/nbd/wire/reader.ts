@@ -6,7 +6,10 @@
  * common case), and a copy only when they straddle chunks.
  *
  * Ownership: views returned by `consume` alias the pushed chunks; Node never reuses the Buffers it
- * hands to 'data' listeners, so views stay valid for as long as the caller keeps them.
+ * hands to 'data' listeners, so views stay valid for as long as the caller keeps them. Whoever
+ * pushes chunks it wants to write again (a `ReadSlab`) checks `lent`: it counts the views handed
+ * out, so bytes consumed while it did not move were only copied (`consumeInto`), skipped or
+ * decoded on the spot (`decode`).
  */
 const EMPTY = Buffer.alloc(0);
 
@@ -17,6 +20,8 @@ export class ChunkReader {
   /** Bytes already consumed from `chunks[first]`. */
   private offset = 0;
   private total = 0;
+  /** Views of pushed chunks handed out by `consume` so far. */
+  lent = 0;
 
   /** Bytes buffered and not yet consumed. */
   get length(): number {
@@ -39,6 +44,7 @@ export class ChunkReader {
     if (n <= avail) {
       const view = head.subarray(this.offset, this.offset + n);
       this.advance(n, avail);
+      this.lent++;
       return view;
     }
     const out = Buffer.allocUnsafe(n);
@@ -51,6 +57,17 @@ export class ChunkReader {
       this.advance(take, chunk.length - this.offset);
     }
     return out;
+  }
+
+  /**
+   * Takes `n` bytes (`n <= length`) and returns what `read` makes of them; the bytes are valid
+   * only during the call (`read` must not keep them), so they count as copied, not lent.
+   */
+  decode<T>(n: number, read: (bytes: Buffer) => T): T {
+    const lent = this.lent;
+    const bytes = this.consume(n);
+    this.lent = lent;
+    return read(bytes);
   }
 
   /**
