@@ -30,10 +30,12 @@
  * For experiments: BENCH_NBDD_ENV ("NAME=value ...") is set for the daemon, BENCH_NODE_FLAGS are
  * given to its node instead of nbdd's own (src/core/node-flags.ts).
  */
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { runnerImport } from 'vite';
 
 const runtime = Number(process.env.BENCH_RUNTIME ?? 5);
+// nbdd's own node flags: what bin/nbdd's first line gives node (src/core/node-flags.ts).
+const NBDD_NODE_FLAGS = readFileSync(new URL('../bin/nbdd', import.meta.url), 'utf8').split('\n')[0].replace(/^#!\/usr\/bin\/env -S node\s*/, '');
 const size = process.env.BENCH_SIZE ?? '256M';
 const connections = Number(process.env.BENCH_CONNECTIONS ?? 1);
 const rounds = Number(process.env.BENCH_ROUNDS ?? 2);
@@ -84,7 +86,7 @@ getconf CLK_TCK > $WORK/hz
 ${
   SERVERS.includes('nbdd')
     ? `# The daemon is started with this node's own flags (process.execArgv).
-${process.env.BENCH_NBDD_ENV ?? ''} node ${process.env.BENCH_NODE_FLAGS ?? '--max-semi-space-size=4'} ${profile ? `--cpu-prof --cpu-prof-dir=$WORK --cpu-prof-interval=${process.env.BENCH_PROFILE_INTERVAL ?? 5000} ` : ''}$REPO/bin/nbdd attach nbdd.img --name bench --connections ${connections} --json > attach.json
+${process.env.BENCH_NBDD_ENV ?? ''} node ${process.env.BENCH_NODE_FLAGS ?? NBDD_NODE_FLAGS} ${profile ? `--cpu-prof --cpu-prof-dir=$WORK --cpu-prof-interval=${process.env.BENCH_PROFILE_INTERVAL ?? 5000} ` : ''}$REPO/bin/nbdd attach nbdd.img --name bench --connections ${connections} --json > attach.json
 dev_nbdd=$(sed 's/.*"device":"\\([^"]*\\)".*/\\1/' attach.json)
 pid_nbdd=$(sed 's/.*"pid":\\([0-9]*\\).*/\\1/' attach.json)`
     : ''
