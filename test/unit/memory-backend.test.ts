@@ -16,6 +16,16 @@ describe('MemoryBackend', () => {
     expect(b.allocatedBytes).toBe(0);
   });
 
+  it('refuses a range outside the disk as an internal error that names it (assertRange)', async () => {
+    const b = new MemoryBackend({ size: 4 * C });
+    for (const [offset, length] of [[4 * C - 100, 200], [-1, 10], [0, 0], [0.5, 10]]) {
+      const err = await b.read(offset, length).then(() => null, (e: unknown) => e);
+      expect(err).toBeInstanceOf(NbddError);
+      expect((err as NbddError).errno).toBe(Errno.EIO);
+      expect((err as NbddError).message).toContain(`range ${offset}+${length} outside 0..${4 * C}`);
+    }
+  });
+
   it('allocates the chunks a write touches and reports them exactly', async () => {
     const b = new MemoryBackend({ size: 4 * C });
     await b.write(C - 10, Buffer.alloc(20, 0xab)); // straddles chunks 0 and 1
