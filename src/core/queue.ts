@@ -60,7 +60,11 @@ export class BlockQueue {
   private scheduled = false;
   private inFlight = 0;
   private bytes = 0;
-  private readonly writesInFlight = new Set<Promise<unknown>>();
+  /** Writes (and trims, zero writes) started and not settled, and those since the last FLUSH. */
+  private writesPending = 0;
+  private writes = new WriteGeneration();
+  /** Settles once every write started before the last FLUSH that had to wait has settled. */
+  private earlierWrites: Promise<void> = Promise.resolve();
   private flushRunning: Promise<void> | null = null;
   private flushNext: Promise<void> | null = null;
   private readonly drainListeners = new Set<() => void>();
@@ -230,9 +234,12 @@ export class BlockQueue {
         this.trackWrite(this.doWriteZeroes(entry.offset, entry.length, entry.flags), entry, 0);
         return;
       case 'flush': {
-        const before = [...this.writesInFlight];
-        const p = before.length === 0 ? this.flushBackend() : Promise.allSettled(before).then(() => this.flushBackend());
-        this.settle(p, entry, 0);
+        if (this.writesPending === 0) return this.settle(this.flushBackend(), entry, 0);
+        // Every write started before this FLUSH settles first (failed ones too); later ones may
+        // run alongside it.
+        this.earlierWrites = this.writes.close(this.earlierWrites);
+        this.writes = new WriteGeneration();
+        this.settle(this.earlierWrites.then(() => this.flushBackend()), entry, 0);
         return;
       }
       case 'cache':
@@ -246,15 +253,19 @@ export class BlockQueue {
 
   /** Like `settle`, and counts `p` among the writes a later FLUSH waits for until it settles. */
   private trackWrite(p: Promise<void>, entry: { resolve: () => void; reject: (e: unknown) => void }, bytes: number): void {
-    this.writesInFlight.add(p);
+    const generation = this.writes;
+    generation.pending++;
+    this.writesPending++;
     p.then(
       () => {
-        this.writesInFlight.delete(p);
+        this.writesPending--;
+        generation.settleOne();
         entry.resolve();
         this.complete(bytes);
       },
       (err) => {
-        this.writesInFlight.delete(p);
+        this.writesPending--;
+        generation.settleOne();
         entry.reject(err);
         this.complete(bytes);
       },
@@ -352,5 +363,29 @@ export class BlockQueue {
         });
     }
     return this.flushNext;
+  }
+}
+
+/**
+ * The writes started between two FLUSHes that had to wait, counted rather than kept in a Set: a
+ * long-lived Set with an add and a delete per write made V8 rebuild its hash table every few
+ * writes, in the old generation (thousands of dead tables between full GCs under 4k writes).
+ */
+class WriteGeneration {
+  pending = 0;
+  private wake: (() => void) | null = null;
+
+  /** The FLUSH ending this generation: settles once its writes and `earlier` have settled. */
+  close(earlier: Promise<void>): Promise<void> {
+    if (this.pending === 0) return earlier;
+    const own = new Promise<void>((resolve) => (this.wake = resolve));
+    return Promise.all([earlier, own]).then(() => undefined);
+  }
+
+  settleOne(): void {
+    if (--this.pending === 0 && this.wake) {
+      this.wake();
+      this.wake = null;
+    }
   }
 }

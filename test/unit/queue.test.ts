@@ -62,6 +62,24 @@ describe('BlockQueue: FLUSH barrier', () => {
     await f.promise;
   });
 
+  it('a second flush waits for the writes before the first one too, not only for those since', async () => {
+    const { gate, queue } = setup();
+    const slow = watch(queue.write(0, Buffer.from('slow')));
+    const f1 = watch(queue.flush());
+    const fast = watch(queue.write(8192, Buffer.from('fast')));
+    const f2 = watch(queue.flush());
+    (await gate.waitFor('write', (c) => c.offset === 8192)).release();
+    await fast.promise;
+    await turns();
+    expect(slow.done()).toBe(false);
+    expect(gate.ops()).not.toContain('flush'); // neither flush may start while 'slow' is in flight
+    (await gate.waitFor('write', (c) => c.offset === 0)).release();
+    (await gate.waitFor('flush')).release();
+    await f1.promise;
+    gate.release();
+    await f2.promise;
+  });
+
   it('does not wait for writes received after the flush', async () => {
     const { gate, queue } = setup();
     const f = watch(queue.flush());
