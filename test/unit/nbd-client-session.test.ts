@@ -300,6 +300,21 @@ describe('NbdClient transmission failures', () => {
     await done;
   });
 
+  it('drops the connection on a second reply for a cookie whose request completed, though its slot was reused (EPROTO)', async () => {
+    const { path, done } = await transmissionServer(async (io) => {
+      const first = await io.request();
+      await io.write(encodeSimpleReply(0, first.cookieHi, first.cookieLo));
+      const second = await io.request();
+      expect(second.cookieLo).toBe(first.cookieLo); // the freed slot is taken again...
+      expect(second.cookieHi).not.toBe(first.cookieHi); // ...under a new generation
+      await io.write(encodeSimpleReply(0, first.cookieHi, first.cookieLo)); // the first one's, again
+    });
+    const client = await NbdClient.connect({ kind: 'unix', path });
+    await client.flush();
+    await expectErrno(client.flush(), Errno.EPROTO, /unknown cookie/);
+    await done;
+  });
+
   it('reports server errors per request and keeps the connection', async () => {
     const { path, done } = await transmissionServer(async (io) => {
       const w = await io.request();

@@ -28,6 +28,7 @@ import { NBD_CMD, NBD_CMD_FLAG, NBD_FLAG, nameOfNbdCmd } from '../wire/constants
 import { ProtocolError } from '../wire/handshake.js';
 import { encodeRequest } from '../wire/transmission.js';
 import { listExports, negotiate, type ExportInfo, type ExportListing } from './negotiate.js';
+import { CookieTable } from './cookies.js';
 import { PendingReply, ReplyParser, type ReplyTarget } from './replies.js';
 import { ByteStream } from './stream.js';
 
@@ -37,7 +38,7 @@ const log = logger('nbd-client');
 
 /** Largest length field of a compact request (u32). */
 const MAX_REQUEST_LENGTH = 0xffff_ffff;
-/** Most requests in flight on one connection (cookies are u32 here). */
+/** Most requests in flight on one connection. */
 const MAX_IN_FLIGHT = 1 << 16;
 
 export interface NbdClientOptions {
@@ -84,9 +85,8 @@ const noop = (): void => undefined;
 
 export class NbdClient implements ReplyTarget {
   /** Requests in flight by cookie, with what settles each. */
-  private readonly pending = new Map<number, InFlight>();
+  private readonly pending = new CookieTable<InFlight>();
   private readonly parser = new ReplyParser(this);
-  private nextCookie = 1;
   private disconnecting = false;
   private readonly strict: boolean;
 
@@ -292,28 +292,23 @@ export class NbdClient implements ReplyTarget {
   private submit(type: number, flags: number, offset: number, length: number, dest: Buffer | null = null, payload?: Buffer): Promise<PendingReply> {
     if (this.io.error) return Promise.reject(this.io.error);
     if (this.pending.size >= MAX_IN_FLIGHT) return Promise.reject(new NbddError(Errno.EAGAIN, `more than ${MAX_IN_FLIGHT} NBD requests in flight`));
-    const cookie = this.allocateCookie();
-    const reply = new PendingReply(type, offset, length, 0, cookie, dest);
-    const done = new Promise<PendingReply>((resolve, reject) => this.pending.set(cookie, { reply, resolve, reject }));
-    this.io.write(encodeRequest({ flags, type, cookieHi: 0, cookieLo: cookie, offset, length }));
+    let reply!: PendingReply;
+    const done = new Promise<PendingReply>((resolve, reject) => {
+      const entry: InFlight = { reply: null!, resolve, reject };
+      const slot = this.pending.add(entry);
+      reply = entry.reply = new PendingReply(type, offset, length, this.pending.generation(slot), slot, dest);
+    });
+    this.io.write(encodeRequest({ flags, type, cookieHi: reply.cookieHi, cookieLo: reply.cookieLo, offset, length }));
     if (payload) this.io.write(payload);
     return done;
   }
 
-  private allocateCookie(): number {
-    while (this.pending.has(this.nextCookie)) this.nextCookie = (this.nextCookie % 0xffff_ffff) + 1;
-    const cookie = this.nextCookie;
-    this.nextCookie = (this.nextCookie % 0xffff_ffff) + 1;
-    return cookie;
-  }
-
   lookup(cookieHi: number, cookieLo: number): PendingReply | undefined {
-    return cookieHi === 0 ? this.pending.get(cookieLo)?.reply : undefined;
+    return this.pending.get(cookieHi, cookieLo)?.reply;
   }
 
   done(reply: PendingReply): void {
-    const s = this.pending.get(reply.cookieLo)!;
-    this.pending.delete(reply.cookieLo);
+    const s = this.pending.delete(reply.cookieLo)!;
     try {
       reply.check();
       s.resolve(reply);
@@ -337,8 +332,7 @@ export class NbdClient implements ReplyTarget {
   private failAll(err: NbddError): void {
     if (this.pending.size > 0 && !this.disconnecting) log.debug(`${err.message}; failing ${this.pending.size} requests`);
     if (!this.disconnecting) this.lostResolve(err);
-    const failed = [...this.pending.values()];
-    this.pending.clear();
+    const failed = this.pending.takeAll();
     for (const s of failed) s.reject(err);
     this.wakeSettleWaiters();
   }

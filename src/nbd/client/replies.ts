@@ -50,13 +50,15 @@ export type FlatExtents = number[];
  * Ownership: `data` (READ only) is the caller's destination buffer, filled in place; zeroes are
  * written for holes. It belongs to the caller once the reply is done.
  */
+const NO_STATUS: ReadonlyMap<number, FlatExtents> = new Map();
+
 export class PendingReply {
   /** Covered ranges of a READ, relative to `offset`, sorted, disjoint, merged when adjacent. */
   private readonly ranges: Array<[start: number, end: number]> = [];
   private coveredBytes = 0;
   private firstError: { errno: number; message: string } | null = null;
-  /** BLOCK_STATUS extents by context id. */
-  readonly status = new Map<number, FlatExtents>();
+  /** BLOCK_STATUS extents by context id; made by the first such chunk (READs and WRITEs have none). */
+  private statusByContext: Map<number, FlatExtents> | null = null;
 
   constructor(
     readonly type: number,
@@ -69,6 +71,11 @@ export class PendingReply {
 
   get description(): string {
     return `${nameOfNbdCmd(this.type)} ${this.offset}+${this.length}`;
+  }
+
+  /** BLOCK_STATUS extents by context id. */
+  get status(): ReadonlyMap<number, FlatExtents> {
+    return this.statusByContext ?? NO_STATUS;
   }
 
   /**
@@ -117,11 +124,12 @@ export class PendingReply {
   /** Records one BLOCK_STATUS chunk; a second chunk for the same context breaks the protocol. */
   addStatus(contextId: number, extents: FlatExtents): void {
     if (this.type !== NBD_CMD.BLOCK_STATUS) throw new ProtocolError(`BLOCK_STATUS chunk for ${this.description}`);
-    if (this.status.has(contextId)) throw new ProtocolError(`two BLOCK_STATUS chunks for context ${contextId}`);
+    const status = (this.statusByContext ??= new Map());
+    if (status.has(contextId)) throw new ProtocolError(`two BLOCK_STATUS chunks for context ${contextId}`);
     for (let i = 0; i < extents.length; i += 2) {
       if (extents[i] === 0) throw new ProtocolError('BLOCK_STATUS extent of length 0');
     }
-    this.status.set(contextId, extents);
+    status.set(contextId, extents);
   }
 
   /**
