@@ -38,6 +38,25 @@ describe('RangeLock', () => {
     expect(written).toBe(true);
   });
 
+  it('take: the release itself when nothing is in the way, a promise of it behind a holder', async () => {
+    const lock = new RangeLock();
+    const first = lock.take(0, 3, true);
+    expect(typeof first).toBe('function');
+    const shared = lock.take(5, 6, false);
+    expect(typeof shared).toBe('function');
+    const behind = lock.take(3, 5, false);
+    expect(behind).toBeInstanceOf(Promise);
+    let granted = false;
+    void (behind as Promise<() => void>).then(() => (granted = true));
+    await tick();
+    expect(granted).toBe(false);
+    (first as () => void)();
+    await tick();
+    expect(granted).toBe(true); // a shared holder (5..6) does not stop a shared request
+    (shared as () => void)();
+    (await behind)();
+  });
+
   it('does not hold back disjoint ranges', async () => {
     const lock = new RangeLock();
     const held = await lock.acquire(0, 0, true);

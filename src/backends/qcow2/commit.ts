@@ -47,13 +47,14 @@ export class Committer {
     for (const c of frees) this.st.pendingFrees.push(c);
   }
 
-  /** After a write-type request: FUA commits and syncs; released clusters get a commit soon. */
-  async afterUpdate(options?: WriteOptions): Promise<void> {
-    if (options?.fua) {
-      await this.commitAndSync();
-      return;
-    }
+  /**
+   * After a write-type request: FUA commits and syncs (the promise returned); released clusters
+   * get a commit soon. Undefined when there is nothing to wait for.
+   */
+  afterUpdate(options?: WriteOptions): Promise<void> | undefined {
+    if (options?.fua) return this.commitAndSync();
     if (this.st.pendingFrees.length > 0) this.schedule();
+    return undefined;
   }
 
   /**

@@ -97,6 +97,16 @@ export class L2Tables {
     }
   }
 
+  /**
+   * What `forWrite` would give without waiting for anything — the table is cached, linked and
+   * ours alone (its L1 entry has the copied flag) — or null when it must be called.
+   */
+  cachedForWrite(l1i: number): L2Table | null {
+    const t = this.cache.get(l1i);
+    if (!t || t.ready || (this.st.l1.readUInt32BE(l1i * 8) & ENTRY_COPIED_HI) === 0) return null;
+    return t;
+  }
+
   /** The L2 table of `l1i`, allocating an empty one when the L1 entry is empty. */
   async forWrite(l1i: number): Promise<L2Table> {
     const st = this.st;

@@ -18,20 +18,28 @@ export class RangeLock {
   private holders: Holder[] = [];
 
   /** Resolves with a release function once `[first, last]` (inclusive cluster indices) is granted. */
-  async acquire(first: number, last: number, exclusive: boolean): Promise<() => void> {
-    const waits: Promise<void>[] = [];
+  acquire(first: number, last: number, exclusive: boolean): Promise<() => void> {
+    return Promise.resolve(this.take(first, last, exclusive));
+  }
+
+  /**
+   * `acquire` without a promise when nothing is in the way: the release function itself when
+   * granted at once (the common case, and every request's path), else a promise of it.
+   */
+  take(first: number, last: number, exclusive: boolean): (() => void) | Promise<() => void> {
+    let waits: Promise<void>[] | null = null;
     for (const h of this.holders) {
-      if (h.first <= last && first <= h.last && (exclusive || h.exclusive)) waits.push(h.released);
+      if (h.first <= last && first <= h.last && (exclusive || h.exclusive)) (waits ??= []).push(h.released);
     }
     let release!: () => void;
     const released = new Promise<void>((resolve) => (release = resolve));
     const holder: Holder = { first, last, exclusive, released, release };
     this.holders.push(holder);
-    if (waits.length > 0) await Promise.all(waits);
-    return () => {
+    const unlock = (): void => {
       const i = this.holders.indexOf(holder);
       if (i >= 0) this.holders.splice(i, 1);
       holder.release();
     };
+    return waits ? Promise.all(waits).then(() => unlock) : unlock;
   }
 }

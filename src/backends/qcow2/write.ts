@@ -64,7 +64,7 @@ export class Writer {
       let pos = offset;
       while (pos < end) {
         const l1i = Math.floor(pos / tableSpan);
-        const table = await this.tables.forWrite(l1i);
+        const table = this.tables.cachedForWrite(l1i) ?? (await this.tables.forWrite(l1i));
         table.pins++;
         pinned.push(table);
         const tableEnd = Math.min(end, (l1i + 1) * tableSpan);
@@ -76,11 +76,17 @@ export class Writer {
           pos = clusterStart + b;
         }
       }
-      const fresh = plans.reduce((n, p) => n + (p.fresh ? 1 : 0), 0);
-      while (this.alloc.available < fresh) await this.alloc.reserve(fresh);
-      this.allocateFresh(plans); // synchronous after the check above
-      const cow = plans.filter((p) => p.spanStart < p.a || p.b < p.spanEnd);
-      if (cow.length > 0) await Promise.all(cow.map((p) => this.fillCow(p)));
+      let fresh = 0;
+      let cow = 0;
+      for (const p of plans) {
+        if (p.fresh) fresh++;
+        if (p.spanStart < p.a || p.b < p.spanEnd) cow++;
+      }
+      if (fresh > 0) {
+        while (this.alloc.available < fresh) await this.alloc.reserve(fresh);
+        this.allocateFresh(plans); // synchronous after the check above
+      }
+      if (cow > 0) await Promise.all(plans.filter((p) => p.spanStart < p.a || p.b < p.spanEnd).map((p) => this.fillCow(p)));
       // An entry naming a cluster whose unwritten bytes may differ from the old contents (copy-on-
       // write from a backing file or compressed cluster, a reused unpunched cluster, subclusters)
       // must not reach the disk before the data: after a power loss the guest would see bytes it
@@ -93,6 +99,15 @@ export class Writer {
         this.setEntries(plans, w);
       } else {
         this.setEntries(plans, w);
+        if (w.empty) {
+          // A plain overwrite in place (the common write to an allocated image): data only.
+          try {
+            await this.writeData(plans, data);
+          } finally {
+            this.st.unsyncedData = true;
+          }
+          return;
+        }
         const [written, linked] = await Promise.allSettled([this.writeData(plans, data), this.writeEntries(w)]);
         this.st.unsyncedData = true;
         if (written.status === 'rejected') throw written.reason;
