@@ -13,6 +13,7 @@
  * set the daemon's peak memory (40 MiB of them awaiting collection) and faulted in fresh pages.
  */
 import net, { type Socket } from 'node:net';
+import type { ChunkReader } from './wire/reader.js';
 
 const SLAB_BYTES = 1024 * 1024;
 /**
@@ -40,6 +41,19 @@ export class ReadSlab {
     const bytes = this.slab.subarray(this.pos, this.pos + n);
     this.pos += n;
     return bytes;
+  }
+
+  /**
+   * The `n` bytes that landed in the last region go to `handle`, which buffers them in `reader`
+   * and consumes what it can. If then none of them is left buffered or lent out (all copied out or
+   * decoded on the spot: a large WRITE's header and first payload bytes, READ data), the next read
+   * lands on their room.
+   */
+  deliver(n: number, reader: ChunkReader, handle: (bytes: Buffer) => void): void {
+    const bytes = this.take(n);
+    const lent = reader.lent;
+    handle(bytes);
+    if (reader.length === 0 && reader.lent === lent) this.reuse(bytes);
   }
 
   /**

@@ -3,14 +3,16 @@ import { describe, expect, it } from 'vitest';
 import { RangeLock } from '../../src/backends/qcow2/range-lock.js';
 
 const tick = (): Promise<void> => new Promise((r) => setImmediate(r));
+/** `take` as a promise either way. */
+const acquire = (lock: RangeLock, first: number, last: number, exclusive: boolean): Promise<() => void> => Promise.resolve(lock.take(first, last, exclusive));
 
 describe('RangeLock', () => {
   it('grants overlapping exclusive holders in arrival order', async () => {
     const lock = new RangeLock();
     const order: string[] = [];
-    const a = lock.acquire(0, 3, true).then((rel) => (order.push('a'), rel));
-    const b = lock.acquire(3, 5, true).then((rel) => (order.push('b'), rel));
-    const c = lock.acquire(2, 2, false).then((rel) => (order.push('c'), rel));
+    const a = acquire(lock, 0, 3, true).then((rel) => (order.push('a'), rel));
+    const b = acquire(lock, 3, 5, true).then((rel) => (order.push('b'), rel));
+    const c = acquire(lock, 2, 2, false).then((rel) => (order.push('c'), rel));
     const releaseA = await a;
     await tick();
     expect(order).toEqual(['a']);
@@ -24,10 +26,10 @@ describe('RangeLock', () => {
 
   it('lets readers share and keeps a later writer behind them', async () => {
     const lock = new RangeLock();
-    const r1 = await lock.acquire(0, 10, false);
-    const r2 = await lock.acquire(5, 6, false);
+    const r1 = await acquire(lock, 0, 10, false);
+    const r2 = await acquire(lock, 5, 6, false);
     let written = false;
-    const w = lock.acquire(6, 6, true).then((rel) => ((written = true), rel));
+    const w = acquire(lock, 6, 6, true).then((rel) => ((written = true), rel));
     await tick();
     expect(written).toBe(false);
     r1();
@@ -59,8 +61,8 @@ describe('RangeLock', () => {
 
   it('does not hold back disjoint ranges', async () => {
     const lock = new RangeLock();
-    const held = await lock.acquire(0, 0, true);
-    const other = await lock.acquire(1, 1, true);
+    const held = await acquire(lock, 0, 0, true);
+    const other = await acquire(lock, 1, 1, true);
     other();
     held();
   });

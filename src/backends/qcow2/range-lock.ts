@@ -17,14 +17,9 @@ interface Holder {
 export class RangeLock {
   private holders: Holder[] = [];
 
-  /** Resolves with a release function once `[first, last]` (inclusive cluster indices) is granted. */
-  acquire(first: number, last: number, exclusive: boolean): Promise<() => void> {
-    return Promise.resolve(this.take(first, last, exclusive));
-  }
-
   /**
-   * `acquire` without a promise when nothing is in the way: the release function itself when
-   * granted at once (the common case, and every request's path), else a promise of it.
+   * Grants `[first, last]` (inclusive cluster indices): the release function itself when nothing
+   * is in the way (the common case, on every request's path: no promise), else a promise of it.
    */
   take(first: number, last: number, exclusive: boolean): (() => void) | Promise<() => void> {
     let waits: Promise<void>[] | null = null;

@@ -76,17 +76,13 @@ export class Writer {
           pos = clusterStart + b;
         }
       }
-      let fresh = 0;
-      let cow = 0;
-      for (const p of plans) {
-        if (p.fresh) fresh++;
-        if (p.spanStart < p.a || p.b < p.spanEnd) cow++;
-      }
+      const fresh = plans.reduce((n, p) => n + (p.fresh ? 1 : 0), 0);
       if (fresh > 0) {
         while (this.alloc.available < fresh) await this.alloc.reserve(fresh);
         this.allocateFresh(plans); // synchronous after the check above
       }
-      if (cow > 0) await Promise.all(plans.filter((p) => p.spanStart < p.a || p.b < p.spanEnd).map((p) => this.fillCow(p)));
+      const cow = plans.filter((p) => p.spanStart < p.a || p.b < p.spanEnd);
+      if (cow.length > 0) await Promise.all(cow.map((p) => this.fillCow(p)));
       // An entry naming a cluster whose unwritten bytes may differ from the old contents (copy-on-
       // write from a backing file or compressed cluster, a reused unpunched cluster, subclusters)
       // must not reach the disk before the data: after a power loss the guest would see bytes it

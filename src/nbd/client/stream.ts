@@ -84,13 +84,7 @@ export class ByteStream {
       this.directTarget = null;
       this.sink!.filled(n);
       this.onBytes?.();
-    } else {
-      const bytes = this.slab.take(n);
-      const lent = this.reader.lent;
-      this.onData(bytes);
-      // All of it copied or decoded (reply headers, READ data): the next read may land there.
-      if (this.reader.length === 0 && this.reader.lent === lent) this.slab.reuse(bytes);
-    }
+    } else this.slab.deliver(n, this.reader, this.onData);
   }
 
   private listen(socket: net.Socket): void {

@@ -195,20 +195,9 @@ export class NbdSession {
 
   /** `overSlab`: `n` bytes arrived in `buf`, the last buffer `nextReadBuffer` returned. */
   private landed(n: number, buf: Uint8Array): void {
-    if (buf === this.payloadTarget) {
-      this.payloadTarget = null;
-      (this.wait as Extract<Wait, { kind: 'payload' }>).filled += n;
-    } else {
-      const bytes = this.slab!.take(n);
-      if (this.phase === 'closed' || this.phase === 'draining') return;
-      const lent = this.reader.lent;
-      this.reader.push(bytes);
-      this.pump();
-      // All of it copied or decoded (a large WRITE's header and first payload bytes): the next
-      // read may land on the same room.
-      if (this.reader.length === 0 && this.reader.lent === lent) this.slab!.reuse(bytes);
-      return;
-    }
+    if (buf !== this.payloadTarget) return this.slab!.deliver(n, this.reader, this.onData);
+    this.payloadTarget = null;
+    (this.wait as Extract<Wait, { kind: 'payload' }>).filled += n;
     if (this.phase === 'closed' || this.phase === 'draining') return;
     this.pump();
   }
