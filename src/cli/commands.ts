@@ -1,20 +1,49 @@
-/** Every CLI command: each module exports `register(program)`; add one line per command. */
+/**
+ * Every CLI command: each module exports `register(program)`; add one entry per module, with the
+ * command names it registers. A command line that names a command loads that module alone, so
+ * `nbdd serve` keeps out of its memory the code of backup, ublk, the kernel devices and the
+ * rest (3.4 MiB of V8 heap, docs/performance.md); help and unknown names load them all.
+ */
 import type { Command } from 'commander';
-import { register as attach } from './attach.js';
-import { register as backup } from './backup.js';
-import { register as bitmap } from './bitmap.js';
-import { register as check } from './check.js';
-import { register as create } from './create.js';
-import { register as detach } from './detach.js';
-import { register as events } from './events.js';
-import { register as info } from './info.js';
-import { register as installSystemd } from './install-systemd.js';
-import { register as installUdev } from './install-udev.js';
-import { register as list } from './list.js';
-import { register as map } from './map.js';
-import { register as serve } from './serve.js';
-import { register as status } from './status.js';
 
 export type RegisterCommand = (program: Command) => void;
 
-export const commands: RegisterCommand[] = [serve, attach, detach, list, create, installUdev, installSystemd, info, check, map, status, bitmap, events, backup];
+export interface CommandModule {
+  /** The top-level commands `register` adds (a unit test checks). */
+  names: readonly string[];
+  load: () => Promise<{ register: RegisterCommand }>;
+}
+
+/** In the order `nbdd --help` lists them. */
+export const commands: readonly CommandModule[] = [
+  { names: ['serve'], load: () => import('./serve.js') },
+  { names: ['attach'], load: () => import('./attach.js') },
+  { names: ['detach'], load: () => import('./detach.js') },
+  { names: ['list'], load: () => import('./list.js') },
+  { names: ['create'], load: () => import('./create.js') },
+  { names: ['install-udev'], load: () => import('./install-udev.js') },
+  { names: ['install-systemd'], load: () => import('./install-systemd.js') },
+  { names: ['info'], load: () => import('./info.js') },
+  { names: ['check'], load: () => import('./check.js') },
+  { names: ['map'], load: () => import('./map.js') },
+  { names: ['status'], load: () => import('./status.js') },
+  { names: ['bitmap'], load: () => import('./bitmap.js') },
+  { names: ['events'], load: () => import('./events.js') },
+  { names: ['backup', 'backups', 'restore', 'verify'], load: () => import('./backup.js') },
+];
+
+/**
+ * The module of the command `args` (the arguments after node and the script) names, or undefined
+ * when they name none of them (help, --version, a typo: commander then needs every command).
+ * Options before the command are the program's own; `--log-level` is the one that takes a value.
+ */
+export function commandModule(args: readonly string[]): CommandModule | undefined {
+  for (let i = 0; i < args.length; i++) {
+    const a = args[i]!;
+    if (a === '--log-level') i++;
+    else if (a.startsWith('--log-level=')) continue;
+    else if (a.startsWith('-')) return undefined;
+    else return commands.find((c) => c.names.includes(a));
+  }
+  return undefined;
+}

@@ -6,7 +6,7 @@ import { Command, Option } from 'commander';
 import { readFileSync } from 'node:fs';
 import { NbddError, messageOf } from '../core/errors.js';
 import { LogLevels, setLogLevel, type LogLevel } from '../core/log.js';
-import { commands } from './commands.js';
+import { commandModule, commands } from './commands.js';
 
 function version(): string {
   const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
@@ -19,21 +19,27 @@ function defaultLogLevel(): LogLevel {
   return LogLevels.find((l) => l === env) ?? 'info';
 }
 
-export function buildProgram(): Command {
+/**
+ * The program with the command `argv` names (every command when it names none, or when argv is
+ * not given).
+ */
+export async function buildProgram(argv?: readonly string[]): Promise<Command> {
   const program = new Command('nbdd')
     .description('Block-device daemon: serve and attach qcow2, raw and remote NBD images')
     .version(version())
     .addOption(new Option('--log-level <level>', 'log verbosity').choices([...LogLevels]).default(defaultLogLevel()))
     .showHelpAfterError()
     .hook('preAction', (cmd) => setLogLevel(cmd.opts().logLevel as LogLevel));
-  for (const register of commands) register(program);
+  const named = argv && commandModule(argv.slice(2));
+  const modules = await Promise.all((named ? [named] : commands).map((c) => c.load()));
+  for (const m of modules) m.register(program);
   return program;
 }
 
 /** Entry point used by bin/nbdd. Errors print one line (`nbdd: message`) and exit non-zero. */
 export async function main(argv: string[]): Promise<void> {
   try {
-    await buildProgram().parseAsync(argv);
+    await (await buildProgram(argv)).parseAsync(argv);
   } catch (err) {
     process.stderr.write(`nbdd: ${messageOf(err)}\n`);
     if (process.env.NBDD_DEBUG && err instanceof Error) process.stderr.write(`${err.stack}\n`);

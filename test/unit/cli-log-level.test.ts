@@ -9,12 +9,12 @@ describe('--log-level default', () => {
     else process.env.NBDD_LOG = saved;
   });
 
-  it('is NBDD_LOG when that names a level, info otherwise', () => {
+  it('is NBDD_LOG when that names a level, info otherwise', async () => {
     process.env.NBDD_LOG = 'debug';
-    expect(buildProgram().opts().logLevel).toBe('debug');
+    expect((await buildProgram()).opts().logLevel).toBe('debug');
     process.env.NBDD_LOG = 'chatty';
-    expect(buildProgram().opts().logLevel).toBe('info');
+    expect((await buildProgram()).opts().logLevel).toBe('info');
     delete process.env.NBDD_LOG;
-    expect(buildProgram().opts().logLevel).toBe('info');
+    expect((await buildProgram()).opts().logLevel).toBe('info');
   });
 });
