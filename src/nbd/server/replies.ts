@@ -65,7 +65,7 @@ export class ReplyWriter {
     this.error(h, nbdError, messageOf(err));
   }
 
-  /** `onSent`: called once this chunk is queued on the socket (where `writableLength` counts it), or never will be. */
+  /** `onSent`: called once this chunk is queued for the socket (where the session's `unsentBytes` counts it), or never will be. */
   readData(h: RequestHeader, offset: number, data: Buffer, done: boolean, onSent?: () => void): void {
     if (!this.isClosed()) {
       this.send(this.structured ? encodeChunkOffsetDataHeader(h.cookieHi, h.cookieLo, done, offset, data.length) : encodeSimpleReply(0, h.cookieHi, h.cookieLo));

@@ -52,7 +52,7 @@ export class ReplyBudget {
 
 /**
  * One session's part of the budget: the large READ bytes it took and has in flight (sent ones
- * count in the socket's `writableLength`). `hold` records a take and returns its release; `drop`
+ * count in the session's `unsentBytes`). `hold` records a take and returns its release; `drop`
  * gives back everything at once when the session ends (its replies will never be read), after
  * which late releases do nothing.
  */

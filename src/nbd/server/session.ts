@@ -420,7 +420,7 @@ export class NbdSession {
   /** True when we must stop reading requests: the queue or our reply backlog is full. */
   private mustWait(): boolean {
     const q = this.export!.queue;
-    const backlog = Math.max(this.share?.held ?? 0, this.socket.writableLength) > (this.options.maxPendingReplyBytes ?? DEFAULT_MAX_PENDING_REPLY_BYTES);
+    const backlog = Math.max(this.share?.held ?? 0, this.out.pendingBytes) > (this.options.maxPendingReplyBytes ?? DEFAULT_MAX_PENDING_REPLY_BYTES);
     if (!q.saturated && !backlog) return false;
     this.blocked = true;
     this.socket.pause();
@@ -440,9 +440,9 @@ export class NbdSession {
 
   /* ------------------------------------------------------------ shutdown */
 
-  /** Reply bytes queued on the socket and not yet taken by the kernel. */
+  /** Reply bytes queued (on the socket or waiting in TurnWriter) and not yet taken by the kernel. */
   get unsentBytes(): number {
-    return this.socket.writableLength;
+    return this.out.pendingBytes;
   }
 
   /** Idle: in transmission with nothing in flight (whatever `activity` says about the past). */
