@@ -119,6 +119,17 @@ describe('ReplyParser', () => {
     }
   });
 
+  it('keeps no view of the bytes it parsed, so the socket read buffer can take the next read', () => {
+    // ReadSlab.deliver reuses a read's room only when the reader lent none of it (`lent`).
+    const { setup, bytes } = session();
+    const h = new Harness();
+    setup(h);
+    h.feed(bytes, []);
+    checkSession(h);
+    expect(h.reader.length).toBe(0);
+    expect(h.reader.lent).toBe(0);
+  });
+
   it('rejects a READ chunk outside the request before reading its data', () => {
     const h = new Harness();
     h.add(NBD_CMD.READ, 1, 1000, 300);
