@@ -35,13 +35,13 @@ export const commands: readonly CommandModule[] = [
 /**
  * The module of the command `args` (the arguments after node and the script) names, or undefined
  * when they name none of them (help, --version, a typo: commander then needs every command).
- * Options before the command are the program's own; `--log-level` is the one that takes a value.
+ * Options before the command are the program's own; `valueOptions` are those that take a value.
  */
-export function commandModule(args: readonly string[]): CommandModule | undefined {
+export function commandModule(args: readonly string[], valueOptions: readonly string[]): CommandModule | undefined {
   for (let i = 0; i < args.length; i++) {
     const a = args[i]!;
-    if (a === '--log-level') i++;
-    else if (a.startsWith('--log-level=')) continue;
+    if (valueOptions.includes(a)) i++;
+    else if (valueOptions.some((o) => a.startsWith(`${o}=`))) continue;
     else if (a.startsWith('-')) return undefined;
     else return commands.find((c) => c.names.includes(a));
   }

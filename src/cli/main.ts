@@ -30,7 +30,8 @@ export async function buildProgram(argv?: readonly string[]): Promise<Command> {
     .addOption(new Option('--log-level <level>', 'log verbosity').choices([...LogLevels]).default(defaultLogLevel()))
     .showHelpAfterError()
     .hook('preAction', (cmd) => setLogLevel(cmd.opts().logLevel as LogLevel));
-  const named = argv && commandModule(argv.slice(2));
+  const valueOptions = program.options.filter((o) => o.required || o.optional).map((o) => o.long!);
+  const named = argv && commandModule(argv.slice(2), valueOptions);
   const modules = await Promise.all((named ? [named] : commands).map((c) => c.load()));
   for (const m of modules) m.register(program);
   return program;

@@ -43,7 +43,7 @@ describe('CLI command table', () => {
   });
 
   it('finds the command after the program options', () => {
-    const name = (args: string[]) => commandModule(args)?.names[0];
+    const name = (args: string[]) => commandModule(args, ['--log-level'])?.names[0];
     expect(name(['serve', 'x.qcow2'])).toBe('serve');
     expect(name(['--log-level', 'debug', 'status', 'dev0'])).toBe('status');
     expect(name(['--log-level=debug', 'restore'])).toBe('backup');
@@ -61,6 +61,8 @@ describe('CLI command table', () => {
     expect(create).toContain('cli/create.js');
     for (const m of ['cli/serve.js', 'cli/attach.js', 'cli/backup.js', 'kernel/device.js', 'nbd/server/frontend.js']) expect(create).not.toContain(m);
     expect(create.filter((m) => m.startsWith('backup/') || m.startsWith('ublk/'))).toEqual([]);
+    // The program's options that take a value come from the program itself.
+    expect(loadedFor(['--log-level', 'debug', 'create', 'x.qcow2', '1G'])).not.toContain('cli/serve.js');
     const all = loadedFor(['--help']);
     for (const m of ['cli/serve.js', 'cli/create.js', 'cli/backup.js', 'cli/attach.js']) expect(all).toContain(m);
   });
