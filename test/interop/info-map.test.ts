@@ -36,7 +36,11 @@ beforeAll(async () => {
   run('qemu-img', ['create', '-f', 'qcow2', qcow2, '16M']);
   run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0xab 0 128k', '-c', 'write -z 1M 64k', qcow2]);
   run('qemu-img', ['bitmap', '--add', '-g', '65536', qcow2, 'b0']);
-  run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0xcd 2M 64k', '-c', 'write -P 0xef 5M 4k', qcow2]);
+  // Whole clusters only: within a data cluster qemu may also consult the host file, and a fresh
+  // cluster written in part has an unwritten tail that ext4 calls a hole unless its pages are in
+  // the page cache. Whether qemu-nbd then says "data" or "data, zero" for that tail depends on
+  // what else read the file before; nbdd answers from the qcow2 metadata alone ("data").
+  run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0xcd 2M 64k', '-c', 'write -P 0xef 5M 64k', qcow2]);
   qemu = await startQemuNbd(dir.path, 'exp', ['-r', '-f', 'qcow2', '-A', '-B', 'b0', '-D', 'qcow2 over qemu-nbd', qcow2]);
   peers.push(qemu);
   kit = await startNbdkit(dir.path, ['memory', '32M']);

@@ -15,19 +15,15 @@ import type { ImageLayer } from './layer.js';
 import {
   INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
-  MAX_CLUSTER_BITS,
   QCOW2_MAGIC,
-  checkFeatures,
   checkL1,
   decodeRefcountTable,
-  decodeExtensions,
-  decodeHeader,
-  geometryOf,
   hasBackingName,
   type Geometry,
   type Qcow2Header,
 } from './format/index.js';
 import { RawLayer } from './raw-layer.js';
+import { readClusterZero } from './read-header.js';
 import { corruptionsOf, scanImage, type ScanInput } from './check/scan.js';
 import { checkQcow2 } from './check/index.js';
 import { logger } from '../../core/log.js';
@@ -195,12 +191,7 @@ async function openInChain(path: string, options: OpenQcow2Options, chain: strin
     // As the raw backend: one writer or several readers per image among nbdd processes.
     lockImage(port.fd, path, options.readOnly ? 'read' : 'write');
     const fileLength = await port.length();
-    const start = await port.readAt(Buffer.alloc(Math.min(fileLength, 2 ** MAX_CLUSTER_BITS)), 0);
-    const header = decodeHeader(start);
-    const g = geometryOf(header);
-    const cluster0 = start.subarray(0, Math.min(start.length, g.clusterSize));
-    const extensions = decodeExtensions(cluster0, header);
-    checkFeatures(header, extensions);
+    const { header, geometry: g, extensions, cluster0 } = await readClusterZero(port, fileLength);
     if (!options.readOnly && chain.length === 0 && (header.incompatibleFeatures & (INCOMPAT_DIRTY | INCOMPAT_CORRUPT)) === INCOMPAT_DIRTY) {
       // As qemu on a writable open: the refcounts a lazy-refcounts writer left behind are rebuilt.
       await port.close();

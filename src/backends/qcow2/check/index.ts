@@ -9,16 +9,12 @@ import { NodeFilePort, type FilePort } from '../../../io/file-port.js';
 import { lockImage } from '../../../io/image-lock.js';
 import { fileError } from '../../../core/errors.js';
 import {
-  checkFeatures,
-  decodeExtensions,
-  decodeHeader,
   featureField,
-  geometryOf,
   HEADER,
   INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
-  MAX_CLUSTER_BITS,
 } from '../format/index.js';
+import { readClusterZero } from '../read-header.js';
 import { repairRefcounts, type RepairMode } from './repair.js';
 import { corruptionsOf, scanImage, type ScanInput } from './scan.js';
 
@@ -56,11 +52,7 @@ export function checkExitCode(r: CheckReport): number {
 
 async function readInput(port: FilePort): Promise<ScanInput> {
   const fileLength = await port.length();
-  const start = await port.readAt(Buffer.alloc(Math.min(fileLength, 2 ** MAX_CLUSTER_BITS)), 0);
-  const header = decodeHeader(start);
-  const geometry = geometryOf(header);
-  const extensions = decodeExtensions(start.subarray(0, Math.min(start.length, geometry.clusterSize)), header);
-  checkFeatures(header, extensions);
+  const { header, geometry, extensions } = await readClusterZero(port, fileLength);
   return { port, header, extensions, geometry, fileLength };
 }
 
