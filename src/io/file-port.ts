@@ -47,8 +47,11 @@ export interface FilePort {
   close(): Promise<void>;
 }
 
-/** Page-aligned, so the zero-writing fallback also works on files opened with O_DIRECT. */
-const ZERO_CHUNK = alignedBuffer(1024 * 1024, 4096).fill(0);
+/**
+ * Page-aligned, so the zero-writing fallback also works on files opened with O_DIRECT. Made on
+ * first use: filling it brings 1 MiB into every process, and most filesystems never need it.
+ */
+let zeroChunk: Buffer | null = null;
 
 /**
  * How both ports zero a range: FALLOC_FL_ZERO_RANGE (keeps it allocated, costs no data writes)
@@ -73,9 +76,10 @@ export class RangeZeroer {
         this.zeroRangeWorks = false;
       }
     }
+    zeroChunk ??= alignedBuffer(1024 * 1024, 4096).fill(0);
     for (let done = 0; done < length; ) {
-      const n = Math.min(ZERO_CHUNK.length, length - done);
-      await this.write(ZERO_CHUNK.subarray(0, n), offset + done);
+      const n = Math.min(zeroChunk.length, length - done);
+      await this.write(zeroChunk.subarray(0, n), offset + done);
       done += n;
     }
   }
