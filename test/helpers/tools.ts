@@ -87,11 +87,15 @@ export interface Served {
   stop: () => Promise<void>;
 }
 
-/** Starts `nbdd serve IMAGE --socket S ...args` and waits until it accepts connections. */
+/**
+ * Starts `nbdd serve IMAGE --socket S ...args` and waits until it accepts connections. The socket
+ * is in `dir`, else in a directory of its own that goes when the server exits.
+ */
 export async function serveNbdd(image: string, args: string[] = [], dir?: string): Promise<Served> {
   const d = dir ?? mkdtempSync(join(tmpdir(), 'nbdd-sock-'));
   const socket = join(d, `nbdd-${Math.random().toString(36).slice(2)}.sock`);
   const child = spawn(NBDD, ['serve', image, '--socket', socket, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+  if (!dir) child.once('exit', () => rmSync(d, { recursive: true, force: true }));
   let err = '';
   child.stderr!.on('data', (b) => (err += b));
   try {
