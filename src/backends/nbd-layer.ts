@@ -10,7 +10,7 @@
  */
 import type { Extent } from '../core/backend.js';
 import { Errno, NbddError } from '../core/errors.js';
-import { isRemoteLink, openNbd, type NbdBackend, type OpenNbdOptions, type RemoteLink } from './nbd.js';
+import { openNbd, type NbdBackend, type OpenNbdOptions } from './nbd.js';
 import type { ImageLayer } from './qcow2/layer.js';
 
 export class NbdLayer implements ImageLayer {
@@ -46,16 +46,3 @@ export class NbdLayer implements ImageLayer {
   }
 }
 
-/**
- * The NBD connection a backend depends on, for status and events: the backend itself (an NBD
- * URI image) or the remote backing file at the bottom of its qcow2 chain; null for local images.
- */
-export function remoteLinkOf(backend: object): RemoteLink | null {
-  if (isRemoteLink(backend)) return backend;
-  let layer = (backend as { backing?: ImageLayer | null }).backing ?? null;
-  while (layer) {
-    if (layer instanceof NbdLayer) return layer.remote;
-    layer = layer.backing;
-  }
-  return null;
-}

@@ -22,16 +22,11 @@ import { parseNbdUri } from '../nbd/uri.js';
 import { clientTlsOptions } from '../nbd/tls.js';
 import { NBD_FLAG, NBD_STATE_HOLE, NBD_STATE_ZERO } from '../nbd/wire/constants.js';
 import { Slots } from '../core/slots.js';
+import { DEFAULT_MAX_IN_FLIGHT, MAX_NBD_CONNECTIONS, type RemoteLink } from './remote.js';
 
 
 /** How long requests wait for a lost connection by default (qemu's reconnect-delay is off by default; nbd-client's is not configurable). */
 export const DEFAULT_RECONNECT_DELAY_MS = 30_000;
-
-/** Most connections one backend opens (the kernel's nbd driver has as many queues). */
-export const MAX_NBD_CONNECTIONS = 16;
-
-/** Requests one backend has in flight to the server by default, over all its connections. */
-export const DEFAULT_MAX_IN_FLIGHT = 128;
 
 export interface OpenNbdOptions {
   readOnly?: boolean;
@@ -47,18 +42,6 @@ export interface OpenNbdOptions {
   extraContexts?: string[];
   /** Also fetch the list of contexts the export offers (`primary.info.offeredContexts`). */
   listContexts?: boolean;
-}
-
-/** A backend whose data lives behind a network connection (the sidecar shows and announces its state). */
-export interface RemoteLink {
-  readonly remoteUri: string;
-  readonly remoteState: string;
-  readonly reconnects: number;
-  onRemoteEvent(listener: (type: RemoteEventType, data: Record<string, unknown>) => void): void;
-}
-
-export function isRemoteLink(b: object): b is RemoteLink {
-  return typeof (b as Partial<RemoteLink>).onRemoteEvent === 'function';
 }
 
 export class NbdBackend implements Backend, RemoteLink {

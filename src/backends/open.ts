@@ -1,15 +1,15 @@
 /**
  * From what a user names (a file path, a block device, an NBD URI, `memory:SIZE`) to an open
  * backend. The single place that knows every format; frontends and commands call `openImage`.
+ * The qcow2 backend and the NBD client are loaded when an image needs them: a daemon serving a
+ * raw file or a remote export holds less code (docs/performance.md).
  */
 import type { Backend } from '../core/backend.js';
 import { parseSize } from '../core/units.js';
 import { isNbdUri } from '../nbd/uri.js';
 import { MemoryBackend } from './memory.js';
-import { openNbd } from './nbd.js';
-import { NbdLayer } from './nbd-layer.js';
 import type { ImageLayer } from './qcow2/layer.js';
-import { openQcow2, probeFormat } from './qcow2/index.js';
+import { probeFormat } from './probe.js';
 import { RawBackend } from './raw.js';
 
 export { probeFormat };
@@ -46,7 +46,7 @@ export function isMemorySpec(image: string): boolean {
 export function remoteBackingOpener(options: RemoteOptions): ((uri: string) => Promise<ImageLayer>) | undefined {
   if (!options.allowRemoteBacking) return undefined;
   const remote = { reconnectDelayMs: options.reconnectDelayMs, requestTimeoutMs: options.requestTimeoutMs, maxInFlight: options.maxInFlight };
-  return (uri) => NbdLayer.open(uri, remote);
+  return async (uri) => (await import('./nbd-layer.js')).NbdLayer.open(uri, remote);
 }
 
 export async function openImage(image: string, options: OpenOptions = {}): Promise<Backend> {
@@ -55,13 +55,13 @@ export async function openImage(image: string, options: OpenOptions = {}): Promi
     return new MemoryBackend({ size: parseSize(image.slice('memory:'.length)), readOnly });
   }
   const remote = { reconnectDelayMs: options.reconnectDelayMs, requestTimeoutMs: options.requestTimeoutMs, maxInFlight: options.maxInFlight };
-  if (isNbdUri(image)) return openNbd(image, { ...remote, readOnly, connections: options.connections });
+  if (isNbdUri(image)) return (await import('./nbd.js')).openNbd(image, { ...remote, readOnly, connections: options.connections });
   const probed = !options.format || options.format === 'auto';
   const format: 'raw' | 'qcow2' = probed ? await probeFormat(image) : (options.format as 'raw' | 'qcow2');
   switch (format) {
     case 'raw':
       return RawBackend.open(image, { readOnly, direct: options.direct, probed });
     case 'qcow2':
-      return openQcow2(image, { readOnly, openRemote: remoteBackingOpener(options) });
+      return (await import('./qcow2/open.js')).openQcow2(image, { readOnly, openRemote: remoteBackingOpener(options) });
   }
 }

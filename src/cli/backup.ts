@@ -8,7 +8,7 @@ import { backup } from '../backup/backup.js';
 import { Repo, type Compression } from '../backup/repo.js';
 import { restore, verify } from '../backup/restore.js';
 import { intArg } from './options.js';
-import { MAX_NBD_CONNECTIONS } from '../backends/nbd.js';
+import { MAX_NBD_CONNECTIONS } from '../backends/remote.js';
 
 interface BackupCli {
   repo: string;

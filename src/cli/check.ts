@@ -7,7 +7,7 @@
  */
 import { Command, Option } from 'commander';
 import { messageOf } from '../core/errors.js';
-import { probeFormat } from '../backends/qcow2/open.js';
+import { probeFormat } from '../backends/probe.js';
 import { checkExitCode, checkQcow2, type CheckReport, type RepairMode } from '../backends/qcow2/check/index.js';
 
 interface CheckOptions {

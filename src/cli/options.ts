@@ -1,7 +1,7 @@
 /** Argument parsers shared by CLI commands (commander reports their errors with usage help). */
 import { InvalidArgumentError, type Command } from 'commander';
 import type { RemoteOptions } from '../backends/open.js';
-import { DEFAULT_MAX_IN_FLIGHT } from '../backends/nbd.js';
+import { DEFAULT_MAX_IN_FLIGHT } from '../backends/remote.js';
 import { messageOf } from '../core/errors.js';
 import { parseSize } from '../core/units.js';
 import { parseMetricsAddress, type MetricsListen } from '../runtime/metrics.js';

@@ -19,7 +19,7 @@ import { NBD_DEFAULT_PORT } from '../nbd/wire/constants.js';
 import type { MetricsListen } from '../runtime/metrics.js';
 import { DEFAULT_BITMAP_LIMITS } from '../bitmaps/bitmap-set.js';
 import { addRemoteOptions, intArg, MAX_BITMAPS_HELP, METRICS_HELP, metricsArg, remoteOptions, type RemoteCliOptions } from './options.js';
-import { MAX_NBD_CONNECTIONS } from '../backends/nbd.js';
+import { MAX_NBD_CONNECTIONS } from '../backends/remote.js';
 
 const log = logger('serve');
 

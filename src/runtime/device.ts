@@ -14,7 +14,7 @@ import { messageOf } from '../core/errors.js';
 import type { EventType } from '../control/events.js';
 import { Sidecar } from '../sidecar/sidecar.js';
 import { deviceRegistry, MetricsServer, type MetricsListen } from './metrics.js';
-import { remoteLinkOf } from '../backends/nbd-layer.js';
+import { remoteLinkOf } from '../backends/remote.js';
 import { openStack, type DeviceStack, type StackOptions } from './stack.js';
 
 const log = logger('runtime');

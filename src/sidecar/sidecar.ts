@@ -10,8 +10,7 @@
  * The sidecar shares the device's BlockQueue and layer stack: reads on nbd.sock go through the
  * same queue as the device's own I/O, so they see every acknowledged write.
  */
-import { remoteLinkOf } from '../backends/nbd-layer.js';
-import type { RemoteLink } from '../backends/nbd.js';
+import { remoteLinkOf, type RemoteLink } from '../backends/remote.js';
 import { promises as fsp } from 'node:fs';
 import { join } from 'node:path';
 import type { BitmapSet } from '../bitmaps/bitmap-set.js';

@@ -1,36 +1,14 @@
 /** The command table: each module registers the names the table gives it, and a command line loads its module alone. */
-import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import { Command } from 'commander';
 import { describe, expect, it } from 'vitest';
 import { commandModule, commands } from '../../src/cli/commands.js';
-
-const MAIN = new URL('../../dist/cli/main.js', import.meta.url).href;
+import { distUrl, loadedModules } from '../helpers/loaded-modules.js';
 
 /** The dist/ modules a node process loads while it builds the program for `args`. */
 function loadedFor(args: string[]): string[] {
-  const dir = mkdtempSync(join(tmpdir(), 'nbdd-cli-'));
-  try {
-    const list = join(dir, 'loaded');
-    const hooks = `import { appendFileSync } from 'node:fs'; export async function load(url, ctx, next) { appendFileSync(${JSON.stringify(list)}, url + '\\n'); return next(url, ctx); }`;
-    const script = [
-      `import { register } from 'node:module';`,
-      `register('data:text/javascript,' + encodeURIComponent(${JSON.stringify(hooks)}));`,
-      `const { buildProgram } = await import(${JSON.stringify(MAIN)});`,
-      `await buildProgram(['node', 'nbdd', ...${JSON.stringify(args)}]);`,
-    ].join('\n');
-    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { encoding: 'utf8' });
-    expect(r.stderr).toBe('');
-    expect(r.status).toBe(0);
-    return readFileSync(list, 'utf8')
-      .split('\n')
-      .filter((u) => u.includes('/dist/'))
-      .map((u) => u.slice(u.indexOf('/dist/') + 6));
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+  return loadedModules(
+    [`const { buildProgram } = await import(${JSON.stringify(distUrl('cli/main.js'))});`, `await buildProgram(['node', 'nbdd', ...${JSON.stringify(args)}]);`].join('\n'),
+  );
 }
 
 describe('CLI command table', () => {

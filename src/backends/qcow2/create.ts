@@ -25,7 +25,8 @@ import {
   setRefcount,
   writeU64,
 } from './format/index.js';
-import { openQcow2, probeFormat } from './open.js';
+import { openQcow2 } from './open.js';
+import { probeFormat } from '../probe.js';
 
 export const DEFAULT_CLUSTER_SIZE = 64 * 1024;
 const REFCOUNT_ORDER = 4; // 16-bit refcounts, QEMU's default

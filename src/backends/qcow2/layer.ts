@@ -3,6 +3,7 @@
  * reads into a caller's buffer and block status. Depths in extents count from this layer (1).
  */
 import type { Extent } from '../../core/backend.js';
+import type { RemoteLink } from '../remote.js';
 
 export interface ImageLayer {
   readonly format: 'qcow2' | 'raw';
@@ -11,6 +12,8 @@ export interface ImageLayer {
   readonly size: number;
   /** The layer below, if any. */
   readonly backing: ImageLayer | null;
+  /** Set on a layer that is an NBD export (NbdLayer): its connection to the server. */
+  readonly remote?: RemoteLink;
   /**
    * Fills all of `buf` with the bytes at `offset`; `offset + buf.length <= size`. The buffer
    * stays the caller's; it is written only until the promise settles.

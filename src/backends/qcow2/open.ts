@@ -5,9 +5,9 @@
  */
 import { realpath } from 'node:fs/promises';
 import { dirname, isAbsolute, resolve } from 'node:path';
-import { Errno, NbddError, fileError } from '../../core/errors.js';
+import { Errno, NbddError } from '../../core/errors.js';
 import { isNbdUri } from '../../nbd/uri.js';
-import { NodeFilePort, type FilePort } from '../../io/file-port.js';
+import type { FilePort } from '../../io/file-port.js';
 import { openFilePort } from '../../io/open-port.js';
 import { lockImage } from '../../io/image-lock.js';
 import { DEFAULT_L2_CACHE_BYTES, Qcow2Image } from './image.js';
@@ -15,7 +15,6 @@ import type { ImageLayer } from './layer.js';
 import {
   INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
-  QCOW2_MAGIC,
   checkL1,
   decodeRefcountTable,
   hasBackingName,
@@ -23,6 +22,7 @@ import {
   type Qcow2Header,
 } from './format/index.js';
 import { RawLayer } from './raw-layer.js';
+import { probeFormat } from '../probe.js';
 import { readClusterZero } from './read-header.js';
 import { corruptionsOf, scanImage, type ScanInput } from './check/scan.js';
 import { checkQcow2 } from './check/index.js';
@@ -57,21 +57,6 @@ export const ALLOW_REMOTE_BACKING_OPTION = '--allow-remote-backing';
 
 function corrupt(message: string): NbddError {
   return new NbddError(Errno.EUCLEAN, `corrupt qcow2 image: ${message}`);
-}
-
-/** 'qcow2' when the file starts with the qcow2 magic, else 'raw'. */
-export async function probeFormat(path: string): Promise<'qcow2' | 'raw'> {
-  const port = await NodeFilePort.open(path, { readOnly: true }).catch((err: unknown) => {
-    throw fileError(path, err);
-  });
-  try {
-    const head = await port.readAt(Buffer.alloc(4), 0).catch((err: unknown) => {
-      throw fileError(path, err, 'cannot read');
-    });
-    return head.readUInt32BE(0) === QCOW2_MAGIC ? 'qcow2' : 'raw';
-  } finally {
-    await port.close();
-  }
 }
 
 /** Opens a qcow2 image (and, unless told not to, its backing chain). Throws NbddError. */
