@@ -1,6 +1,6 @@
 /**
  * `openImage` loads the qcow2 backend and the NBD client only for an image that needs them, so a
- * daemon serving a raw file holds neither (docs/performance.md, "lazy backends").
+ * daemon serving a raw file holds neither (docs/performance.md, "Smaller at rest").
  */
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
