@@ -126,6 +126,8 @@ interface Variant {
   opts: string[];
   backing?: boolean;
   compressed?: boolean;
+  /** L2 cache budget in bytes (default: the backend's). */
+  l2CacheBytes?: number;
 }
 
 const variants: Variant[] = [
@@ -135,6 +137,8 @@ const variants: Variant[] = [
   { name: 'extended L2 over a backing file', size: 8 * MiB, cluster: 64 * KiB, opts: ['extended_l2=on'], backing: true },
   { name: '512 B clusters, 64-bit refcounts (refcount table growth)', size: 4 * MiB, cluster: 512, opts: ['cluster_size=512', 'refcount_bits=64'] },
   { name: 'writes over compressed clusters', size: 8 * MiB, cluster: 64 * KiB, opts: [], compressed: true },
+  // 128 tables through 4: nearly every request loads a table into an evicted one's buffer.
+  { name: '512 B clusters through a 4-table L2 cache (evictions, reused table buffers)', size: 4 * MiB, cluster: 512, opts: ['cluster_size=512'], backing: true, l2CacheBytes: 4 * 512 },
 ];
 
 describe('qcow2 writes: differential against qemu-io', () => {
@@ -167,7 +171,7 @@ describe('qcow2 writes: differential against qemu-io', () => {
         copyFileSync(start, theirs);
         qemuIo(theirs, ops.map(qemuCommand).filter((c): c is string => c !== null));
         const model = qemuRaw(start, dir.path);
-        const img = await openQcow2(ours, { readOnly: false });
+        const img = await openQcow2(ours, { readOnly: false, l2CacheBytes: v.l2CacheBytes });
         let reads: number;
         try {
           reads = await applyNbdd(img, ops, model, v.cluster, discardZeroes, 16 + seed * 8);

@@ -1,5 +1,7 @@
 import { describe, expect, it } from 'vitest';
-import { L2Cache, type L2Table } from '../../src/backends/qcow2/l2-tables.js';
+import type { Allocator } from '../../src/backends/qcow2/allocator.js';
+import { L2Cache, type L2Table, L2Tables } from '../../src/backends/qcow2/l2-tables.js';
+import type { ImageState } from '../../src/backends/qcow2/state.js';
 
 const table = (offset: number, pins = 0): L2Table => ({ offset, data: Buffer.alloc(0), pins, used: false });
 const cached = (c: L2Cache, keys: number[]): number[] => keys.filter((k) => c.get(k) !== undefined);
@@ -47,5 +49,78 @@ describe('L2Cache (second chance)', () => {
     // Two over: 1 and 3 are marked and move to the back, 2 is pinned, 4 goes; then 1, met again
     // unmarked, goes too.
     expect(cached(c, [1, 2, 3, 4])).toEqual([2, 3]);
+  });
+});
+
+/**
+ * L2Tables over a stand-in image: table `i` lives at host offset (i + 1) × cs and its cluster
+ * reads as bytes i + 1, one event-loop turn after the read is issued (as a file read would).
+ */
+function tablesOver(capacity: number, cs = 64 * 1024): { tables: L2Tables; reads: () => number } {
+  let reads = 0;
+  const port = {
+    readAt: (buf: Buffer, offset: number): Promise<Buffer> =>
+      new Promise((resolve) =>
+        setImmediate(() => {
+          reads++;
+          resolve(buf.fill(offset / cs));
+        }),
+      ),
+  };
+  const st = { cs, port, l1Offset: (i: number) => (i + 1) * cs } as unknown as ImageState;
+  return { tables: new L2Tables(st, {} as Allocator, capacity * cs), reads: () => reads };
+}
+
+const holds = (t: L2Table, i: number): boolean => t.data.every((b) => b === ((i + 1) & 0xff));
+
+async function churn(tables: L2Tables, from: number, count: number): Promise<void> {
+  for (let i = from; i < from + count; i++) {
+    const t = (await tables.acquire(i))!;
+    expect(holds(t, i)).toBe(true);
+    tables.release(t);
+  }
+}
+
+describe('L2Tables: pinned for whoever holds one, evicted buffers reused', () => {
+  it('keeps a held table, its bytes and its place while loads evict all around it', async () => {
+    const { tables, reads } = tablesOver(4);
+    const held = (await tables.acquire(0))!;
+    await churn(tables, 1, 40);
+    expect(holds(held, 0)).toBe(true);
+    const before = reads();
+    expect(tables.acquire(0)).toBe(held); // still cached: no promise, no read
+    expect(reads()).toBe(before);
+    tables.release(held);
+    tables.release(held);
+  });
+
+  it('pins a loaded table once for every request that waited for the load', async () => {
+    const { tables, reads } = tablesOver(4);
+    // Three requests wait for table 0 and six for others, all loads finishing in one turn.
+    const waits = [0, 0, 0, 1, 2, 3, 4, 5, 6].map((i) => tables.acquire(i) as Promise<L2Table>);
+    const got = await Promise.all(waits);
+    expect(reads()).toBe(7); // one read for the three waiters of table 0
+    expect(got[0]).toBe(got[1]);
+    expect(got[0]).toBe(got[2]);
+    tables.release(got[0]!);
+    tables.release(got[1]!);
+    await churn(tables, 10, 40);
+    // One waiter of table 0 and every other table are still held: none was evicted and reused.
+    got.slice(2).forEach((t, k) => expect(holds(t, [0, 1, 2, 3, 4, 5, 6][k]!)).toBe(true));
+    for (const t of got.slice(2)) tables.release(t);
+    expect(() => tables.release(got[0]!)).toThrow(/released more often than taken/);
+  });
+
+  it('reads missed tables into evicted tables’ buffers: memory bounded by the cache, not the collector', async () => {
+    const { tables } = tablesOver(4);
+    const buffers = new Set<Buffer>();
+    for (let i = 0; i < 200; i++) {
+      const t = (await tables.acquire(i % 50))!;
+      expect(holds(t, i % 50)).toBe(true);
+      buffers.add(t.data);
+      tables.release(t);
+    }
+    // The cache's four, and the one a load takes before its insert evicts another.
+    expect(buffers.size).toBeLessThanOrEqual(5);
   });
 });

@@ -75,7 +75,6 @@ export class CompressedWriter {
         }
         const l1i = Math.floor(ci / g.l2Entries);
         const table = await this.tables.forWrite(l1i);
-        table.pins++;
         pinned.push(table);
         const entry = (ci - l1i * g.l2Entries) * g.l2EntrySize;
         if (!this.isEmpty(table, entry)) {
@@ -104,7 +103,7 @@ export class CompressedWriter {
       if (a.status === 'rejected') throw a.reason;
       if (b.status === 'rejected') throw b.reason;
     } finally {
-      for (const t of pinned) t.pins--;
+      for (const t of pinned) this.tables.release(t);
     }
   }
 

@@ -44,14 +44,18 @@ export class Discarder {
         const found = await this.entryFor(ci);
         if (!found) continue;
         const { table, e, hi, lo } = found;
-        const keep = st.v3 && noHole && (hi & ENTRY_COMPRESSED_HI) === 0 && entryOffset(hi, lo) !== 0 && st.isExclusive(hi, entryOffset(hi, lo));
-        if (keep) {
-          writeEntry(table.data, e, entryOffset(hi, lo), true, true);
-        } else {
-          this.release(hi, lo, w);
-          writeEntry(table.data, e, 0, false, st.v3);
+        try {
+          const keep = st.v3 && noHole && (hi & ENTRY_COMPRESSED_HI) === 0 && entryOffset(hi, lo) !== 0 && st.isExclusive(hi, entryOffset(hi, lo));
+          if (keep) {
+            writeEntry(table.data, e, entryOffset(hi, lo), true, true);
+          } else {
+            this.release(hi, lo, w);
+            writeEntry(table.data, e, 0, false, st.v3);
+          }
+          w.touch(table, e);
+        } finally {
+          this.tables.release(table);
         }
-        w.touch(table, e);
       }
     }
     for (const [at, n] of partial) await this.writer.writeLocked(at, Buffer.alloc(n), w);
@@ -74,22 +78,26 @@ export class Discarder {
     const found = await this.entryFor(ci);
     if (!found) return;
     const { table, e, hi, lo } = found;
-    const mask = unitMask(su, eu);
-    if ((hi & ENTRY_COMPRESSED_HI) !== 0 || (mask === ALL_UNITS && !noHole)) {
-      if ((hi & ENTRY_COMPRESSED_HI) !== 0 && mask !== ALL_UNITS) {
-        // A compressed cluster has no subclusters: zero its part by rewriting it.
-        partial.push([clusterStart + su * u, (eu - su) * u]);
-        return;
+    try {
+      const mask = unitMask(su, eu);
+      if ((hi & ENTRY_COMPRESSED_HI) !== 0 || (mask === ALL_UNITS && !noHole)) {
+        if ((hi & ENTRY_COMPRESSED_HI) !== 0 && mask !== ALL_UNITS) {
+          // A compressed cluster has no subclusters: zero its part by rewriting it.
+          partial.push([clusterStart + su * u, (eu - su) * u]);
+          return;
+        }
+        this.release(hi, lo, w);
+        writeEntry(table.data, e, 0, false, false);
+        table.data.writeUInt32BE(ALL_UNITS, e + L2_ZERO_BITS);
+        table.data.writeUInt32BE(0, e + L2_ALLOC_BITS);
+      } else {
+        table.data.writeUInt32BE((table.data.readUInt32BE(e + L2_ZERO_BITS) | mask) >>> 0, e + L2_ZERO_BITS);
+        table.data.writeUInt32BE((table.data.readUInt32BE(e + L2_ALLOC_BITS) & ~mask) >>> 0, e + L2_ALLOC_BITS);
       }
-      this.release(hi, lo, w);
-      writeEntry(table.data, e, 0, false, false);
-      table.data.writeUInt32BE(ALL_UNITS, e + L2_ZERO_BITS);
-      table.data.writeUInt32BE(0, e + L2_ALLOC_BITS);
-    } else {
-      table.data.writeUInt32BE((table.data.readUInt32BE(e + L2_ZERO_BITS) | mask) >>> 0, e + L2_ZERO_BITS);
-      table.data.writeUInt32BE((table.data.readUInt32BE(e + L2_ALLOC_BITS) & ~mask) >>> 0, e + L2_ALLOC_BITS);
+      w.touch(table, e);
+    } finally {
+      this.tables.release(table);
     }
-    w.touch(table, e);
   }
 
   /**
@@ -109,21 +117,26 @@ export class Discarder {
       const found = await this.entryFor(ci);
       if (!found) continue;
       const { table, e } = found;
-      this.release(found.hi, found.lo, w);
-      if (g.extendedL2) {
-        writeEntry(table.data, e, 0, false, false);
-        table.data.writeUInt32BE(st.backing ? ALL_UNITS : 0, e + L2_ZERO_BITS);
-        table.data.writeUInt32BE(0, e + L2_ALLOC_BITS);
-      } else {
-        writeEntry(table.data, e, 0, false, st.v3 && st.backing !== null);
+      try {
+        this.release(found.hi, found.lo, w);
+        if (g.extendedL2) {
+          writeEntry(table.data, e, 0, false, false);
+          table.data.writeUInt32BE(st.backing ? ALL_UNITS : 0, e + L2_ZERO_BITS);
+          table.data.writeUInt32BE(0, e + L2_ALLOC_BITS);
+        } else {
+          writeEntry(table.data, e, 0, false, st.v3 && st.backing !== null);
+        }
+        w.touch(table, e);
+      } finally {
+        this.tables.release(table);
       }
-      w.touch(table, e);
     }
   }
 
   /**
-   * The L2 entry of guest cluster `ci`, its table loaded (or created) for writing; null when there
-   * is no table and no backing file, so the cluster already reads as zeroes and stays unmapped.
+   * The L2 entry of guest cluster `ci`, its table loaded (or created) for writing and pinned for
+   * the caller, who releases it; null when there is no table and no backing file, so the cluster
+   * already reads as zeroes and stays unmapped.
    */
   private async entryFor(ci: number): Promise<{ table: L2Table; e: number; hi: number; lo: number } | null> {
     const { st } = this;
@@ -133,11 +146,16 @@ export class Discarder {
     const e = (ci - l1i * st.g.l2Entries) * st.g.l2EntrySize;
     const hi = table.data.readUInt32BE(e);
     const lo = table.data.readUInt32BE(e + 4);
-    // A damaged entry fails the request before anything changes (its clusters are never freed).
-    if ((hi & ENTRY_COMPRESSED_HI) !== 0) st.checkCompressed(hi, lo, ci);
-    else {
-      st.checkEntryBits(hi, lo, ci);
-      if (entryOffset(hi, lo) !== 0) st.checkDataHost(entryOffset(hi, lo), ci);
+    try {
+      // A damaged entry fails the request before anything changes (its clusters are never freed).
+      if ((hi & ENTRY_COMPRESSED_HI) !== 0) st.checkCompressed(hi, lo, ci);
+      else {
+        st.checkEntryBits(hi, lo, ci);
+        if (entryOffset(hi, lo) !== 0) st.checkDataHost(entryOffset(hi, lo), ci);
+      }
+    } catch (err) {
+      this.tables.release(table);
+      throw err;
     }
     return { table, e, hi, lo };
   }

@@ -29,55 +29,63 @@ export async function walkMapping(st: ImageState, tables: L2Tables, offset: numb
   while (pos < end) {
     const l1i = Math.floor(pos / tableSpan);
     const tableEnd = Math.min(end, (l1i + 1) * tableSpan);
-    const table = await tables.get(l1i);
+    let taken = tables.acquire(l1i);
+    if (taken instanceof Promise) taken = await taken;
+    const table = taken;
     if (!table) {
       const r = visit(MAP_BACKING, pos, tableEnd - pos, 0, 0, 0);
       if (r) await r;
       pos = tableEnd;
       continue;
     }
-    const data = table.data;
-    while (pos < tableEnd) {
-      const ci = Math.floor(pos / cs);
-      const clusterStart = ci * cs;
-      const clusterEnd = Math.min(tableEnd, clusterStart + cs);
-      const e = (ci - l1i * g.l2Entries) * g.l2EntrySize;
-      const hi = data.readUInt32BE(e);
-      const lo = data.readUInt32BE(e + 4);
-      if ((hi & ENTRY_COMPRESSED_HI) !== 0) {
-        st.checkCompressed(hi, lo, ci);
-        const r = visit(MAP_COMPRESSED, pos, clusterEnd - pos, 0, hi, lo);
-        if (r) await r;
-        pos = clusterEnd;
-        continue;
+    // Pinned until the walk leaves it: a visitor may wait (backing reads), and an evicted
+    // table's buffer is reused for the next table loaded.
+    try {
+      const data = table.data;
+      while (pos < tableEnd) {
+        const ci = Math.floor(pos / cs);
+        const clusterStart = ci * cs;
+        const clusterEnd = Math.min(tableEnd, clusterStart + cs);
+        const e = (ci - l1i * g.l2Entries) * g.l2EntrySize;
+        const hi = data.readUInt32BE(e);
+        const lo = data.readUInt32BE(e + 4);
+        if ((hi & ENTRY_COMPRESSED_HI) !== 0) {
+          st.checkCompressed(hi, lo, ci);
+          const r = visit(MAP_COMPRESSED, pos, clusterEnd - pos, 0, hi, lo);
+          if (r) await r;
+          pos = clusterEnd;
+          continue;
+        }
+        st.checkEntryBits(hi, lo, ci);
+        const host = entryOffset(hi, lo);
+        if (host !== 0) st.checkDataHost(host, ci);
+        if (!g.extendedL2) {
+          const n = clusterEnd - pos;
+          let r;
+          if (st.v3 && (lo & ENTRY_ZERO_LO) !== 0) r = visit(MAP_ZERO, pos, n, 0, hi, lo);
+          else if (host === 0) r = visit(MAP_BACKING, pos, n, 0, hi, lo);
+          else r = visit(MAP_DATA, pos, n, host + pos - clusterStart, hi, lo);
+          if (r) await r;
+          pos = clusterEnd;
+          continue;
+        }
+        const zeroBits = data.readUInt32BE(e + L2_ZERO_BITS);
+        const allocBits = data.readUInt32BE(e + L2_ALLOC_BITS);
+        if ((zeroBits & allocBits) !== 0) throw corrupt(`L2 entry of guest offset ${hex(clusterStart)} has subclusters both allocated and zero`);
+        if (host === 0 && allocBits !== 0) throw corrupt(`L2 entry of guest offset ${hex(clusterStart)} has allocated subclusters but no host cluster`);
+        while (pos < clusterEnd) {
+          const sc = Math.floor((pos - clusterStart) / g.unitSize);
+          const n = Math.min(clusterEnd, clusterStart + (sc + 1) * g.unitSize) - pos;
+          let r;
+          if ((allocBits >>> sc) & 1) r = visit(MAP_DATA, pos, n, host + pos - clusterStart, hi, lo);
+          else if ((zeroBits >>> sc) & 1) r = visit(MAP_ZERO, pos, n, 0, hi, lo);
+          else r = visit(MAP_BACKING, pos, n, 0, hi, lo);
+          if (r) await r;
+          pos += n;
+        }
       }
-      st.checkEntryBits(hi, lo, ci);
-      const host = entryOffset(hi, lo);
-      if (host !== 0) st.checkDataHost(host, ci);
-      if (!g.extendedL2) {
-        const n = clusterEnd - pos;
-        let r;
-        if (st.v3 && (lo & ENTRY_ZERO_LO) !== 0) r = visit(MAP_ZERO, pos, n, 0, hi, lo);
-        else if (host === 0) r = visit(MAP_BACKING, pos, n, 0, hi, lo);
-        else r = visit(MAP_DATA, pos, n, host + pos - clusterStart, hi, lo);
-        if (r) await r;
-        pos = clusterEnd;
-        continue;
-      }
-      const zeroBits = data.readUInt32BE(e + L2_ZERO_BITS);
-      const allocBits = data.readUInt32BE(e + L2_ALLOC_BITS);
-      if ((zeroBits & allocBits) !== 0) throw corrupt(`L2 entry of guest offset ${hex(clusterStart)} has subclusters both allocated and zero`);
-      if (host === 0 && allocBits !== 0) throw corrupt(`L2 entry of guest offset ${hex(clusterStart)} has allocated subclusters but no host cluster`);
-      while (pos < clusterEnd) {
-        const sc = Math.floor((pos - clusterStart) / g.unitSize);
-        const n = Math.min(clusterEnd, clusterStart + (sc + 1) * g.unitSize) - pos;
-        let r;
-        if ((allocBits >>> sc) & 1) r = visit(MAP_DATA, pos, n, host + pos - clusterStart, hi, lo);
-        else if ((zeroBits >>> sc) & 1) r = visit(MAP_ZERO, pos, n, 0, hi, lo);
-        else r = visit(MAP_BACKING, pos, n, 0, hi, lo);
-        if (r) await r;
-        pos += n;
-      }
+    } finally {
+      tables.release(table);
     }
   }
 }

@@ -65,7 +65,6 @@ export class Writer {
       while (pos < end) {
         const l1i = Math.floor(pos / tableSpan);
         const table = this.tables.cachedForWrite(l1i) ?? (await this.tables.forWrite(l1i));
-        table.pins++;
         pinned.push(table);
         const tableEnd = Math.min(end, (l1i + 1) * tableSpan);
         while (pos < tableEnd) {
@@ -110,7 +109,7 @@ export class Writer {
         if (linked.status === 'rejected') throw linked.reason;
       }
     } finally {
-      for (const t of pinned) t.pins--;
+      for (const t of pinned) this.tables.release(t);
     }
   }
 
