@@ -230,9 +230,14 @@ export class Qcow2Image implements Backend, ImageLayer {
     }
   }
 
-  /** A read or block status of guest [offset, offset + length) under a shared lock. */
-  private shared<T>(offset: number, length: number, locked: () => Promise<T>): Promise<T> {
-    return this.track(async () => {
+  /**
+   * A read or block status of guest [offset, offset + length) under a shared lock, tracked as
+   * `track` does (inline: one async frame less on every read).
+   */
+  private async shared<T>(offset: number, length: number, locked: () => Promise<T>): Promise<T> {
+    if (this.st.closed) throw new NbddError(Errno.ESHUTDOWN, `${this.path} is closed`);
+    this.active++;
+    try {
       const lock = this.lockRange(offset, length, false);
       const release = typeof lock === 'function' ? lock : await lock;
       try {
@@ -240,7 +245,9 @@ export class Qcow2Image implements Backend, ImageLayer {
       } finally {
         release();
       }
-    });
+    } finally {
+      if (--this.active === 0) this.drained?.();
+    }
   }
 
   /**

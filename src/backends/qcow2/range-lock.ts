@@ -10,8 +10,9 @@ interface Holder {
   first: number;
   last: number;
   exclusive: boolean;
-  released: Promise<void>;
-  release: () => void;
+  /** Made when a later request first waits for this one (most never wait: no promise for them). */
+  released: Promise<void> | null;
+  release: (() => void) | null;
 }
 
 export class RangeLock {
@@ -24,17 +25,19 @@ export class RangeLock {
   take(first: number, last: number, exclusive: boolean): (() => void) | Promise<() => void> {
     let waits: Promise<void>[] | null = null;
     for (const h of this.holders) {
-      if (h.first <= last && first <= h.last && (exclusive || h.exclusive)) (waits ??= []).push(h.released);
+      if (h.first <= last && first <= h.last && (exclusive || h.exclusive)) {
+        h.released ??= new Promise<void>((resolve) => (h.release = resolve));
+        (waits ??= []).push(h.released);
+      }
     }
-    let release!: () => void;
-    const released = new Promise<void>((resolve) => (release = resolve));
-    const holder: Holder = { first, last, exclusive, released, release };
+    const holder: Holder = { first, last, exclusive, released: null, release: null };
     this.holders.push(holder);
     const unlock = (): void => {
       const i = this.holders.indexOf(holder);
       if (i >= 0) this.holders.splice(i, 1);
-      holder.release();
+      holder.release?.();
     };
-    return waits ? Promise.all(waits).then(() => unlock) : unlock;
+    if (!waits) return unlock;
+    return (waits.length === 1 ? waits[0]! : Promise.all(waits)).then(() => unlock);
   }
 }

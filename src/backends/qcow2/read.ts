@@ -27,7 +27,12 @@ export class Reader {
     const flushRun = (): void => {
       if (kind === MAP_DATA) jobs.push(this.st.port.readAt(buf.subarray(runAt, runAt + runLen), runAddr));
       else if (kind === MAP_ZERO) buf.fill(0, runAt, runAt + runLen);
-      else if (kind === MAP_BACKING) jobs.push(this.readBacking(buf.subarray(runAt, runAt + runLen), runAddr));
+      else if (kind === MAP_BACKING) {
+        // Without a backing file there (none, or past its end) the run reads as zeroes: no job.
+        const backing = this.st.backing;
+        if (backing && runAddr < backing.size) jobs.push(this.readBacking(buf.subarray(runAt, runAt + runLen), runAddr));
+        else buf.fill(0, runAt, runAt + runLen);
+      }
       kind = RUN_NONE;
     };
     try {
@@ -55,7 +60,8 @@ export class Reader {
       await Promise.allSettled(jobs);
       throw err;
     }
-    await Promise.all(jobs);
+    if (jobs.length === 1) await jobs[0];
+    else if (jobs.length > 1) await Promise.all(jobs);
   }
 
   /** Reads guest bytes for copy-on-write; parts past the virtual size read as zeroes. */
