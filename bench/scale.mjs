@@ -34,9 +34,12 @@
  *
  * Environment: BENCH_RUNTIME seconds per cell (5), BENCH_RAMP seconds of warm-up (1), BENCH_ROUNDS
  * (1), BENCH_SERIES comma list of size,clients,bitmaps (all), BENCH_BITMAP_COUNTS comma list of
- * 0,1,8,64 and BENCH_BITMAP_STATES of fresh,allocated,steady (all), BENCH_SERVERS comma list of
+ * 0,1,8,64 and BENCH_BITMAP_STATES of fresh,allocated,steady (all), BENCH_SIZES comma list of
+ * 1G,64G,1T (all), BENCH_SERVERS comma list of
  * nbdd,qemu-nbd (both), BENCH_DIR for images and sockets (the OS temp directory; a disk, so the
- * bitmaps' fdatasync costs what it costs on a disk — tmpfs would make it free).
+ * bitmaps' fdatasync costs what it costs on a disk — tmpfs would make it free). BENCH_BASELINE:
+ * another built nbdd checkout (a `git worktree` of the commit before a change) run as a third
+ * server, `nbdd-base`, alternating with the others: a before/after table joins the report.
  * Flags: --save FILE writes every cell as JSON. Progress goes to stderr. Needs `npm run build`.
  * About 8 minutes with the defaults on 2 cores.
  */
@@ -51,6 +54,7 @@ const { fail, progress, run, envNumber, saveFile } = benchTools('scale');
 
 const ROOT = dirname(dirname(fileURLToPath(import.meta.url)));
 const NBDD = join(ROOT, 'bin/nbdd');
+const BASELINE = process.env.BENCH_BASELINE;
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const GiB = 1024 * MiB;
@@ -70,10 +74,11 @@ const settings = {
   rampSeconds: envNumber('BENCH_RAMP', 1),
   rounds: Math.max(1, Math.floor(envNumber('BENCH_ROUNDS', 1))),
   series: envList('BENCH_SERIES', ['size', 'clients', 'bitmaps']),
-  servers: envList('BENCH_SERVERS', ['nbdd', 'qemu-nbd']),
+  servers: envList('BENCH_SERVERS', BASELINE ? ['nbdd', 'nbdd-base', 'qemu-nbd'] : ['nbdd', 'qemu-nbd']),
 };
 
-const SIZES = [['1 GiB', GiB], ['64 GiB', 64 * GiB], ['1 TiB', 1024 * GiB]];
+const SIZE_KEYS = envList('BENCH_SIZES', ['1G', '64G', '1T']);
+const SIZES = [['1G', '1 GiB', GiB], ['64G', '64 GiB', 64 * GiB], ['1T', '1 TiB', 1024 * GiB]].filter(([k]) => SIZE_KEYS.includes(k)).map(([, label, size]) => [label, size]);
 const CLIENTS = [1, 4, 16];
 const BITMAPS = envList('BENCH_BITMAP_COUNTS', ['0', '1', '8', '64']).map(Number);
 const BITMAP_STATES = envList('BENCH_BITMAP_STATES', ['fresh', 'allocated', 'steady']);
@@ -140,6 +145,7 @@ async function startServer(argv, socket) {
 
 const SERVERS = {
   nbdd: (image, socket) => [NBDD, 'serve', image.path, '--socket', socket], // through its first line: node with nbdd's flags
+  'nbdd-base': (image, socket) => [join(BASELINE ?? fail('nbdd-base needs BENCH_BASELINE'), 'bin/nbdd'), 'serve', image.path, '--socket', socket],
   'qemu-nbd': (image, socket, clients) => [
     'qemu-nbd', '-t', '-k', socket, ...(clients > 1 ? ['-e', String(clients)] : []),
     '-f', image.format, '--cache=writeback', '--aio=threads', image.path,
@@ -347,6 +353,14 @@ function render(report) {
       bitmaps.map((r) => [r.state, r.bitmaps, iops(r.results.nbdd), ratio(r.results.nbdd, base[r.state]?.nbdd), iops(r.results['qemu-nbd']), ratio(r.results['qemu-nbd'], base[r.state]?.['qemu-nbd']),
         ratio(r.results.nbdd, r.results['qemu-nbd']), cpuUs(r.results.nbdd), cpuUs(r.results['qemu-nbd']), check(r.results.nbdd), check(r.results['qemu-nbd'])])));
     out.push('check: after the cell, bitmaps enabled / in the image, and the least dirty bytes of any of them (nbdd bitmap list)\n');
+  }
+  if (BASELINE && (size || clients)) {
+    const cells = (r) => [iops(r.nbdd), iops(r['nbdd-base']), ratio(r.nbdd, r['nbdd-base']), cpuUs(r.nbdd), cpuUs(r['nbdd-base']), rssMiB(r.nbdd), rssMiB(r['nbdd-base'])];
+    const rows = [
+      ...(size ?? []).flatMap((r) => [[`qcow2 ${r.size}, randwrite`, ...cells(r.randwrite)], [`qcow2 ${r.size}, randread`, ...cells(r.randread)]]),
+      ...(clients ?? []).map((r) => [`${r.image} 1 GiB, ${r.clients} client${r.clients > 1 ? 's' : ''}`, ...cells(r.results)]),
+    ];
+    out.push(table(`before/after: nbdd against the baseline in ${BASELINE}`, ['cell', 'nbdd IOPS', 'base IOPS', 'nbdd/base', 'nbdd µs CPU/io', 'base µs CPU/io', 'nbdd RSS MiB', 'base RSS MiB'], rows));
   }
   if (size || clients) {
     const peak = (results) => settings.servers.map((s) => rssMiB(results[s]));
