@@ -24,7 +24,10 @@
  *
  * Environment: BENCH_RUNTIME seconds per cell (10), BENCH_RAMP seconds of warm-up (1), BENCH_SIZE
  * image size (1G), BENCH_ROUNDS (2), BENCH_SERVERS comma list (all), BENCH_CASES regular expression
- * on case names (all but optIn rows), BENCH_DIR for the images and sockets (the OS temp directory).
+ * on case names (all but optIn rows), BENCH_DIR for the images and sockets (the OS temp directory),
+ * BENCH_BASELINE: another built nbdd checkout (a `git worktree` of the commit before a change) run
+ * as `nbdd-base` beside nbdd in every nbdd row — before and after in one run, the nbdd/nbdd-base
+ * column.
  * Flags: --json (JSON on stdout instead of the table), --save FILE (also write the JSON to FILE).
  * Progress goes to stderr.
  *
@@ -210,6 +213,18 @@ const SERVERS = {
   },
 };
 
+const BASELINE = process.env.BENCH_BASELINE;
+if (BASELINE) {
+  SERVERS['nbdd-base'] = {
+    formats: SERVERS.nbdd.formats,
+    argv: (image, socket, c) => [join(BASELINE, 'bin/nbdd'), ...SERVERS.nbdd.argv(image, socket, c).slice(1)],
+    check: () => (existsSync(join(BASELINE, 'dist/cli/main.js')) ? null : `BENCH_BASELINE=${BASELINE} holds no built nbdd (npx tsc -p tsconfig.build.json there)`),
+    version: () => spawnSync('git', ['-C', BASELINE, 'rev-parse', '--short', 'HEAD'], { encoding: 'utf8' }).stdout.trim() || 'unknown',
+  };
+}
+/** A case's servers, the baseline right after nbdd when there is one. */
+const serversOf = (c) => (BASELINE ? c.servers.flatMap((s) => (s === 'nbdd' ? ['nbdd', 'nbdd-base'] : [s])) : c.servers);
+
 /* ------------------------------------------------------------------ settings */
 
 function parseSize(text) {
@@ -340,7 +355,7 @@ async function main() {
     fail('fio with the nbd engine is missing (apt-get install fio; it must be built with libnbd)');
   }
   const cases = CASES.filter((c) => (caseFilter ? caseFilter.test(c.name) : !c.optIn));
-  const wanted = [...new Set(cases.flatMap((c) => c.servers))].filter((s) => !serverFilter || serverFilter.includes(s));
+  const wanted = [...new Set(cases.flatMap(serversOf))].filter((s) => !serverFilter || serverFilter.includes(s));
   const skipped = {};
   const servers = wanted.filter((s) => {
     const why = SERVERS[s].check();
@@ -378,7 +393,7 @@ async function main() {
       }
       const image = images[c.image];
       const row = { name: c.name, image: c.image, metric: c.metric, fio: c.fio, connections: c.connections ?? 1, results: {}, ratios: {} };
-      const here = c.servers.filter((s) => servers.includes(s) && SERVERS[s].formats.includes(image.format));
+      const here = serversOf(c).filter((s) => servers.includes(s) && SERVERS[s].formats.includes(image.format));
       for (let round = 1; round <= settings.rounds; round++) {
         for (const s of here) {
           progress(`${c.name}: ${s}, round ${round}`);
@@ -388,7 +403,7 @@ async function main() {
             const r = await runCell(s, image, c, dir);
             entry.rounds.push(r);
             // nbdd opens c.connections (it falls back to 1 if the remote lacks multi-conn); qemu-nbd 1.
-            const expected = s === 'nbdd' ? (c.connections ?? 1) : 1;
+            const expected = s === 'nbdd' || s === 'nbdd-base' ? (c.connections ?? 1) : 1;
             if (r.remoteConnections !== undefined && r.remoteConnections !== expected) {
               report.warnings.push(`${c.name} / ${s} / round ${round}: ${r.remoteConnections} connections to the remote, expected ${expected}`);
             }
