@@ -56,14 +56,15 @@ describe('L2Cache (second chance)', () => {
  * L2Tables over a stand-in image: table `i` lives at host offset (i + 1) × cs and its cluster
  * reads as bytes i + 1, one event-loop turn after the read is issued (as a file read would).
  */
-function tablesOver(capacity: number, cs = 64 * 1024): { tables: L2Tables; reads: () => number } {
+function tablesOver(capacity: number, cs = 64 * 1024, failing = new Set<number>()): { tables: L2Tables; reads: () => number } {
   let reads = 0;
   const port = {
     readAt: (buf: Buffer, offset: number): Promise<Buffer> =>
-      new Promise((resolve) =>
+      new Promise((resolve, reject) =>
         setImmediate(() => {
           reads++;
-          resolve(buf.fill(offset / cs));
+          if (failing.has(offset / cs - 1)) reject(new Error(`EIO reading table ${offset / cs - 1}`));
+          else resolve(buf.fill(offset / cs));
         }),
       ),
   };
@@ -109,6 +110,23 @@ describe('L2Tables: pinned for whoever holds one, evicted buffers reused', () =>
     got.slice(2).forEach((t, k) => expect(holds(t, [0, 1, 2, 3, 4, 5, 6][k]!)).toBe(true));
     for (const t of got.slice(2)) tables.release(t);
     expect(() => tables.release(got[0]!)).toThrow(/released more often than taken/);
+  });
+
+  it('fails every waiter of a load that fails, pins nothing, and reads again for the next request', async () => {
+    const failing = new Set([3]);
+    const { tables, reads } = tablesOver(4, 64 * 1024, failing);
+    const waits = [3, 3, 3].map((i) => tables.acquire(i) as Promise<L2Table>);
+    const settled = await Promise.allSettled(waits);
+    expect(settled.map((r) => r.status)).toEqual(['rejected', 'rejected', 'rejected']);
+    expect(reads()).toBe(1);
+    failing.clear();
+    const again = tables.acquire(3);
+    expect(again).toBeInstanceOf(Promise); // not cached by the failed load
+    const t = (await again)!;
+    expect(holds(t, 3)).toBe(true);
+    expect(reads()).toBe(2);
+    tables.release(t);
+    expect(t.pins).toBe(0);
   });
 
   it('reads missed tables into evicted tables’ buffers: memory bounded by the cache, not the collector', async () => {
