@@ -14,6 +14,7 @@
  * incremental sums only the blocks it changed.
  */
 import { createHash } from 'node:crypto';
+import { isAllZero } from '../core/zeroes.js';
 
 export const BLOCK_SIZE = 64 * 1024;
 /** The disk is summed in chunks of this size; a point's disk checksum is over the chunk sums. */
@@ -22,13 +23,7 @@ export const CHUNK_SIZE = 4 * 1024 * 1024;
 const ZERO = Buffer.alloc(BLOCK_SIZE);
 const zeroBlockSums = new Map<number, Buffer>();
 
-export function isZero(b: Buffer): boolean {
-  for (let i = 0; i < b.length; i += BLOCK_SIZE) {
-    const n = Math.min(BLOCK_SIZE, b.length - i);
-    if (!b.subarray(i, i + n).equals(ZERO.subarray(0, n))) return false;
-  }
-  return true;
-}
+export const isZero = isAllZero;
 
 /** The sum of a block of `length` zero bytes. */
 export function zeroBlockSum(length: number): Buffer {

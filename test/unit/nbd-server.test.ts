@@ -169,7 +169,8 @@ describe('negotiation', () => {
 
     other.send(request(NBD_CMD.READ, 5, 0, 4096));
     const r = await other.readReply();
-    expect(r).toMatchObject({ kind: 'chunk', cookie: 5, done: true, chunk: { type: NBD_REPLY_TYPE.OFFSET_DATA, offset: 0 } });
+    // The export reads as zeroes: one hole chunk.
+    expect(r).toMatchObject({ kind: 'chunk', cookie: 5, done: true, chunk: { type: NBD_REPLY_TYPE.OFFSET_HOLE, offset: 0, size: 4096 } });
     other.destroy();
   });
 
@@ -317,7 +318,8 @@ describe('transmission', () => {
     c.send(request(NBD_CMD.FLUSH, 3, 0, 0));
     expect(await c.readReply()).toMatchObject({ kind: 'simple', cookie: 3, error: 5 });
     c.send(request(NBD_CMD.READ, 4, 0, 4));
-    expect(await c.readReply()).toMatchObject({ kind: 'chunk', cookie: 4, chunk: { type: NBD_REPLY_TYPE.OFFSET_DATA } });
+    // The failed write left zeroes: answered as a hole.
+    expect(await c.readReply()).toMatchObject({ kind: 'chunk', cookie: 4, chunk: { type: NBD_REPLY_TYPE.OFFSET_HOLE, size: 4 } });
     c.destroy();
   });
 
@@ -355,6 +357,26 @@ describe('transmission', () => {
     c.send(request(NBD_CMD.READ, 3, 0, 128 * 1024, NBD_CMD_FLAG.DF));
     const single = await c.readReply();
     expect(single).toMatchObject({ kind: 'chunk', done: true, chunk: { type: NBD_REPLY_TYPE.OFFSET_DATA, offset: 0 } });
+    c.destroy();
+  });
+
+  it('answers a small read of zeroes with one OFFSET_HOLE chunk, data with OFFSET_DATA, and zeroes under DF as data', async () => {
+    await start();
+    const c = await connectGo();
+    c.send(request(NBD_CMD.WRITE, 1, 8192, 4096, 0, Buffer.alloc(4096, 0x77)));
+    await c.readReply();
+    c.send(request(NBD_CMD.READ, 2, 0, 4096));
+    expect(await c.readReply()).toMatchObject({ kind: 'chunk', cookie: 2, done: true, chunk: { type: NBD_REPLY_TYPE.OFFSET_HOLE, offset: 0, size: 4096 } });
+    // Zeroes then data in one read: not all zero, so data (the test stops at the data, not before).
+    c.send(request(NBD_CMD.READ, 3, 4096, 8192));
+    const mixed = await c.readReply();
+    expect(mixed).toMatchObject({ kind: 'chunk', cookie: 3, done: true, chunk: { type: NBD_REPLY_TYPE.OFFSET_DATA, offset: 4096 } });
+    expect(mixed.kind === 'chunk' && mixed.chunk.type === NBD_REPLY_TYPE.OFFSET_DATA ? mixed.chunk.data : null).toEqual(Buffer.concat([Buffer.alloc(4096), Buffer.alloc(4096, 0x77)]));
+    // A single zero byte after data counts as data too.
+    c.send(request(NBD_CMD.READ, 4, 12287, 2));
+    expect(await c.readReply()).toMatchObject({ cookie: 4, chunk: { type: NBD_REPLY_TYPE.OFFSET_DATA, offset: 12287 } });
+    c.send(request(NBD_CMD.READ, 5, 0, 4096, NBD_CMD_FLAG.DF));
+    expect(await c.readReply()).toMatchObject({ kind: 'chunk', cookie: 5, done: true, chunk: { type: NBD_REPLY_TYPE.OFFSET_DATA, offset: 0, data: Buffer.alloc(4096) } });
     c.destroy();
   });
 

@@ -343,7 +343,7 @@ export class NbdSession {
         const release = counted ? this.share!.hold(h.length) : undefined;
         if (!this.replies.needsReadPlan(h, q)) {
           // The common read: one queue read, one reply (no async frame on this per-request path).
-          return this.track(h, q.read(h.offset, h.length).then((data) => this.replies.readData(h, h.offset, data, true, release)), release);
+          return this.track(h, q.read(h.offset, h.length).then((data) => this.replies.readReply(h, data, release)), release);
         }
         return this.track(h, this.replies.read(h, q, release), release);
       }

@@ -1,0 +1,14 @@
+/** Whether a buffer holds only zero bytes, compared a chunk at a time against one shared zero chunk. */
+
+const CHUNK = 64 * 1024;
+let zeroes: Buffer | null = null; // made on first use
+
+/** Whether every byte of `buf` is zero (true for an empty one). Stops at the first chunk that is not. */
+export function isAllZero(buf: Buffer): boolean {
+  zeroes ??= Buffer.alloc(CHUNK);
+  for (let i = 0; i < buf.length; i += CHUNK) {
+    const n = Math.min(CHUNK, buf.length - i);
+    if (!buf.subarray(i, i + n).equals(zeroes.subarray(0, n))) return false;
+  }
+  return true;
+}
