@@ -199,6 +199,11 @@ export class Qcow2Image implements Backend, ImageLayer {
     }
   }
 
+  /** Cached L2 tables still pinned: 0 whenever no request is in flight (a leak check for tests). */
+  get pinnedL2Tables(): number {
+    return this.tables.pinnedCount();
+  }
+
   /** Where the image's bitmaps are read from (bitmap-host.ts), also when read-only; null for v2 images. */
   bitmapSource(): Qcow2BitmapSource | null {
     return bitmapSource(this.st);

@@ -54,6 +54,12 @@ export class L2Cache {
     return t;
   }
 
+  pinnedCount(): number {
+    let n = 0;
+    for (const t of this.tables.values()) if (t.pins !== 0) n++;
+    return n;
+  }
+
   insert(l1Index: number, table: L2Table): void {
     this.tables.set(l1Index, table);
     if (this.tables.size <= this.capacity) return;
@@ -116,6 +122,11 @@ export class L2Tables {
     }
     loading.takers++;
     return loading.promise;
+  }
+
+  /** How many cached tables are pinned: none once every request has finished (tests check it). */
+  pinnedCount(): number {
+    return this.cache.pinnedCount();
   }
 
   /** Gives back a table `acquire`, `cachedForWrite` or `forWrite` handed out. */
