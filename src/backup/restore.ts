@@ -22,7 +22,8 @@ import { isNbdUri } from '../nbd/uri.js';
 import { chunkSums } from './copy.js';
 import { Progress } from './progress.js';
 import { CHUNK_SIZE, Repo, type Point } from './repo.js';
-import { BLOCK_SIZE, blockSumsOf, chunkSum, isZero, rangeSum, zeroBlockSum, zeroChunkSum } from './sums.js';
+import { isAllZero } from '../core/zeroes.js';
+import { BLOCK_SIZE, blockSumsOf, chunkSum, rangeSum, zeroBlockSum, zeroChunkSum } from './sums.js';
 
 export interface RestoreOptions {
   point?: string;
@@ -88,7 +89,7 @@ export async function restore(repoDir: string, output: string, options: RestoreO
       for (let i = 0; i < count; i++) {
         const c = await readChunk(disk, i);
         if (sumOf(c) !== p.chunks[i]) throw mismatch(p, c.offset, `the ${c.length}-byte chunk`);
-        if (c.data && !isZero(c.data)) {
+        if (c.data && !isAllZero(c.data)) {
           await out.write(c.offset, c.data);
           bytesWritten += c.length;
         } else if (!fresh) {
@@ -126,7 +127,7 @@ export async function verify(repoDir: string, point?: string): Promise<VerifyRep
       for (const [offset, length, sum] of p.extents) {
         const data = await own.read(offset, length);
         const actual = p.extentSums === 'slices' ? rangeSum(blockSumsOf(data)) : sha(data);
-        if (sum === null ? !isZero(data) : actual !== sum) throw mismatch(p, offset, `the stored ${length}-byte range`);
+        if (sum === null ? !isAllZero(data) : actual !== sum) throw mismatch(p, offset, `the stored ${length}-byte range`);
       }
     } finally {
       await own.close();

@@ -23,8 +23,6 @@ export const CHUNK_SIZE = 4 * 1024 * 1024;
 const ZERO = Buffer.alloc(BLOCK_SIZE);
 const zeroBlockSums = new Map<number, Buffer>();
 
-export const isZero = isAllZero;
-
 /** The sum of a block of `length` zero bytes. */
 export function zeroBlockSum(length: number): Buffer {
   let s = zeroBlockSums.get(length);
@@ -33,7 +31,7 @@ export function zeroBlockSum(length: number): Buffer {
 }
 
 export function blockSum(block: Buffer): Buffer {
-  return isZero(block) ? zeroBlockSum(block.length) : createHash('sha256').update(block).digest();
+  return isAllZero(block) ? zeroBlockSum(block.length) : createHash('sha256').update(block).digest();
 }
 
 /** The sums of the blocks of `data`, which starts on a block boundary. */

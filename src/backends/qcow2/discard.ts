@@ -5,7 +5,7 @@
  */
 import type { EntryWrites } from './entry-writes.js';
 import { ALL_UNITS, ENTRY_COMPRESSED_HI, entryOffset, L2_ALLOC_BITS, L2_ZERO_BITS, unitMask, writeEntry } from './format/index.js';
-import type { L2Table, L2Tables } from './l2-tables.js';
+import type { L2Tables } from './l2-tables.js';
 import type { ImageState } from './state.js';
 import type { Writer } from './write.js';
 
@@ -41,21 +41,16 @@ export class Discarder {
       } else if (!whole || (!st.v3 && (st.backing !== null || noHole))) {
         partial.push([clusterStart + a, b - a]);
       } else {
-        const found = await this.entryFor(ci);
-        if (!found) continue;
-        const { table, e, hi, lo } = found;
-        try {
+        await this.changeEntry(ci, w, (d, e, hi, lo) => {
           const keep = st.v3 && noHole && (hi & ENTRY_COMPRESSED_HI) === 0 && entryOffset(hi, lo) !== 0 && st.isExclusive(hi, entryOffset(hi, lo));
           if (keep) {
-            writeEntry(table.data, e, entryOffset(hi, lo), true, true);
+            writeEntry(d, e, entryOffset(hi, lo), true, true);
           } else {
             this.release(hi, lo, w);
-            writeEntry(table.data, e, 0, false, st.v3);
+            writeEntry(d, e, 0, false, st.v3);
           }
-          w.touch(table, e);
-        } finally {
-          this.tables.release(table);
-        }
+          return true;
+        });
       }
     }
     for (const [at, n] of partial) await this.writer.writeLocked(at, Buffer.alloc(n), w);
@@ -75,29 +70,24 @@ export class Discarder {
     }
     if (a < su * u) partial.push([clusterStart + a, su * u - a]);
     if (eu * u < b) partial.push([clusterStart + eu * u, Math.min(b, st.size - clusterStart) - eu * u]);
-    const found = await this.entryFor(ci);
-    if (!found) return;
-    const { table, e, hi, lo } = found;
-    try {
+    await this.changeEntry(ci, w, (d, e, hi, lo) => {
       const mask = unitMask(su, eu);
       if ((hi & ENTRY_COMPRESSED_HI) !== 0 || (mask === ALL_UNITS && !noHole)) {
         if ((hi & ENTRY_COMPRESSED_HI) !== 0 && mask !== ALL_UNITS) {
           // A compressed cluster has no subclusters: zero its part by rewriting it.
           partial.push([clusterStart + su * u, (eu - su) * u]);
-          return;
+          return false;
         }
         this.release(hi, lo, w);
-        writeEntry(table.data, e, 0, false, false);
-        table.data.writeUInt32BE(ALL_UNITS, e + L2_ZERO_BITS);
-        table.data.writeUInt32BE(0, e + L2_ALLOC_BITS);
+        writeEntry(d, e, 0, false, false);
+        d.writeUInt32BE(ALL_UNITS, e + L2_ZERO_BITS);
+        d.writeUInt32BE(0, e + L2_ALLOC_BITS);
       } else {
-        table.data.writeUInt32BE((table.data.readUInt32BE(e + L2_ZERO_BITS) | mask) >>> 0, e + L2_ZERO_BITS);
-        table.data.writeUInt32BE((table.data.readUInt32BE(e + L2_ALLOC_BITS) & ~mask) >>> 0, e + L2_ALLOC_BITS);
+        d.writeUInt32BE((d.readUInt32BE(e + L2_ZERO_BITS) | mask) >>> 0, e + L2_ZERO_BITS);
+        d.writeUInt32BE((d.readUInt32BE(e + L2_ALLOC_BITS) & ~mask) >>> 0, e + L2_ALLOC_BITS);
       }
-      w.touch(table, e);
-    } finally {
-      this.tables.release(table);
-    }
+      return true;
+    });
   }
 
   /**
@@ -114,50 +104,46 @@ export class Discarder {
     for (let ci = Math.ceil(offset / cs); ci * cs < end; ci++) {
       const clusterStart = ci * cs;
       if (clusterStart + cs > end && end < st.size) break;
-      const found = await this.entryFor(ci);
-      if (!found) continue;
-      const { table, e } = found;
-      try {
-        this.release(found.hi, found.lo, w);
+      await this.changeEntry(ci, w, (d, e, hi, lo) => {
+        this.release(hi, lo, w);
         if (g.extendedL2) {
-          writeEntry(table.data, e, 0, false, false);
-          table.data.writeUInt32BE(st.backing ? ALL_UNITS : 0, e + L2_ZERO_BITS);
-          table.data.writeUInt32BE(0, e + L2_ALLOC_BITS);
+          writeEntry(d, e, 0, false, false);
+          d.writeUInt32BE(st.backing ? ALL_UNITS : 0, e + L2_ZERO_BITS);
+          d.writeUInt32BE(0, e + L2_ALLOC_BITS);
         } else {
-          writeEntry(table.data, e, 0, false, st.v3 && st.backing !== null);
+          writeEntry(d, e, 0, false, st.v3 && st.backing !== null);
         }
-        w.touch(table, e);
-      } finally {
-        this.tables.release(table);
-      }
+        return true;
+      });
     }
   }
 
   /**
-   * The L2 entry of guest cluster `ci`, its table loaded (or created) for writing and pinned for
-   * the caller, who releases it; null when there is no table and no backing file, so the cluster
-   * already reads as zeroes and stays unmapped.
+   * Changes the L2 entry of guest cluster `ci`: `change` gets the table's bytes, the entry's byte
+   * index and its two words, changes the entry in place and says whether it did; a changed entry
+   * is recorded in `w`. The table is loaded (or created) for writing and pinned meanwhile. Nothing
+   * happens when there is no table and no backing file: the cluster already reads as zeroes and
+   * stays unmapped.
    */
-  private async entryFor(ci: number): Promise<{ table: L2Table; e: number; hi: number; lo: number } | null> {
+  private async changeEntry(ci: number, w: EntryWrites, change: (d: Buffer, e: number, hi: number, lo: number) => boolean): Promise<void> {
     const { st } = this;
     const l1i = Math.floor(ci / st.g.l2Entries);
-    if (st.l1Offset(l1i) === 0 && !st.backing) return null;
+    if (st.l1Offset(l1i) === 0 && !st.backing) return;
     const table = await this.tables.forWrite(l1i);
-    const e = (ci - l1i * st.g.l2Entries) * st.g.l2EntrySize;
-    const hi = table.data.readUInt32BE(e);
-    const lo = table.data.readUInt32BE(e + 4);
     try {
+      const e = (ci - l1i * st.g.l2Entries) * st.g.l2EntrySize;
+      const hi = table.data.readUInt32BE(e);
+      const lo = table.data.readUInt32BE(e + 4);
       // A damaged entry fails the request before anything changes (its clusters are never freed).
       if ((hi & ENTRY_COMPRESSED_HI) !== 0) st.checkCompressed(hi, lo, ci);
       else {
         st.checkEntryBits(hi, lo, ci);
         if (entryOffset(hi, lo) !== 0) st.checkDataHost(entryOffset(hi, lo), ci);
       }
-    } catch (err) {
+      if (change(table.data, e, hi, lo)) w.touch(table, e);
+    } finally {
       this.tables.release(table);
-      throw err;
     }
-    return { table, e, hi, lo };
   }
 
   /** Records the host clusters an entry holds (normal or compressed), to free once it is rewritten. */

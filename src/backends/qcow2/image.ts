@@ -226,22 +226,30 @@ export class Qcow2Image implements Backend, ImageLayer {
    * until it settles, so close commits only after every accepted request changed its metadata.
    */
   private async track<T>(fn: () => Promise<T>): Promise<T> {
-    if (this.st.closed) throw new NbddError(Errno.ESHUTDOWN, `${this.path} is closed`);
-    this.active++;
+    this.enter();
     try {
       return await fn();
     } finally {
-      if (--this.active === 0) this.drained?.();
+      this.leave();
     }
+  }
+
+  /** A request begins (refused once close has begun); `leave` when it settles. */
+  private enter(): void {
+    if (this.st.closed) throw new NbddError(Errno.ESHUTDOWN, `${this.path} is closed`);
+    this.active++;
+  }
+
+  private leave(): void {
+    if (--this.active === 0) this.drained?.();
   }
 
   /**
    * A read or block status of guest [offset, offset + length) under a shared lock, tracked as
-   * `track` does (inline: one async frame less on every read).
+   * `track` does (without its closure: one async frame less on every read).
    */
   private async shared<T>(offset: number, length: number, locked: () => Promise<T>): Promise<T> {
-    if (this.st.closed) throw new NbddError(Errno.ESHUTDOWN, `${this.path} is closed`);
-    this.active++;
+    this.enter();
     try {
       const lock = this.lockRange(offset, length, false);
       const release = typeof lock === 'function' ? lock : await lock;
@@ -251,7 +259,7 @@ export class Qcow2Image implements Backend, ImageLayer {
         release();
       }
     } finally {
-      if (--this.active === 0) this.drained?.();
+      this.leave();
     }
   }
 

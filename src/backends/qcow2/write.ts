@@ -5,6 +5,7 @@
  * it never wrote (see `writeLocked`).
  */
 import { turnEnd } from '../../core/batch.js';
+import { isAllZero } from '../../core/zeroes.js';
 import type { Allocator } from './allocator.js';
 import type { EntryWrites } from './entry-writes.js';
 import { ALL_UNITS, corrupt, ENTRY_COMPRESSED_HI, ENTRY_COPIED_HI, ENTRY_ZERO_LO, entryOffset, hex, L2_ALLOC_BITS, L2_ZERO_BITS, unitMask, writeEntry } from './format/index.js';
@@ -12,11 +13,9 @@ import type { L2Table, L2Tables } from './l2-tables.js';
 import type { Reader } from './read.js';
 import type { ImageState } from './state.js';
 
-const ZEROES = Buffer.alloc(2 ** 21); // one cluster of the largest size
-
-/** Whether `buf` (at most one cluster of the largest size) is all zeroes; true when absent. */
+/** Whether `buf` is all zeroes; true when absent. */
 export function isZero(buf: Buffer | undefined): boolean {
-  return !buf || buf.equals(ZEROES.subarray(0, buf.length));
+  return !buf || isAllZero(buf);
 }
 
 /** Per-cluster plan of an allocating or in-place write (see `plan`). */
