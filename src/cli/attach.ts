@@ -21,6 +21,7 @@ import { logPath, loadState, type Driver } from '../kernel/registry.js';
 import { parseDeviceArg } from '../kernel/sysfs.js';
 import { sdNotify } from '../sys/systemd.js';
 import { becomeIoFlusher } from '../sys/io-flusher.js';
+import { dropStartupPages } from '../sys/startup-pages.js';
 import { UblkDevice, ublkUsable } from '../ublk/frontend.js';
 import { parseUblkDevice, ublkDevicePath } from '../ublk/uapi.js';
 import type { MetricsListen } from '../runtime/metrics.js';
@@ -93,6 +94,7 @@ function childArgs(image: string, name: string, driver: Driver, opts: AttachCliO
 async function serveForeground(image: string, name: string, index: number | undefined, opts: AttachCliOptions): Promise<void> {
   let attached: Awaited<ReturnType<typeof KernelDevice.attach>>;
   await becomeIoFlusher(true); // before the runtime's threads start: they inherit it
+  dropStartupPages();
   try {
     attached = await KernelDevice.attach({
       image,
@@ -140,6 +142,7 @@ async function serveUntilDetached(ready: Readiness & { ok: true }, device: { det
 async function serveUblkForeground(image: string, name: string, id: number | undefined, opts: AttachCliOptions): Promise<void> {
   let attached: Awaited<ReturnType<typeof UblkDevice.attach>>;
   await becomeIoFlusher(true); // before the queue threads start: they inherit it
+  dropStartupPages();
   try {
     attached = await UblkDevice.attach({ image, name, id, format: opts.format, readOnly: !!opts.readOnly, remote: remoteOptions(opts), queues: opts.queues, depth: opts.depth, queueMode: opts.queueThreads ? 'thread' : 'loop', metrics: opts.metrics, maxBitmaps: opts.maxBitmaps });
   } catch (err) {

@@ -14,6 +14,7 @@ import { NbdServerFrontend, type Listen } from '../nbd/server/frontend.js';
 import { Errno, NbddError } from '../core/errors.js';
 import { listenFds, sdNotify } from '../sys/systemd.js';
 import { becomeIoFlusher } from '../sys/io-flusher.js';
+import { dropStartupPages } from '../sys/startup-pages.js';
 import { DeviceRuntime } from '../runtime/device.js';
 import { NBD_DEFAULT_PORT } from '../nbd/wire/constants.js';
 import type { MetricsListen } from '../runtime/metrics.js';
@@ -69,6 +70,7 @@ async function serve(image: string, opts: ServeOptions): Promise<void> {
   }
   // A client on this host may make a kernel device of this export (nbd-client): be a flusher too.
   await becomeIoFlusher(false);
+  dropStartupPages();
   const tls = serverTls({ mode: opts.tls, certificates: opts.tlsCertificates, psk: opts.tlsPsk, verifyPeer: opts.tlsVerifyPeer });
   const frontend = new NbdServerFrontend({
     tls,

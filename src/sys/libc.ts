@@ -34,6 +34,7 @@ const c = {
   ioctlNone: lib.func('int ioctl(int fd, unsigned long request, unsigned long arg)'),
   getsockopt: lib.func('int getsockopt(int fd, int level, int optname, void *optval, _Inout_ uint32_t *optlen)'),
   getrusage: lib.func('int getrusage(int who, void *usage)'),
+  madvise: lib.func('int madvise(uintptr_t addr, size_t length, int advice)'),
 };
 
 /** The calling thread's errno (read right after a failed call). */
@@ -96,6 +97,13 @@ export function preadNowait(fd: number, buf: Buffer, offset: number): number {
   const errno = lastErrno();
   if (errno === EAGAIN) return -1;
   throw sysError('preadv2', errno, 'RWF_NOWAIT');
+}
+
+export const MADV_DONTNEED = 4;
+
+/** madvise(2) on `[start, end)` (page-aligned addresses of this process). */
+export function madvise(start: number, end: number, advice: number): void {
+  if (c.madvise(start, end - start, advice) !== 0) throw sysError('madvise', lastErrno(), `0x${start.toString(16)}, ${end - start}, ${advice}`);
 }
 
 export const FALLOC_FL_KEEP_SIZE = 0x01;
