@@ -51,7 +51,7 @@ export function droppableMappings(smaps: string): Mapping[] {
     const h = HEADER.exec(line);
     if (h) {
       finish();
-      const [, lo, hi, perms, path] = h as unknown as [string, string, string, string, string];
+      const [, lo = '', hi = '', perms, path = ''] = h;
       const ok = (perms === 'r--p' || perms === 'r-xp') && path.startsWith('/') && !path.endsWith(' (deleted)');
       cur = { start: parseInt(lo, 16), end: parseInt(hi, 16), path, rss: 0, ok };
       continue;
