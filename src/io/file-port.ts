@@ -100,6 +100,11 @@ export const INLINE_WRITE_MAX = 128 * 1024;
  * a 128 KiB copy into the page cache takes tens of µs.
  */
 export const SLOW_INLINE_WRITE_MS = 2;
+/**
+ * Inline writes less than this far apart (ms) belong to one burst and share one reading of the
+ * thread's switch count (see `InlineWrites`).
+ */
+export const BASELINE_GAP_MS = 0.25;
 /** The first backoff after a slow inline write (ms), its ceiling, and how long without slow writes resets it. */
 export const INLINE_WRITE_BACKOFF_MS = 1000;
 export const INLINE_WRITE_BACKOFF_MAX_MS = 60_000;
@@ -133,6 +138,15 @@ const LOCAL_DISK_FS_MAGIC = new Set([0xef53, 0x58465342, 0xf2f52010]);
  * file, so no backoff — on a loaded 2-vCPU VM such preemptions otherwise kept every write on the
  * engine (4 backoffs, 15 s, in one 9 s fio job).
  *
+ * The count of switches is a system call (getrusage), as dear as a third of the 4 KiB write it
+ * brackets, so it is read once for a run of writes rather than before each: at the first inline
+ * write of a synchronous stretch of JavaScript (a batch of requests, a turn's completions), and
+ * again after a write that ended more than BASELINE_GAP_MS after the one before it (something
+ * between them may have slept). A slow write compares the count after it with that reading. So a
+ * short sleep between two writes of one burst (a GC helper's futex, a page fault) makes a later
+ * slow but preempted write of the same burst look as if it slept: one backoff too many, never one
+ * too few.
+ *
  * Never over a range that a write, writev, fallocate or truncate of this file still on the engine
  * covers: the inline write could land before the earlier one, and a table written twice would be
  * left stale. `track` records those ranges. (A count of them measured worse: on a busy fresh
@@ -155,6 +169,15 @@ export class InlineWrites {
   private offloadUntil = -Infinity;
   private backoffMs = 0;
   private lastSlowAt = -Infinity;
+  /** The thread's switch count at the start of this burst of writes, while `inStretch`. */
+  private baseline = 0;
+  /** True from the first inline write of a synchronous stretch until its microtasks run. */
+  private inStretch = false;
+  /** When the last inline write ended (ms, `now`). */
+  private lastEnd = -Infinity;
+  private readonly endStretch = (): void => {
+    this.inStretch = false;
+  };
 
   constructor(
     /** What the debug log calls the file. */
@@ -175,7 +198,11 @@ export class InlineWrites {
     if (start < this.offloadUntil) return false;
     const last = offset + buf.length;
     for (const r of this.onEngine) if (offset < r.end && r.start < last) return false;
-    const sleptBefore = this.switches();
+    if (!this.inStretch) {
+      this.inStretch = true;
+      queueMicrotask(this.endStretch);
+      this.baseline = this.switches();
+    } else if (start - this.lastEnd > BASELINE_GAP_MS) this.baseline = this.switches();
     try {
       for (let done = 0; done < buf.length; ) {
         const n = this.write(fd, buf, done, buf.length - done, offset + done);
@@ -186,9 +213,12 @@ export class InlineWrites {
       throw fileError(this.name, err, 'cannot write');
     } finally {
       const end = this.now();
+      this.lastEnd = end;
       if (end - start > SLOW_INLINE_WRITE_MS) {
-        if (this.switches() !== sleptBefore) this.slow(end, end - start);
+        const after = this.switches();
+        if (after !== this.baseline) this.slow(end, end - start);
         else this.preemptedWrites++;
+        this.baseline = after;
       }
     }
     return true;

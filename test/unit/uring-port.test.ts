@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { Errno, NbddError } from '../../src/core/errors.js';
 import {
+  BASELINE_GAP_MS,
   INLINE_READ_MAX,
   INLINE_WRITE_BACKOFF_MAX_MS,
   INLINE_WRITE_BACKOFF_MS,
@@ -305,6 +306,50 @@ describe('InlineWrites: small buffered writes on the event-loop thread while the
     clock.cost = 0.005;
     expect(policy.tryWrite(3, page, 0)).toBe(true);
     expect([policy.preemptedWrites, policy.slowWrites]).toEqual([3, 0]);
+  });
+
+  it('reads the switch count once per burst of writes, again after a pause or a new stretch', async () => {
+    const { policy, clock } = fake();
+    let reads = 0;
+    const counted = new InlineWrites(
+      'fake',
+      () => clock.t,
+      (_fd, _buf, _off, len) => ((clock.t += clock.cost), len),
+      () => (reads++, clock.switches),
+    );
+    for (let i = 0; i < 16; i++) expect(counted.tryWrite(3, page, i * 4096)).toBe(true);
+    expect(reads).toBe(1); // one batch: one system call, not 16
+    clock.t += BASELINE_GAP_MS * 2; // something ran in between, and may have slept
+    counted.tryWrite(3, page, 0);
+    expect(reads).toBe(2);
+    await Promise.resolve(); // the stretch ends: the loop may sleep before the next one
+    counted.tryWrite(3, page, 0);
+    expect(reads).toBe(3);
+    expect(policy.slowWrites).toBe(0);
+  });
+
+  it('a sleep before a burst, or between writes far apart, is not charged to a preempted write', async () => {
+    const { policy, clock } = fake();
+    const preemptedSlow = (): void => {
+      clock.cost = 5;
+      clock.preempted = true;
+      expect(policy.tryWrite(3, page, 0)).toBe(true);
+      clock.cost = 0.005;
+      clock.preempted = false;
+    };
+    policy.tryWrite(3, page, 0);
+    clock.switches++; // the loop slept waiting for events between two stretches
+    await Promise.resolve();
+    clock.t += BASELINE_GAP_MS / 10;
+    preemptedSlow();
+    policy.tryWrite(3, page, 0);
+    clock.t += BASELINE_GAP_MS * 2;
+    clock.switches++; // a GC or a page fault slept between two writes of one stretch
+    preemptedSlow();
+    expect([policy.preemptedWrites, policy.slowWrites]).toEqual([2, 0]);
+    clock.cost = 5; // and a write that sleeps itself still backs off
+    policy.tryWrite(3, page, 0);
+    expect([policy.preemptedWrites, policy.slowWrites]).toEqual([2, 1]);
   });
 
   it("counts this thread's voluntary context switches: a sleep is one, a busy loop none", async () => {
