@@ -11,8 +11,9 @@
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { createRequire } from 'node:module';
 import type { Socket } from 'node:net';
-import tls from 'node:tls';
+import type * as tls from 'node:tls';
 import { Errno, NbddError, messageOf } from '../core/errors.js';
 import type { ClientTlsSpec } from './uri.js';
 import { logger } from '../core/log.js';
@@ -20,6 +21,18 @@ import type { TurnWriter } from './turn-writer.js';
 import type { ChunkReader } from './wire/reader.js';
 
 const log = logger('nbd');
+
+let tlsModule: typeof tls | undefined;
+
+/**
+ * Node's `tls`, loaded on first use: a daemon that never speaks TLS does not carry it. (An ESM
+ * import would also build the module's facade, whose every export is read, `rootCertificates`
+ * too: 300 KiB of heap for the bundled CA list. Loaded at start, `tls` and its dependencies came
+ * to about 0.9 MiB of heap in every daemon.)
+ */
+export function nodeTls(): typeof tls {
+  return (tlsModule ??= createRequire(import.meta.url)('node:tls') as typeof tls);
+}
 
 export type TlsMode = 'off' | 'on' | 'require';
 
@@ -120,7 +133,7 @@ export function serverTls(o: TlsOptions): ServerTls | null {
   let options: tls.TLSSocketOptions;
   if (o.certificates) {
     const dir = o.certificates;
-    const secureContext = tls.createSecureContext({
+    const secureContext = nodeTls().createSecureContext({
       key: readCredential(dir, 'server-key.pem'),
       cert: readCredential(dir, 'server-cert.pem'),
       ...(o.verifyPeer ? { ca: readCredential(dir, 'ca-cert.pem') } : {}),
@@ -136,7 +149,7 @@ export function serverTls(o: TlsOptions): ServerTls | null {
       pskCallback: (_socket: tls.TLSSocket, identity: string) => keys.get(identity) ?? null,
     } as tls.TLSSocketOptions;
   }
-  return { mode: o.mode, kind: o.certificates ? 'x509' : 'psk', wrap: (socket) => new tls.TLSSocket(socket, options) };
+  return { mode: o.mode, kind: o.certificates ? 'x509' : 'psk', wrap: (socket) => new (nodeTls().TLSSocket)(socket, options) };
 }
 
 /**

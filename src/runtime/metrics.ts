@@ -8,7 +8,7 @@
  * device with metrics serves requests exactly as fast as one without. prom-client is loaded only
  * for a device that has metrics: it is a tenth of a daemon's memory (about 12 MiB of RSS).
  */
-import { createServer, type Server } from 'node:http';
+import type { Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Metric, Registry } from 'prom-client';
 import { Errno, NbddError, messageOf } from '../core/errors.js';
@@ -124,6 +124,7 @@ export class MetricsServer {
   ) {}
 
   static async start(listen: MetricsListen, registry: Registry): Promise<MetricsServer> {
+    const { createServer } = await import('node:http'); // loaded only where metrics are served
     const server = createServer((req, res) => {
       const path = (req.url ?? '/').split('?')[0];
       if (req.method !== 'GET' && req.method !== 'HEAD') {

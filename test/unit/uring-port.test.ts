@@ -191,7 +191,7 @@ describe('InlineWrites: small buffered writes on the event-loop thread while the
    * A policy on a fake clock whose "system call" records writes and takes `cost` ms; a write
    * slower than 1 ms sleeps (a voluntary context switch) unless `clock.preempted`.
    */
-  function fake(): { policy: InlineWrites; writes: number[]; clock: { t: number; cost: number; preempted: boolean } } {
+  function fake(): { policy: InlineWrites; writes: number[]; clock: { t: number; cost: number; preempted: boolean; switches: number } } {
     const clock = { t: 1_000_000, cost: 0.005, preempted: false, switches: 0 };
     const writes: number[] = [];
     const policy = new InlineWrites(

@@ -12,12 +12,13 @@
  * The only client module that touches a socket.
  */
 import net from 'node:net';
-import tls from 'node:tls';
+import type * as tls from 'node:tls';
 import { Errno, NbddError, messageOf } from '../../core/errors.js';
 import type { NbdTransport } from '../uri.js';
 import { TurnWriter } from '../turn-writer.js';
 import { ChunkReader } from '../wire/reader.js';
 import { ReadSlab } from '../read-slab.js';
+import { nodeTls } from '../tls.js';
 
 const EMPTY = Buffer.alloc(0);
 /** Data due for at least this many bytes is read straight into its destination (`DirectSink`). */
@@ -104,7 +105,7 @@ export class ByteStream {
     plain.removeAllListeners('end');
     plain.on('error', () => undefined); // the TLS socket reports the failure
     this.out.flushNow();
-    const secure = tls.connect({ ...options, socket: plain });
+    const secure = nodeTls().connect({ ...options, socket: plain });
     this.socket = secure;
     this.out.retarget(secure);
     return new Promise((resolve, reject) => {
