@@ -30,10 +30,14 @@
  * same layout as qcow2 bitmap clusters. Data is updated in place (write-intent); the header and
  * directory are replaced only by writing a whole new file and renaming it over the old one.
  */
-import { crc32 } from 'node:zlib';
+import { lazyBuiltin } from '../core/lazy-builtin.js';
 import { Errno, NbddError } from '../core/errors.js';
 import { BITMAP_LIMITS, MAX_GRANULARITY_BITS, MIN_GRANULARITY_BITS } from './dirty-bitmap.js';
 import type { BitmapMeta } from './store.js';
+
+/** `node:zlib`, loaded with the first sidecar file read or written. */
+const nodeZlib = lazyBuiltin<typeof import('node:zlib')>('node:zlib');
+const crc32 = (buf: Uint8Array): number => nodeZlib().crc32(buf);
 
 export const SIDECAR_MAGIC = Buffer.from('NBDDBMAP', 'latin1');
 export const SIDECAR_VERSION = 1;

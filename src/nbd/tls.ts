@@ -11,28 +11,19 @@
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { createRequire } from 'node:module';
 import type { Socket } from 'node:net';
 import type * as tls from 'node:tls';
 import { Errno, NbddError, messageOf } from '../core/errors.js';
 import type { ClientTlsSpec } from './uri.js';
+import { lazyBuiltin } from '../core/lazy-builtin.js';
 import { logger } from '../core/log.js';
 import type { TurnWriter } from './turn-writer.js';
 import type { ChunkReader } from './wire/reader.js';
 
 const log = logger('nbd');
 
-let tlsModule: typeof tls | undefined;
-
-/**
- * Node's `tls`, loaded on first use: a daemon that never speaks TLS does not carry it. (An ESM
- * import would also build the module's facade, whose every export is read, `rootCertificates`
- * too: 300 KiB of heap for the bundled CA list. Loaded at start, `tls` and its dependencies came
- * to about 0.9 MiB of heap in every daemon.)
- */
-export function nodeTls(): typeof tls {
-  return (tlsModule ??= createRequire(import.meta.url)('node:tls') as typeof tls);
-}
+/** Node's `tls`, loaded on first use: a daemon that never speaks TLS does not carry it. */
+export const nodeTls = lazyBuiltin<typeof tls>('node:tls');
 
 export type TlsMode = 'off' | 'on' | 'require';
 

@@ -9,6 +9,10 @@
  * for a device that has metrics: it is a tenth of a daemon's memory (about 12 MiB of RSS).
  */
 import type { Server } from 'node:http';
+import { lazyBuiltin } from '../core/lazy-builtin.js';
+
+/** `node:http`, loaded when a metrics listener starts. */
+const nodeHttp = lazyBuiltin<typeof import('node:http')>('node:http');
 import type { AddressInfo } from 'node:net';
 import type { Metric, Registry } from 'prom-client';
 import { Errno, NbddError, messageOf } from '../core/errors.js';
@@ -124,8 +128,7 @@ export class MetricsServer {
   ) {}
 
   static async start(listen: MetricsListen, registry: Registry): Promise<MetricsServer> {
-    const { createServer } = await import('node:http'); // loaded only where metrics are served
-    const server = createServer((req, res) => {
+    const server = nodeHttp().createServer((req, res) => {
       const path = (req.url ?? '/').split('?')[0];
       if (req.method !== 'GET' && req.method !== 'HEAD') {
         res.writeHead(405, { allow: 'GET, HEAD' }).end();

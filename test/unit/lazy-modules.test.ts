@@ -1,8 +1,8 @@
 /**
- * A daemon carries only the Node modules it uses: `tls` (with its bundled CA list), `crypto` and
- * `http` cost about 1.5 MiB of heap together, and they are loaded on first use — STARTTLS or an
- * nbds:// upstream, a copy-before-write scratch file, a metrics listener — not when the modules
- * that may need them are imported. Checked in a fresh node process (vitest's own worker has them).
+ * A daemon carries only the Node modules it uses: `tls` (with its bundled CA list), `crypto`,
+ * `http` and `zlib` cost about 1.7 MiB of heap together, and they are loaded on first use —
+ * STARTTLS or an nbds:// upstream, a copy-before-write scratch file, a metrics listener, a deflate
+ * cluster or a sidecar bitmap file — not when the modules that may need them are imported. Checked in a fresh node process (vitest's own worker has them).
  */
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
@@ -20,7 +20,7 @@ function builtinsAfterImporting(modules: string[]): string[] {
 }
 
 describe('modules a daemon loads at start', () => {
-  it('serve, attach, the NBD server and client, the backends and layers load no tls, crypto or http', () => {
+  it('serve, attach, the NBD server and client, the backends, layers and bitmap stores load no tls, crypto, http or zlib', () => {
     const loaded = builtinsAfterImporting([
       'cli/commands.js',
       'cli/serve.js',
@@ -32,8 +32,11 @@ describe('modules a daemon loads at start', () => {
       'layers/copy-before-write.js',
       'runtime/device.js',
       'runtime/metrics.js',
+      'backends/qcow2/image.js',
+      'bitmaps/store-sidecar-file.js',
+      'bitmaps/store-qcow2.js',
     ]);
     expect(loaded).toContain('net'); // the probe works: what they do use is there
-    expect(loaded.filter((m) => /^(tls|_tls_wrap|crypto|http|https|_http_server)$/.test(m))).toEqual([]);
+    expect(loaded.filter((m) => /^(tls|_tls_wrap|crypto|http|https|_http_server|zlib)$/.test(m))).toEqual([]);
   });
 });

@@ -8,12 +8,15 @@
  * libzstd1, so it is on every machine nbdd installs on), with the pure-JS `fzstd` decoding where
  * libzstd does not load.
  */
-import { deflateRaw, inflateRaw, constants as zlibConstants } from 'node:zlib';
+import { lazyBuiltin } from '../../core/lazy-builtin.js';
 import koffi from 'koffi';
 import { decompress as zstdDecompress } from 'fzstd';
 import { Errno, NbddError, messageOf } from '../../core/errors.js';
 import { Slots } from '../../core/slots.js';
 import { COMPRESSION_DEFLATE, COMPRESSION_ZSTD } from './format/index.js';
+
+/** `node:zlib`, loaded with the first deflate cluster. */
+const zlib = lazyBuiltin<typeof import('node:zlib')>('node:zlib');
 
 const ZSTD_MAGIC = 0xfd2fb528; // little-endian on disk: 28 b5 2f fd
 
@@ -52,7 +55,7 @@ export function zstdFrameLength(src: Uint8Array): number {
 function inflateRawAsync(src: Buffer, clusterSize: number): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     // SYNC_FLUSH: accept input that stops without a final block once the cluster is complete.
-    inflateRaw(src, { finishFlush: zlibConstants.Z_SYNC_FLUSH, maxOutputLength: clusterSize }, (err, out) =>
+    zlib().inflateRaw(src, { finishFlush: zlib().constants.Z_SYNC_FLUSH, maxOutputLength: clusterSize }, (err, out) =>
       err ? reject(bad(`deflate: ${err.message}`)) : resolve(out),
     );
   });
@@ -162,7 +165,7 @@ export function checkCompressionType(type: number): void {
 export function compressCluster(type: number, src: Buffer, limit: number): Promise<Buffer | null> {
   if (type === COMPRESSION_DEFLATE) {
     return new Promise((resolve, reject) => {
-      deflateRaw(src, { windowBits: DEFLATE_WINDOW_BITS, memLevel: 9 }, (err, out) => (err ? reject(err) : resolve(out.length <= limit ? out : null)));
+      zlib().deflateRaw(src, { windowBits: DEFLATE_WINDOW_BITS, memLevel: 9 }, (err, out) => (err ? reject(err) : resolve(out.length <= limit ? out : null)));
     });
   }
   const z = loadZstd();
