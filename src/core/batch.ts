@@ -46,12 +46,14 @@ export function afterBatch(fn: () => void): void {
 /**
  * Completion-side work — what requests do after their first await (a data sync, L2 entry writes,
  * a commit, ublk results) — cannot join the batch that issued them. It is grouped per event-loop
- * turn instead (reply bytes are not: the TurnWriter sends them in the iteration that completed
- * them, src/nbd/turn-writer.ts): `turnEnd()` is one promise for everyone who asks during a turn, resolved once,
+ * turn instead: `turnEnd()` is one promise for everyone who asks during a turn, resolved once,
  * after that turn's I/O callbacks (`setImmediate`). A user keeps its own "pending" state and
  * joins the turn's group when it has work:
  *
  *   this.sync ??= turnEnd().then(() => { this.sync = null; return fsync(); });
+ *
+ * NBD reply bytes do not wait for it: the TurnWriter sends them in the iteration that completed
+ * them (src/nbd/turn-writer.ts).
  */
 let turn: Promise<void> | null = null;
 

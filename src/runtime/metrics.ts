@@ -9,16 +9,16 @@
  * for a device that has metrics: it is a tenth of a daemon's memory (about 12 MiB of RSS).
  */
 import type { Server } from 'node:http';
-import { lazyBuiltin } from '../core/lazy-builtin.js';
-
-/** `node:http`, loaded when a metrics listener starts. */
-const nodeHttp = lazyBuiltin<typeof import('node:http')>('node:http');
 import type { AddressInfo } from 'node:net';
 import type { Metric, Registry } from 'prom-client';
 import { Errno, NbddError, messageOf } from '../core/errors.js';
+import { lazyBuiltin } from '../core/lazy-builtin.js';
 import { logger } from '../core/log.js';
 import { LATENCY_BUCKETS, STAT_OPS } from '../layers/stats.js';
 import type { DeviceRuntime } from './device.js';
+
+/** `node:http`, loaded when a metrics listener starts. */
+const nodeHttp = lazyBuiltin<typeof import('node:http')>('node:http');
 
 const log = logger('metrics');
 

@@ -2,7 +2,8 @@
  * A daemon carries only the Node modules it uses: `tls` (with its bundled CA list), `crypto`,
  * `http` and `zlib` cost about 1.7 MiB of heap together, and they are loaded on first use —
  * STARTTLS or an nbds:// upstream, a copy-before-write scratch file, a metrics listener, a deflate
- * cluster or a sidecar bitmap file — not when the modules that may need them are imported. Checked in a fresh node process (vitest's own worker has them).
+ * cluster or a sidecar bitmap file — not when the modules that may need them are imported.
+ * Checked in a fresh node process (vitest's own worker has them).
  */
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';

@@ -54,8 +54,9 @@ export function zstdFrameLength(src: Uint8Array): number {
 
 function inflateRawAsync(src: Buffer, clusterSize: number): Promise<Buffer> {
   return new Promise((resolve, reject) => {
+    const z = zlib();
     // SYNC_FLUSH: accept input that stops without a final block once the cluster is complete.
-    zlib().inflateRaw(src, { finishFlush: zlib().constants.Z_SYNC_FLUSH, maxOutputLength: clusterSize }, (err, out) =>
+    z.inflateRaw(src, { finishFlush: z.constants.Z_SYNC_FLUSH, maxOutputLength: clusterSize }, (err, out) =>
       err ? reject(bad(`deflate: ${err.message}`)) : resolve(out),
     );
   });
