@@ -2,16 +2,21 @@
 /**
  * Kernel block-device benchmark (not a test): /dev/nbdN served by `nbdd attach`, /dev/ublkbN served
  * by `nbdd attach --driver ublk`, and /dev/nbdN served by `qemu-nbd --connect`, each on its own copy
- * of the same raw image, in the same VM run (the test/kernel harness: Debian
- * 6.12 under qemu TCG). fio (libaio, direct) runs 4 KiB random read and write at depth 16 and 1 MiB
- * sequential read and write at depth 4, each for BENCH_RUNTIME seconds. Both devices stay attached
- * and the servers alternate job by job, round after round, so a change in the host's load hits both
- * alike; the table gives each server's best round, and the ratios nbdd / qemu-nbd (both over kernel
- * NBD), ublk / qemu-nbd and ublk / nbdd's own NBD device (what the driver choice is worth). Absolute figures
- * under TCG mean little; the ratio is the point. Both servers use the page cache of the VM (nbdd:
+ * of the same raw image, in the same VM run (the test/kernel harness: Debian 6.12 under qemu TCG).
+ * fio (libaio, direct) runs 4 KiB random read and write at depth 16 and 1 MiB sequential read and
+ * write at depth 4, each for BENCH_RUNTIME seconds. Both devices stay attached and the servers
+ * alternate job by job, round after round, so a change in the host's load hits both alike; the
+ * table gives each server's best round, and the ratios nbdd / qemu-nbd (both over kernel NBD),
+ * ublk / qemu-nbd and ublk / nbdd's own NBD device (what the driver choice is worth). Below it, the
+ * ratio nbdd / qemu-nbd of each round (the two jobs of a round run back to back, so a slow stretch
+ * of the host mostly hits both) and their median. Before the first round every device gets
+ * BENCH_WARMUP seconds of mixed 4 KiB and 1 MiB reads and writes, not measured: under TCG, V8's
+ * compiler threads took 2.4 s of CPU during the first 5 s job of a cold daemon, so round 1 of the
+ * first job measured the JIT. Absolute figures under TCG mean little; the ratio is the point. Both servers use the page cache of the VM (nbdd:
  * raw backend; qemu-nbd: --cache=writeback); the images live on the VM's /tmp (tmpfs).
  *
- * Environment: BENCH_RUNTIME (5) seconds per job, BENCH_SIZE (256M) image size, BENCH_CONNECTIONS
+ * Environment: BENCH_RUNTIME (5) seconds per job, BENCH_WARMUP (3) seconds per device before the
+ * rounds, BENCH_SIZE (256M) image size, BENCH_CONNECTIONS
  * (1) nbdd connections (qemu-nbd --connect always uses one), BENCH_UBLK_QUEUES (1) ublk queues,
  * BENCH_ROUNDS (2). Flags: --json prints
  * the raw figures. Needs the kernel tier's tools (scripts/install-test-deps.sh).
@@ -39,6 +44,7 @@ const NBDD_NODE_FLAGS = readFileSync(new URL('../bin/nbdd', import.meta.url), 'u
 const size = process.env.BENCH_SIZE ?? '256M';
 const connections = Number(process.env.BENCH_CONNECTIONS ?? 1);
 const rounds = Number(process.env.BENCH_ROUNDS ?? 2);
+const warmup = Number(process.env.BENCH_WARMUP ?? 3);
 const profile = process.env.BENCH_PROFILE === '1';
 const strace = process.env.BENCH_STRACE === '1';
 const threads = process.env.BENCH_THREADS === '1';
@@ -70,6 +76,11 @@ const fio = (s, j, round) => {
     .filter(Boolean)
     .join('\n');
 };
+
+/** Unmeasured mixed I/O on server `s`'s device, so that round 1 does not pay for the daemon's JIT. */
+const warmupJob = (s) =>
+  `fio --name=warmup --filename=$dev_${s.replace('-', '_')} --direct=1 --ioengine=libaio --iodepth=8 --rw=randrw ` +
+  `--bssplit=4k/50:1M/50 --time_based --runtime=${warmup} > /dev/null`;
 
 const script = `
 set -ex
@@ -115,6 +126,7 @@ sleep 1
 pid_qemu_nbd=$(pgrep -n qemu-nbd)`
     : ''
 }
+${warmup > 0 ? SERVERS.map((s) => warmupJob(s)).join('\n') : ''}
 ${Array.from({ length: rounds }, (_, round) => JOBS.map((j) => SERVERS.map((s) => fio(s, j, round + 1)).join('\n')).join('\n')).join('\n')}
 ${SERVERS.includes('qemu-nbd') ? 'qemu-nbd --disconnect $dev_qemu_nbd' : ''}
 ${SERVERS.includes('ublk') ? '$REPO/bin/nbdd detach bench-ublk' : ''}
@@ -156,6 +168,12 @@ const best = (s, job) => {
   return { ...runs.reduce((a, b) => (b.figure > a.figure ? b : a)), rounds: runs.map((x) => x.figure) };
 };
 const none = { figure: NaN, cpuUs: { all: NaN, main: NaN, vm: NaN }, rounds: [] };
+/** `a`'s figure over `b`'s, round by round (the jobs of one round ran back to back). */
+const perRound = (a, b) => a.rounds.map((x, i) => x / b.rounds[i]).filter(Number.isFinite);
+const median = (xs) => {
+  const v = [...xs].sort((p, q) => p - q);
+  return v.length === 0 ? NaN : v.length % 2 ? v[(v.length - 1) / 2] : (v[v.length / 2 - 1] + v[v.length / 2]) / 2;
+};
 const rows = JOBS.map((job) => {
   const nbdd = SERVERS.includes('nbdd') ? best('nbdd', job) : none;
   const ublk = SERVERS.includes('ublk') ? best('ublk', job) : none;
@@ -168,7 +186,9 @@ const rows = JOBS.map((job) => {
     ublk,
     'qemu-nbd': qemu,
     ratio: nbdd.figure / qemu.figure,
+    ratioPerRound: perRound(nbdd, qemu),
     ublkRatio: ublk.figure / qemu.figure,
+    ublkRatioPerRound: perRound(ublk, qemu),
     ublkVsNbd: ublk.figure / nbdd.figure,
     ...(SERVERS.includes('ublk-thread') ? { 'ublk-thread': ublkThread, ublkThreadVsNbd: ublkThread.figure / nbdd.figure } : {}),
   };
@@ -200,5 +220,10 @@ if (process.argv.includes('--json')) {
     );
     const t = row['ublk-thread'];
     if (t) process.stdout.write(`${''.padEnd(20)}ublk with queue threads: ${num(t.figure, 8)} ${row.unit}, ${ratio(row.ublkThreadVsNbd)} of nbd   CPU ${cpu(t.cpuUs)}\n`);
+  }
+  const roundsText = (xs) => (xs.length ? `${xs.map((x) => x.toFixed(2)).join(' ')} (median ${median(xs).toFixed(2)})` : '-');
+  if (rows.some((row) => row.ratioPerRound.length || row.ublkRatioPerRound.length)) {
+    process.stdout.write(`ratio to qemu-nbd in each round, the two jobs back to back:\n`);
+    for (const row of rows) process.stdout.write(`${row.job.padEnd(20)}nbdd ${roundsText(row.ratioPerRound)}   ublk ${roundsText(row.ublkRatioPerRound)}\n`);
   }
 }
