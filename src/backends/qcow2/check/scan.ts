@@ -152,16 +152,22 @@ class Collector {
   }
 }
 
-async function inBatches<T>(items: T[], fn: (item: T) => Promise<void>): Promise<void> {
+/** Runs `fn` over `items`, READ_PARALLEL at a time; `slot` is the item's place in its batch. */
+async function inBatches<T>(items: T[], fn: (item: T, slot: number) => Promise<void>): Promise<void> {
   for (let i = 0; i < items.length; i += READ_PARALLEL) await Promise.all(items.slice(i, i + READ_PARALLEL).map(fn));
 }
 
-/** Reads `bytes` at `offset`, or null (with a message) when the file is shorter. */
-async function readRegion(input: ScanInput, offset: number, bytes: number): Promise<Buffer> {
-  const buf = Buffer.alloc(bytes);
-  const n = Math.max(0, Math.min(bytes, input.fileLength - offset));
+/** Fills `buf` from `offset`; what lies past the end of the file reads as zeroes. */
+async function readInto(input: ScanInput, buf: Buffer, offset: number): Promise<Buffer> {
+  const n = Math.max(0, Math.min(buf.length, input.fileLength - offset));
   if (n > 0) await input.port.readAt(buf.subarray(0, n), offset);
+  buf.fill(0, n);
   return buf;
+}
+
+/** Reads `bytes` at `offset` into a new buffer; past the end of the file, zeroes. */
+function readRegion(input: ScanInput, offset: number, bytes: number): Promise<Buffer> {
+  return readInto(input, Buffer.allocUnsafe(bytes), offset);
 }
 
 export async function scanImage(input: ScanInput): Promise<ScanResult> {
@@ -256,7 +262,10 @@ export async function scanImage(input: ScanInput): Promise<ScanResult> {
       if (active) copied.push(l1Offset + i * 8, hi, off / cs, 'l1');
       tables.push({ offset: off, index: i });
     }
-    await inBatches(tables, async ({ offset }) => walkL2(await readRegion(input, offset, cs), offset, active));
+    // One buffer per batch slot, not one per table: walkL2 keeps nothing of the table it reads,
+    // and a 1 TiB image has 2048 tables (128 MiB) to read on every writable open.
+    const buffers = Array.from({ length: Math.min(READ_PARALLEL, tables.length) }, () => Buffer.allocUnsafe(cs));
+    await inBatches(tables, async ({ offset }, slot) => walkL2(await readInto(input, buffers[slot]!, offset), offset, active));
   };
 
   await walkL1(h.l1TableOffset, h.l1Size, true, 'L1 table');
