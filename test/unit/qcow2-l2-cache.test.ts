@@ -141,4 +141,24 @@ describe('L2Tables: pinned for whoever holds one, evicted buffers reused', () =>
     // The cache's four, and the one a load takes before its insert evicts another.
     expect(buffers.size).toBeLessThanOrEqual(5);
   });
+
+  it('keeps enough evicted buffers for a whole batch of misses, so batch after batch reads into them', async () => {
+    const { tables } = tablesOver(8);
+    const buffers = new Set<Buffer>();
+    // Batches of 16 concurrent misses (a queue depth's worth of requests issued in one turn),
+    // cycling over 100 tables: every load starts before any ends.
+    for (let batch = 0; batch < 20; batch++) {
+      const ids = Array.from({ length: 16 }, (_, k) => (batch * 16 + k) % 100);
+      const got = await Promise.all(ids.map((i) => tables.acquire(i) as Promise<L2Table>));
+      got.forEach((t, k) => {
+        expect(holds(t, ids[k]!)).toBe(true);
+        buffers.add(t.data);
+      });
+      for (const t of got) tables.release(t);
+    }
+    // The first two batches read into new buffers (the first batch's tables are held while the
+    // second's load); after that every load takes one an eviction gave back. With only 8 spares
+    // kept, each batch read 8 tables into new buffers: 176 by the twentieth.
+    expect(buffers.size).toBeLessThanOrEqual(32);
+  });
 });

@@ -78,8 +78,14 @@ export class L2Cache {
   }
 }
 
-/** Evicted tables' buffers kept for the next loads; more are left to the collector. */
-const SPARE_BUFFERS = 8;
+/**
+ * Evicted tables' buffers kept for the next loads (at least 8; more are left to the collector).
+ * Enough for a batch of misses: a batch of 16 requests starts 16 loads before the first one ends,
+ * and with 8 spares each such batch read 8 tables into fresh buffers and dropped 8 evicted ones —
+ * at QD16 on a 1 TiB image, 30 MiB more resident memory waiting for the collector.
+ */
+const SPARE_BYTES = 4 * 1024 * 1024;
+const MIN_SPARE_BUFFERS = 8;
 
 /** A load in progress and how many takers wait for it: the table enters the cache pinned for each. */
 interface Loading {
@@ -97,8 +103,9 @@ export class L2Tables {
     private readonly alloc: Allocator,
     cacheBytes: number,
   ) {
+    const spares = Math.max(MIN_SPARE_BUFFERS, Math.floor(SPARE_BYTES / st.cs));
     this.cache = new L2Cache(Math.max(4, Math.floor(cacheBytes / st.cs)), (t) => {
-      if (this.spare.length < SPARE_BUFFERS) this.spare.push(t.data);
+      if (this.spare.length < spares) this.spare.push(t.data);
     });
   }
 
