@@ -12,14 +12,14 @@
  * of the host mostly hits both) and their median. Before the first round every device gets
  * BENCH_WARMUP seconds of mixed 4 KiB and 1 MiB reads and writes, not measured: under TCG, V8's
  * compiler threads took 2.4 s of CPU during the first 5 s job of a cold daemon, so round 1 of the
- * first job measured the JIT. Absolute figures under TCG mean little; the ratio is the point. Both servers use the page cache of the VM (nbdd:
- * raw backend; qemu-nbd: --cache=writeback); the images live on the VM's /tmp (tmpfs).
+ * first job measured the JIT. Absolute figures under TCG mean little; the ratio is the point.
+ * Both servers use the page cache of the VM (nbdd: raw backend; qemu-nbd: --cache=writeback); the
+ * images live on the VM's /tmp (tmpfs).
  *
  * Environment: BENCH_RUNTIME (5) seconds per job, BENCH_WARMUP (3) seconds per device before the
- * rounds, BENCH_SIZE (256M) image size, BENCH_CONNECTIONS
- * (1) nbdd connections (qemu-nbd --connect always uses one), BENCH_UBLK_QUEUES (1) ublk queues,
- * BENCH_ROUNDS (2). Flags: --json prints
- * the raw figures. Needs the kernel tier's tools (scripts/install-test-deps.sh).
+ * rounds, BENCH_SIZE (256M) image size, BENCH_CONNECTIONS (1) nbdd connections (qemu-nbd
+ * --connect always uses one), BENCH_UBLK_QUEUES (1) ublk queues, BENCH_ROUNDS (2). Flags: --json
+ * prints the raw figures. Needs the kernel tier's tools (scripts/install-test-deps.sh).
  *
  * The CPU columns say where the VM's two vCPUs go: each server's CPU time per request (all its
  * threads, and its main thread alone, from /proc) and the whole VM's busy time per request.
