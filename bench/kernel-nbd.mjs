@@ -60,9 +60,12 @@ const ALL_JOBS = [
 ];
 const JOBS = ALL_JOBS.filter((j) => jobFilter.test(j.name));
 
+/** The shell variable suffix of server `s` ($dev_X, $pid_X). */
+const shellName = (s) => s.replace('-', '_');
+
 /** One fio job on server `s` (device $dev_X, process $pid_X), round `round`, with its CPU figures. */
 const fio = (s, j, round) => {
-  const v = s.replace('-', '_');
+  const v = shellName(s);
   const tag = `${s}-${j.name}-${round}`;
   return [
     `t0=$(ticks $pid_${v}); m0=$(ticks $pid_${v}/task/$pid_${v}); v0=$(vmticks); mark ${tag}`,
@@ -79,7 +82,7 @@ const fio = (s, j, round) => {
 
 /** Unmeasured mixed I/O on server `s`'s device, so that round 1 does not pay for the daemon's JIT. */
 const warmupJob = (s) =>
-  `fio --name=warmup --filename=$dev_${s.replace('-', '_')} --direct=1 --ioengine=libaio --iodepth=8 --rw=randrw ` +
+  `fio --name=warmup --filename=$dev_${shellName(s)} --direct=1 --ioengine=libaio --iodepth=8 --rw=randrw ` +
   `--bssplit=4k/50:1M/50 --time_based --runtime=${warmup} > /dev/null`;
 
 const script = `

@@ -156,9 +156,9 @@ describe('L2Tables: pinned for whoever holds one, evicted buffers reused', () =>
       });
       for (const t of got) tables.release(t);
     }
-    // The first two batches read into new buffers (the first batch's tables are held while the
-    // second's load); after that every load takes one an eviction gave back. With only 8 spares
-    // kept, each batch read 8 tables into new buffers: 176 by the twentieth.
+    // The first two batches read into new buffers (the first batch's tables are evicted only as
+    // the second's loads end); after that every load takes one an eviction gave back. With only 8
+    // spares kept, each batch read 8 tables into new buffers: 176 by the twentieth.
     expect(buffers.size).toBeLessThanOrEqual(32);
   });
 });
