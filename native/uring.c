@@ -3,7 +3,9 @@
  *
  * What it does, and nothing more (design.md, "Native code thin"):
  *   - sets up one ring (raw io_uring_setup, rings mmapped here), probes the opcodes nbdd needs;
- *   - queues READ / WRITE / WRITEV / FSYNC / FALLOCATE into the submission queue without entering
+ *   - queues READ / WRITE / WRITEV / FSYNC / FALLOCATE (and, where the kernel has them, SPLICE from a
+ *     file into a pipe, POLL_ADD for a socket's room, and ASYNC_CANCEL of such a poll) into the
+ *     submission queue without entering
  *     the kernel; a uv_prepare handle submits everything queued in one io_uring_enter per
  *     event-loop iteration (just before libuv blocks for I/O), `submit()` does it on demand;
  *   - an eventfd registered with IORING_REGISTER_EVENTFD is watched by a uv_poll handle, so
@@ -30,7 +32,8 @@
  * delivering their completions (JavaScript may queue more from those callbacks; they are waited
  * for too), then stops both libuv handles, closes the ring and the eventfd and
  * frees the ring once libuv has closed the handles. No cancel is needed: regular-file I/O always
- * completes. At environment exit (process or worker) an async cleanup hook does the same without
+ * completes; only a poll can wait forever (a socket whose peer never reads), so every poll in flight is
+ * cancelled first. At environment exit (process or worker) an async cleanup hook does the same without
  * calling JavaScript. While no operation is queued or in flight both handles are unreferenced, so
  * an idle ring never keeps the process alive.
  */
@@ -42,6 +45,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
@@ -68,7 +73,17 @@ typedef struct {
   napi_ref *refs;      /* WRITEV: one per buffer (malloc'd with iov) */
   struct iovec *iov;   /* WRITEV only */
   unsigned nrefs;
+  int poll;            /* a POLL_ADD: cancelled at teardown (it need never complete by itself) */
 } slot_t;
+
+/* user_data of the cancels teardown queues: no slot, never delivered. */
+#define TEARDOWN_CANCEL UINT64_MAX
+/*
+ * A poll's user_data is its slot with this bit set, and a cancel names that: a cancel that arrives
+ * after its poll completed and the slot went to another operation can then only hit another poll
+ * (whose waiter just tries its write again), never a read or a write.
+ */
+#define POLL_TAG (1ull << 32)
 
 typedef struct {
   napi_env env;
@@ -101,6 +116,7 @@ typedef struct {
   napi_ref on_complete;
   napi_async_context async_ctx;
   napi_async_cleanup_hook_handle cleanup;
+  int can_splice; /* SPLICE, POLL_ADD and ASYNC_CANCEL are all supported */
 } ring_t;
 
 static int sys_setup(unsigned entries, struct io_uring_params *p) {
@@ -190,19 +206,22 @@ static void drain(ring_t *r, int deliver) {
   int32_t *pairs = NULL;
   napi_value ab = NULL, arr = NULL;
   if (deliver && napi_create_arraybuffer(env, (size_t)n * 8, (void **)&pairs, &ab) != napi_ok) deliver = 0;
+  unsigned k = 0; /* pairs delivered */
   for (unsigned i = 0; i < n; i++) {
     struct io_uring_cqe *cqe = &r->cqes[(head + i) & r->cq_mask];
+    if (cqe->user_data == TEARDOWN_CANCEL) continue;
     unsigned slot = (unsigned)cqe->user_data;
     if (pairs) {
-      pairs[2 * i] = (int32_t)slot;
-      pairs[2 * i + 1] = cqe->res;
+      pairs[2 * k] = (int32_t)slot;
+      pairs[2 * k + 1] = cqe->res;
     }
+    k++;
     release_slot(r, slot);
   }
   __atomic_store_n(r->cq_head, tail, __ATOMIC_RELEASE);
-  if (!deliver) return;
+  if (!deliver || k == 0) return;
   napi_value fn;
-  napi_create_typedarray(env, napi_int32_array, (size_t)n * 2, ab, 0, &arr);
+  napi_create_typedarray(env, napi_int32_array, (size_t)k * 2, ab, 0, &arr);
   napi_get_reference_value(env, r->on_complete, &fn);
   nbdd_make_callback(env, r->async_ctx, fn, 1, &arr);
 }
@@ -235,9 +254,33 @@ static void on_handle_closed(uv_handle_t *h) {
   free(r);
 }
 
+/*
+ * Queues an ASYNC_CANCEL (no slot, user_data TEARDOWN_CANCEL) for every poll in flight; their own
+ * completions (-ECANCELED) then free their slots. Submits as it goes when the SQ is full.
+ */
+static void cancel_polls(ring_t *r) {
+  for (unsigned i = 0; i < r->nslots; i++) {
+    if (!r->slots[i].poll) continue;
+    unsigned head = __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
+    if (r->sq_tail_local - head >= r->sq_entries) ring_submit(r);
+    head = __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
+    if (r->sq_tail_local - head >= r->sq_entries) return; /* the kernel takes none: nothing to do */
+    unsigned idx = r->sq_tail_local & r->sq_mask;
+    struct io_uring_sqe *sqe = &r->sqes[idx];
+    memset(sqe, 0, sizeof *sqe);
+    sqe->opcode = IORING_OP_ASYNC_CANCEL;
+    sqe->fd = -1;
+    sqe->addr = i | POLL_TAG;
+    sqe->user_data = TEARDOWN_CANCEL;
+    r->sq_array[idx] = idx;
+    publish_sqe(r);
+  }
+}
+
 /* Waits for all in-flight operations, then releases everything (the ring struct on handle close). */
 static void destroy_ring(ring_t *r, int deliver) {
   if (r->closed) return;
+  cancel_polls(r);
   while (r->nfree < r->nslots) {
     int n = sys_enter(r->ring_fd, r->to_submit, 1, IORING_ENTER_GETEVENTS);
     if (n > 0) r->to_submit -= (unsigned)n;
@@ -271,6 +314,9 @@ static void on_env_cleanup(napi_async_cleanup_hook_handle handle, void *arg) {
 static const uint8_t REQUIRED_OPS[] = {
   IORING_OP_READ, IORING_OP_WRITE, IORING_OP_WRITEV, IORING_OP_FSYNC, IORING_OP_FALLOCATE,
 };
+
+/* What spliced reads need (5.7 and later): all three, or they are not offered. */
+static const uint8_t SPLICE_OPS[] = { IORING_OP_SPLICE, IORING_OP_POLL_ADD, IORING_OP_ASYNC_CANCEL };
 
 /* Returns 0 or a positive errno; on success every field of the ring mapping is set. */
 static int map_ring(ring_t *r, unsigned entries, unsigned cq_entries) {
@@ -329,6 +375,11 @@ static int map_ring(ring_t *r, unsigned entries, unsigned cq_entries) {
   for (size_t i = 0; i < sizeof REQUIRED_OPS; i++) {
     uint8_t op = REQUIRED_OPS[i];
     if (op > pr.probe.last_op || !(pr.ops[op].flags & IO_URING_OP_SUPPORTED)) return EOPNOTSUPP;
+  }
+  r->can_splice = 1;
+  for (size_t i = 0; i < sizeof SPLICE_OPS; i++) {
+    uint8_t op = SPLICE_OPS[i];
+    if (op > pr.probe.last_op || !(pr.ops[op].flags & IO_URING_OP_SUPPORTED)) r->can_splice = 0;
   }
 
   r->event_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -581,6 +632,81 @@ static napi_value js_fallocate(napi_env env, napi_callback_info info) {
   return slot_value(env, slot);
 }
 
+/*
+ * splice(ring, fdIn, offset, pipeFd, length) -> slot, or -1 when full: moves `length` bytes of the
+ * file `fdIn` at `offset` into the pipe by reference to its page-cache pages (SPLICE_F_MOVE), with
+ * SPLICE_F_NONBLOCK so that a pipe without room answers -EAGAIN instead of waiting for a reader.
+ * Short results happen; the caller goes on or gives up.
+ */
+static napi_value js_splice(napi_env env, napi_callback_info info) {
+  call_t c;
+  if (!get_call(env, info, 5, &c)) return NULL;
+  int64_t offset;
+  int32_t pipe_fd;
+  uint32_t len;
+  CHECK(napi_get_value_int64(env, c.argv[2], &offset));
+  CHECK(napi_get_value_int32(env, c.argv[3], &pipe_fd));
+  CHECK(napi_get_value_uint32(env, c.argv[4], &len));
+  if (!c.r->can_splice) return nbdd_throw_errno(env, EOPNOTSUPP, "io_uring splice");
+  unsigned slot;
+  struct io_uring_sqe *sqe = take_sqe(c.r, &slot);
+  if (!sqe) return slot_value(env, -1);
+  /* io_uring/splice.c, io_splice_prep: fd is the output, splice_fd_in the input, off the output
+   * offset (-1: none, a pipe), splice_off_in the input offset. */
+  sqe->opcode = IORING_OP_SPLICE;
+  sqe->fd = pipe_fd;
+  sqe->off = (uint64_t)-1;
+  sqe->splice_fd_in = c.fd;
+  sqe->splice_off_in = (uint64_t)offset;
+  sqe->len = len;
+  sqe->splice_flags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK;
+  publish_sqe(c.r);
+  return slot_value(env, slot);
+}
+
+/* pollOut(ring, fd) -> slot, or -1 when full: completes with the revents once `fd` has room (or an error). */
+static napi_value js_poll_out(napi_env env, napi_callback_info info) {
+  call_t c;
+  if (!get_call(env, info, 2, &c)) return NULL;
+  if (!c.r->can_splice) return nbdd_throw_errno(env, EOPNOTSUPP, "io_uring poll");
+  unsigned slot;
+  struct io_uring_sqe *sqe = take_sqe(c.r, &slot);
+  if (!sqe) return slot_value(env, -1);
+  sqe->opcode = IORING_OP_POLL_ADD;
+  sqe->fd = c.fd;
+  sqe->poll32_events = POLLOUT; /* POLLERR and POLLHUP are always reported */
+  sqe->user_data = slot | POLL_TAG;
+  c.r->slots[slot].poll = 1;
+  publish_sqe(c.r);
+  return slot_value(env, slot);
+}
+
+/* cancel(ring, slot) -> slot of the cancel, or -1 when full: the poll in `slot` ends with -ECANCELED. */
+static napi_value js_cancel(napi_env env, napi_callback_info info) {
+  call_t c; /* the "fd" argument is the slot to cancel */
+  if (!get_call(env, info, 2, &c)) return NULL;
+  if (!c.r->can_splice) return nbdd_throw_errno(env, EOPNOTSUPP, "io_uring cancel");
+  unsigned slot;
+  struct io_uring_sqe *sqe = take_sqe(c.r, &slot);
+  if (!sqe) return slot_value(env, -1);
+  sqe->opcode = IORING_OP_ASYNC_CANCEL;
+  sqe->fd = -1;
+  sqe->addr = (uint64_t)(uint32_t)c.fd | POLL_TAG;
+  publish_sqe(c.r);
+  return slot_value(env, slot);
+}
+
+/* canSplice(ring) -> whether splice, pollOut and cancel work here. */
+static napi_value js_can_splice(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1], out;
+  void *p;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  CHECK(napi_get_value_external(env, argv[0], &p));
+  CHECK(napi_get_boolean(env, ((ring_t *)p)->can_splice && !((ring_t *)p)->closed, &out));
+  return out;
+}
+
 /* submit(ring) -> 0 or -errno (EAGAIN/EBUSY: the kernel is short of resources, retried later). */
 static napi_value js_submit(napi_env env, napi_callback_info info) {
   size_t argc = 1;
@@ -626,7 +752,8 @@ static napi_value init(napi_env env, napi_value exports) {
   } fns[] = {
     {"setup", js_setup},   {"read", js_read},         {"write", js_write},   {"writev", js_writev},
     {"fsync", js_fsync},   {"fallocate", js_fallocate}, {"submit", js_submit}, {"close", js_close},
-    {"inFlight", js_in_flight},
+    {"inFlight", js_in_flight}, {"splice", js_splice}, {"pollOut", js_poll_out}, {"cancel", js_cancel},
+    {"canSplice", js_can_splice},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value f;

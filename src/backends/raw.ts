@@ -25,6 +25,7 @@ import { promisify } from 'node:util';
 import { allData, assertRange, defaultCaps, type Backend, type BackendCaps, type Extent, type ZeroOptions } from '../core/backend.js';
 import { Errno, NbddError, assert, errnoOf, messageOf } from '../core/errors.js';
 import { type FilePort } from '../io/file-port.js';
+import type { Pipe } from '../io/pipes.js';
 import { lockImage } from '../io/image-lock.js';
 import { openFilePort } from '../io/open-port.js';
 import {
@@ -103,7 +104,18 @@ export class RawBackend implements Backend {
       minBlockSize: direct ? RAW_DIRECT_ALIGNMENT : 1,
       preferredBlockSize: 4096,
     });
+    const spliceTo = port.spliceTo;
+    if (spliceTo) {
+      this.spliceRead = (offset, length, into) =>
+        tryCall(() => {
+          assertRange(this.size, offset, length);
+          return spliceTo(into.writeFd, offset, length);
+        });
+    }
   }
+
+  /** Where the port splices (io_uring, no O_DIRECT): a file offset is one guest offset for good. */
+  readonly spliceRead?: (offset: number, length: number, into: Pipe) => Promise<void>;
 
   get path(): string {
     return this.port.path;

@@ -24,6 +24,7 @@
  */
 
 import { assert } from './errors.js';
+import type { Pipe } from '../io/pipes.js';
 
 /** One extent of block status. Extents returned by `blockStatus` are consecutive. */
 export interface Extent {
@@ -91,6 +92,14 @@ export interface Backend {
   writeZeroes?(offset: number, length: number, options?: ZeroOptions): Promise<void>;
   /** Extents covering at least `[offset, offset+1)` and at most past `offset+length`. */
   blockStatus?(offset: number, length: number): Promise<Extent[]>;
+  /**
+   * Reads `length` bytes at `offset` into the pipe `into` by reference to page-cache pages, with no
+   * copy (src/io/pipes.ts), where the backend can: all of them, or a rejection (the pipe's content
+   * is then unknown; the caller reads the usual way). The pipe shows the bytes as they are when its
+   * reader takes them, not as they were at this call: a layer offers this only when that is right
+   * for every read it passes (a layer that changes or snapshots data must not).
+   */
+  spliceRead?(offset: number, length: number, into: Pipe): Promise<void>;
   /** Hint to prefetch (NBD_CMD_CACHE); optional. */
   cache?(offset: number, length: number): Promise<void>;
   /** Flushes if writable, releases files and locks. Idempotent. */

@@ -9,12 +9,26 @@
  * except `flush`, `blockStatus` and `cache`, which fall back to the core's defaults: nothing to
  * flush, all data, no prefetch.
  */
+import type { Pipe } from '../io/pipes.js';
 import { allData, type Backend, type BackendCaps, type Extent, type Layer, type WriteOptions, type ZeroOptions } from './backend.js';
 
 export class PassThroughLayer implements Layer {
   readonly kind: string = 'pass-through';
 
   constructor(readonly next: Backend) {}
+
+  /**
+   * Not passed through by default: reads by reference show data as it is when sent, so each layer
+   * says for itself that this is right for it (`passSplicedReads`), and a new layer that overrides
+   * `read` cannot be skipped by accident.
+   */
+  spliceRead?: (offset: number, length: number, into: Pipe) => Promise<void>;
+
+  /** Lets `next`'s spliced reads through this layer unchanged, when it has them. */
+  protected passSplicedReads(): void {
+    const next = this.next;
+    if (next.spliceRead) this.spliceRead = (offset, length, into) => next.spliceRead!(offset, length, into);
+  }
 
   get size(): number {
     return this.next.size;

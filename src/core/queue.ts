@@ -21,6 +21,7 @@ import { DEFAULT_MAX_TRANSFER, allData, type Backend, type BackendCaps, type Ext
 import { runBatch } from './batch.js';
 import { Errno, NbddError, assert } from './errors.js';
 import { tryCall } from './try-call.js';
+import type { Pipe } from '../io/pipes.js';
 
 /**
  * Longest coalesced read. Merging saves a backend call per read, which matters for small reads;
@@ -32,6 +33,7 @@ const MERGED_READ_MAX = 128 * 1024;
 
 type Entry =
   | { op: 'read'; offset: number; length: number; resolve: (b: Buffer) => void; reject: (e: unknown) => void }
+  | { op: 'spliceRead'; offset: number; length: number; into: Pipe; resolve: () => void; reject: (e: unknown) => void }
   | { op: 'write'; offset: number; data: Buffer; flags: WriteOptions; resolve: () => void; reject: (e: unknown) => void }
   | { op: 'trim'; offset: number; length: number; flags: WriteOptions; resolve: () => void; reject: (e: unknown) => void }
   | { op: 'writeZeroes'; offset: number; length: number; flags: ZeroOptions; resolve: () => void; reject: (e: unknown) => void }
@@ -92,6 +94,19 @@ export class BlockQueue {
 
   read(offset: number, length: number): Promise<Buffer> {
     return new Promise((resolve, reject) => this.enqueue({ op: 'read', offset, length, resolve, reject }, length));
+  }
+
+  /** Whether the stack reads into pipes (`spliceRead`): every layer lets it through to a backend that can. */
+  get splicesReads(): boolean {
+    return this.backend.spliceRead !== undefined;
+  }
+
+  /**
+   * A read into the pipe `into` by reference (see `Backend.spliceRead`); only where `splicesReads`.
+   * Rejects when the backend could not put it all in; the caller then reads the usual way.
+   */
+  spliceRead(offset: number, length: number, into: Pipe): Promise<void> {
+    return new Promise((resolve, reject) => this.enqueue({ op: 'spliceRead', offset, length, into, resolve, reject }, length));
   }
 
   write(offset: number, data: Buffer, flags: WriteOptions = {}): Promise<void> {
@@ -242,6 +257,9 @@ export class BlockQueue {
         this.settle(this.earlierWrites.then(() => this.flushBackend()), entry, 0);
         return;
       }
+      case 'spliceRead':
+        this.settle(tryCall(() => this.backend.spliceRead!(entry.offset, entry.length, entry.into)), entry, entry.length);
+        return;
       case 'cache':
         this.settle(this.backend.cache ? tryCall(() => this.backend.cache!(entry.offset, entry.length)) : Promise.resolve(), entry, 0);
         return;

@@ -45,6 +45,11 @@ export interface FilePort {
   length(): Promise<number>;
   truncate(length: number): Promise<void>;
   close(): Promise<void>;
+  /**
+   * Where the port can: moves `length` bytes at `offset` into the pipe `pipeFd` by reference to the
+   * page cache (splice), all of them or a rejection (the pipe then holds an unknown part).
+   */
+  spliceTo?(pipeFd: number, offset: number, length: number): Promise<void>;
 }
 
 /**

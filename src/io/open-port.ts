@@ -40,6 +40,11 @@ function probeUring(): Probe {
   return probe;
 }
 
+/** The process's io_uring engine, if file I/O uses one (never sets one up). */
+export function sharedEngine(): UringEngine | null {
+  return probe && 'engine' in probe ? probe.engine : null;
+}
+
 /** NBDD_IO_ENGINE, or null for "choose". Throws EINVAL on any other value. */
 function requestedEngine(): IoEngineName | null {
   const v = process.env.NBDD_IO_ENGINE;

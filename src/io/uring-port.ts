@@ -13,7 +13,7 @@
 import { createRequire } from 'node:module';
 import { constants as osConstants } from 'node:os';
 import { Errno, NbddError, nameOfErrno } from '../core/errors.js';
-import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE } from '../sys/libc.js';
+import { FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, spliceToPipe } from '../sys/libc.js';
 import { NodeFilePort, RangeZeroer, readFully, type FilePiece, type FilePort, type InlineIo } from './file-port.js';
 import { tryCall } from '../core/try-call.js';
 
@@ -40,6 +40,10 @@ interface UringAddon {
   submit(ring: RingHandle): number;
   close(ring: RingHandle): void;
   inFlight(ring: RingHandle): number;
+  splice(ring: RingHandle, fdIn: number, offset: number, pipeFd: number, length: number): number;
+  pollOut(ring: RingHandle, fd: number): number;
+  cancel(ring: RingHandle, slot: number): number;
+  canSplice(ring: RingHandle): boolean;
 }
 
 /** `how` bits of read/write/writev (native/uring.c): IOSQE_ASYNC, RWF_DSYNC. */
@@ -52,15 +56,21 @@ const enum OpKind {
   Writev,
   Fsync,
   Fallocate,
+  Splice,
+  PollOut,
+  Cancel,
 }
 
 /**
  * One operation from queueing to completion. `a`, `b`, `c`: offset, `how`, unused for
- * read/write/writev; mode, offset, length for fallocate.
+ * read/write/writev; mode, offset, length for fallocate; offset, pipe, length for splice; the
+ * slot to cancel for cancel.
  */
 class UringOp {
   resolve!: (res: number) => void;
   reject!: (err: NbddError) => void;
+  /** Its addon slot while queued or in flight, else -1. */
+  slot = -1;
   constructor(
     readonly kind: OpKind,
     readonly fd: number,
@@ -71,7 +81,14 @@ class UringOp {
   ) {}
 }
 
-const OP_NAMES = ['read', 'write', 'writev', 'fdatasync', 'fallocate'] as const;
+const OP_NAMES = ['read', 'write', 'writev', 'fdatasync', 'fallocate', 'splice', 'poll', 'cancel'] as const;
+
+/** A wait for a socket's room (`UringEngine.waitWritable`); `cancel` settles it at once. */
+export interface WritableWait {
+  /** Resolves when the socket has room or an error to report (the next write tells which), or when cancelled. */
+  readonly ready: Promise<void>;
+  cancel(): void;
+}
 
 /**
  * One io_uring shared by every UringFilePort of the process. Operations that find the ring full
@@ -123,6 +140,45 @@ export class UringEngine {
     return this.run(new UringOp(OpKind.Fallocate, fd, null, mode, offset, length));
   }
 
+  /** Whether `splice` and `waitWritable` work (kernel 5.7 and later). */
+  get canSplice(): boolean {
+    return !this.closed && this.addon.canSplice(this.ring);
+  }
+
+  /**
+   * Moves up to `length` bytes of file `fdIn` at `offset` into the pipe `pipeFd` by reference to
+   * the page cache (no copy), without waiting for room in the pipe: resolves with the bytes moved;
+   * rejects with EAGAIN when the pipe is full (never retried here).
+   */
+  splice(fdIn: number, offset: number, pipeFd: number, length: number): Promise<number> {
+    return this.run(new UringOp(OpKind.Splice, fdIn, null, offset, pipeFd, length));
+  }
+
+  /**
+   * Waits, without a thread, until the socket `fd` has room to write (or an error). Cancel it before
+   * giving up the socket: a poll on a socket whose peer never reads would never end.
+   */
+  waitWritable(fd: number): WritableWait {
+    const op = new UringOp(OpKind.PollOut, fd, null, 0, 0, 0);
+    const ready = this.run(op).then(
+      () => undefined,
+      () => undefined,
+    );
+    return {
+      ready,
+      cancel: () => {
+        const i = this.backlog.indexOf(op);
+        if (i >= 0) {
+          this.backlog.splice(i, 1);
+          op.resolve(0);
+        } else if (op.slot >= 0 && !this.closed) {
+          // Its completion (-ECANCELED, or the revents if it won the race) settles `ready`.
+          this.run(new UringOp(OpKind.Cancel, -1, null, op.slot, 0, 0)).catch(() => undefined);
+        }
+      },
+    };
+  }
+
   /** Operations queued or in flight in the kernel (not counting the backlog). */
   get inFlight(): number {
     return this.closed ? 0 : this.addon.inFlight(this.ring);
@@ -168,8 +224,18 @@ export class UringEngine {
       case OpKind.Fallocate:
         slot = addon.fallocate(ring, op.fd, op.a, op.b, op.c);
         break;
+      case OpKind.Splice:
+        slot = addon.splice(ring, op.fd, op.a, op.b, op.c);
+        break;
+      case OpKind.PollOut:
+        slot = addon.pollOut(ring, op.fd);
+        break;
+      case OpKind.Cancel:
+        slot = addon.cancel(ring, op.a);
+        break;
     }
     if (slot < 0) return false;
+    op.slot = slot;
     this.slots[slot] = op;
     return true;
   }
@@ -184,13 +250,14 @@ export class UringEngine {
     for (let i = 0; i < n; i++) {
       const slot = pairs[2 * i]!;
       batch[i] = this.slots[slot]!;
+      batch[i]!.slot = -1;
       this.slots[slot] = undefined;
     }
     for (let i = 0; i < n; i++) {
       const op = batch[i]!;
       const res = pairs[2 * i + 1]!;
       if (res >= 0) op.resolve(res);
-      else if ((res === -EINTR || res === -Errno.EAGAIN) && !this.closed) this.backlog.push(op);
+      else if ((res === -EINTR || (res === -Errno.EAGAIN && op.kind !== OpKind.Splice)) && !this.closed) this.backlog.push(op);
       else op.reject(new NbddError(-res, `io_uring ${OP_NAMES[op.kind]} failed: ${nameOfErrno(-res)}`));
     }
     batch.length = 0;
@@ -245,7 +312,26 @@ export class UringFilePort implements FilePort {
     this.end = this.syncedEnd = length;
     this.inline = inner.inline;
     this.writeHow = direct ? 0 : HOW_OFFLOAD;
+    if (!direct && engine.canSplice) this.spliceTo = this.splicePages;
   }
+
+  readonly spliceTo?: (pipeFd: number, offset: number, length: number) => Promise<void>;
+
+  /**
+   * `spliceTo`: in memory filesystems a plain splice on this thread (as their reads are, see
+   * InlineIo), elsewhere the ring's (a page-cache miss then waits in a kernel worker). Bytes past
+   * the end of the file, or a pipe without room, reject: the caller reads the usual way instead.
+   */
+  private readonly splicePages = async (pipeFd: number, offset: number, length: number): Promise<void> => {
+    let done = 0;
+    while (done < length) {
+      const n = this.inline.memory
+        ? spliceToPipe(this.fd, offset + done, pipeFd, length - done)
+        : await this.track(this.engine.splice(this.fd, offset + done, pipeFd, length - done));
+      if (n <= 0) throw new NbddError(n < 0 ? -n : Errno.EIO, `splice at ${offset + done}: ${n < 0 ? nameOfErrno(-n) : 'end of file'}`);
+      done += n;
+    }
+  };
 
   /** Opens like NodeFilePort.open (same options and errors), then routes I/O through `engine`. */
   static async open(

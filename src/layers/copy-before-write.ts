@@ -60,6 +60,14 @@ export class CopyBeforeWriteLayer extends PassThroughLayer implements Fleecing {
   private view: FleecingView | null = null;
   private readonly events = new EventEmitter();
 
+  constructor(next: Backend) {
+    super(next);
+    // The guest's own reads pass through: they may show data written after them, as any read
+    // overlapping a write may. The backup's view reads into buffers (it has no spliceRead), so
+    // what it sends cannot change after it checked for copies.
+    this.passSplicedReads();
+  }
+
   on(event: 'backup-error', listener: (message: string) => void): this {
     this.events.on(event, listener);
     return this;

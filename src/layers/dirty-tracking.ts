@@ -25,6 +25,7 @@ export class DirtyTrackingLayer extends PassThroughLayer {
     readonly bitmaps: BitmapSet,
   ) {
     super(next);
+    this.passSplicedReads(); // reads are not tracked
   }
 
   // Writes into granules already marked (the common case) pass straight through, without an

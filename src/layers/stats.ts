@@ -50,6 +50,8 @@ export class StatsLayer extends PassThroughLayer implements StatsSource {
 
   constructor(next: Backend) {
     super(next);
+    // Counted as reads: to the stats a read into a pipe is a read.
+    if (next.spliceRead) this.spliceRead = (offset, length, into) => this.measure('read', length, () => next.spliceRead!(offset, length, into));
   }
 
   private static empty(): StatsSnapshot {

@@ -18,9 +18,20 @@
  * still going out. So while a large buffer is on the socket, later writes wait here, in order, and
  * go on when it is written: each large buffer comes back as soon as its own bytes left.
  *
+ * Spliced data (`writeSpliced`, src/io/pipes.ts) goes the same way as a large buffer: its header
+ * through the socket, then, once the socket has written everything before it, the pipe's bytes
+ * by splice(2) straight into the socket's descriptor, waiting for room on the io_uring (a poll)
+ * when it is full; later writes wait here meanwhile. Only a writer given the socket's descriptor
+ * (a plain socket, no TLS) can do this.
+ *
  * Ownership: a buffer passed to `write` must not change until the socket has written it.
  */
 import type { Socket } from 'node:net';
+import { Errno } from '../core/errors.js';
+import type { Pipe } from '../io/pipes.js';
+import type { WritableWait } from '../io/uring-port.js';
+import { sharedEngine } from '../io/open-port.js';
+import { spliceFromPipe } from '../sys/libc.js';
 
 /** Buffers of at least this many bytes are written one at a time (see above). */
 export const LARGE_WRITE = 128 * 1024;
@@ -28,6 +39,19 @@ export const LARGE_WRITE = 128 * 1024;
 interface Held {
   buf: Buffer;
   written?: (ok: boolean) => void;
+  /** Bytes in a pipe that follow `buf` (see `writeSpliced`). */
+  spliced?: SplicedData;
+}
+
+/** What `writeSpliced` sends after its header. */
+export interface SplicedData {
+  pipe: Pipe;
+  length: number;
+  /**
+   * Called once: true when all `length` bytes are in the socket (the pipe is empty), false when
+   * they cannot be (the socket failed or closed; the pipe holds an unknown part).
+   */
+  sent: (ok: boolean) => void;
 }
 
 export class TurnWriter {
@@ -35,12 +59,27 @@ export class TurnWriter {
   /** Writes waiting for the large buffer on the socket (null when none is). */
   private held: Held[] | null = null;
   private heldBytes = 0;
+  /** Bytes of the pipe being spliced not yet in the socket (0 when none is). */
+  private splicing = 0;
+  /** The wait for room, while a splice waits for it. */
+  private waiting: WritableWait | null = null;
 
-  constructor(private socket: Socket) {}
+  /** `spliceFd`: the socket's descriptor, where `writeSpliced` may be used (a plain socket). */
+  constructor(
+    private socket: Socket,
+    private readonly spliceFd = -1,
+  ) {
+    if (spliceFd >= 0) socket.once('close', () => this.waiting?.cancel());
+  }
+
+  /** Whether `writeSpliced` works here. */
+  get splices(): boolean {
+    return this.spliceFd >= 0;
+  }
 
   /** Bytes written and not yet taken by the kernel: on the socket and waiting here. */
   get pendingBytes(): number {
-    return this.socket.writableLength + this.heldBytes;
+    return this.socket.writableLength + this.heldBytes + this.splicing;
   }
 
   /** Writes go to `socket` from now on (a connection taken to TLS); the caller flushed first. */
@@ -57,8 +96,26 @@ export class TurnWriter {
     } else this.send(buf, written);
   }
 
-  /** Sends what this turn queued and every write waiting here now (before `end()`, for example). */
+  /**
+   * Sends `header`, then `data.length` bytes from `data.pipe`, before anything written after it.
+   * Only where `splices`.
+   */
+  writeSpliced(header: Buffer, data: SplicedData): void {
+    if (this.held) {
+      this.held.push({ buf: header, spliced: data });
+      this.heldBytes += header.length + data.length;
+    } else this.sendSpliced(header, data);
+  }
+
+  /**
+   * Sends what this turn queued and every write waiting here now (before `end()`, for example).
+   * While a pipe is being spliced, what waits goes after it (the stream would interleave otherwise).
+   */
   flushNow(): void {
+    if (this.splicing > 0) {
+      if (this.corked) this.uncork();
+      return;
+    }
     const held = this.held;
     this.held = null;
     this.heldBytes = 0;
@@ -81,6 +138,49 @@ export class TurnWriter {
     });
   }
 
+  private sendSpliced(header: Buffer, data: SplicedData): void {
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(this.uncork);
+    }
+    const held: Held[] = [];
+    this.held = held;
+    this.splicing = data.length;
+    // The header's callback runs once it and everything before it are in the kernel's socket.
+    this.socket.write(header, (err) => (err ? this.spliced(held, data, false) : this.pumpSplice(held, data)));
+  }
+
+  /** Splices what is left of `data` into the socket; waits for room when it is full. */
+  private pumpSplice(held: Held[], data: SplicedData): void {
+    while (this.splicing > 0) {
+      // Checked before every call: a destroyed socket's descriptor may already name another file.
+      if (this.socket.destroyed) return this.spliced(held, data, false);
+      const n = spliceFromPipe(data.pipe.readFd, this.spliceFd, this.splicing);
+      if (n > 0) {
+        this.splicing -= n;
+        continue;
+      }
+      if (n !== -Errno.EAGAIN) return this.spliced(held, data, false);
+      const wait = sharedEngine()!.waitWritable(this.spliceFd);
+      this.waiting = wait;
+      void wait.ready.then(() => {
+        this.waiting = null;
+        this.pumpSplice(held, data);
+      });
+      return;
+    }
+    this.spliced(held, data, true);
+  }
+
+  private spliced(held: Held[], data: SplicedData, ok: boolean): void {
+    this.splicing = 0;
+    // Half a reply leaves the stream unframed: nothing more can be sent on it.
+    if (!ok) this.socket.destroy();
+    data.sent(ok);
+    if (this.held === held) this.release();
+  }
+
   private toSocket(buf: Buffer, written?: (ok: boolean) => void): void {
     if (written) this.socket.write(buf, (err) => written(!err));
     else this.socket.write(buf);
@@ -92,7 +192,10 @@ export class TurnWriter {
     this.held = null;
     this.heldBytes = 0;
     // A large one among them holds the rest again (write queues behind it).
-    for (const h of held) this.write(h.buf, h.written);
+    for (const h of held) {
+      if (h.spliced) this.writeSpliced(h.buf, h.spliced);
+      else this.write(h.buf, h.written);
+    }
   }
 
   private readonly uncork = (): void => {

@@ -3,7 +3,8 @@
  * code thin"). Each wrapper throws an `NbddError` carrying the C errno on failure.
  *
  * Only slow-path or per-request-cheap calls live here; nothing in this file blocks for long
- * (lseek on SEEK_DATA/SEEK_HOLE, fallocate, flock with LOCK_NB, ioctl, socketpair).
+ * (lseek on SEEK_DATA/SEEK_HOLE, fallocate, flock with LOCK_NB, ioctl, socketpair, pipe2, splice
+ * without waiting).
  */
 import koffi from 'koffi';
 import { Errno, NbddError, nameOfErrno } from '../core/errors.js';
@@ -35,6 +36,9 @@ const c = {
   getsockopt: lib.func('int getsockopt(int fd, int level, int optname, void *optval, _Inout_ uint32_t *optlen)'),
   getrusage: lib.func('int getrusage(int who, void *usage)'),
   madvise: lib.func('int madvise(uintptr_t addr, size_t length, int advice)'),
+  pipe2: lib.func('int pipe2(_Out_ int *fds, int flags)'),
+  fcntlInt: lib.func('int fcntl(int fd, int cmd, int arg)'),
+  splice: lib.func('int64_t splice(int fdIn, _Inout_ int64_t *offIn, int fdOut, _Inout_ int64_t *offOut, size_t len, unsigned int flags)'),
 };
 
 /** The calling thread's errno (read right after a failed call). */
@@ -268,4 +272,43 @@ export function peerCredentials(fd: number): PeerCredentials {
   const len = [ucred.length];
   if (c.getsockopt(fd, SOL_SOCKET, SO_PEERCRED, ucred, len) !== 0) throw sysError('getsockopt', lastErrno(), 'SO_PEERCRED');
   return { pid: ucred.readInt32LE(0), uid: ucred.readUInt32LE(4), gid: ucred.readUInt32LE(8) };
+}
+
+const O_CLOEXEC = 0o2000000;
+const F_SETPIPE_SZ = 1031;
+const F_GETPIPE_SZ = 1032;
+export const SPLICE_F_MOVE = 1;
+export const SPLICE_F_NONBLOCK = 2;
+
+/** A pipe, close-on-exec: [read end, write end]. */
+export function makePipe(): [number, number] {
+  const fds = [0, 0];
+  if (c.pipe2(fds, O_CLOEXEC) !== 0) throw sysError('pipe2', lastErrno());
+  return [fds[0]!, fds[1]!];
+}
+
+/**
+ * Asks for a pipe of `bytes` (F_SETPIPE_SZ; above /proc/sys/fs/pipe-max-size only with
+ * CAP_SYS_RESOURCE) and returns what it got (F_GETPIPE_SZ).
+ */
+export function resizePipe(fd: number, bytes: number): number {
+  c.fcntlInt(fd, F_SETPIPE_SZ, bytes);
+  const got = c.fcntlInt(fd, F_GETPIPE_SZ, 0) as number;
+  if (got < 0) throw sysError('fcntl', lastErrno(), 'F_GETPIPE_SZ');
+  return got;
+}
+
+/**
+ * splice(2) from the pipe `fdIn` to `fdOut` (a socket) with SPLICE_F_NONBLOCK, at no offsets:
+ * returns the bytes moved, or -errno (-EAGAIN when `fdOut`, non-blocking, has no room).
+ */
+export function spliceFromPipe(fdIn: number, fdOut: number, length: number, flags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK): number {
+  const r = Number(c.splice(fdIn, null, fdOut, null, length, flags));
+  return r >= 0 ? r : -lastErrno();
+}
+
+/** splice(2) of `length` bytes of the file `fd` at `offset` into the pipe `pipeFd`: bytes moved, or -errno. */
+export function spliceToPipe(fd: number, offset: number, pipeFd: number, length: number): number {
+  const r = Number(c.splice(fd, [offset], pipeFd, null, length, SPLICE_F_MOVE | SPLICE_F_NONBLOCK));
+  return r >= 0 ? r : -lastErrno();
 }

@@ -10,6 +10,7 @@ import type { BlockQueue } from '../../core/queue.js';
 import { logger } from '../../core/log.js';
 import { requestBuffers } from '../../core/request-buffers.js';
 import { isAllZero } from '../../core/zeroes.js';
+import { pipes, type Pipe } from '../../io/pipes.js';
 import type { TurnWriter } from '../turn-writer.js';
 import { LIMITS, NBD_CMD, NBD_CMD_FLAG, NBD_ERR, nameOfNbdCmd, nbdErrorFromErrno } from '../wire/constants.js';
 import {
@@ -74,6 +75,30 @@ export class ReplyWriter {
       if (data.length > 0) this.out.write(data, (ok) => ok && requestBuffers.give(data));
     }
     onSent?.();
+  }
+
+  /**
+   * The reply to a whole READ whose data the queue put in `pipe` (`BlockQueue.spliceRead`): the
+   * header, then the pipe spliced into the socket. Resolves once the data has left or cannot
+   * (the session is then closing); the pipe goes back to the pool, or is closed if not emptied.
+   */
+  splicedReply(h: RequestHeader, pipe: Pipe): Promise<void> {
+    if (this.isClosed()) {
+      pipes.discard(pipe);
+      return Promise.resolve();
+    }
+    const header = this.structured ? encodeChunkOffsetDataHeader(h.cookieHi, h.cookieLo, true, h.offset, h.length) : encodeSimpleReply(0, h.cookieHi, h.cookieLo);
+    return new Promise((resolve) =>
+      this.out.writeSpliced(header, {
+        pipe,
+        length: h.length,
+        sent: (ok) => {
+          if (ok) pipes.give(pipe);
+          else pipes.discard(pipe);
+          resolve();
+        },
+      }),
+    );
   }
 
   /**

@@ -27,6 +27,8 @@ import { upgradeToTls, type ServerTls } from '../tls.js';
 import { ReadSlab, type SlabReads } from '../read-slab.js';
 import { BudgetShare, SMALL_READ, type ReplyBudget } from './reply-budget.js';
 import { POOL_MIN, requestBuffers } from '../../core/request-buffers.js';
+import type { BlockQueue } from '../../core/queue.js';
+import { pipes, type Pipe } from '../../io/pipes.js';
 
 const log = logger('nbd');
 
@@ -48,9 +50,20 @@ export interface SessionOptions {
   replyBudget?: ReplyBudget;
   /** TLS the client may (or must) start with NBD_OPT_STARTTLS; none: STARTTLS is refused. */
   tls?: ServerTls | null;
+  /**
+   * The socket's descriptor, when READ data may be spliced into it (src/io/pipes.ts): a plain
+   * socket that stays plain (no STARTTLS), such as the daemon's end of a kernel socketpair.
+   */
+  spliceFd?: number;
 }
 
 const DEFAULT_MAX_PENDING_REPLY_BYTES = 32 * 1024 * 1024;
+
+/**
+ * READs of at least this many bytes are spliced where the session and the stack can: below it, the
+ * pipe's system calls cost more than the copies they save.
+ */
+export const SPLICE_READ_MIN = 64 * 1024;
 
 type Phase = 'handshake' | 'transmission' | 'draining' | 'closed';
 
@@ -107,7 +120,7 @@ export class NbdSession {
     private readonly options: SessionOptions,
     slab: ReadSlab | null = null,
   ) {
-    this.out = new TurnWriter(socket);
+    this.out = new TurnWriter(socket, options.spliceFd);
     this.replies = new ReplyWriter(this.out, () => this.phase === 'closed', () => this.description);
     this.negotiation = new Negotiation(host, (frame) => this.replies.send(frame), `session ${this.id}`, options.tls?.mode ?? 'off');
     this.slab = slab;
@@ -342,6 +355,10 @@ export class NbdSession {
         if (counted && !budget.tryTake(h.length)) return this.awaitBudget(h, budget);
         const release = counted ? this.share!.hold(h.length) : undefined;
         if (!this.replies.needsReadPlan(h, q)) {
+          if (h.length >= SPLICE_READ_MIN && this.out.splices && q.splicesReads) {
+            const pipe = pipes.take(h.offset, h.length);
+            if (pipe) return this.track(h, this.splicedRead(h, q, pipe, release), release);
+          }
           // The common read: one queue read, one reply (no async frame on this per-request path).
           return this.track(h, q.read(h.offset, h.length).then((data) => this.replies.readReply(h, data, release)), release);
         }
@@ -360,6 +377,20 @@ export class NbdSession {
       case NBD_CMD.BLOCK_STATUS:
         return this.track(h, this.replies.blockStatus(h, this.contexts));
     }
+  }
+
+  /**
+   * A READ answered from a pipe (src/io/pipes.ts): in flight until its data has left, so a close
+   * waits for it. Should the backend not fill the pipe, it is read the usual way.
+   */
+  private splicedRead(h: RequestHeader, q: BlockQueue, pipe: Pipe, release?: () => void): Promise<void> {
+    return q.spliceRead(h.offset, h.length, pipe).then(
+      () => this.replies.splicedReply(h, pipe).then(release),
+      () => {
+        pipes.discard(pipe);
+        return q.read(h.offset, h.length).then((data) => this.replies.readReply(h, data, release));
+      },
+    );
   }
 
   private handleWrite(h: RequestHeader, data: Buffer): void {

@@ -1,0 +1,236 @@
+/**
+ * Spliced READ replies (src/io/pipes.ts): a raw image's pages go into a pipe and from it into the
+ * socket by reference. Driven over a socketpair the way the kernel's NBD connections are served,
+ * on a disk filesystem (the ring's splice) and on tmpfs (the inline one): the bytes, the order of
+ * replies, a peer that stops reading (the socket fills and the writer waits on the ring), a peer
+ * that dies mid-reply, and the stacks that must not splice.
+ */
+import { existsSync, mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it, vi } from 'vitest';
+import { RawBackend } from '../../src/backends/raw.js';
+import { BitmapSet } from '../../src/bitmaps/bitmap-set.js';
+import { BlockQueue } from '../../src/core/queue.js';
+import { PassThroughLayer } from '../../src/core/layer.js';
+import { pipes } from '../../src/io/pipes.js';
+import { sharedEngine } from '../../src/io/open-port.js';
+import { UringEngine } from '../../src/io/uring-port.js';
+import { CopyBeforeWriteLayer } from '../../src/layers/copy-before-write.js';
+import { NbdExport } from '../../src/nbd/server/export.js';
+import { NbdServer } from '../../src/nbd/server/server.js';
+import { NBD_CMD } from '../../src/nbd/wire/constants.js';
+import { buildStack, type DeviceStack } from '../../src/runtime/stack.js';
+import { socketPair } from '../../src/sys/libc.js';
+import { ScriptClient, request } from '../helpers/nbd-script.js';
+
+const SIZE = 8 << 20;
+const MiB = 1 << 20;
+
+const DIRS = [
+  ['a disk filesystem (splice on the ring)', tmpdir()],
+  ['tmpfs (splice on the event-loop thread)', '/dev/shm'],
+] as const;
+
+let dir: string;
+let server: NbdServer | null = null;
+let stack: DeviceStack | null = null;
+
+afterEach(async () => {
+  vi.restoreAllMocks();
+  await server?.close();
+  server = null;
+  await stack?.close();
+  stack = null;
+  rmSync(dir, { recursive: true, force: true });
+});
+
+/** A deterministic image: byte i is a hash of i, so a misplaced or stale range shows. */
+function image(size: number): Buffer {
+  const b = Buffer.alloc(size);
+  for (let i = 0; i < size; i += 4) b.writeUInt32LE((Math.imul(i, 2654435761) ^ (i >>> 7)) >>> 0, i);
+  return b;
+}
+
+/** The device stack over a raw image, served as a kernel connection is; the test is the kernel. */
+async function kernelPair(base: string, data: Buffer): Promise<{ c: ScriptClient; path: string }> {
+  dir = mkdtempSync(join(base, 'nbdd-splice-'));
+  const path = join(dir, 'disk.raw');
+  writeFileSync(path, data);
+  const backend = await RawBackend.open(path);
+  stack = buildStack(backend, await BitmapSet.open(backend.size, null));
+  server = new NbdServer({});
+  server.addExport(new NbdExport({ name: 'disk', queue: stack.queue }));
+  const [peer, ours] = socketPair();
+  server.serveTransmission(ours, 'disk');
+  return { c: ScriptClient.over(new net.Socket({ fd: peer, readable: true, writable: true })), path };
+}
+
+/** Replies in cookie order are not promised: reads `n` simple replies, each with its request's length. */
+async function replies(c: ScriptClient, lengths: Map<number, number>, n: number): Promise<Map<number, Buffer>> {
+  const got = new Map<number, Buffer>();
+  for (let i = 0; i < n; i++) {
+    const head = await c.read(16, 20_000);
+    const cookie = head.readUInt32BE(12);
+    expect(head.readUInt32BE(4)).toBe(0); // no error
+    got.set(cookie, Buffer.from(await c.read(lengths.get(cookie)!, 20_000)));
+  }
+  return got;
+}
+
+const waitFor = async (cond: () => boolean, ms = 5000): Promise<void> => {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error('timed out');
+    await new Promise((r) => setTimeout(r, 10));
+  }
+};
+
+describe.each(DIRS)('spliced reads on %s', (_name, base) => {
+  it.runIf(existsSync(base))('answers large reads from pipes and small ones from buffers, every byte in place, replies framed', async () => {
+    const data = image(SIZE);
+    const { c } = await kernelPair(base, data);
+    expect(stack!.queue.splicesReads).toBe(true);
+    const given = vi.spyOn(pipes, 'give');
+    const ringSplices = vi.spyOn(sharedEngine()!, 'splice');
+    // Unaligned offsets and lengths, the smallest spliced length and just under it, a write
+    // between reads of the same range, and 1 MiB reads.
+    const reqs = [
+      { offset: 0, length: MiB },
+      { offset: 4095, length: 64 * 1024 },
+      { offset: 12_345, length: 64 * 1024 - 1 },
+      { offset: 3 * MiB + 17, length: 300_001 },
+      { offset: SIZE - MiB, length: MiB },
+      { offset: 2 * MiB, length: 4096 },
+    ];
+    const lengths = new Map(reqs.map((r, i) => [i + 1, r.length]));
+    c.send(Buffer.concat(reqs.map((r, i) => request(NBD_CMD.READ, i + 1, r.offset, r.length))));
+    const got = await replies(c, lengths, reqs.length);
+    reqs.forEach((r, i) => expect(got.get(i + 1)!.equals(data.subarray(r.offset, r.offset + r.length)), `read ${i + 1}`).toBe(true));
+    // Four of them at least 64 KiB: four pipes given back, none left out.
+    expect(given).toHaveBeenCalledTimes(4);
+    expect(pipes.inUse).toBe(0);
+    // Memory filesystems splice on this thread; the others on the ring.
+    if (base === '/dev/shm') expect(ringSplices).not.toHaveBeenCalled();
+    else expect(ringSplices).toHaveBeenCalled();
+
+    // A write, then a read of the same range: the read shows it.
+    const fresh = Buffer.alloc(MiB, 0x5a);
+    c.send(request(NBD_CMD.WRITE, 50, MiB, MiB, 0, fresh));
+    expect((await c.readSimpleReply()).error).toBe(0);
+    c.send(request(NBD_CMD.READ, 51, MiB, MiB));
+    expect((await c.readSimpleReply(MiB)).data.equals(fresh)).toBe(true);
+    c.destroy();
+  }, 60_000);
+
+  it.runIf(existsSync(base))('waits for room when the peer stops reading, and sends everything in order once it reads again', async () => {
+    const data = image(SIZE);
+    const { c } = await kernelPair(base, data);
+    c.stopReading();
+    const engine = sharedEngine()!;
+    const waits = vi.spyOn(engine, 'waitWritable');
+    // 32 MiB of replies against a socket buffer of a few hundred KiB: the splices must wait.
+    const n = 32;
+    const offsets = Array.from({ length: n }, (_, i) => ((i * 5 + 3) % 8) * MiB - (i % 8 === 0 ? 0 : 512 * (i % 3)));
+    const safe = offsets.map((o) => Math.max(0, Math.min(o, SIZE - MiB)));
+    c.send(Buffer.concat(safe.map((o, i) => request(NBD_CMD.READ, i + 1, o, MiB))));
+    // A small read behind them: its reply may not overtake a spliced one half-way through.
+    c.send(request(NBD_CMD.READ, 100, 0, 512));
+    await waitFor(() => waits.mock.calls.length > 0);
+    await new Promise((r) => setTimeout(r, 200));
+    const lengths = new Map([...safe.map((_, i) => [i + 1, MiB] as [number, number]), [100, 512]]);
+    (c as unknown as { socket: net.Socket }).socket.resume();
+    const got = await replies(c, lengths, n + 1);
+    safe.forEach((o, i) => expect(got.get(i + 1)!.equals(data.subarray(o, o + MiB)), `read ${i + 1}`).toBe(true));
+    expect(got.get(100)!.equals(data.subarray(0, 512))).toBe(true);
+    await waitFor(() => pipes.inUse === 0);
+    c.destroy();
+  }, 60_000);
+
+  it.runIf(existsSync(base))('survives a peer that dies while replies wait for room: pipes closed, no poll left on the ring', async () => {
+    const { c } = await kernelPair(base, image(SIZE));
+    c.stopReading();
+    const engine = sharedEngine()!;
+    const waits = vi.spyOn(engine, 'waitWritable');
+    c.send(Buffer.concat(Array.from({ length: 16 }, (_, i) => request(NBD_CMD.READ, i + 1, (i % 7) * MiB, MiB))));
+    await waitFor(() => waits.mock.calls.length > 0);
+    c.destroy();
+    await waitFor(() => pipes.inUse === 0);
+    await waitFor(() => engine.inFlight === 0);
+    // The server still serves others.
+    const [peer, ours] = socketPair();
+    server!.serveTransmission(ours, 'disk');
+    const c2 = ScriptClient.over(new net.Socket({ fd: peer, readable: true, writable: true }));
+    c2.send(request(NBD_CMD.READ, 7, 0, MiB));
+    expect((await c2.readSimpleReply(MiB)).error).toBe(0);
+    c2.destroy();
+  }, 60_000);
+
+  it.runIf(existsSync(base))('reads the usual way where the file ends early (truncated behind its back): zeroes past the end', async () => {
+    const data = image(SIZE);
+    const { c, path } = await kernelPair(base, data);
+    truncateSync(path, SIZE - MiB / 2);
+    c.send(request(NBD_CMD.READ, 1, SIZE - MiB, MiB));
+    const r = await c.readSimpleReply(MiB);
+    expect(r.error).toBe(0);
+    expect(r.data.subarray(0, MiB / 2).equals(data.subarray(SIZE - MiB, SIZE - MiB / 2))).toBe(true);
+    expect(r.data.subarray(MiB / 2).equals(Buffer.alloc(MiB / 2))).toBe(true);
+    expect(pipes.inUse).toBe(0);
+    c.destroy();
+  }, 60_000);
+});
+
+describe('which stacks splice', () => {
+  it('a layer that does not say so stops spliced reads; a backup view never has them', async () => {
+    dir = mkdtempSync(join(tmpdir(), 'nbdd-splice-'));
+    const path = join(dir, 'disk.raw');
+    writeFileSync(path, Buffer.alloc(MiB));
+    const raw = await RawBackend.open(path);
+    expect(raw.spliceRead).toBeDefined();
+    // A layer that changes reads and forgot about pipes: the stack must not splice past it.
+    class Rot13 extends PassThroughLayer {
+      override read(offset: number, length: number): Promise<Buffer> {
+        return super.read(offset, length).then((b) => b.map((x) => x ^ 13) as Buffer);
+      }
+    }
+    expect(new BlockQueue(new Rot13(raw)).splicesReads).toBe(false);
+    const cbw = new CopyBeforeWriteLayer(raw);
+    expect(new BlockQueue(cbw).splicesReads).toBe(true);
+    expect(cbw.begin().spliceRead).toBeUndefined();
+    await cbw.close();
+  });
+
+  it('O_DIRECT images do not splice', async () => {
+    dir = mkdtempSync(join(tmpdir(), 'nbdd-splice-'));
+    const path = join(dir, 'disk.raw');
+    writeFileSync(path, Buffer.alloc(MiB));
+    const raw = await RawBackend.open(path, { direct: true }).catch(() => null);
+    if (!raw) return; // the filesystem refuses O_DIRECT
+    expect(raw.spliceRead).toBeUndefined();
+    await raw.close();
+  });
+});
+
+describe('the ring at teardown', () => {
+  it('closes with a poll in flight on a socket whose peer never reads (the poll is cancelled)', () => {
+    dir = mkdtempSync(join(tmpdir(), 'nbdd-splice-'));
+    const engine = UringEngine.create();
+    expect(engine.canSplice).toBe(true);
+    const [a, b] = socketPair();
+    // Fill `a` until it has no room; nobody reads `b`.
+    const s = new net.Socket({ fd: a, readable: false, writable: true });
+    const chunk = Buffer.alloc(64 * 1024);
+    while (s.write(chunk)) {
+      /* until the socket's buffer is full */
+    }
+    const wait = engine.waitWritable(a);
+    let settled = false;
+    void wait.ready.then(() => (settled = true));
+    engine.close(); // would block forever without the cancel
+    expect(engine.inFlight).toBe(0);
+    s.destroy();
+    new net.Socket({ fd: b }).destroy();
+    return wait.ready.then(() => expect(settled).toBe(true));
+  });
+});
