@@ -96,6 +96,12 @@ export function slabSocketFrom(accepted: Socket, reads: SlabReads): Socket | nul
   return socket;
 }
 
+/** The descriptor under a socket's libuv handle, or -1 (no handle, or not one with a descriptor). */
+export function socketFd(socket: Socket): number {
+  const fd = (socket as unknown as { _handle?: { fd?: number } | null })._handle?.fd;
+  return typeof fd === 'number' && fd >= 0 ? fd : -1;
+}
+
 // `onread` is documented for net.Socket (Node >= 12) but missing from @types/node's constructor options.
 function onread({ buffer, landed }: SlabReads): { onread: object } {
   return {

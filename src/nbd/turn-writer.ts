@@ -67,7 +67,7 @@ export class TurnWriter {
   /** `spliceFd`: the socket's descriptor, where `writeSpliced` may be used (a plain socket). */
   constructor(
     private socket: Socket,
-    private readonly spliceFd = -1,
+    private spliceFd = -1,
   ) {
     if (spliceFd >= 0) socket.once('close', () => this.waiting?.cancel());
   }
@@ -86,6 +86,7 @@ export class TurnWriter {
   retarget(socket: Socket): void {
     this.flushNow();
     this.socket = socket;
+    this.spliceFd = -1; // TLS: bytes must go through the stream
   }
 
   /** `written`: called once the socket is done with `buf` (written, or failed: `ok` false). */

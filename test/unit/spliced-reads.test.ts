@@ -5,7 +5,7 @@
  * replies, a peer that stops reading (the socket fills and the writer waits on the ring), a peer
  * that dies mid-reply, and the stacks that must not splice.
  */
-import { existsSync, mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { closeSync, existsSync, mkdtempSync, openSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -20,10 +20,10 @@ import { UringEngine } from '../../src/io/uring-port.js';
 import { CopyBeforeWriteLayer } from '../../src/layers/copy-before-write.js';
 import { NbdExport } from '../../src/nbd/server/export.js';
 import { NbdServer } from '../../src/nbd/server/server.js';
-import { NBD_CMD } from '../../src/nbd/wire/constants.js';
+import { NBD_CMD, NBD_REPLY_TYPE } from '../../src/nbd/wire/constants.js';
 import { buildStack, type DeviceStack } from '../../src/runtime/stack.js';
 import { socketPair } from '../../src/sys/libc.js';
-import { ScriptClient, request } from '../helpers/nbd-script.js';
+import { ScriptClient, clientFlags, optGo, optStructured, request } from '../helpers/nbd-script.js';
 
 const SIZE = 8 << 20;
 const MiB = 1 << 20;
@@ -130,14 +130,18 @@ describe.each(DIRS)('spliced reads on %s', (_name, base) => {
     c.stopReading();
     const engine = sharedEngine()!;
     const waits = vi.spyOn(engine, 'waitWritable');
-    // 32 MiB of replies against a socket buffer of a few hundred KiB: the splices must wait.
+    // 32 MiB of replies against a socket buffer of a few hundred KiB: the splices must wait. The
+    // first eight page-aligned (spliced: a 1 MiB pipe holds 256 pages); once a splice waits, more
+    // with unaligned ones among them (257 pages: read into buffers), so spliced and buffered
+    // replies queue up behind the waiting one, and must leave in an order that keeps the framing.
     const n = 32;
-    const offsets = Array.from({ length: n }, (_, i) => ((i * 5 + 3) % 8) * MiB - (i % 8 === 0 ? 0 : 512 * (i % 3)));
+    const offsets = Array.from({ length: n }, (_, i) => ((i * 5 + 3) % 8) * MiB - (i < 8 || i % 2 ? 0 : 512 * (i % 3)));
     const safe = offsets.map((o) => Math.max(0, Math.min(o, SIZE - MiB)));
-    c.send(Buffer.concat(safe.map((o, i) => request(NBD_CMD.READ, i + 1, o, MiB))));
+    c.send(Buffer.concat(safe.slice(0, 8).map((o, i) => request(NBD_CMD.READ, i + 1, o, MiB))));
+    await waitFor(() => waits.mock.calls.length > 0);
+    c.send(Buffer.concat(safe.slice(8).map((o, i) => request(NBD_CMD.READ, i + 9, o, MiB))));
     // A small read behind them: its reply may not overtake a spliced one half-way through.
     c.send(request(NBD_CMD.READ, 100, 0, 512));
-    await waitFor(() => waits.mock.calls.length > 0);
     await new Promise((r) => setTimeout(r, 200));
     const lengths = new Map([...safe.map((_, i) => [i + 1, MiB] as [number, number]), [100, 512]]);
     (c as unknown as { socket: net.Socket }).socket.resume();
@@ -176,6 +180,57 @@ describe.each(DIRS)('spliced reads on %s', (_name, base) => {
     expect(r.error).toBe(0);
     expect(r.data.subarray(0, MiB / 2).equals(data.subarray(SIZE - MiB, SIZE - MiB / 2))).toBe(true);
     expect(r.data.subarray(MiB / 2).equals(Buffer.alloc(MiB / 2))).toBe(true);
+    expect(pipes.inUse).toBe(0);
+    c.destroy();
+  }, 60_000);
+});
+
+describe('spliced reads to a client connection (structured replies, sparse reads)', () => {
+  it('sends data extents from pipes and holes as OFFSET_HOLE, in one reply that reassembles to the image', async () => {
+    dir = mkdtempSync(join(tmpdir(), 'nbdd-splice-'));
+    const path = join(dir, 'disk.raw');
+    // Data, a 1 MiB hole, data: a 3 MiB read crosses all three.
+    const data = image(SIZE);
+    data.fill(0, 2 * MiB, 3 * MiB);
+    writeFileSync(path, data.subarray(0, 2 * MiB));
+    const fd = openSync(path, 'r+');
+    writeSync(fd, data.subarray(3 * MiB), 0, SIZE - 3 * MiB, 3 * MiB);
+    closeSync(fd);
+    const backend = await RawBackend.open(path);
+    stack = buildStack(backend, await BitmapSet.open(backend.size, null));
+    server = new NbdServer({});
+    server.addExport(new NbdExport({ name: 'disk', queue: stack.queue }));
+    const sock = join(dir, 's');
+    await server.listenUnix(sock);
+    const c = await ScriptClient.connect(sock);
+    await c.readGreeting();
+    c.send(clientFlags());
+    c.send(optStructured());
+    await c.readOptionReply();
+    c.send(optGo('disk'));
+    await c.readOptionReplies();
+    const given = vi.spyOn(pipes, 'give');
+    const offset = MiB + 4096;
+    const length = 3 * MiB - 4096; // both data parts fit a 1 MiB pipe (256 pages)
+    c.send(request(NBD_CMD.READ, 1, offset, length));
+    const got = Buffer.alloc(length, 0xee);
+    const kinds: string[] = [];
+    for (;;) {
+      const r = await c.readReply();
+      if (r.kind !== 'chunk') throw new Error('expected structured replies');
+      const ch = r.chunk;
+      if (ch.type === NBD_REPLY_TYPE.OFFSET_DATA) {
+        ch.data.copy(got, ch.offset - offset);
+        kinds.push('data');
+      } else if (ch.type === NBD_REPLY_TYPE.OFFSET_HOLE) {
+        got.fill(0, ch.offset - offset, ch.offset - offset + ch.size);
+        kinds.push('hole');
+      } else throw new Error(`unexpected chunk ${ch.type}`);
+      if (r.done) break;
+    }
+    expect(kinds).toEqual(['data', 'hole', 'data']);
+    expect(got.equals(data.subarray(offset, offset + length))).toBe(true);
+    expect(given).toHaveBeenCalledTimes(2);
     expect(pipes.inUse).toBe(0);
     c.destroy();
   }, 60_000);

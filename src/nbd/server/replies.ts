@@ -26,6 +26,18 @@ import { clip, planSparseRead, readsSparsely } from './requests.js';
 
 const log = logger('nbd');
 
+/**
+ * READs (and parts of sparse READs) of at least this many bytes are spliced where the session and
+ * the stack can: below it, the pipe's system calls cost more than the copies they save.
+ */
+export const SPLICE_READ_MIN = 64 * 1024;
+
+/** READ data in a pipe (`BlockQueue.spliceRead`). */
+interface PipedData {
+  pipe: Pipe;
+  length: number;
+}
+
 export class ReplyWriter {
   /** Structured replies were negotiated. */
   structured = false;
@@ -78,30 +90,6 @@ export class ReplyWriter {
   }
 
   /**
-   * The reply to a whole READ whose data the queue put in `pipe` (`BlockQueue.spliceRead`): the
-   * header, then the pipe spliced into the socket. Resolves once the data has left or cannot
-   * (the session is then closing); the pipe goes back to the pool, or is closed if not emptied.
-   */
-  splicedReply(h: RequestHeader, pipe: Pipe): Promise<void> {
-    if (this.isClosed()) {
-      pipes.discard(pipe);
-      return Promise.resolve();
-    }
-    const header = this.structured ? encodeChunkOffsetDataHeader(h.cookieHi, h.cookieLo, true, h.offset, h.length) : encodeSimpleReply(0, h.cookieHi, h.cookieLo);
-    return new Promise((resolve) =>
-      this.out.writeSpliced(header, {
-        pipe,
-        length: h.length,
-        sent: (ok) => {
-          if (ok) pipes.give(pipe);
-          else pipes.discard(pipe);
-          resolve();
-        },
-      }),
-    );
-  }
-
-  /**
    * The reply to a whole READ answered by one queue read (`needsReadPlan` false). Over structured
    * replies, without DF, data that is all zeroes (an unallocated cluster, a hole in a raw file)
    * goes as one OFFSET_HOLE chunk: 32 bytes on the socket instead of 20 plus the data, as qemu-nbd
@@ -119,7 +107,15 @@ export class ReplyWriter {
 
   /** Whether a READ is answered by `read` below rather than one plain queue read. */
   needsReadPlan(h: RequestHeader, q: BlockQueue): boolean {
-    return h.length === 0 || readsSparsely(h, this.structured, q.caps);
+    return h.length === 0 || readsSparsely(h, this.structured, q.caps) || this.splices(h.length, q);
+  }
+
+  /**
+   * Whether `length` bytes of READ data may go from a pipe (src/io/pipes.ts): enough of them to be
+   * worth the pipe's system calls, a socket that takes splices, a stack that reads into pipes.
+   */
+  private splices(length: number, q: BlockQueue): boolean {
+    return length >= SPLICE_READ_MIN && this.out.splices && q.splicesReads;
   }
 
   /** Answers a READ. `release`: called once the reply has left (or cannot). */
@@ -127,22 +123,63 @@ export class ReplyWriter {
     // Unspecified by the spec (SHOULD NOT disconnect): success with no data. A structured reply
     // cannot carry it as OFFSET_DATA (whose length MUST be at least 9), so NONE with DONE.
     if (h.length === 0) return this.structured ? this.send(encodeChunkNone(h.cookieHi, h.cookieLo)) : this.ok(h);
-    if (!readsSparsely(h, this.structured, q.caps)) {
-      return this.readData(h, h.offset, await q.read(h.offset, h.length), true, release);
-    }
     // Sparse read: holes and zero extents become OFFSET_HOLE chunks, data is read per extent.
-    const parts = planSparseRead(await q.blockStatus(h.offset, h.length), h.offset, h.length);
-    if (parts.length === 1 && !parts[0]!.hole) {
+    const parts = readsSparsely(h, this.structured, q.caps)
+      ? planSparseRead(await q.blockStatus(h.offset, h.length), h.offset, h.length)
+      : [{ offset: h.offset, length: h.length, hole: false }];
+    if (parts.length === 1 && !parts[0]!.hole && !this.splices(h.length, q)) {
       return this.readData(h, h.offset, await q.read(h.offset, h.length), true, release);
     }
-    const buffers = await Promise.all(parts.map((p) => (p.hole ? null : q.read(p.offset, p.length))));
-    if (this.isClosed()) return release?.();
+    const data = await Promise.all(parts.map((p) => (p.hole ? null : this.readPart(q, p.offset, p.length))));
+    if (this.isClosed()) {
+      for (const d of data) if (d && !Buffer.isBuffer(d)) pipes.discard(d.pipe);
+      return release?.();
+    }
+    const leaving: Promise<void>[] = [];
     parts.forEach((p, i) => {
       const done = i === parts.length - 1;
+      const d = data[i];
       if (p.hole) this.send(encodeChunkOffsetHole(h.cookieHi, h.cookieLo, done, p.offset, p.length));
-      else this.readData(h, p.offset, buffers[i]!, done);
+      else if (Buffer.isBuffer(d)) this.readData(h, p.offset, d, done);
+      else leaving.push(this.splicedData(h, p.offset, d!, done));
     });
+    if (leaving.length > 0) await Promise.all(leaving);
     release?.();
+  }
+
+  /** `length` bytes at `offset`: in a pipe where they may be and one is free, else in a buffer. */
+  private readPart(q: BlockQueue, offset: number, length: number): Promise<Buffer | PipedData> {
+    const pipe = this.splices(length, q) ? pipes.take(offset, length) : null;
+    if (!pipe) return q.read(offset, length);
+    return q.spliceRead(offset, length, pipe).then(
+      () => ({ pipe, length }),
+      // The backend could not fill it (a file shorter than it was, a pipe without room, ...):
+      // the usual read gives the right bytes, or the error to answer with.
+      () => {
+        pipes.discard(pipe);
+        return q.read(offset, length);
+      },
+    );
+  }
+
+  /**
+   * One chunk of READ data from a pipe (a simple reply's data, or an OFFSET_DATA chunk): resolves
+   * once it has left, or cannot (the session is then closing). The pipe goes back to the pool, or
+   * is closed if it was not emptied.
+   */
+  private splicedData(h: RequestHeader, offset: number, d: PipedData, done: boolean): Promise<void> {
+    const header = this.structured ? encodeChunkOffsetDataHeader(h.cookieHi, h.cookieLo, done, offset, d.length) : encodeSimpleReply(0, h.cookieHi, h.cookieLo);
+    return new Promise((resolve) =>
+      this.out.writeSpliced(header, {
+        pipe: d.pipe,
+        length: d.length,
+        sent: (ok) => {
+          if (ok) pipes.give(d.pipe);
+          else pipes.discard(d.pipe);
+          resolve();
+        },
+      }),
+    );
   }
 
   /** Answers a BLOCK_STATUS: one chunk per context, the last one flagged DONE. */

@@ -179,7 +179,7 @@ export class NbdServer implements SessionHost {
   serveTransmission(fd: number, exportName: string): NbdSession {
     const exp = this.exports.get(exportName);
     if (!exp) throw new NbddError(Errno.ENOENT, `no export named '${exportName}'`);
-    const session = NbdSession.overSlab((reads) => slabSocket(fd, reads), this, { handshakeTimeoutMs: 0, spliceFd: fd })!;
+    const session = NbdSession.overSlab((reads) => slabSocket(fd, reads), this, { handshakeTimeoutMs: 0 })!;
     this.sessions.add(session);
     session.startTransmission(exp);
     return session;

@@ -24,11 +24,9 @@ import { Negotiation, type ExportDirectory } from './negotiation.js';
 import { validateRequest } from './requests.js';
 import { ReplyWriter } from './replies.js';
 import { upgradeToTls, type ServerTls } from '../tls.js';
-import { ReadSlab, type SlabReads } from '../read-slab.js';
+import { ReadSlab, socketFd, type SlabReads } from '../read-slab.js';
 import { BudgetShare, SMALL_READ, type ReplyBudget } from './reply-budget.js';
 import { POOL_MIN, requestBuffers } from '../../core/request-buffers.js';
-import type { BlockQueue } from '../../core/queue.js';
-import { pipes, type Pipe } from '../../io/pipes.js';
 
 const log = logger('nbd');
 
@@ -52,18 +50,12 @@ export interface SessionOptions {
   tls?: ServerTls | null;
   /**
    * The socket's descriptor, when READ data may be spliced into it (src/io/pipes.ts): a plain
-   * socket that stays plain (no STARTTLS), such as the daemon's end of a kernel socketpair.
+   * socket that stays plain (no STARTTLS). `overSlab` finds it itself.
    */
   spliceFd?: number;
 }
 
 const DEFAULT_MAX_PENDING_REPLY_BYTES = 32 * 1024 * 1024;
-
-/**
- * READs of at least this many bytes are spliced where the session and the stack can: below it, the
- * pipe's system calls cost more than the copies they save.
- */
-export const SPLICE_READ_MIN = 64 * 1024;
 
 type Phase = 'handshake' | 'transmission' | 'draining' | 'closed';
 
@@ -147,6 +139,7 @@ export class NbdSession {
    * `slabSocketFrom` over an accepted connection); null when it cannot.
    */
   static overSlab(open: (reads: SlabReads) => Socket | null, host: SessionHost, options: SessionOptions): NbdSession | null {
+    // Such a socket is plain for good, so READ data may be spliced into its descriptor.
     const slab = new ReadSlab();
     let session: NbdSession | null = null;
     const socket = open({
@@ -154,7 +147,7 @@ export class NbdSession {
       landed: (n, buf) => session!.landed(n, buf),
     });
     if (!socket) return null;
-    session = new NbdSession(socket, host, options, slab);
+    session = new NbdSession(socket, host, { ...options, spliceFd: options.spliceFd ?? socketFd(socket) }, slab);
     return session;
   }
 
@@ -355,10 +348,6 @@ export class NbdSession {
         if (counted && !budget.tryTake(h.length)) return this.awaitBudget(h, budget);
         const release = counted ? this.share!.hold(h.length) : undefined;
         if (!this.replies.needsReadPlan(h, q)) {
-          if (h.length >= SPLICE_READ_MIN && this.out.splices && q.splicesReads) {
-            const pipe = pipes.take(h.offset, h.length);
-            if (pipe) return this.track(h, this.splicedRead(h, q, pipe, release), release);
-          }
           // The common read: one queue read, one reply (no async frame on this per-request path).
           return this.track(h, q.read(h.offset, h.length).then((data) => this.replies.readReply(h, data, release)), release);
         }
@@ -377,20 +366,6 @@ export class NbdSession {
       case NBD_CMD.BLOCK_STATUS:
         return this.track(h, this.replies.blockStatus(h, this.contexts));
     }
-  }
-
-  /**
-   * A READ answered from a pipe (src/io/pipes.ts): in flight until its data has left, so a close
-   * waits for it. Should the backend not fill the pipe, it is read the usual way.
-   */
-  private splicedRead(h: RequestHeader, q: BlockQueue, pipe: Pipe, release?: () => void): Promise<void> {
-    return q.spliceRead(h.offset, h.length, pipe).then(
-      () => this.replies.splicedReply(h, pipe).then(release),
-      () => {
-        pipes.discard(pipe);
-        return q.read(h.offset, h.length).then((data) => this.replies.readReply(h, data, release));
-      },
-    );
   }
 
   private handleWrite(h: RequestHeader, data: Buffer): void {
