@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { RawBackend } from '../../src/backends/raw.js';
 import { BitmapSet } from '../../src/bitmaps/bitmap-set.js';
+import type { Backend } from '../../src/core/backend.js';
 import { BlockQueue } from '../../src/core/queue.js';
 import { PassThroughLayer } from '../../src/core/layer.js';
 import { pipes } from '../../src/io/pipes.js';
@@ -252,7 +253,7 @@ describe('which stacks splice', () => {
     expect(new BlockQueue(new Rot13(raw)).splicesReads).toBe(false);
     const cbw = new CopyBeforeWriteLayer(raw);
     expect(new BlockQueue(cbw).splicesReads).toBe(true);
-    expect(cbw.begin().spliceRead).toBeUndefined();
+    expect((cbw.begin() as Backend).spliceRead).toBeUndefined();
     await cbw.close();
   });
 
