@@ -37,6 +37,7 @@ const c = {
   getrusage: lib.func('int getrusage(int who, void *usage)'),
   madvise: lib.func('int madvise(uintptr_t addr, size_t length, int advice)'),
   pipe2: lib.func('int pipe2(_Out_ int *fds, int flags)'),
+  setsockoptInt: lib.func('int setsockopt(int fd, int level, int name, _Inout_ int *value, uint32_t len)'),
   fcntlInt: lib.func('int fcntl(int fd, int cmd, int arg)'),
   splice: lib.func('int64_t splice(int fdIn, _Inout_ int64_t *offIn, int fdOut, _Inout_ int64_t *offOut, size_t len, unsigned int flags)'),
 };
@@ -311,4 +312,28 @@ export function spliceFromPipe(fdIn: number, fdOut: number, length: number, flag
 export function spliceToPipe(fd: number, offset: number, pipeFd: number, length: number): number {
   const r = Number(c.splice(fd, [offset], pipeFd, null, length, SPLICE_F_MOVE | SPLICE_F_NONBLOCK));
   return r >= 0 ? r : -lastErrno();
+}
+
+const SO_SNDBUF = 7;
+const SO_SNDBUFFORCE = 32;
+const SO_DOMAIN = 39;
+
+/**
+ * Gives a unix-domain stream socket a send buffer of `bytes` (the kernel doubles it for its
+ * bookkeeping): SO_SNDBUFFORCE where we may (CAP_NET_ADMIN), else SO_SNDBUF, which the kernel
+ * caps at net.core.wmem_max. Other sockets are left alone: TCP sizes its buffers itself, and a
+ * fixed size would turn that off. Best effort; returns whether the socket is unix-domain.
+ */
+export function setUnixSendBuffer(fd: number, bytes: number): boolean {
+  const domain = Buffer.alloc(4);
+  if (c.getsockopt(fd, SOL_SOCKET, SO_DOMAIN, domain, [4]) !== 0 || domain.readInt32LE(0) !== AF_UNIX) return false;
+  if (c.setsockoptInt(fd, SOL_SOCKET, SO_SNDBUFFORCE, [bytes], 4) !== 0) c.setsockoptInt(fd, SOL_SOCKET, SO_SNDBUF, [bytes], 4);
+  return true;
+}
+
+/** A socket's send buffer (SO_SNDBUF: what the kernel accounts, twice what was asked). */
+export function sendBufferSize(fd: number): number {
+  const v = Buffer.alloc(4);
+  if (c.getsockopt(fd, SOL_SOCKET, SO_SNDBUF, v, [4]) !== 0) throw sysError('getsockopt', lastErrno(), 'SO_SNDBUF');
+  return v.readInt32LE(0);
 }

@@ -5,7 +5,7 @@
  * replies, a peer that stops reading (the socket fills and the writer waits on the ring), a peer
  * that dies mid-reply, and the stacks that must not splice.
  */
-import { closeSync, existsSync, mkdtempSync, openSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, readFileSync, mkdtempSync, openSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -23,7 +23,8 @@ import { NbdExport } from '../../src/nbd/server/export.js';
 import { NbdServer } from '../../src/nbd/server/server.js';
 import { NBD_CMD, NBD_REPLY_TYPE } from '../../src/nbd/wire/constants.js';
 import { buildStack, type DeviceStack } from '../../src/runtime/stack.js';
-import { socketPair } from '../../src/sys/libc.js';
+import { closeFd, setUnixSendBuffer, sendBufferSize, socketPair } from '../../src/sys/libc.js';
+import { socketFd } from '../../src/nbd/read-slab.js';
 import { ScriptClient, clientFlags, optGo, optStructured, request } from '../helpers/nbd-script.js';
 
 const SIZE = 8 << 20;
@@ -38,8 +39,12 @@ let dir: string;
 let server: NbdServer | null = null;
 let stack: DeviceStack | null = null;
 
+/** Peers to drop before the server closes (a test that failed may leave one that never reads). */
+const peers: ScriptClient[] = [];
+
 afterEach(async () => {
   vi.restoreAllMocks();
+  for (const p of peers.splice(0)) p.destroy();
   await server?.close();
   server = null;
   await stack?.close();
@@ -55,7 +60,7 @@ function image(size: number): Buffer {
 }
 
 /** The device stack over a raw image, served as a kernel connection is; the test is the kernel. */
-async function kernelPair(base: string, data: Buffer): Promise<{ c: ScriptClient; path: string }> {
+async function kernelPair(base: string, data: Buffer): Promise<{ c: ScriptClient; path: string; ours: number }> {
   dir = mkdtempSync(join(base, 'nbdd-splice-'));
   const path = join(dir, 'disk.raw');
   writeFileSync(path, data);
@@ -65,7 +70,9 @@ async function kernelPair(base: string, data: Buffer): Promise<{ c: ScriptClient
   server.addExport(new NbdExport({ name: 'disk', queue: stack.queue }));
   const [peer, ours] = socketPair();
   server.serveTransmission(ours, 'disk');
-  return { c: ScriptClient.over(new net.Socket({ fd: peer, readable: true, writable: true })), path };
+  const c = ScriptClient.over(new net.Socket({ fd: peer, readable: true, writable: true }));
+  peers.push(c);
+  return { c, path, ours };
 }
 
 /** Replies in cookie order are not promised: reads `n` simple replies, each with its request's length. */
@@ -127,20 +134,23 @@ describe.each(DIRS)('spliced reads on %s', (_name, base) => {
 
   it.runIf(existsSync(base))('waits for room when the peer stops reading, and sends everything in order once it reads again', async () => {
     const data = image(SIZE);
-    const { c } = await kernelPair(base, data);
+    const { c, ours } = await kernelPair(base, data);
+    // A small send buffer on the daemon's end, so that a pipe's bytes, not a header, find it full.
+    setUnixSendBuffer(ours, 64 * 1024);
     c.stopReading();
     const engine = sharedEngine()!;
     const waits = vi.spyOn(engine, 'waitWritable');
-    // 32 MiB of replies against a socket buffer of a few hundred KiB: the splices must wait. The
-    // first eight page-aligned (spliced: a 1 MiB pipe holds 256 pages); once a splice waits, more
-    // with unaligned ones among them (257 pages: read into buffers), so spliced and buffered
-    // replies queue up behind the waiting one, and must leave in an order that keeps the framing.
-    const n = 32;
-    const offsets = Array.from({ length: n }, (_, i) => ((i * 5 + 3) % 8) * MiB - (i < 8 || i % 2 ? 0 : 512 * (i % 3)));
+    // 40 MiB of replies against a socket buffer of 128 KiB: the splices must wait. The first 24
+    // page-aligned (spliced: a 1 MiB pipe holds 256 pages); once a splice waits, more with
+    // unaligned ones among them (257 pages: read into buffers), so spliced and buffered replies
+    // queue up behind the waiting one, and must leave in an order that keeps the framing.
+    const n = 40;
+    const first = 24;
+    const offsets = Array.from({ length: n }, (_, i) => ((i * 5 + 3) % 8) * MiB - (i < first || i % 2 ? 0 : 512 * (i % 3)));
     const safe = offsets.map((o) => Math.max(0, Math.min(o, SIZE - MiB)));
-    c.send(Buffer.concat(safe.slice(0, 8).map((o, i) => request(NBD_CMD.READ, i + 1, o, MiB))));
+    c.send(Buffer.concat(safe.slice(0, first).map((o, i) => request(NBD_CMD.READ, i + 1, o, MiB))));
     await waitFor(() => waits.mock.calls.length > 0);
-    c.send(Buffer.concat(safe.slice(8).map((o, i) => request(NBD_CMD.READ, i + 9, o, MiB))));
+    c.send(Buffer.concat(safe.slice(first).map((o, i) => request(NBD_CMD.READ, i + first + 1, o, MiB))));
     // A small read behind them: its reply may not overtake a spliced one half-way through.
     c.send(request(NBD_CMD.READ, 100, 0, 512));
     await new Promise((r) => setTimeout(r, 200));
@@ -154,18 +164,19 @@ describe.each(DIRS)('spliced reads on %s', (_name, base) => {
   }, 60_000);
 
   it.runIf(existsSync(base))('survives a peer that dies while replies wait for room: pipes closed, no poll left on the ring', async () => {
-    const { c } = await kernelPair(base, image(SIZE));
+    const { c, ours } = await kernelPair(base, image(SIZE));
+    setUnixSendBuffer(ours, 64 * 1024);
     c.stopReading();
     const engine = sharedEngine()!;
     const waits = vi.spyOn(engine, 'waitWritable');
-    c.send(Buffer.concat(Array.from({ length: 16 }, (_, i) => request(NBD_CMD.READ, i + 1, (i % 7) * MiB, MiB))));
+    c.send(Buffer.concat(Array.from({ length: 32 }, (_, i) => request(NBD_CMD.READ, i + 1, (i % 7) * MiB, MiB))));
     await waitFor(() => waits.mock.calls.length > 0);
     c.destroy();
     await waitFor(() => pipes.inUse === 0);
     await waitFor(() => engine.inFlight === 0);
     // The server still serves others.
-    const [peer, ours] = socketPair();
-    server!.serveTransmission(ours, 'disk');
+    const [peer, ours2] = socketPair();
+    server!.serveTransmission(ours2, 'disk');
     const c2 = ScriptClient.over(new net.Socket({ fd: peer, readable: true, writable: true }));
     c2.send(request(NBD_CMD.READ, 7, 0, MiB));
     expect((await c2.readSimpleReply(MiB)).error).toBe(0);
@@ -265,6 +276,29 @@ describe('which stacks splice', () => {
     if (!raw) return; // the filesystem refuses O_DIRECT
     expect(raw.spliceRead).toBeUndefined();
     await raw.close();
+  });
+});
+
+describe('send buffers', () => {
+  it('unix-domain connections get a larger one; TCP keeps its own sizing', async () => {
+    dir = mkdtempSync(join(tmpdir(), 'nbdd-splice-'));
+    const [a, b] = socketPair();
+    expect(setUnixSendBuffer(a, 2 * MiB)).toBe(true);
+    // SO_SNDBUFFORCE, or SO_SNDBUF up to net.core.wmem_max (the kernel doubles what it is given).
+    const wmemMax = Number(readFileSync('/proc/sys/net/core/wmem_max', 'utf8'));
+    expect(sendBufferSize(a)).toBeGreaterThanOrEqual(Math.min(2 * 2 * MiB, 2 * wmemMax));
+    closeFd(a);
+    closeFd(b);
+    const srv = net.createServer();
+    await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
+    const tcp = net.connect((srv.address() as net.AddressInfo).port, '127.0.0.1');
+    await new Promise((r) => tcp.once('connect', r));
+    const fd = socketFd(tcp);
+    const tcpBefore = sendBufferSize(fd);
+    expect(setUnixSendBuffer(fd, 2 * MiB)).toBe(false);
+    expect(sendBufferSize(fd)).toBe(tcpBefore);
+    tcp.destroy();
+    srv.close();
   });
 });
 
