@@ -25,6 +25,7 @@ export const URING_CQ_ENTRIES = 512;
 const ADDON_PATH = '../../native/build/Release/nbdd_uring.node';
 
 const EINTR = osConstants.errno.EINTR;
+const ECANCELED = osConstants.errno.ECANCELED;
 
 /** Opaque ring handle (an N-API external). */
 type RingHandle = { readonly __ring: unique symbol };
@@ -85,8 +86,11 @@ const OP_NAMES = ['read', 'write', 'writev', 'fdatasync', 'fallocate', 'splice',
 
 /** A wait for a socket's room (`UringEngine.waitWritable`); `cancel` settles it at once. */
 export interface WritableWait {
-  /** Resolves when the socket has room or an error to report (the next write tells which), or when cancelled. */
-  readonly ready: Promise<void>;
+  /**
+   * Resolves true when the socket has room or an error to report (the next write tells which), or
+   * the wait was cancelled; false when the ring cannot wait (it was closed).
+   */
+  readonly ready: Promise<boolean>;
   cancel(): void;
 }
 
@@ -161,8 +165,8 @@ export class UringEngine {
   waitWritable(fd: number): WritableWait {
     const op = new UringOp(OpKind.PollOut, fd, null, 0, 0, 0);
     const ready = this.run(op).then(
-      () => undefined,
-      () => undefined,
+      () => true,
+      (err: NbddError) => err.errno === ECANCELED,
     );
     return {
       ready,

@@ -113,7 +113,7 @@ export class TurnWriter {
    * While a pipe is being spliced, what waits goes after it (the stream would interleave otherwise).
    */
   flushNow(): void {
-    if (this.splicing > 0) {
+    if (this.splicing > 0 || this.held?.some((h) => h.spliced)) {
       if (this.corked) this.uncork();
       return;
     }
@@ -165,9 +165,10 @@ export class TurnWriter {
       if (n !== -Errno.EAGAIN) return this.spliced(held, data, false);
       const wait = sharedEngine()!.waitWritable(this.spliceFd);
       this.waiting = wait;
-      void wait.ready.then(() => {
+      void wait.ready.then((room) => {
         this.waiting = null;
-        this.pumpSplice(held, data);
+        if (room) this.pumpSplice(held, data);
+        else this.spliced(held, data, false);
       });
       return;
     }

@@ -169,16 +169,24 @@ describe.each(DIRS)('spliced reads on %s', (_name, base) => {
     c.stopReading();
     const engine = sharedEngine()!;
     const waits = vi.spyOn(engine, 'waitWritable');
-    c.send(Buffer.concat(Array.from({ length: 32 }, (_, i) => request(NBD_CMD.READ, i + 1, (i % 7) * MiB, MiB))));
+    const reads = (from: number, n: number): Buffer => Buffer.concat(Array.from({ length: n }, (_, i) => request(NBD_CMD.READ, from + i, ((from + i) % 7) * MiB, MiB)));
+    c.send(reads(1, 32));
     await waitFor(() => waits.mock.calls.length > 0);
-    c.destroy();
-    await waitFor(() => pipes.inUse === 0);
-    await waitFor(() => engine.inFlight === 0);
-    // The server still serves others.
+    // More than the pool has pipes: the rest are read into buffers and queue behind.
+    c.send(reads(33, 64));
+    // Meanwhile another connection is served (from a pipe, or a buffer if the first took them all).
     const [peer, ours2] = socketPair();
     server!.serveTransmission(ours2, 'disk');
     const c2 = ScriptClient.over(new net.Socket({ fd: peer, readable: true, writable: true }));
+    peers.push(c2);
     c2.send(request(NBD_CMD.READ, 7, 0, MiB));
+    expect((await c2.readSimpleReply(MiB)).error).toBe(0);
+    expect(pipes.inUse).toBeGreaterThan(0);
+    c.destroy();
+    await waitFor(() => pipes.inUse === 0);
+    await waitFor(() => engine.inFlight === 0);
+    // And after the first one died.
+    c2.send(request(NBD_CMD.READ, 8, MiB, MiB));
     expect((await c2.readSimpleReply(MiB)).error).toBe(0);
     c2.destroy();
   }, 60_000);
@@ -319,8 +327,14 @@ describe('the ring at teardown', () => {
     void wait.ready.then(() => (settled = true));
     engine.close(); // would block forever without the cancel
     expect(engine.inFlight).toBe(0);
+    // A closed ring cannot wait: a writer gives up its splice rather than asking again and again.
+    const late = engine.waitWritable(a);
     s.destroy();
     new net.Socket({ fd: b }).destroy();
-    return wait.ready.then(() => expect(settled).toBe(true));
+    return Promise.all([wait.ready, late.ready]).then(([cancelled, closed]) => {
+      expect(settled).toBe(true);
+      expect(cancelled).toBe(true);
+      expect(closed).toBe(false);
+    });
   });
 });
