@@ -94,8 +94,9 @@ export interface Backend {
   blockStatus?(offset: number, length: number): Promise<Extent[]>;
   /**
    * Reads `length` bytes at `offset` into the pipe `into` by reference to page-cache pages, with no
-   * copy (src/io/pipes.ts), where the backend can: all of them, or a rejection (the pipe's content
-   * is then unknown; the caller reads the usual way). The pipe shows the bytes as they are when its
+   * copy (src/io/pipes.ts), where the backend can: all of them, or a rejection (the caller reads
+   * the usual way). ENOTSUP says the pipe was not touched (this range cannot go by reference);
+   * after any other error its content is unknown. The pipe shows the bytes as they are when its
    * reader takes them, not as they were at this call: a layer offers this only when that is right
    * for every read it passes (a layer that changes or snapshots data must not).
    */

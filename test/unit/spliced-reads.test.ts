@@ -6,11 +6,13 @@
  * that dies mid-reply, and the stacks that must not splice.
  */
 import { closeSync, existsSync, readFileSync, mkdtempSync, openSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { RawBackend } from '../../src/backends/raw.js';
+import { openImage } from '../../src/backends/open.js';
 import { BitmapSet } from '../../src/bitmaps/bitmap-set.js';
 import type { Backend } from '../../src/core/backend.js';
 import { BlockQueue } from '../../src/core/queue.js';
@@ -251,6 +253,51 @@ describe('spliced reads to a client connection (structured replies, sparse reads
     expect(kinds).toEqual(['data', 'hole', 'data']);
     expect(got.equals(data.subarray(offset, offset + length))).toBe(true);
     expect(given).toHaveBeenCalledTimes(2);
+    expect(pipes.inUse).toBe(0);
+    c.destroy();
+  }, 60_000);
+});
+
+describe('spliced reads of a qcow2 image', () => {
+  it('splices runs of data clusters; zero, unallocated and mixed ranges are read into buffers', async () => {
+    dir = mkdtempSync(join(tmpdir(), 'nbdd-splice-'));
+    const path = join(dir, 'disk.qcow2');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', path, String(SIZE)]);
+    const backend = await openImage(path, {});
+    stack = buildStack(backend, await BitmapSet.open(backend.size, null));
+    expect(stack.queue.splicesReads).toBe(true);
+    server = new NbdServer({});
+    server.addExport(new NbdExport({ name: 'disk', queue: stack.queue }));
+    const [peer, ours] = socketPair();
+    server.serveTransmission(ours, 'disk');
+    const c = ScriptClient.over(new net.Socket({ fd: peer, readable: true, writable: true }));
+    peers.push(c);
+    // Data in [0, 2 MiB), zeroes in [2, 3) MiB, nothing written from 3 MiB.
+    const data = image(2 * MiB);
+    c.send(request(NBD_CMD.WRITE, 1, 0, 2 * MiB, 0, data));
+    expect((await c.readSimpleReply()).error).toBe(0);
+    c.send(request(NBD_CMD.WRITE_ZEROES, 2, 2 * MiB, MiB));
+    expect((await c.readSimpleReply()).error).toBe(0);
+    const given = vi.spyOn(pipes, 'give');
+    const discarded = vi.spyOn(pipes, 'discard');
+    const expected = Buffer.concat([data, Buffer.alloc(SIZE - 2 * MiB)]);
+    const reads = [
+      { offset: 0, length: MiB }, // data: spliced
+      { offset: MiB + MiB / 2, length: MiB }, // data then zeroes
+      { offset: 3 * MiB, length: MiB }, // unallocated
+      { offset: 2 * MiB, length: 256 * 1024 }, // zeroes
+      // One cluster each (64 KiB, the smallest spliced read): one step of the mapping walk.
+      { offset: 2 * MiB + 64 * 1024, length: 64 * 1024 }, // a zero cluster
+      { offset: 5 * MiB, length: 64 * 1024 }, // an unallocated one
+    ];
+    for (const [i, r] of reads.entries()) {
+      c.send(request(NBD_CMD.READ, 10 + i, r.offset, r.length));
+      const got = await c.readSimpleReply(r.length);
+      expect(got.data.equals(expected.subarray(r.offset, r.offset + r.length)), `read ${i}`).toBe(true);
+    }
+    // One pipe sent, five given back untouched; none closed.
+    expect(given).toHaveBeenCalledTimes(6);
+    expect(discarded).not.toHaveBeenCalled();
     expect(pipes.inUse).toBe(0);
     c.destroy();
   }, 60_000);

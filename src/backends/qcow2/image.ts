@@ -41,6 +41,7 @@ import { Reader } from './read.js';
 import { ImageState, type Qcow2Parts } from './state.js';
 import { Writer } from './write.js';
 import { requestBuffers } from '../../core/request-buffers.js';
+import type { Pipe } from '../../io/pipes.js';
 
 export type { Qcow2Parts } from './state.js';
 
@@ -106,7 +107,21 @@ export class Qcow2Image implements Backend, ImageLayer {
       multiConn: true,
       preferredBlockSize: Math.min(st.cs, 64 * 1024),
     });
+    const spliceTo = st.port.spliceTo;
+    if (spliceTo) {
+      this.spliceRead = (offset, length, into) =>
+        this.shared(offset, length, () => this.reader.spliceLocked(offset, length, (host, n) => spliceTo(into.writeFd, host, n)));
+    }
   }
+
+  /**
+   * Where the file's port splices: a read that is one run of data clusters goes into the pipe by
+   * reference (others reject with ENOTSUP; see Reader.spliceLocked). The pipe shows the clusters
+   * as they are when the peer copies them. Only a request that overlaps the READ can change them:
+   * a write in place, or a discard that frees them for another offset to take (the NBD READ's
+   * result is then unspecified, as for any READ racing a write or a trim of its range).
+   */
+  readonly spliceRead?: (offset: number, length: number, into: Pipe) => Promise<void>;
 
   /**
    * Runs before the first write of any kind (data, flush, bitmap store): clears the autoclear bits

@@ -8,6 +8,7 @@ import { corrupt, decodeCompressed, hex } from './format/index.js';
 import type { L2Tables } from './l2-tables.js';
 import { MAP_BACKING, MAP_COMPRESSED, MAP_DATA, MAP_ZERO, walkMapping } from './mapping.js';
 import type { ImageState } from './state.js';
+import { Errno, NbddError } from '../../core/errors.js';
 
 const RUN_NONE = 0;
 
@@ -62,6 +63,27 @@ export class Reader {
     }
     if (jobs.length === 1) await jobs[0];
     else if (jobs.length > 1) await Promise.all(jobs);
+  }
+
+  /**
+   * Moves guest [offset, offset + length) into a pipe by reference (`splice(pipeFd, host, length)`,
+   * the port's) when it is one run of data clusters, contiguous in the file. Anything else — zero,
+   * unallocated, backing or compressed clusters, data in two places — rejects with ENOTSUP before
+   * the pipe is touched: the caller reads into a buffer. The caller holds the range lock.
+   */
+  async spliceLocked(offset: number, length: number, splice: (host: number, length: number) => Promise<void>): Promise<void> {
+    let host = -1;
+    let covered = 0;
+    await walkMapping(this.st, this.tables, offset, offset + length, (k, guest, len, at) => {
+      if (covered < 0) return;
+      if (k !== MAP_DATA || guest !== offset + covered || (covered > 0 && at !== host + covered)) covered = -1;
+      else {
+        if (covered === 0) host = at;
+        covered += len;
+      }
+    });
+    if (covered !== length) throw new NbddError(Errno.ENOTSUP, 'not one run of data clusters');
+    await splice(host, length);
   }
 
   /** Reads guest bytes for copy-on-write; parts past the virtual size read as zeroes. */

@@ -5,7 +5,7 @@
  * this decides what goes on the wire for it. Nothing is sent once the session has closed.
  */
 import type { MetaContext } from '../../core/meta-context.js';
-import { NbddError, errnoOf, messageOf } from '../../core/errors.js';
+import { Errno, NbddError, errnoOf, messageOf } from '../../core/errors.js';
 import type { BlockQueue } from '../../core/queue.js';
 import { logger } from '../../core/log.js';
 import { requestBuffers } from '../../core/request-buffers.js';
@@ -153,10 +153,11 @@ export class ReplyWriter {
     if (!pipe) return q.read(offset, length);
     return q.spliceRead(offset, length, pipe).then(
       () => ({ pipe, length }),
-      // The backend could not fill it (a file shorter than it was, a pipe without room, ...):
-      // the usual read gives the right bytes, or the error to answer with.
-      () => {
-        pipes.discard(pipe);
+      // The backend could not fill it (a range that is not plain data, a file shorter than it
+      // was, ...): the usual read gives the right bytes, or the error to answer with.
+      (err: unknown) => {
+        if (errnoOf(err) === Errno.ENOTSUP) pipes.give(pipe); // untouched
+        else pipes.discard(pipe);
         return q.read(offset, length);
       },
     );
