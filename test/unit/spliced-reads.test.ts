@@ -61,20 +61,29 @@ function image(size: number): Buffer {
   return b;
 }
 
-/** The device stack over a raw image, served as a kernel connection is; the test is the kernel. */
+/** The device stack over `backend` (which it then owns), exported as 'disk' by a fresh server. */
+async function exportStack(backend: Backend): Promise<void> {
+  stack = buildStack(backend, await BitmapSet.open(backend.size, null));
+  server = new NbdServer({});
+  server.addExport(new NbdExport({ name: 'disk', queue: stack.queue }));
+}
+
+/** A connection served as the kernel's are; the test is the kernel. `ours`: the daemon's end. */
+function kernelConnection(): { c: ScriptClient; ours: number } {
+  const [peer, ours] = socketPair();
+  server!.serveTransmission(ours, 'disk');
+  const c = ScriptClient.over(new net.Socket({ fd: peer, readable: true, writable: true }));
+  peers.push(c);
+  return { c, ours };
+}
+
+/** The device stack over a raw image of `data`, and a kernel connection to it. */
 async function kernelPair(base: string, data: Buffer): Promise<{ c: ScriptClient; path: string; ours: number }> {
   dir = mkdtempSync(join(base, 'nbdd-splice-'));
   const path = join(dir, 'disk.raw');
   writeFileSync(path, data);
-  const backend = await RawBackend.open(path);
-  stack = buildStack(backend, await BitmapSet.open(backend.size, null));
-  server = new NbdServer({});
-  server.addExport(new NbdExport({ name: 'disk', queue: stack.queue }));
-  const [peer, ours] = socketPair();
-  server.serveTransmission(ours, 'disk');
-  const c = ScriptClient.over(new net.Socket({ fd: peer, readable: true, writable: true }));
-  peers.push(c);
-  return { c, path, ours };
+  await exportStack(await RawBackend.open(path));
+  return { ...kernelConnection(), path };
 }
 
 /** Replies in cookie order are not promised: reads `n` simple replies, each with its request's length. */
@@ -177,10 +186,7 @@ describe.each(DIRS)('spliced reads on %s', (_name, base) => {
     // More than the pool has pipes: the rest are read into buffers and queue behind.
     c.send(reads(33, 64));
     // Meanwhile another connection is served (from a pipe, or a buffer if the first took them all).
-    const [peer, ours2] = socketPair();
-    server!.serveTransmission(ours2, 'disk');
-    const c2 = ScriptClient.over(new net.Socket({ fd: peer, readable: true, writable: true }));
-    peers.push(c2);
+    const { c: c2 } = kernelConnection();
     c2.send(request(NBD_CMD.READ, 7, 0, MiB));
     expect((await c2.readSimpleReply(MiB)).error).toBe(0);
     expect(pipes.inUse).toBeGreaterThan(0);
@@ -218,13 +224,11 @@ describe('spliced reads to a client connection (structured replies, sparse reads
     const fd = openSync(path, 'r+');
     writeSync(fd, data.subarray(3 * MiB), 0, SIZE - 3 * MiB, 3 * MiB);
     closeSync(fd);
-    const backend = await RawBackend.open(path);
-    stack = buildStack(backend, await BitmapSet.open(backend.size, null));
-    server = new NbdServer({});
-    server.addExport(new NbdExport({ name: 'disk', queue: stack.queue }));
+    await exportStack(await RawBackend.open(path));
     const sock = join(dir, 's');
-    await server.listenUnix(sock);
+    await server!.listenUnix(sock);
     const c = await ScriptClient.connect(sock);
+    peers.push(c);
     await c.readGreeting();
     c.send(clientFlags());
     c.send(optStructured());
@@ -263,15 +267,9 @@ describe('spliced reads of a qcow2 image', () => {
     dir = mkdtempSync(join(tmpdir(), 'nbdd-splice-'));
     const path = join(dir, 'disk.qcow2');
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', path, String(SIZE)]);
-    const backend = await openImage(path, {});
-    stack = buildStack(backend, await BitmapSet.open(backend.size, null));
-    expect(stack.queue.splicesReads).toBe(true);
-    server = new NbdServer({});
-    server.addExport(new NbdExport({ name: 'disk', queue: stack.queue }));
-    const [peer, ours] = socketPair();
-    server.serveTransmission(ours, 'disk');
-    const c = ScriptClient.over(new net.Socket({ fd: peer, readable: true, writable: true }));
-    peers.push(c);
+    await exportStack(await openImage(path, {}));
+    expect(stack!.queue.splicesReads).toBe(true);
+    const { c } = kernelConnection();
     // Data in [0, 2 MiB), zeroes in [2, 3) MiB, nothing written from 3 MiB.
     const data = image(2 * MiB);
     c.send(request(NBD_CMD.WRITE, 1, 0, 2 * MiB, 0, data));
