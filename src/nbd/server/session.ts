@@ -24,10 +24,9 @@ import { Negotiation, type ExportDirectory } from './negotiation.js';
 import { validateRequest } from './requests.js';
 import { ReplyWriter } from './replies.js';
 import { upgradeToTls, type ServerTls } from '../tls.js';
-import { ReadSlab, socketFd, type SlabReads } from '../read-slab.js';
+import { ReadSlab, spliceTarget, type SlabReads } from '../read-slab.js';
 import { BudgetShare, SMALL_READ, type ReplyBudget } from './reply-budget.js';
 import { POOL_MIN, requestBuffers } from '../../core/request-buffers.js';
-import { setUnixSendBuffer } from '../../sys/libc.js';
 
 const log = logger('nbd');
 
@@ -49,23 +48,9 @@ export interface SessionOptions {
   replyBudget?: ReplyBudget;
   /** TLS the client may (or must) start with NBD_OPT_STARTTLS; none: STARTTLS is refused. */
   tls?: ServerTls | null;
-  /**
-   * The socket's descriptor, when READ data may be spliced into it (src/io/pipes.ts): a plain
-   * socket that stays plain (no STARTTLS). `overSlab` finds it itself.
-   */
-  spliceFd?: number;
 }
 
 const DEFAULT_MAX_PENDING_REPLY_BYTES = 32 * 1024 * 1024;
-
-/**
- * The send buffer asked for unix-domain connections (the kernel's socketpairs, local clients); the
- * kernel doubles it. The default (net.core.wmem_default, 208 KiB) takes a fifth of a 1 MiB READ
- * reply, so every such reply waited for the reader four times: 1 MiB reads at depth 8 measured
- * 2890–3155 MiB/s with this against 2394 without (buffered replies), 3400–4737 against 1481–1817
- * (spliced ones; docs/performance.md).
- */
-const UNIX_SEND_BUFFER = 2 * 1024 * 1024;
 
 type Phase = 'handshake' | 'transmission' | 'draining' | 'closed';
 
@@ -122,7 +107,8 @@ export class NbdSession {
     private readonly options: SessionOptions,
     slab: ReadSlab | null = null,
   ) {
-    this.out = new TurnWriter(socket, options.spliceFd);
+    // A socket that reads into a slab stays plain (no STARTTLS): READ data may be spliced into it.
+    this.out = new TurnWriter(socket, slab ? spliceTarget(socket) : -1);
     this.replies = new ReplyWriter(this.out, () => this.phase === 'closed', () => this.description);
     this.negotiation = new Negotiation(host, (frame) => this.replies.send(frame), `session ${this.id}`, options.tls?.mode ?? 'off');
     this.slab = slab;
@@ -156,10 +142,7 @@ export class NbdSession {
       landed: (n, buf) => session!.landed(n, buf),
     });
     if (!socket) return null;
-    // Such a socket stays plain, so READ data may be spliced into its descriptor.
-    const fd = options.spliceFd ?? socketFd(socket);
-    if (fd >= 0) setUnixSendBuffer(fd, UNIX_SEND_BUFFER);
-    session = new NbdSession(socket, host, { ...options, spliceFd: fd }, slab);
+    session = new NbdSession(socket, host, options, slab);
     return session;
   }
 
