@@ -3,16 +3,15 @@
  *
  * What it does, and nothing more (design.md, "Native code thin"):
  *   - sets up one ring (raw io_uring_setup, rings mmapped here), probes the opcodes nbdd needs;
- *   - queues READ / WRITE / WRITEV / FSYNC / FALLOCATE (and, where the kernel has them, SPLICE from a
- *     file into a pipe, POLL_ADD for a socket's room, and ASYNC_CANCEL of such a poll) into the
- *     submission queue without entering
- *     the kernel; a uv_prepare handle submits everything queued in one io_uring_enter per
+ *   - queues READ / WRITE / WRITEV / FSYNC / FALLOCATE (and, where the kernel has them, SPLICE between
+ *     a file and a pipe, POLL_ADD for a socket's bytes or room, and ASYNC_CANCEL of such a poll)
+ *     into the submission queue without entering the kernel; a uv_prepare handle submits everything queued in one io_uring_enter per
  *     event-loop iteration (just before libuv blocks for I/O), `submit()` does it on demand;
  *   - an eventfd registered with IORING_REGISTER_EVENTFD is watched by a uv_poll handle, so
  *     completions are drained on the event-loop thread and handed to JavaScript in ONE call per
  *     drain: `onComplete(Int32Array [slot0, res0, slot1, res1, ...])`.
  * Retrying short transfers, EAGAIN/EINTR results and errno mapping are left to JavaScript
- * (src/io/uring-port.ts).
+ * (src/io/uring-engine.ts).
  *
  * Slots: every queued operation takes a slot (0 .. cq_entries-1), returned to JavaScript and echoed
  * in its completion. There are never more slots in use than CQ entries, so the CQ cannot overflow.
@@ -315,7 +314,7 @@ static const uint8_t REQUIRED_OPS[] = {
   IORING_OP_READ, IORING_OP_WRITE, IORING_OP_WRITEV, IORING_OP_FSYNC, IORING_OP_FALLOCATE,
 };
 
-/* What spliced reads need (5.7 and later): all three, or they are not offered. */
+/* What spliced reads and writes need (5.7 and later): all three, or they are not offered. */
 static const uint8_t SPLICE_OPS[] = { IORING_OP_SPLICE, IORING_OP_POLL_ADD, IORING_OP_ASYNC_CANCEL };
 
 /* Returns 0 or a positive errno; on success every field of the ring mapping is set. */
@@ -664,17 +663,52 @@ static napi_value js_splice(napi_env env, napi_callback_info info) {
   return slot_value(env, slot);
 }
 
-/* pollOut(ring, fd) -> slot, or -1 when full: completes with the revents once `fd` has room (or an error). */
-static napi_value js_poll_out(napi_env env, napi_callback_info info) {
+/*
+ * spliceOut(ring, pipeFd, fd, offset, length) -> slot, or -1 when full: moves up to `length` bytes
+ * from the pipe into the file `fd` at `offset` (the kernel copies them into the page cache; a
+ * large WRITE's payload spliced from its socket, see src/nbd/server/spliced-payload.ts).
+ * SPLICE_F_NONBLOCK: an empty pipe answers -EAGAIN instead of waiting for a writer.
+ */
+static napi_value js_splice_out(napi_env env, napi_callback_info info) {
+  call_t c; /* the "fd" argument is the pipe */
+  if (!get_call(env, info, 5, &c)) return NULL;
+  int32_t fd;
+  int64_t offset;
+  uint32_t len;
+  CHECK(napi_get_value_int32(env, c.argv[2], &fd));
+  CHECK(napi_get_value_int64(env, c.argv[3], &offset));
+  CHECK(napi_get_value_uint32(env, c.argv[4], &len));
+  if (!c.r->can_splice) return nbdd_throw_errno(env, EOPNOTSUPP, "io_uring splice");
+  unsigned slot;
+  struct io_uring_sqe *sqe = take_sqe(c.r, &slot);
+  if (!sqe) return slot_value(env, -1);
+  sqe->opcode = IORING_OP_SPLICE;
+  sqe->fd = fd;
+  sqe->off = (uint64_t)offset;
+  sqe->splice_fd_in = c.fd;
+  sqe->splice_off_in = (uint64_t)-1;
+  sqe->len = len;
+  sqe->splice_flags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK;
+  publish_sqe(c.r);
+  return slot_value(env, slot);
+}
+
+/*
+ * poll(ring, fd, events) -> slot, or -1 when full: completes with the revents once `fd` is ready
+ * for `events` (POLLIN: bytes to read; POLLOUT: room to write), or has an error or hang-up.
+ */
+static napi_value js_poll(napi_env env, napi_callback_info info) {
   call_t c;
-  if (!get_call(env, info, 2, &c)) return NULL;
+  if (!get_call(env, info, 3, &c)) return NULL;
+  uint32_t events;
+  CHECK(napi_get_value_uint32(env, c.argv[2], &events));
   if (!c.r->can_splice) return nbdd_throw_errno(env, EOPNOTSUPP, "io_uring poll");
   unsigned slot;
   struct io_uring_sqe *sqe = take_sqe(c.r, &slot);
   if (!sqe) return slot_value(env, -1);
   sqe->opcode = IORING_OP_POLL_ADD;
   sqe->fd = c.fd;
-  sqe->poll32_events = POLLOUT; /* POLLERR and POLLHUP are always reported */
+  sqe->poll32_events = events & (POLLIN | POLLOUT); /* POLLERR and POLLHUP are always reported */
   sqe->user_data = slot | POLL_TAG;
   c.r->slots[slot].poll = 1;
   publish_sqe(c.r);
@@ -696,7 +730,7 @@ static napi_value js_cancel(napi_env env, napi_callback_info info) {
   return slot_value(env, slot);
 }
 
-/* canSplice(ring) -> whether splice, pollOut and cancel work here. */
+/* canSplice(ring) -> whether splice, spliceOut, poll and cancel work here. */
 static napi_value js_can_splice(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1], out;
@@ -752,8 +786,8 @@ static napi_value init(napi_env env, napi_value exports) {
   } fns[] = {
     {"setup", js_setup},   {"read", js_read},         {"write", js_write},   {"writev", js_writev},
     {"fsync", js_fsync},   {"fallocate", js_fallocate}, {"submit", js_submit}, {"close", js_close},
-    {"inFlight", js_in_flight}, {"splice", js_splice}, {"pollOut", js_poll_out}, {"cancel", js_cancel},
-    {"canSplice", js_can_splice},
+    {"inFlight", js_in_flight}, {"splice", js_splice}, {"spliceOut", js_splice_out}, {"poll", js_poll},
+    {"cancel", js_cancel}, {"canSplice", js_can_splice},
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; i++) {
     napi_value f;

@@ -50,6 +50,12 @@ export interface FilePort {
    * page cache (splice), all of them or a rejection (the pipe then holds an unknown part).
    */
   spliceTo?(pipeFd: number, offset: number, length: number): Promise<void>;
+  /**
+   * Where the port can: writes `length` bytes from the pipe `pipeFd` at `offset` (splice; the
+   * kernel copies them into the page cache), all of them or a rejection (the pipe then holds an
+   * unknown part).
+   */
+  spliceFrom?(pipeFd: number, offset: number, length: number): Promise<void>;
 }
 
 /**

@@ -9,7 +9,8 @@
 import { Errno, NbddError, messageOf } from '../core/errors.js';
 import { logger } from '../core/log.js';
 import { NodeFilePort, type FilePort } from './file-port.js';
-import { UringEngine, UringFilePort } from './uring-port.js';
+import { UringEngine } from './uring-engine.js';
+import { UringFilePort } from './uring-port.js';
 
 export type IoEngineName = 'uring' | 'threads';
 

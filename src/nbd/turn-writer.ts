@@ -29,9 +29,9 @@
 import type { Socket } from 'node:net';
 import { Errno } from '../core/errors.js';
 import type { Pipe } from '../io/pipes.js';
-import type { WritableWait } from '../io/uring-port.js';
+import type { SocketWait } from '../io/uring-engine.js';
 import { sharedEngine } from '../io/open-port.js';
-import { spliceFromPipe } from '../sys/libc.js';
+import { spliceStreams } from '../sys/libc.js';
 
 /** Buffers of at least this many bytes are written one at a time (see above). */
 export const LARGE_WRITE = 128 * 1024;
@@ -62,7 +62,7 @@ export class TurnWriter {
   /** Bytes of the pipe being spliced not yet in the socket (0 when none is). */
   private splicing = 0;
   /** The wait for room, while a splice waits for it. */
-  private waiting: WritableWait | null = null;
+  private waiting: SocketWait | null = null;
 
   /** `spliceFd`: the socket's descriptor, where `writeSpliced` may be used (a plain socket). */
   constructor(
@@ -157,7 +157,7 @@ export class TurnWriter {
     while (this.splicing > 0) {
       // Checked before every call: a destroyed socket's descriptor may already name another file.
       if (this.socket.destroyed) return this.spliced(held, data, false);
-      const n = spliceFromPipe(data.pipe.readFd, this.spliceFd, this.splicing);
+      const n = spliceStreams(data.pipe.readFd, this.spliceFd, this.splicing);
       if (n > 0) {
         this.splicing -= n;
         continue;

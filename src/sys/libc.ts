@@ -300,10 +300,11 @@ export function resizePipe(fd: number, bytes: number): number {
 }
 
 /**
- * splice(2) from the pipe `fdIn` to `fdOut` (a socket) with SPLICE_F_NONBLOCK, at no offsets:
- * returns the bytes moved, or -errno (-EAGAIN when `fdOut`, non-blocking, has no room).
+ * splice(2) between a pipe and a socket (either way) with SPLICE_F_NONBLOCK, at no offsets:
+ * returns the bytes moved, 0 at the end of the input, or -errno (-EAGAIN when the output has no
+ * room, or the input, non-blocking, has no bytes).
  */
-export function spliceFromPipe(fdIn: number, fdOut: number, length: number, flags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK): number {
+export function spliceStreams(fdIn: number, fdOut: number, length: number, flags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK): number {
   const r = Number(c.splice(fdIn, null, fdOut, null, length, flags));
   return r >= 0 ? r : -lastErrno();
 }

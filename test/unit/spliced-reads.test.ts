@@ -19,7 +19,7 @@ import { BlockQueue } from '../../src/core/queue.js';
 import { PassThroughLayer } from '../../src/core/layer.js';
 import { pipes } from '../../src/io/pipes.js';
 import { sharedEngine } from '../../src/io/open-port.js';
-import { UringEngine } from '../../src/io/uring-port.js';
+import { UringEngine } from '../../src/io/uring-engine.js';
 import { CopyBeforeWriteLayer } from '../../src/layers/copy-before-write.js';
 import { NbdExport } from '../../src/nbd/server/export.js';
 import { NbdServer } from '../../src/nbd/server/server.js';

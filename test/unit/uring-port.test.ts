@@ -21,7 +21,8 @@ import {
   type FilePort,
 } from '../../src/io/file-port.js';
 import { openFilePort } from '../../src/io/open-port.js';
-import { URING_CQ_ENTRIES, UringEngine, UringFilePort } from '../../src/io/uring-port.js';
+import { URING_CQ_ENTRIES, UringEngine } from '../../src/io/uring-engine.js';
+import { UringFilePort } from '../../src/io/uring-port.js';
 import { alignedBuffer, voluntarySwitches } from '../../src/sys/libc.js';
 import { prng } from '../helpers/prng.js';
 
