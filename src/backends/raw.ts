@@ -112,10 +112,21 @@ export class RawBackend implements Backend {
           return spliceTo(into.writeFd, offset, length);
         });
     }
+    const spliceFrom = port.spliceFrom;
+    if (spliceFrom && writable) {
+      this.spliceWrite = (offset, length, from) =>
+        tryCall(() => {
+          this.assertWritable(offset, length);
+          // The bytes a write puts at the start of a probed image are looked at first (firstSectorWrite).
+          if (probed && offset < MAGIC_LENGTH) throw new NbddError(Errno.ENOTSUP, `${this.path}: the first sector of a probed image is checked before it is written`);
+          return spliceFrom(from.readFd, offset, length);
+        });
+    }
   }
 
   /** Where the port splices (io_uring, no O_DIRECT): a file offset is one guest offset for good. */
   readonly spliceRead?: (offset: number, length: number, into: Pipe) => Promise<void>;
+  readonly spliceWrite?: (offset: number, length: number, from: Pipe) => Promise<void>;
 
   get path(): string {
     return this.port.path;

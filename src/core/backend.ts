@@ -101,6 +101,15 @@ export interface Backend {
    * for every read it passes (a layer that changes or snapshots data must not).
    */
   spliceRead?(offset: number, length: number, into: Pipe): Promise<void>;
+  /**
+   * Writes `length` bytes taken from the pipe `from` (which holds exactly them: a WRITE's payload
+   * spliced from its socket, src/nbd/server/spliced-payload.ts) at `offset`, as `write` would,
+   * where the backend can. ENOTSUP says the pipe was not touched (this range cannot be written
+   * this way; the queue then reads the pipe into a buffer and calls `write`); after any other
+   * error its content is unknown. A layer offers this only when what it does for a write is right
+   * for it too (it never sees the bytes).
+   */
+  spliceWrite?(offset: number, length: number, from: Pipe, options?: WriteOptions): Promise<void>;
   /** Hint to prefetch (NBD_CMD_CACHE); optional. */
   cache?(offset: number, length: number): Promise<void>;
   /** Flushes if writable, releases files and locks. Idempotent. */

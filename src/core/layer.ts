@@ -2,7 +2,8 @@
  * The pass-through layer: a backend that forwards everything to `next` unchanged, as nbdkit's
  * filters fall through to the next layer for every callback they do not define. A layer extends
  * it and overrides only what it changes (dirty tracking overrides the three write types, stats
- * wraps every call, copy-before-write the writes and close).
+ * wraps every call, copy-before-write the writes and close). Reads and writes through pipes
+ * (`spliceRead`, `spliceWrite`) pass only where the layer says so.
  *
  * `caps` and `size` are `next`'s. Optional methods the next backend lacks are only reached when
  * `caps` says they exist (the queue checks `caps.trim`/`caps.writeZeroes` before calling them),
@@ -28,6 +29,26 @@ export class PassThroughLayer implements Layer {
   protected passSplicedReads(): void {
     const next = this.next;
     if (next.spliceRead) this.spliceRead = (offset, length, into) => next.spliceRead!(offset, length, into);
+  }
+
+  /**
+   * Not passed through by default either: the layer never sees the bytes, so each layer says how
+   * its write handling applies (`passSplicedWrites`).
+   */
+  spliceWrite?: (offset: number, length: number, from: Pipe, options?: WriteOptions) => Promise<void>;
+
+  /**
+   * Lets `next`'s spliced writes through this layer, when it has them, each after what
+   * `before(offset, length)` starts (what the layer does before any write of that range reaches
+   * `next`: a write-intent mark, a copy of the old data), if it starts anything.
+   */
+  protected passSplicedWrites(before: (offset: number, length: number) => Promise<void> | null = () => null): void {
+    const next = this.next;
+    if (!next.spliceWrite) return;
+    this.spliceWrite = (offset, length, from, options) => {
+      const first = before(offset, length);
+      return first ? first.then(() => next.spliceWrite!(offset, length, from, options)) : next.spliceWrite!(offset, length, from, options);
+    };
   }
 
   get size(): number {

@@ -19,9 +19,10 @@
  */
 import { DEFAULT_MAX_TRANSFER, allData, type Backend, type BackendCaps, type Extent, type WriteOptions, type ZeroOptions } from './backend.js';
 import { runBatch } from './batch.js';
-import { Errno, NbddError, assert } from './errors.js';
+import { Errno, NbddError, assert, errnoOf } from './errors.js';
 import { tryCall } from './try-call.js';
-import type { Pipe } from '../io/pipes.js';
+import { readOut, type Pipe } from '../io/pipes.js';
+import { requestBuffers } from './request-buffers.js';
 
 /**
  * Longest coalesced read. Merging saves a backend call per read, which matters for small reads;
@@ -35,6 +36,7 @@ type Entry =
   | { op: 'read'; offset: number; length: number; resolve: (b: Buffer) => void; reject: (e: unknown) => void }
   | { op: 'spliceRead'; offset: number; length: number; into: Pipe; resolve: () => void; reject: (e: unknown) => void }
   | { op: 'write'; offset: number; data: Buffer; flags: WriteOptions; resolve: () => void; reject: (e: unknown) => void }
+  | { op: 'spliceWrite'; offset: number; length: number; from: Pipe; flags: WriteOptions; resolve: () => void; reject: (e: unknown) => void }
   | { op: 'trim'; offset: number; length: number; flags: WriteOptions; resolve: () => void; reject: (e: unknown) => void }
   | { op: 'writeZeroes'; offset: number; length: number; flags: ZeroOptions; resolve: () => void; reject: (e: unknown) => void }
   | { op: 'flush'; resolve: () => void; reject: (e: unknown) => void }
@@ -111,6 +113,20 @@ export class BlockQueue {
 
   write(offset: number, data: Buffer, flags: WriteOptions = {}): Promise<void> {
     return new Promise((resolve, reject) => this.enqueue({ op: 'write', offset, data, flags, resolve, reject }, data.length));
+  }
+
+  /** Whether the stack writes from pipes (`spliceWrite`): every layer lets it through to a backend that can. */
+  get splicesWrites(): boolean {
+    return this.backend.spliceWrite !== undefined;
+  }
+
+  /**
+   * A write of the `length` bytes the pipe `from` holds (see `Backend.spliceWrite`); only where
+   * `splicesWrites`. A range the stack refuses that way (ENOTSUP) is read out of the pipe and
+   * written as usual. Resolves with the pipe empty; after a rejection its content is unknown.
+   */
+  spliceWrite(offset: number, length: number, from: Pipe, flags: WriteOptions = {}): Promise<void> {
+    return new Promise((resolve, reject) => this.enqueue({ op: 'spliceWrite', offset, length, from, flags, resolve, reject }, length));
   }
 
   trim(offset: number, length: number, flags: WriteOptions = {}): Promise<void> {
@@ -242,6 +258,9 @@ export class BlockQueue {
       case 'write':
         this.trackWrite(tryCall(() => this.doWrite(entry.offset, entry.data, entry.flags)), entry, entry.data.length);
         return;
+      case 'spliceWrite':
+        this.trackWrite(this.doSpliceWrite(entry.offset, entry.length, entry.from, entry.flags), entry, entry.length);
+        return;
       case 'trim':
         this.trackWrite(this.doTrim(entry.offset, entry.length, entry.flags), entry, 0);
         return;
@@ -321,6 +340,17 @@ export class BlockQueue {
   private doWrite(offset: number, data: Buffer, flags: WriteOptions): Promise<void> {
     if (!flags.fua) return this.backend.write(offset, data);
     return this.doWriteFua(offset, data);
+  }
+
+  private doSpliceWrite(offset: number, length: number, from: Pipe, flags: WriteOptions): Promise<void> {
+    const native = this.backend.caps.fua;
+    const options = flags.fua && native ? { fua: true } : undefined;
+    const written = tryCall(() => this.backend.spliceWrite!(offset, length, from, options)).catch((err: unknown) => {
+      if (errnoOf(err) !== Errno.ENOTSUP) throw err;
+      const data = readOut(from, requestBuffers.take(length));
+      return this.backend.write(offset, data, options).then(() => requestBuffers.give(data));
+    });
+    return flags.fua && !native ? written.then(() => this.flushBackend()) : written;
   }
 
   private async doWriteFua(offset: number, data: Buffer): Promise<void> {

@@ -12,7 +12,8 @@
  * a backup's point-in-time view must not, since a later write to the live disk would show through.
  */
 import { logger } from '../core/log.js';
-import { messageOf } from '../core/errors.js';
+import { Errno, NbddError, messageOf } from '../core/errors.js';
+import { readSync } from 'node:fs';
 import { closeFd, makePipe, resizePipe } from '../sys/libc.js';
 
 const log = logger('io');
@@ -87,6 +88,19 @@ class PipePool {
       return null;
     }
   }
+}
+
+/**
+ * Reads the `buf.length` bytes `pipe` holds into `buf` and returns it. The caller knows they are
+ * there, so the read never waits (the pipe is a blocking one).
+ */
+export function readOut(pipe: Pipe, buf: Buffer): Buffer {
+  for (let done = 0; done < buf.length; ) {
+    const n = readSync(pipe.readFd, buf, done, buf.length - done, null);
+    if (n <= 0) throw new NbddError(Errno.EIO, `pipe held ${done} bytes, not ${buf.length}`);
+    done += n;
+  }
+  return buf;
 }
 
 function close(pipe: Pipe): void {

@@ -66,6 +66,8 @@ export class CopyBeforeWriteLayer extends PassThroughLayer implements Fleecing {
     // overlapping a write may. The backup's view reads into buffers (it has no spliceRead), so
     // what it sends cannot change after it checked for copies.
     this.passSplicedReads();
+    // A write from a pipe preserves the old data first, as any write does.
+    this.passSplicedWrites((offset, length) => this.view?.preserve(offset, length) ?? null);
   }
 
   on(event: 'backup-error', listener: (message: string) => void): this {

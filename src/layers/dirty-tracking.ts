@@ -26,6 +26,7 @@ export class DirtyTrackingLayer extends PassThroughLayer {
   ) {
     super(next);
     this.passSplicedReads(); // reads are not tracked
+    this.passSplicedWrites((offset, length) => this.bitmaps.mark(offset, length));
   }
 
   // Writes into granules already marked (the common case) pass straight through, without an

@@ -8,6 +8,7 @@
 import type { Backend, Extent, WriteOptions, ZeroOptions } from '../core/backend.js';
 import { PassThroughLayer } from '../core/layer.js';
 import { tryCall } from '../core/try-call.js';
+import { Errno, errnoOf } from '../core/errors.js';
 
 export const STAT_OPS = ['read', 'write', 'trim', 'writeZeroes', 'flush', 'blockStatus', 'cache'] as const;
 export type StatOp = (typeof STAT_OPS)[number];
@@ -50,8 +51,12 @@ export class StatsLayer extends PassThroughLayer implements StatsSource {
 
   constructor(next: Backend) {
     super(next);
-    // Counted as reads: to the stats a read into a pipe is a read.
-    if (next.spliceRead) this.spliceRead = (offset, length, into) => this.measure('read', length, () => next.spliceRead!(offset, length, into));
+    // Counted as reads and writes: to the stats a pipe is just where the bytes are. A range refused
+    // with ENOTSUP is not counted: the queue reads or writes it again the usual way.
+    if (next.spliceRead) this.spliceRead = (offset, length, into) => this.measure('read', length, () => next.spliceRead!(offset, length, into), true);
+    if (next.spliceWrite) {
+      this.spliceWrite = (offset, length, from, options) => this.measure('write', length, () => next.spliceWrite!(offset, length, from, options), true);
+    }
   }
 
   private static empty(): StatsSnapshot {
@@ -67,7 +72,7 @@ export class StatsLayer extends PassThroughLayer implements StatsSource {
    * Runs `run` and records it. Plain promise callbacks rather than an async function: this wraps
    * every request, and each async frame costs a promise and a microtask more.
    */
-  private measure<T>(op: StatOp, bytes: number, run: () => Promise<T>): Promise<T> {
+  private measure<T>(op: StatOp, bytes: number, run: () => Promise<T>, spliced = false): Promise<T> {
     const t0 = performance.now();
     return tryCall(run).then(
       (v) => {
@@ -75,7 +80,7 @@ export class StatsLayer extends PassThroughLayer implements StatsSource {
         return v;
       },
       (err: unknown) => {
-        this.record(op, t0, 0, true);
+        if (!spliced || errnoOf(err) !== Errno.ENOTSUP) this.record(op, t0, 0, true);
         throw err;
       },
     );
