@@ -184,6 +184,25 @@ export class ReplyWriter {
   }
 
   /** Answers a BLOCK_STATUS: one chunk per context, the last one flagged DONE. */
+  /** FLUSH, TRIM, WRITE_ZEROES, CACHE or BLOCK_STATUS, validated: the queue's call, then its reply. */
+  command(h: RequestHeader, q: BlockQueue, contexts: MetaContext[]): Promise<void> {
+    const fua = (h.flags & NBD_CMD_FLAG.FUA) !== 0;
+    switch (h.type) {
+      case NBD_CMD.FLUSH:
+        return q.flush().then(() => this.ok(h));
+      case NBD_CMD.TRIM:
+        return q.trim(h.offset, h.length, { fua }).then(() => this.ok(h));
+      case NBD_CMD.WRITE_ZEROES: {
+        const flags = { fua, noHole: (h.flags & NBD_CMD_FLAG.NO_HOLE) !== 0, fastZero: (h.flags & NBD_CMD_FLAG.FAST_ZERO) !== 0 };
+        return q.writeZeroes(h.offset, h.length, flags).then(() => this.ok(h));
+      }
+      case NBD_CMD.CACHE:
+        return q.cache(h.offset, h.length).then(() => this.ok(h));
+      default: // BLOCK_STATUS, the one left once validated
+        return this.blockStatus(h, contexts);
+    }
+  }
+
   async blockStatus(h: RequestHeader, contexts: MetaContext[]): Promise<void> {
     const reqOne = (h.flags & NBD_CMD_FLAG.REQ_ONE) !== 0;
     const results = await Promise.all(contexts.map((c) => c.extents(h.offset, h.length)));

@@ -60,6 +60,9 @@ export class BudgetShare {
   /** Bytes taken and not given back. */
   held = 0;
   private dropped = false;
+  /** The wait of `whenRoom`, while there is one. */
+  private retry: (() => void) | null = null;
+  private retryTimer: NodeJS.Timeout | null = null;
 
   constructor(
     private readonly budget: ReplyBudget,
@@ -80,7 +83,31 @@ export class BudgetShare {
     };
   }
 
+  /**
+   * Calls `retry` once: when a READ gives bytes back, or after 50 ms (other clients' sockets
+   * draining frees room too), whichever comes first. `drop` forgets it.
+   */
+  whenRoom(retry: () => void): void {
+    this.retry = retry;
+    this.budget.whenFreed(this.wake);
+    this.retryTimer ??= setTimeout(this.wake, 50);
+  }
+
+  private readonly wake = (): void => {
+    const retry = this.retry;
+    this.forgetRetry();
+    retry?.();
+  };
+
+  private forgetRetry(): void {
+    if (this.retryTimer) clearTimeout(this.retryTimer);
+    this.retryTimer = null;
+    this.retry = null;
+    this.budget.forget(this.wake);
+  }
+
   drop(): void {
+    this.forgetRetry();
     this.dropped = true;
     if (this.held > 0) this.budget.give(this.held);
     this.held = 0;

@@ -27,6 +27,8 @@ import { upgradeToTls, type ServerTls } from '../tls.js';
 import { ReadSlab, spliceTarget, type SlabReads } from '../read-slab.js';
 import { BudgetShare, SMALL_READ, type ReplyBudget } from './reply-budget.js';
 import { POOL_MIN, requestBuffers } from '../../core/request-buffers.js';
+import { pipes, type Pipe } from '../../io/pipes.js';
+import { PayloadSplice, dropPayload } from './spliced-payload.js';
 
 const log = logger('nbd');
 
@@ -61,7 +63,9 @@ type Wait =
   /** `buf`: a large payload's own buffer, filled as bytes arrive (else a view of the input). */
   | { kind: 'payload'; header: RequestHeader; error: number; buf: Buffer | null; filled: number }
   /** A READ waiting for room in the server's reply budget. */
-  | { kind: 'admission'; header: RequestHeader };
+  | { kind: 'admission'; header: RequestHeader }
+  /** A WRITE's payload being spliced into a pipe, with the socket paused (spliced-payload.ts). */
+  | { kind: 'spliced'; splice: PayloadSplice };
 
 /**
  * WRITE payloads at least this long get a buffer of their own from the request-buffer pool, which
@@ -100,6 +104,8 @@ export class NbdSession {
   private readonly slab: ReadSlab | null;
   /** With `overSlab`: the payload buffer handed out for the next read, when it is one. */
   private payloadTarget: Buffer | null = null;
+  /** With `overSlab`: the socket's descriptor, which large payloads are spliced from (else -1). */
+  private readonly plainFd: number;
 
   constructor(
     private socket: Socket,
@@ -108,7 +114,8 @@ export class NbdSession {
     slab: ReadSlab | null = null,
   ) {
     // A socket that reads into a slab stays plain (no STARTTLS): READ data may be spliced into it.
-    this.out = new TurnWriter(socket, slab ? spliceTarget(socket) : -1);
+    this.plainFd = slab ? spliceTarget(socket) : -1;
+    this.out = new TurnWriter(socket, this.plainFd);
     this.replies = new ReplyWriter(this.out, () => this.phase === 'closed', () => this.description);
     this.negotiation = new Negotiation(host, (frame) => this.replies.send(frame), `session ${this.id}`, options.tls?.mode ?? 'off');
     this.slab = slab;
@@ -270,6 +277,8 @@ export class NbdSession {
         else this.handleWrite(w.header, data);
         return true;
       }
+      case 'spliced':
+        return false;
     }
   }
 
@@ -303,18 +312,6 @@ export class NbdSession {
     log.debug(`${this.description}: transmission (structured=${this.replies.structured})`);
   }
 
-  /** Checks a request against the export and this connection (see requests.ts). */
-  private validate(h: RequestHeader, exp: NbdExport): number {
-    return validateRequest(h, {
-      size: exp.size,
-      readOnly: exp.readOnly,
-      minBlockSize: exp.minBlockSize,
-      maxPayload: exp.maxPayload,
-      structured: this.replies.structured,
-      contexts: this.contexts.length,
-    });
-  }
-
   private handleRequestHeader(h: RequestHeader): void {
     this.activity++;
     const exp = this.export!;
@@ -322,53 +319,67 @@ export class NbdSession {
       log.debug(`${this.description}: NBD_CMD_DISC`);
       return this.beginDraining();
     }
-    const error = this.validate(h, exp);
+    const { size, readOnly, minBlockSize, maxPayload } = exp;
+    const error = validateRequest(h, { size, readOnly, minBlockSize, maxPayload, structured: this.replies.structured, contexts: this.contexts.length });
     if (h.type === NBD_CMD.WRITE) {
       if (h.length > exp.maxPayload) {
         // We will not buffer the payload, so framing is lost after the error reply.
         this.replies.error(h, NBD_ERR.EINVAL, `write of ${h.length} bytes exceeds ${exp.maxPayload}`);
         return this.beginDraining();
       }
+      if (!error && h.length > this.reader.length && this.splicePayload(h)) return;
       const buf = !error && h.length >= OWN_PAYLOAD_MIN ? requestBuffers.take(h.length) : null;
       this.wait = { kind: 'payload', header: h, error, buf, filled: 0 };
       return;
     }
     if (error) return this.replies.error(h, error, `${nameOfNbdCmd(h.type)} refused`);
     const q = exp.queue;
-    const fua = (h.flags & NBD_CMD_FLAG.FUA) !== 0;
-    switch (h.type) {
-      case NBD_CMD.READ: {
-        const budget = this.options.replyBudget;
-        const counted = budget !== undefined && h.length > SMALL_READ;
-        if (counted && !budget.tryTake(h.length)) return this.awaitBudget(h, budget);
-        const release = counted ? this.share!.hold(h.length) : undefined;
-        if (!this.replies.needsReadPlan(h, q)) {
-          // The common read: one queue read, one reply (no async frame on this per-request path).
-          return this.track(h, q.read(h.offset, h.length).then((data) => this.replies.readReply(h, data, release)), release);
-        }
-        return this.track(h, this.replies.read(h, q, release), release);
-      }
-      case NBD_CMD.FLUSH:
-        return this.track(h, q.flush().then(() => this.replies.ok(h)));
-      case NBD_CMD.TRIM:
-        return this.track(h, q.trim(h.offset, h.length, { fua }).then(() => this.replies.ok(h)));
-      case NBD_CMD.WRITE_ZEROES: {
-        const flags = { fua, noHole: (h.flags & NBD_CMD_FLAG.NO_HOLE) !== 0, fastZero: (h.flags & NBD_CMD_FLAG.FAST_ZERO) !== 0 };
-        return this.track(h, q.writeZeroes(h.offset, h.length, flags).then(() => this.replies.ok(h)));
-      }
-      case NBD_CMD.CACHE:
-        return this.track(h, q.cache(h.offset, h.length).then(() => this.replies.ok(h)));
-      case NBD_CMD.BLOCK_STATUS:
-        return this.track(h, this.replies.blockStatus(h, this.contexts));
+    if (h.type !== NBD_CMD.READ) return this.track(h, this.replies.command(h, q, this.contexts));
+    const budget = this.options.replyBudget;
+    const counted = budget !== undefined && h.length > SMALL_READ;
+    if (counted && !budget.tryTake(h.length)) return this.awaitBudget(h);
+    const release = counted ? this.share!.hold(h.length) : undefined;
+    if (!this.replies.needsReadPlan(h, q)) {
+      // The common read: one queue read, one reply (no async frame on this per-request path).
+      return this.track(h, q.read(h.offset, h.length).then((data) => this.replies.readReply(h, data, release)), release);
     }
+    this.track(h, this.replies.read(h, q, release), release);
   }
 
-  private handleWrite(h: RequestHeader, data: Buffer): void {
+  private handleWrite(h: RequestHeader, data: Buffer | Pipe): void {
     const fua = (h.flags & NBD_CMD_FLAG.FUA) !== 0;
     if (h.length === 0) return this.replies.ok(h);
+    const q = this.export!.queue;
+    // A pipe is empty once written, its content unknown if the write failed.
+    if (!Buffer.isBuffer(data)) return this.track(h, q.spliceWrite(h.offset, h.length, data, { fua }).then(() => (pipes.give(data), this.replies.ok(h))), () => pipes.discard(data));
     // Once written, the payload's buffer may carry the next large WRITE (or READ).
-    const written = this.export!.queue.write(h.offset, data, { fua });
-    this.track(h, written.then(() => (requestBuffers.give(data), this.replies.ok(h))));
+    this.track(h, q.write(h.offset, data, { fua }).then(() => (requestBuffers.give(data), this.replies.ok(h))));
+  }
+
+  /**
+   * Receives the payload of the WRITE `h` by splicing it into a pipe, with reading paused, where it
+   * can (spliced-payload.ts); false: it is read the usual way.
+   */
+  private splicePayload(h: RequestHeader): boolean {
+    const live = (): boolean => this.phase === 'transmission' && !this.socket.destroyed;
+    const head = (into: (bytes: Buffer) => void): void => void this.reader.decode(this.reader.length, into); // copied: not lent
+    const splice = PayloadSplice.start(this.plainFd, h.length, this.export!.queue, head, live);
+    if (!splice) return false;
+    this.wait = { kind: 'spliced', splice };
+    this.socket.pause();
+    void splice.outcome.then((end) => {
+      if (end.kind === 'gone' || !live()) {
+        dropPayload(end); // cut short: dropped, as when a session drains or closes while reading one
+        if (end.kind !== 'gone' || this.phase !== 'transmission') return;
+        log.warn(`${this.description}: ${end.reason}; closing`);
+        return this.terminate();
+      }
+      this.wait = end.kind === 'buffered' ? { kind: 'payload', header: h, error: 0, buf: end.buf, filled: end.filled } : { kind: 'request' };
+      if (end.kind === 'spliced') this.handleWrite(h, end.pipe);
+      this.socket.resume();
+      this.pump();
+    });
+    return true;
   }
 
   /** Counts a request in flight; its failure becomes an error reply for `h` (and `onFail` runs). */
@@ -388,20 +399,14 @@ export class NbdSession {
    * The READ `h` waits, with reading paused, until the budget has room: retried when a READ gives
    * bytes back, and every 50 ms (other clients' sockets draining frees room too).
    */
-  private awaitBudget(h: RequestHeader, budget: ReplyBudget): void {
+  private awaitBudget(h: RequestHeader): void {
     this.wait = { kind: 'admission', header: h };
     this.blocked = true;
     this.socket.pause();
-    budget.whenFreed(this.onBudgetFreed);
-    this.admissionRetry ??= setTimeout(this.onBudgetFreed, 50);
+    this.share!.whenRoom(this.onBudgetFreed);
   }
 
-  private admissionRetry: NodeJS.Timeout | null = null;
-
   private readonly onBudgetFreed = (): void => {
-    if (this.admissionRetry) clearTimeout(this.admissionRetry);
-    this.admissionRetry = null;
-    this.options.replyBudget?.forget(this.onBudgetFreed);
     if (!this.blocked || this.phase !== 'transmission' || this.wait.kind !== 'admission') return;
     this.blocked = false;
     this.pump();
@@ -432,7 +437,7 @@ export class NbdSession {
   private readonly onSocketDrain = (): void => this.unblock();
 
   private unblock(): void {
-    if (!this.blocked || this.phase !== 'transmission' || this.wait.kind === 'admission') return;
+    if (!this.blocked || this.phase !== 'transmission' || this.wait.kind === 'admission' || this.wait.kind === 'spliced') return;
     if (this.export!.queue.saturated) return;
     this.blocked = false;
     this.socket.resume();
@@ -483,11 +488,10 @@ export class NbdSession {
 
   private finish(): void {
     this.phase = 'closed';
+    if (this.wait.kind === 'spliced') this.wait.splice.cancel();
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     // What this session held goes back now; its replies will never be read.
     this.share?.drop();
-    this.options.replyBudget?.forget(this.onBudgetFreed);
-    if (this.admissionRetry) clearTimeout(this.admissionRetry);
     this.unsubscribeDrain?.();
     this.host.sessionClosed(this);
     if (this.inFlight === 0) this.closedResolve();
