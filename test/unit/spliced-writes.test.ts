@@ -20,7 +20,7 @@ import { pipes } from '../../src/io/pipes.js';
 import { sharedEngine } from '../../src/io/open-port.js';
 import { NBD_CMD, NBD_CMD_FLAG } from '../../src/nbd/wire/constants.js';
 import { setUnixSendBuffer } from '../../src/sys/libc.js';
-import { ScriptClient, request } from '../helpers/nbd-script.js';
+import { ScriptClient, clientFlags, optGo, request } from '../helpers/nbd-script.js';
 import { ServedStack, image, waitFor } from '../helpers/served-stack.js';
 
 const SIZE = 8 << 20;
@@ -252,4 +252,24 @@ describe('spliced writes through the layers', () => {
     expect(q.spliceWrite).toBeUndefined();
     await q.close();
   });
+});
+
+describe('spliced writes: whose sockets', () => {
+  it('a client connection receives payloads into buffers (only the kernel’s sockets splice)', async () => {
+    const data = image(SIZE);
+    const path = await rawImage(tmpdir(), data);
+    const sock = join(dir, 's');
+    await rig.server!.listenUnix(sock);
+    const c = rig.adopt(await ScriptClient.connect(sock));
+    await c.readGreeting();
+    c.send(clientFlags());
+    c.send(optGo('disk'));
+    await c.readOptionReplies();
+    const taken = vi.spyOn(pipes, 'take');
+    const payload = image(MiB, 0x21);
+    c.send(Buffer.concat([writeHeader(1, MiB, MiB), payload]));
+    expect((await c.readSimpleReply()).error).toBe(0);
+    expect(taken).not.toHaveBeenCalled();
+    expect(readFileSync(path).subarray(MiB, 2 * MiB).equals(payload)).toBe(true);
+  }, 60_000);
 });

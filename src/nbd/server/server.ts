@@ -179,7 +179,7 @@ export class NbdServer implements SessionHost {
   serveTransmission(fd: number, exportName: string): NbdSession {
     const exp = this.exports.get(exportName);
     if (!exp) throw new NbddError(Errno.ENOENT, `no export named '${exportName}'`);
-    const session = NbdSession.overSlab((reads) => slabSocket(fd, reads), this, { handshakeTimeoutMs: 0 })!;
+    const session = NbdSession.overSlab((reads) => slabSocket(fd, reads), this, { handshakeTimeoutMs: 0, splicePayloads: true })!;
     this.sessions.add(session);
     session.startTransmission(exp);
     return session;

@@ -26,9 +26,9 @@ import { ReplyWriter } from './replies.js';
 import { upgradeToTls, type ServerTls } from '../tls.js';
 import { ReadSlab, spliceTarget, type SlabReads } from '../read-slab.js';
 import { BudgetShare, SMALL_READ, type ReplyBudget } from './reply-budget.js';
-import { POOL_MIN, requestBuffers } from '../../core/request-buffers.js';
+import { requestBuffers } from '../../core/request-buffers.js';
 import { pipes, type Pipe } from '../../io/pipes.js';
-import { PayloadSplice, dropPayload } from './spliced-payload.js';
+import { OWN_PAYLOAD_MIN, PayloadSplice, dropPayload } from './spliced-payload.js';
 
 const log = logger('nbd');
 
@@ -50,6 +50,11 @@ export interface SessionOptions {
   replyBudget?: ReplyBudget;
   /** TLS the client may (or must) start with NBD_OPT_STARTTLS; none: STARTTLS is refused. */
   tls?: ServerTls | null;
+  /**
+   * Splice large WRITE payloads from the socket into pipes (spliced-payload.ts): for the kernel's
+   * socketpairs, where it measured faster; a client's large sends measured slower spliced.
+   */
+  splicePayloads?: boolean;
 }
 
 const DEFAULT_MAX_PENDING_REPLY_BYTES = 32 * 1024 * 1024;
@@ -67,14 +72,6 @@ type Wait =
   /** A WRITE's payload being spliced into a pipe, with the socket paused (spliced-payload.ts). */
   | { kind: 'spliced'; splice: PayloadSplice };
 
-/**
- * WRITE payloads at least this long get a buffer of their own from the request-buffer pool, which
- * socket reads fill directly on slab sockets (`overSlab`) and input chunks are copied into
- * otherwise; shorter ones are views of the received bytes. A view would hold its slab until the
- * write completes, so the room of the read it came in could not be reused (`ReadSlab.reuse`):
- * 4 KiB writes used up a fresh 1 MiB slab every 250 requests, left to the GC.
- */
-const OWN_PAYLOAD_MIN = POOL_MIN;
 let nextSessionId = 1;
 
 export class NbdSession {
@@ -363,7 +360,7 @@ export class NbdSession {
   private splicePayload(h: RequestHeader): boolean {
     const live = (): boolean => this.phase === 'transmission' && !this.socket.destroyed;
     const head = (into: (bytes: Buffer) => void): void => void this.reader.decode(this.reader.length, into); // copied: not lent
-    const splice = PayloadSplice.start(this.plainFd, h.length, this.export!.queue, head, live);
+    const splice = PayloadSplice.start(this.options.splicePayloads ? this.plainFd : -1, h.length, this.export!.queue, head, live);
     if (!splice) return false;
     this.wait = { kind: 'spliced', splice };
     this.socket.pause();
