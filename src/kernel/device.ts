@@ -27,7 +27,8 @@ import { scanPartitions } from './partitions.js';
 import { DeviceRuntime, type Frontend, type FrontendContext } from '../runtime/device.js';
 import type { NbdSession } from '../nbd/server/session.js';
 import { NBD_FLAG } from '../nbd/wire/constants.js';
-import { closeFd, socketPair } from '../sys/libc.js';
+import { closeFd, setUnixSendBuffer, socketPair } from '../sys/libc.js';
+import { UNIX_SEND_BUFFER } from '../nbd/read-slab.js';
 import { LinkDeadListener, NbdControl, devicePath, requireSysAdmin } from './nbd-control.js';
 import { loadState, processAlive, removeState, saveState, type DeviceState } from './registry.js';
 import { readSysfs } from './sysfs.js';
@@ -259,6 +260,9 @@ export class KernelFrontend implements Frontend {
     const kernelFds: number[] = [];
     for (let i = 0; i < n; i++) {
       const [kernelEnd, ourEnd] = socketPair();
+      // The driver's end gets the larger send buffer too: with the default 208 KiB it stalled in the
+      // middle of each 1 MiB WRITE (docs/performance.md, "Spliced writes").
+      setUnixSendBuffer(kernelEnd, UNIX_SEND_BUFFER);
       kernelFds.push(kernelEnd);
       const session = this.server!.serveTransmission(ourEnd, this.opts.name);
       this.sessions.add(session);

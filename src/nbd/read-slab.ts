@@ -108,9 +108,10 @@ export function socketFd(socket: Socket): number {
  * kernel doubles it. The default (net.core.wmem_default, 208 KiB) takes a fifth of a 1 MiB READ
  * reply, so every such reply waited for the reader four times: 1 MiB reads at depth 8 measured
  * 2890–3155 MiB/s with this against 2394 without (buffered replies), 3400–4737 against 1481–1817
- * (spliced ones; docs/performance.md).
+ * (spliced ones; docs/performance.md). The kernel's end of its socketpairs gets it as well
+ * (src/kernel/device.ts), for the WRITEs the driver sends.
  */
-const UNIX_SEND_BUFFER = 2 * 1024 * 1024;
+export const UNIX_SEND_BUFFER = 2 * 1024 * 1024;
 
 /**
  * The descriptor replies may be spliced into (src/io/pipes.ts), of a slab socket (plain for good),
