@@ -13,7 +13,6 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { RawBackend } from '../../src/backends/raw.js';
 import { openImage } from '../../src/backends/open.js';
-import { BitmapSet } from '../../src/bitmaps/bitmap-set.js';
 import type { Backend } from '../../src/core/backend.js';
 import { BlockQueue } from '../../src/core/queue.js';
 import { PassThroughLayer } from '../../src/core/layer.js';
@@ -21,13 +20,11 @@ import { pipes } from '../../src/io/pipes.js';
 import { sharedEngine } from '../../src/io/open-port.js';
 import { UringEngine } from '../../src/io/uring-engine.js';
 import { CopyBeforeWriteLayer } from '../../src/layers/copy-before-write.js';
-import { NbdExport } from '../../src/nbd/server/export.js';
-import { NbdServer } from '../../src/nbd/server/server.js';
 import { NBD_CMD, NBD_REPLY_TYPE } from '../../src/nbd/wire/constants.js';
-import { buildStack, type DeviceStack } from '../../src/runtime/stack.js';
 import { closeFd, setUnixSendBuffer, sendBufferSize, socketPair } from '../../src/sys/libc.js';
 import { socketFd } from '../../src/nbd/read-slab.js';
 import { ScriptClient, clientFlags, optGo, optStructured, request } from '../helpers/nbd-script.js';
+import { ServedStack, image, waitFor } from '../helpers/served-stack.js';
 
 const SIZE = 8 << 20;
 const MiB = 1 << 20;
@@ -38,52 +35,21 @@ const DIRS = [
 ] as const;
 
 let dir: string;
-let server: NbdServer | null = null;
-let stack: DeviceStack | null = null;
-
-/** Peers to drop before the server closes (a test that failed may leave one that never reads). */
-const peers: ScriptClient[] = [];
+const rig = new ServedStack();
 
 afterEach(async () => {
   vi.restoreAllMocks();
-  for (const p of peers.splice(0)) p.destroy();
-  await server?.close();
-  server = null;
-  await stack?.close();
-  stack = null;
+  await rig.close();
   rmSync(dir, { recursive: true, force: true });
 });
-
-/** A deterministic image: byte i is a hash of i, so a misplaced or stale range shows. */
-function image(size: number): Buffer {
-  const b = Buffer.alloc(size);
-  for (let i = 0; i < size; i += 4) b.writeUInt32LE((Math.imul(i, 2654435761) ^ (i >>> 7)) >>> 0, i);
-  return b;
-}
-
-/** The device stack over `backend` (which it then owns), exported as 'disk' by a fresh server. */
-async function exportStack(backend: Backend): Promise<void> {
-  stack = buildStack(backend, await BitmapSet.open(backend.size, null));
-  server = new NbdServer({});
-  server.addExport(new NbdExport({ name: 'disk', queue: stack.queue }));
-}
-
-/** A connection served as the kernel's are; the test is the kernel. `ours`: the daemon's end. */
-function kernelConnection(): { c: ScriptClient; ours: number } {
-  const [peer, ours] = socketPair();
-  server!.serveTransmission(ours, 'disk');
-  const c = ScriptClient.over(new net.Socket({ fd: peer, readable: true, writable: true }));
-  peers.push(c);
-  return { c, ours };
-}
 
 /** The device stack over a raw image of `data`, and a kernel connection to it. */
 async function kernelPair(base: string, data: Buffer): Promise<{ c: ScriptClient; path: string; ours: number }> {
   dir = mkdtempSync(join(base, 'nbdd-splice-'));
   const path = join(dir, 'disk.raw');
   writeFileSync(path, data);
-  await exportStack(await RawBackend.open(path));
-  return { ...kernelConnection(), path };
+  await rig.export(await RawBackend.open(path));
+  return { ...rig.kernelConnection(), path };
 }
 
 /** Replies in cookie order are not promised: reads `n` simple replies, each with its request's length. */
@@ -98,19 +64,11 @@ async function replies(c: ScriptClient, lengths: Map<number, number>, n: number)
   return got;
 }
 
-const waitFor = async (cond: () => boolean, ms = 5000): Promise<void> => {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error('timed out');
-    await new Promise((r) => setTimeout(r, 10));
-  }
-};
-
 describe.each(DIRS)('spliced reads on %s', (_name, base) => {
   it.runIf(existsSync(base))('answers large reads from pipes and small ones from buffers, every byte in place, replies framed', async () => {
     const data = image(SIZE);
     const { c } = await kernelPair(base, data);
-    expect(stack!.queue.splicesReads).toBe(true);
+    expect(rig.stack!.queue.splicesReads).toBe(true);
     const given = vi.spyOn(pipes, 'give');
     const ringSplices = vi.spyOn(sharedEngine()!, 'splice');
     // Unaligned offsets and lengths, the smallest spliced length and just under it, a write
@@ -186,7 +144,7 @@ describe.each(DIRS)('spliced reads on %s', (_name, base) => {
     // More than the pool has pipes: the rest are read into buffers and queue behind.
     c.send(reads(33, 64));
     // Meanwhile another connection is served (from a pipe, or a buffer if the first took them all).
-    const { c: c2 } = kernelConnection();
+    const { c: c2 } = rig.kernelConnection();
     c2.send(request(NBD_CMD.READ, 7, 0, MiB));
     expect((await c2.readSimpleReply(MiB)).error).toBe(0);
     expect(pipes.inUse).toBeGreaterThan(0);
@@ -224,11 +182,10 @@ describe('spliced reads to a client connection (structured replies, sparse reads
     const fd = openSync(path, 'r+');
     writeSync(fd, data.subarray(3 * MiB), 0, SIZE - 3 * MiB, 3 * MiB);
     closeSync(fd);
-    await exportStack(await RawBackend.open(path));
+    await rig.export(await RawBackend.open(path));
     const sock = join(dir, 's');
-    await server!.listenUnix(sock);
-    const c = await ScriptClient.connect(sock);
-    peers.push(c);
+    await rig.server!.listenUnix(sock);
+    const c = rig.adopt(await ScriptClient.connect(sock));
     await c.readGreeting();
     c.send(clientFlags());
     c.send(optStructured());
@@ -267,9 +224,9 @@ describe('spliced reads of a qcow2 image', () => {
     dir = mkdtempSync(join(tmpdir(), 'nbdd-splice-'));
     const path = join(dir, 'disk.qcow2');
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', path, String(SIZE)]);
-    await exportStack(await openImage(path, {}));
-    expect(stack!.queue.splicesReads).toBe(true);
-    const { c } = kernelConnection();
+    await rig.export(await openImage(path, {}));
+    expect(rig.stack!.queue.splicesReads).toBe(true);
+    const { c } = rig.kernelConnection();
     // Data in [0, 2 MiB), zeroes in [2, 3) MiB, nothing written from 3 MiB.
     const data = image(2 * MiB);
     c.send(request(NBD_CMD.WRITE, 1, 0, 2 * MiB, 0, data));
