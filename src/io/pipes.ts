@@ -1,10 +1,12 @@
 /**
- * Pipes for spliced READ replies (docs/io-engine.md, "Spliced reads").
+ * Pipes for spliced READ replies and WRITE payloads (docs/io-engine.md, "Spliced reads", "Spliced
+ * writes").
  *
  * A large READ on a raw image served to a socket can skip two of its three copies: the backend
  * splices the file's page-cache pages into a pipe by reference (no copy), and the reply splices
- * them from the pipe into the socket (by reference again); the peer's receive is the one copy.
- * This pool hands out pipes big enough for one such read, and takes them back when they are empty.
+ * them from the pipe into the socket (by reference again); the peer's receive is the one copy. A
+ * large WRITE skips our receive's copy: the socket's pages go into a pipe, and the pipe into the
+ * file. This pool hands out pipes big enough for one such request, and takes them back empty.
  *
  * A pipe holds its data as page references, so the bytes a reply sends are the file's at the
  * moment the peer copies them, which is still inside that READ's lifetime (it ends when the peer
