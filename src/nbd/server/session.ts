@@ -324,7 +324,7 @@ export class NbdSession {
         this.replies.error(h, NBD_ERR.EINVAL, `write of ${h.length} bytes exceeds ${exp.maxPayload}`);
         return this.beginDraining();
       }
-      if (!error && h.length > this.reader.length && this.splicePayload(h)) return;
+      if (!error && this.options.splicePayloads && h.length > this.reader.length && this.splicePayload(h)) return;
       const buf = !error && h.length >= OWN_PAYLOAD_MIN ? requestBuffers.take(h.length) : null;
       this.wait = { kind: 'payload', header: h, error, buf, filled: 0 };
       return;
@@ -360,7 +360,7 @@ export class NbdSession {
   private splicePayload(h: RequestHeader): boolean {
     const live = (): boolean => this.phase === 'transmission' && !this.socket.destroyed;
     const head = (into: (bytes: Buffer) => void): void => void this.reader.decode(this.reader.length, into); // copied: not lent
-    const splice = PayloadSplice.start(this.options.splicePayloads ? this.plainFd : -1, h.length, this.export!.queue, head, live);
+    const splice = PayloadSplice.start(this.plainFd, h.length, this.export!.queue, head, live);
     if (!splice) return false;
     this.wait = { kind: 'spliced', splice };
     this.socket.pause();
