@@ -3,7 +3,9 @@
  * are (a socketpair in the transmission phase; the test is the kernel). For the tests of spliced
  * reads and writes, which drive the server's sockets by hand.
  */
+import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
+import { join } from 'node:path';
 import { BitmapSet } from '../../src/bitmaps/bitmap-set.js';
 import type { Backend } from '../../src/core/backend.js';
 import { NbdExport } from '../../src/nbd/server/export.js';
@@ -17,6 +19,14 @@ export class ServedStack {
   stack: DeviceStack | null = null;
   /** Peers to drop before the server closes (a test that failed may leave one that never reads). */
   private readonly peers: ScriptClient[] = [];
+  private readonly dirs: string[] = [];
+
+  /** A fresh directory under `base`, removed at `close`. */
+  tempDir(base: string): string {
+    const dir = mkdtempSync(join(base, 'nbdd-splice-'));
+    this.dirs.push(dir);
+    return dir;
+  }
 
   /** The device stack over `backend` (which it then owns), exported as 'disk'. */
   async export(backend: Backend, bitmaps?: BitmapSet): Promise<DeviceStack> {
@@ -46,6 +56,7 @@ export class ServedStack {
     this.server = null;
     await this.stack?.close();
     this.stack = null;
+    for (const d of this.dirs.splice(0)) rmSync(d, { recursive: true, force: true });
   }
 }
 

@@ -5,7 +5,7 @@
  * replies, a peer that stops reading (the socket fills and the writer waits on the ring), a peer
  * that dies mid-reply, and the stacks that must not splice.
  */
-import { closeSync, existsSync, readFileSync, mkdtempSync, openSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, readFileSync, openSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
@@ -40,12 +40,11 @@ const rig = new ServedStack();
 afterEach(async () => {
   vi.restoreAllMocks();
   await rig.close();
-  rmSync(dir, { recursive: true, force: true });
 });
 
 /** The device stack over a raw image of `data`, and a kernel connection to it. */
 async function kernelPair(base: string, data: Buffer): Promise<{ c: ScriptClient; path: string; ours: number }> {
-  dir = mkdtempSync(join(base, 'nbdd-splice-'));
+  dir = rig.tempDir(base);
   const path = join(dir, 'disk.raw');
   writeFileSync(path, data);
   await rig.export(await RawBackend.open(path));
@@ -173,7 +172,7 @@ describe.each(DIRS)('spliced reads on %s', (_name, base) => {
 
 describe('spliced reads to a client connection (structured replies, sparse reads)', () => {
   it('sends data extents from pipes and holes as OFFSET_HOLE, in one reply that reassembles to the image', async () => {
-    dir = mkdtempSync(join(tmpdir(), 'nbdd-splice-'));
+    dir = rig.tempDir(tmpdir());
     const path = join(dir, 'disk.raw');
     // Data, a 1 MiB hole, data: a 3 MiB read crosses all three.
     const data = image(SIZE);
@@ -221,7 +220,7 @@ describe('spliced reads to a client connection (structured replies, sparse reads
 
 describe('spliced reads of a qcow2 image', () => {
   it('splices runs of data clusters; zero, unallocated and mixed ranges are read into buffers', async () => {
-    dir = mkdtempSync(join(tmpdir(), 'nbdd-splice-'));
+    dir = rig.tempDir(tmpdir());
     const path = join(dir, 'disk.qcow2');
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', path, String(SIZE)]);
     await rig.export(await openImage(path, {}));
@@ -260,7 +259,7 @@ describe('spliced reads of a qcow2 image', () => {
 
 describe('which stacks splice', () => {
   it('a layer that does not say so stops spliced reads; a backup view never has them', async () => {
-    dir = mkdtempSync(join(tmpdir(), 'nbdd-splice-'));
+    dir = rig.tempDir(tmpdir());
     const path = join(dir, 'disk.raw');
     writeFileSync(path, Buffer.alloc(MiB));
     const raw = await RawBackend.open(path);
@@ -279,7 +278,7 @@ describe('which stacks splice', () => {
   });
 
   it('O_DIRECT images do not splice', async () => {
-    dir = mkdtempSync(join(tmpdir(), 'nbdd-splice-'));
+    dir = rig.tempDir(tmpdir());
     const path = join(dir, 'disk.raw');
     writeFileSync(path, Buffer.alloc(MiB));
     const raw = await RawBackend.open(path, { direct: true }).catch(() => null);
@@ -291,7 +290,7 @@ describe('which stacks splice', () => {
 
 describe('send buffers', () => {
   it('unix-domain connections get a larger one; TCP keeps its own sizing', async () => {
-    dir = mkdtempSync(join(tmpdir(), 'nbdd-splice-'));
+    dir = rig.tempDir(tmpdir());
     const [a, b] = socketPair();
     expect(setUnixSendBuffer(a, 2 * MiB)).toBe(true);
     // SO_SNDBUFFORCE, or SO_SNDBUF up to net.core.wmem_max (the kernel doubles what it is given).
@@ -314,7 +313,7 @@ describe('send buffers', () => {
 
 describe('the ring at teardown', () => {
   it('closes with a poll in flight on a socket whose peer never reads (the poll is cancelled)', () => {
-    dir = mkdtempSync(join(tmpdir(), 'nbdd-splice-'));
+    dir = rig.tempDir(tmpdir());
     const engine = UringEngine.create();
     expect(engine.canSplice).toBe(true);
     const [a, b] = socketPair();

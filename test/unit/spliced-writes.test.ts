@@ -8,7 +8,7 @@
  * before a spliced write (write-intent marks, copy-before-write, the probed first sector).
  */
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it, vi } from 'vitest';
@@ -38,12 +38,11 @@ const rig = new ServedStack();
 afterEach(async () => {
   vi.restoreAllMocks();
   await rig.close();
-  rmSync(dir, { recursive: true, force: true });
 });
 
 /** A raw image of `data` in a fresh directory under `base`, exported; `probed`: opened as a guess. */
 async function rawImage(base: string, data: Buffer, probed = false): Promise<string> {
-  dir = mkdtempSync(join(base, 'nbdd-splice-w-'));
+  dir = rig.tempDir(base);
   const path = join(dir, 'disk.raw');
   writeFileSync(path, data);
   await rig.export(await RawBackend.open(path, { probed }));
@@ -232,7 +231,7 @@ describe('spliced writes through the layers', () => {
   }, 60_000);
 
   it('a layer that does not say so stops spliced writes; so does a qcow2 image', async () => {
-    dir = mkdtempSync(join(tmpdir(), 'nbdd-splice-w-'));
+    dir = rig.tempDir(tmpdir());
     const path = join(dir, 'disk.raw');
     writeFileSync(path, Buffer.alloc(MiB));
     const raw = await RawBackend.open(path);
