@@ -29,8 +29,15 @@ for i in $(seq 600); do [ -s $WORK/multi.stdout ] && break; sleep 0.2; done
 dev=$(cat $WORK/multi.stdout)
 ls /sys/block/\${dev#/dev/}/mq | wc -l > $WORK/multi.hwqueues; nproc > $WORK/nproc
 $FIO --name=multi --filename=$dev --size=32M --output=$WORK/multi.fio.json; echo $? > $WORK/multi.fio.rc
+# Large writes, whose payloads nbdd splices from the driver's sockets into the image: 1 MiB ones,
+# checked through the device and then in the image file itself (after detach), and 64 KiB–1 MiB
+# ones at random offsets, checked through the device.
+BIG="fio --ioengine=libaio --iodepth=8 --verify=crc32c --verify_fatal=1 --output-format=json --size=16M"
+$BIG --direct=1 --name=big --filename=$dev --offset=32M --rw=write --bs=1M --output=$WORK/big.fio.json; echo $? > $WORK/big.fio.rc
+$BIG --direct=1 --name=mixed --filename=$dev --offset=48M --rw=randwrite --bsrange=64k-1m --output=$WORK/mixed.fio.json; echo $? > $WORK/mixed.fio.rc
 nbdd detach multi; echo $? > $WORK/multi.detach.rc
 wait $fg; echo $? > $WORK/multi.exit
+$BIG --name=big --filename=multi.img --offset=32M --rw=write --bs=1M --verify_only --output=$WORK/big-file.fio.json; echo $? > $WORK/big-file.fio.rc
 
 # A LINK_DEAD listener (the daemon's own class) records notifications while the daemon dies.
 node --input-type=module -e "
@@ -156,6 +163,20 @@ it('fio --verify=crc32c over 4 connections: one hardware queue per connection (b
   expect(job.error).toBe(0);
   expect(job.write.io_bytes).toBe(32 << 20);
   expect(job.read.io_bytes).toBe(32 << 20); // the verify pass read everything back
+});
+
+it('large writes (spliced from the driver\'s sockets) verify through the device, and the 1 MiB ones in the image file itself', () => {
+  for (const name of ['big', 'mixed']) {
+    expect(s.text(`${name}.fio.rc`).trim(), s.text(`${name}.fio.json`) + s.log).toBe('0');
+    const job = fioJob(`${name}.fio.json`);
+    expect(job.error).toBe(0);
+    expect(job.write.io_bytes).toBe(16 << 20);
+    expect(job.read.io_bytes).toBe(16 << 20);
+  }
+  expect(s.text('big-file.fio.rc').trim(), s.text('big-file.fio.json')).toBe('0');
+  const file = fioJob('big-file.fio.json');
+  expect(file.error).toBe(0);
+  expect(file.read.io_bytes).toBe(16 << 20); // fio read and checked every block it wrote through the device
 });
 
 it('--foreground prints the device once usable and exits 0 after detach (the image flushed and closed)', () => {
