@@ -632,19 +632,19 @@ static napi_value js_fallocate(napi_env env, napi_callback_info info) {
 }
 
 /*
- * splice(ring, fdIn, offset, pipeFd, length) -> slot, or -1 when full: moves `length` bytes of the
- * file `fdIn` at `offset` into the pipe by reference to its page-cache pages (SPLICE_F_MOVE), with
- * SPLICE_F_NONBLOCK so that a pipe without room answers -EAGAIN instead of waiting for a reader.
- * Short results happen; the caller goes on or gives up.
+ * One SPLICE between a file at an offset and a pipe: the arguments are (ring, fd, offset, otherFd,
+ * length), the file and the pipe in the order of the call (see js_splice and js_splice_out).
+ * SPLICE_F_MOVE, and SPLICE_F_NONBLOCK so that a pipe without room (or bytes) answers -EAGAIN
+ * instead of waiting. Short results happen; the caller goes on or gives up.
  */
-static napi_value js_splice(napi_env env, napi_callback_info info) {
+static napi_value queue_splice(napi_env env, napi_callback_info info, bool into_pipe) {
   call_t c;
   if (!get_call(env, info, 5, &c)) return NULL;
   int64_t offset;
-  int32_t pipe_fd;
+  int32_t other;
   uint32_t len;
   CHECK(napi_get_value_int64(env, c.argv[2], &offset));
-  CHECK(napi_get_value_int32(env, c.argv[3], &pipe_fd));
+  CHECK(napi_get_value_int32(env, c.argv[3], &other));
   CHECK(napi_get_value_uint32(env, c.argv[4], &len));
   if (!c.r->can_splice) return nbdd_throw_errno(env, EOPNOTSUPP, "io_uring splice");
   unsigned slot;
@@ -653,10 +653,10 @@ static napi_value js_splice(napi_env env, napi_callback_info info) {
   /* io_uring/splice.c, io_splice_prep: fd is the output, splice_fd_in the input, off the output
    * offset (-1: none, a pipe), splice_off_in the input offset. */
   sqe->opcode = IORING_OP_SPLICE;
-  sqe->fd = pipe_fd;
-  sqe->off = (uint64_t)-1;
-  sqe->splice_fd_in = c.fd;
-  sqe->splice_off_in = (uint64_t)offset;
+  sqe->fd = into_pipe ? other : c.fd;
+  sqe->off = into_pipe ? (uint64_t)-1 : (uint64_t)offset;
+  sqe->splice_fd_in = into_pipe ? c.fd : other;
+  sqe->splice_off_in = into_pipe ? (uint64_t)offset : (uint64_t)-1;
   sqe->len = len;
   sqe->splice_flags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK;
   publish_sqe(c.r);
@@ -664,34 +664,17 @@ static napi_value js_splice(napi_env env, napi_callback_info info) {
 }
 
 /*
- * spliceOut(ring, pipeFd, fd, offset, length) -> slot, or -1 when full: moves up to `length` bytes
+ * splice(ring, fd, offset, pipeFd, length) -> slot, or -1 when full: moves `length` bytes of the
+ * file `fd` at `offset` into the pipe by reference to its page-cache pages.
+ */
+static napi_value js_splice(napi_env env, napi_callback_info info) { return queue_splice(env, info, true); }
+
+/*
+ * spliceOut(ring, fd, offset, pipeFd, length) -> slot, or -1 when full: moves up to `length` bytes
  * from the pipe into the file `fd` at `offset` (the kernel copies them into the page cache; a
  * large WRITE's payload spliced from its socket, see src/nbd/server/spliced-payload.ts).
- * SPLICE_F_NONBLOCK: an empty pipe answers -EAGAIN instead of waiting for a writer.
  */
-static napi_value js_splice_out(napi_env env, napi_callback_info info) {
-  call_t c; /* the "fd" argument is the pipe */
-  if (!get_call(env, info, 5, &c)) return NULL;
-  int32_t fd;
-  int64_t offset;
-  uint32_t len;
-  CHECK(napi_get_value_int32(env, c.argv[2], &fd));
-  CHECK(napi_get_value_int64(env, c.argv[3], &offset));
-  CHECK(napi_get_value_uint32(env, c.argv[4], &len));
-  if (!c.r->can_splice) return nbdd_throw_errno(env, EOPNOTSUPP, "io_uring splice");
-  unsigned slot;
-  struct io_uring_sqe *sqe = take_sqe(c.r, &slot);
-  if (!sqe) return slot_value(env, -1);
-  sqe->opcode = IORING_OP_SPLICE;
-  sqe->fd = fd;
-  sqe->off = (uint64_t)offset;
-  sqe->splice_fd_in = c.fd;
-  sqe->splice_off_in = (uint64_t)-1;
-  sqe->len = len;
-  sqe->splice_flags = SPLICE_F_MOVE | SPLICE_F_NONBLOCK;
-  publish_sqe(c.r);
-  return slot_value(env, slot);
-}
+static napi_value js_splice_out(napi_env env, napi_callback_info info) { return queue_splice(env, info, false); }
 
 /*
  * poll(ring, fd, events) -> slot, or -1 when full: completes with the revents once `fd` is ready

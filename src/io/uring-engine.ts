@@ -41,7 +41,7 @@ interface UringAddon {
   close(ring: RingHandle): void;
   inFlight(ring: RingHandle): number;
   splice(ring: RingHandle, fdIn: number, offset: number, pipeFd: number, length: number): number;
-  spliceOut(ring: RingHandle, pipeFd: number, fd: number, offset: number, length: number): number;
+  spliceOut(ring: RingHandle, fd: number, offset: number, pipeFd: number, length: number): number;
   poll(ring: RingHandle, fd: number, events: number): number;
   cancel(ring: RingHandle, slot: number): number;
   canSplice(ring: RingHandle): boolean;
@@ -65,8 +65,8 @@ const enum OpKind {
 
 /**
  * One operation from queueing to completion. `a`, `b`, `c`: offset, `how`, unused for
- * read/write/writev; mode, offset, length for fallocate; offset, pipe, length for splice; file,
- * offset, length for spliceOut (`fd` the pipe); events for poll; the slot to cancel for cancel.
+ * read/write/writev; mode, offset, length for fallocate; offset, pipe, length for splice and
+ * spliceOut (`fd` the file); events for poll; the slot to cancel for cancel.
  */
 class UringOp {
   resolve!: (res: number) => void;
@@ -168,7 +168,7 @@ export class UringEngine {
    * with EAGAIN when the pipe is empty (never retried here).
    */
   spliceOut(pipeFd: number, fd: number, offset: number, length: number): Promise<number> {
-    return this.run(new UringOp(OpKind.SpliceOut, pipeFd, null, fd, offset, length));
+    return this.run(new UringOp(OpKind.SpliceOut, fd, null, offset, pipeFd, length));
   }
 
   /**
