@@ -77,6 +77,11 @@ export class TurnWriter {
     return this.spliceFd >= 0;
   }
 
+  /** The plain socket's descriptor where `splices` (a WRITE's payload may be spliced from it too), else -1. */
+  get plainFd(): number {
+    return this.spliceFd;
+  }
+
   /** Bytes written and not yet taken by the kernel: on the socket and waiting here. */
   get pendingBytes(): number {
     return this.socket.writableLength + this.heldBytes + this.splicing;

@@ -101,8 +101,6 @@ export class NbdSession {
   private readonly slab: ReadSlab | null;
   /** With `overSlab`: the payload buffer handed out for the next read, when it is one. */
   private payloadTarget: Buffer | null = null;
-  /** With `overSlab`: the socket's descriptor, which large payloads are spliced from (else -1). */
-  private readonly plainFd: number;
 
   constructor(
     private socket: Socket,
@@ -111,8 +109,7 @@ export class NbdSession {
     slab: ReadSlab | null = null,
   ) {
     // A socket that reads into a slab stays plain (no STARTTLS): READ data may be spliced into it.
-    this.plainFd = slab ? spliceTarget(socket) : -1;
-    this.out = new TurnWriter(socket, this.plainFd);
+    this.out = new TurnWriter(socket, slab ? spliceTarget(socket) : -1);
     this.replies = new ReplyWriter(this.out, () => this.phase === 'closed', () => this.description);
     this.negotiation = new Negotiation(host, (frame) => this.replies.send(frame), `session ${this.id}`, options.tls?.mode ?? 'off');
     this.slab = slab;
@@ -360,7 +357,7 @@ export class NbdSession {
   private splicePayload(h: RequestHeader): boolean {
     const live = (): boolean => this.phase === 'transmission' && !this.socket.destroyed;
     const head = (into: (bytes: Buffer) => void): void => void this.reader.decode(this.reader.length, into); // copied: not lent
-    const splice = PayloadSplice.start(this.plainFd, h.length, this.export!.queue, head, live);
+    const splice = PayloadSplice.start(this.out.plainFd, h.length, this.export!.queue, head, live);
     if (!splice) return false;
     this.wait = { kind: 'spliced', splice };
     this.socket.pause();
