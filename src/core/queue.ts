@@ -339,24 +339,23 @@ export class BlockQueue {
 
   private doWrite(offset: number, data: Buffer, flags: WriteOptions): Promise<void> {
     if (!flags.fua) return this.backend.write(offset, data);
-    return this.doWriteFua(offset, data);
+    return this.withFua((options) => this.backend.write(offset, data, options));
   }
 
   private doSpliceWrite(offset: number, length: number, from: Pipe, flags: WriteOptions): Promise<void> {
-    const native = this.backend.caps.fua;
-    const options = flags.fua && native ? { fua: true } : undefined;
-    const written = tryCall(() => this.backend.spliceWrite!(offset, length, from, options)).catch((err: unknown) => {
-      if (errnoOf(err) !== Errno.ENOTSUP) throw err;
-      const data = readOut(from, requestBuffers.take(length));
-      return this.backend.write(offset, data, options).then(() => requestBuffers.give(data));
-    });
-    return flags.fua && !native ? written.then(() => this.flushBackend()) : written;
+    const write = (options?: WriteOptions): Promise<void> =>
+      tryCall(() => this.backend.spliceWrite!(offset, length, from, options)).catch((err: unknown) => {
+        if (errnoOf(err) !== Errno.ENOTSUP) throw err;
+        const data = readOut(from, requestBuffers.take(length));
+        return this.backend.write(offset, data, options).then(() => requestBuffers.give(data));
+      });
+    return flags.fua ? this.withFua(write) : write();
   }
 
-  private async doWriteFua(offset: number, data: Buffer): Promise<void> {
-    const native = this.backend.caps.fua;
-    await this.backend.write(offset, data, native ? { fua: true } : undefined);
-    if (!native) await this.flushBackend();
+  /** A FUA write: the backend's own FUA where it has one, else the write and then a flush. */
+  private withFua(write: (options?: WriteOptions) => Promise<void>): Promise<void> {
+    if (this.backend.caps.fua) return write({ fua: true });
+    return write().then(() => this.flushBackend());
   }
 
   private async doTrim(offset: number, length: number, flags: WriteOptions): Promise<void> {
