@@ -92,12 +92,12 @@ describe.each(DIRS)('spliced writes on %s', (_name, base) => {
       const payload = image(w.length, 0x1000 + i);
       payload.copy(expected, w.offset);
       frames.push(writeHeader(i + 1, w.offset, w.length, w.flags ?? 0), payload);
-      if (i === 2) frames.push(request(NBD_CMD.READ, 99, 7 * MiB, 4 * KiB));
+      if (i === 2) frames.push(request(NBD_CMD.READ, 99, 6 * MiB, 4 * KiB)); // a range no write touches
     });
     c.send(Buffer.concat(frames));
     const got = await replies(c, writes.length + 1, new Map([[99, 4 * KiB]]));
     for (let i = 1; i <= writes.length; i++) expect(got.get(i)!.error, `write ${i}`).toBe(0);
-    expect(got.get(99)!.data!.equals(data.subarray(7 * MiB, 7 * MiB + 4 * KiB))).toBe(true);
+    expect(got.get(99)!.data!.equals(data.subarray(6 * MiB, 6 * MiB + 4 * KiB))).toBe(true);
     c.send(request(NBD_CMD.FLUSH, 50, 0, 0));
     expect((await c.readSimpleReply()).error).toBe(0);
     expect(readFileSync(path).equals(expected)).toBe(true);
@@ -124,11 +124,12 @@ describe('spliced writes: the socket as it really is', () => {
       await new Promise((r) => setTimeout(r, 30));
       c.send(payload.subarray(from, to));
     }
-    // A request right behind the payload, in the same send as its last bytes.
-    c.send(request(NBD_CMD.READ, 2, MiB - 4 * KiB, 8 * KiB));
+    // A request right behind the payload, in the same send as its last bytes. (Not overlapping
+    // the WRITE: NBD does not order requests in flight together.)
+    c.send(request(NBD_CMD.READ, 2, MiB - 8 * KiB, 8 * KiB));
     const got = await replies(c, 2, new Map([[2, 8 * KiB]]));
     expect(got.get(1)!.error).toBe(0);
-    expect(got.get(2)!.data!.equals(Buffer.concat([data.subarray(MiB - 4 * KiB, MiB), payload.subarray(0, 4 * KiB)]))).toBe(true);
+    expect(got.get(2)!.data!.equals(data.subarray(MiB - 8 * KiB, MiB))).toBe(true);
     expect(waits.mock.calls.length).toBeGreaterThanOrEqual(2);
     expect(readFileSync(path).subarray(MiB, 2 * MiB).equals(payload)).toBe(true);
     expect(pipes.inUse).toBe(0);
@@ -146,10 +147,9 @@ describe('spliced writes: the socket as it really is', () => {
     const payload = image(MiB, 0x99);
     writeSync(peer, writeHeader(1, 2 * MiB, MiB));
     for (let at = 0; at < MiB; at += 1000) writeSync(peer, payload.subarray(at, Math.min(at + 1000, MiB)));
+    expect((await c.readSimpleReply()).error).toBe(0);
     c.send(request(NBD_CMD.READ, 2, 2 * MiB, MiB));
-    const got = await replies(c, 2, new Map([[2, MiB]]));
-    expect(got.get(1)!.error).toBe(0);
-    expect(got.get(2)!.data!.equals(payload)).toBe(true);
+    expect((await c.readSimpleReply(MiB)).data.equals(payload)).toBe(true);
     expect(outs).not.toHaveBeenCalled(); // written from the buffer
     expect(readFileSync(path).subarray(2 * MiB, 3 * MiB).equals(payload)).toBe(true);
     expect(pipes.inUse).toBe(0);
